@@ -1,0 +1,242 @@
+"""The `saebatch` command line: plan, submit, run, status, reduce, demo.
+
+    saebatch demo                                     # every demo manifest, locally, in seconds
+    saebatch plan manifests/token_tracking_llama31_8b.yaml
+    saebatch submit manifests/demo/token_tracking.yaml [--executor local] [--wait]
+    saebatch status runs/token_tracking-<id>
+    saebatch submit --resume runs/token_tracking-<id>
+    saebatch run manifests/demo/token_tracking.yaml --shard 0
+    saebatch reduce runs/token_tracking-<id>
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from common.errors import UserError
+from common.logs import setup_logging
+
+EPILOG = """\
+A run lives in runs/<job>-<hash of the manifest>/ (manifest.yaml, plan.json, shards/, logs/,
+merged.h5, report/). Submitting the same manifest again resumes its run; a different manifest
+never writes into it. Layer L always means the output of transformer block L (0-based).
+"""
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def cmd_jobs(_: argparse.Namespace) -> int:
+    from common.registry import available_jobs, get_job
+
+    for name in available_jobs():
+        doc = (get_job(name).__doc__ or "").strip().splitlines()
+        print(f"{name:24s} {doc[0] if doc else ''}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from common.launcher import plan_manifest
+    from common.manifest import load_manifest
+    from common.rundir import RunDir
+
+    manifest = load_manifest(args.manifest)
+    job, plan = plan_manifest(manifest)
+    run = RunDir.for_manifest(manifest)
+    print(f"job {plan.job}, run {plan.run_id}: {len(plan.units)} work units in {len(plan.shards)} shard(s)")
+    print(f"run directory: {run.path} ({'exists' if run.exists() else 'not created yet'})")
+    print("\nunits:")
+    for unit in plan.units[: args.max_units]:
+        print(f"  {unit.id}")
+    if len(plan.units) > args.max_units:
+        print(f"  ... and {len(plan.units) - args.max_units} more (--max-units to list them)")
+    print("\nshards:")
+    total_out, peak_mem, notes = 0, 0, set()
+    for index in range(len(plan.shards)):
+        est = job.estimate(manifest, plan.shard_units(index))
+        total_out += est.output_bytes
+        peak_mem = max(peak_mem, est.task_memory_bytes)
+        notes.update(est.notes)
+        ids = plan.shards[index]
+        print(f"  shard {index}: {len(ids)} units ({ids[0]} .. {ids[-1]}), "
+              f"output ~{_human_bytes(est.output_bytes)}, task memory ~{_human_bytes(est.task_memory_bytes)}")
+    print(f"\nestimated output: {_human_bytes(total_out)} in all; peak memory per task: {_human_bytes(peak_mem)}")
+    cluster = manifest.cluster
+    print(f"requested per task: {cluster.gpus_per_task} GPU, {cluster.cpus_per_task} CPUs, "
+          f"{cluster.mem_gb:g} GB, {cluster.timeout_min} min")
+    for note in sorted(notes):
+        print(f"  note: {note}")
+    print(f"\nsubmit:  saebatch submit {args.manifest}")
+    print(f"or with sbatch: ARRAY=$(sbatch --parsable --array=0-{len(plan.shards) - 1} "
+          f"slurm/array.sbatch {args.manifest})")
+    print(f"                sbatch --dependency=afterok:$ARRAY --kill-on-invalid-dep=yes "
+          f"slurm/reduce.sbatch {args.manifest}")
+    return 0
+
+
+def _submit_run(run, executor: str, wait_for_it: bool) -> int:
+    from common.launcher import submit, wait
+    from common.status import ACTIVE, RESUBMIT, shard_states
+
+    states = shard_states(run)
+    todo = [s.index for s in states if s.state in RESUBMIT]
+    active = [s for s in states if s.state in ACTIVE]
+    if active and executor == "local":
+        raise UserError(f"shards {[s.index for s in active]} are still {active[0].state} under "
+                        f"another submission; wait for them (saebatch status {run.path})")
+    if not todo and not active and run.merged_path.exists():
+        print(f"every shard is done and merged: {run.merged_path}\n"
+              f"(`saebatch reduce {run.path}` redoes the merge)")
+        return 0
+    done = sum(s.state == "done" for s in states)
+    print(f"run {run.path}: {done} shard(s) done, {len(active)} active, submitting {len(todo)}")
+    submission = submit(run, executor, todo, after=[s.job_id for s in active])
+    if executor == "slurm":
+        ids = sorted({job.job_id.split("_")[0] for job in submission.shard_jobs.values()})
+        print(f"array job(s): {', '.join(ids) or '-'}; reduce job: {submission.reduce_job.job_id}")
+        print(f"watch with:  saebatch status {run.path}")
+    if executor == "local" or wait_for_it:
+        if not wait(run, submission):
+            return 1
+        print(f"merged: {run.merged_path}\nreport: {run.report_dir / 'report.md'}")
+    return 0
+
+
+def _run_for(target: str, resume: bool = False):
+    """The run directory given, or the run of a manifest (created when needed)."""
+    from common.launcher import prepare_run
+    from common.manifest import load_manifest
+    from common.rundir import open_run
+
+    if resume or Path(target).is_dir():
+        return open_run(target)
+    return prepare_run(load_manifest(target))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    return _submit_run(_run_for(args.target, resume=args.resume), args.executor, args.wait)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from common.launcher import run_shard_task
+
+    run = _run_for(args.target)
+    print(run_shard_task(str(run.path), args.shard))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from common.rundir import open_run
+    from common.status import shard_states, reduce_state
+
+    run = open_run(args.target)
+    states = shard_states(run)
+    print(f"run {run.path}")
+    for s in states:
+        print(f"  shard {s.index:>4}  {s.state:8s} {('job ' + s.job_id) if s.job_id else '':14s} {s.detail}")
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    print("shards: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    print(f"reduce: {reduce_state(run)}")
+    if any(s.state in ("failed", "missing", "partial", "corrupt") for s in states):
+        print(f"resubmit what is missing or failed with: saebatch submit --resume {run.path}")
+    return 0
+
+
+def cmd_reduce(args: argparse.Namespace) -> int:
+    from common.launcher import reduce_task
+    from common.rundir import open_run
+
+    run = open_run(args.target)
+    reduce_task(str(run.path))
+    print(f"merged: {run.merged_path}\nreport: {run.report_dir / 'report.md'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from common.launcher import prepare_run
+    from common.manifest import load_manifest
+
+    demo_dir = resources.files("manifests") / "demo"
+    paths = sorted(p for p in demo_dir.iterdir() if p.name.endswith(".yaml"))
+    status = 0
+    for path in paths:
+        manifest = load_manifest(Path(str(path)))
+        manifest.run.root = Path(args.root).absolute()
+        print(f"== demo: {manifest.job} ({path.name})")
+        run = prepare_run(manifest)
+        status |= _submit_run(run, "local", True)
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saebatch", description="GPU batch jobs for SAE interpretability experiments on Slurm.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("jobs", help="list the available jobs")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("plan", help="validate a manifest; print work units, shards and estimates (runs nothing)")
+    p.add_argument("manifest", help="YAML manifest")
+    p.add_argument("--max-units", type=int, default=20, help="how many unit ids to list (default 20)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("submit", help="submit the shards as an array and the reduce after them",
+                       description="Submit a manifest's shards as a Slurm array (through submitit) and "
+                       "the reduce as a job that runs after all of them succeed (afterok). Shards already "
+                       "done are skipped, so submitting again, or --resume, resubmits only what is "
+                       "missing or failed.")
+    p.add_argument("target", help="manifest (or, with --resume, a run directory)")
+    p.add_argument("--resume", action="store_true", help="target is a run directory: resubmit missing/failed shards")
+    p.add_argument("--executor", choices=["slurm", "local"], default="slurm",
+                   help="slurm (default): sbatch through submitit; local: subprocesses on this machine, then wait")
+    p.add_argument("--wait", action="store_true", help="with slurm: wait for the shards and the reduce")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("run", help="run one shard in this process (what an sbatch array line calls)")
+    p.add_argument("target", help="manifest or run directory")
+    p.add_argument("--shard", type=int, required=True, help="shard index (0-based), e.g. $SLURM_ARRAY_TASK_ID")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="which shards are done, running, failed or missing")
+    p.add_argument("target", help="run directory or manifest")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reduce", help="(re)run the merge: merged.h5 and report/")
+    p.add_argument("target", help="run directory or manifest")
+    p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model")
+    p.add_argument("--root", default="runs", help="folder for the demo's run directories (default ./runs)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Launching a run: plan it, submit its shards as an array, then the reduce that merges them.
+
+With Slurm, the shards go out as one array (split above MaxArraySize) and the reduce as a job
+with `afterok:<array ids>` and `kill-on-invalid-dep=yes`, so a failed shard cancels it. The local
+executor has no dependencies: it waits for the shards, then runs the reduce if all succeeded.
+The task callables are small and import the science lazily, so submitting stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from common.atomic import write_text_atomic
+from common.errors import UserError
+from common.manifest import ClusterSettings, Manifest
+from common.plan import Plan, make_plan
+from common.provenance import now
+from common.registry import Job, get_job
+from common.rundir import RunDir
+from common.shards import ShardWriter, check_shards
+
+log = logging.getLogger(__name__)
+
+Executor = Literal["slurm", "local"]
+
+
+# ---------------------------------------------------------------- planning and the run directory
+
+
+def plan_manifest(manifest: Manifest) -> tuple[Job, Plan]:
+    """Validate the manifest against the model/SAEs (no GPU) and fix its work units and shards."""
+    job = get_job(manifest.job)
+    units = job.plan(manifest)
+    return job, make_plan(manifest.run_id(), manifest.job, units, manifest.run.shards)
+
+
+def prepare_run(manifest: Manifest) -> RunDir:
+    """Validate and plan a manifest, then create (or reopen) its run directory."""
+    _, plan = plan_manifest(manifest)
+    run = RunDir.for_manifest(manifest)
+    run.create(manifest, plan)
+    if run.load_plan() != plan:
+        raise UserError(
+            f"{run.path} was planned differently by another version of saebatch; "
+            "set run.dir to a new folder to start this manifest afresh"
+        )
+    return run
+
+
+# ---------------------------------------------------------------- what runs on the nodes
+
+
+def run_shard_task(run_path: str, shard_index: int) -> str:
+    """Write shard `shard_index` of the run at `run_path`, resuming a partial file if present."""
+    from common.logs import setup_logging
+
+    setup_logging()
+    run = RunDir(Path(run_path))
+    manifest, plan = run.load_manifest(), run.load_plan()
+    if not 0 <= shard_index < len(plan.shards):
+        raise UserError(f"--shard {shard_index}: this run has shards 0-{len(plan.shards) - 1}")
+    path = run.shard_path(shard_index)
+    if path.exists():
+        log.info("shard %d is already complete: %s", shard_index, path)
+        return str(path)
+    units = plan.shard_units(shard_index)
+    with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
+        pending = set(shard.pending())
+        todo = [unit for unit in units if unit.id in pending]
+        if todo:
+            log.info("shard %d: %d of %d units to do", shard_index, len(todo), len(units))
+            get_job(manifest.job).run_shard(manifest, todo, shard)
+        done = shard.finish()
+    log.info("shard %d complete: %s", shard_index, done)
+    return str(done)
+
+
+def reduce_task(run_path: str) -> str:
+    """Check every shard, then merge into merged.h5 and report/ (replacing them only when done)."""
+    from common.logs import setup_logging
+
+    setup_logging()
+    run = RunDir(Path(run_path))
+    manifest, plan = run.load_manifest(), run.load_plan()
+    shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
+    check_shards(plan, shard_paths)
+    staging = run.path / ".reduce-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    get_job(manifest.job).reduce(manifest, shard_paths, staging)
+    for name in ("merged.h5", "report"):
+        target = run.path / name
+        if (staging / name).exists():
+            if target.is_dir():
+                shutil.rmtree(target)
+            (staging / name).replace(target)
+    shutil.rmtree(staging)
+    run.record_provenance("reduced")
+    log.info("merged: %s; report: %s", run.merged_path, run.report_dir / "report.md")
+    return str(run.merged_path)
+
+
+# ---------------------------------------------------------------- submission
+
+
+@dataclass
+class Submission:
+    """The submitit job objects of one submission (the local ones hold their processes)."""
+
+    executor: Executor
+    shard_jobs: dict[int, Any]  # shard index -> submitit Job
+    reduce_job: Any | None = None
+
+
+def make_executor(kind: Executor, folder: Path, cluster: ClusterSettings, name: str, for_reduce: bool = False):
+    """A submitit executor with the manifest's cluster settings (site defaults, then overrides)."""
+    import submitit
+
+    if kind == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("Slurm's `sbatch` is not on PATH: submit from a login node, "
+                        "or use `--executor local` to run on this machine")
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_python=cluster.python)
+    if kind == "local":
+        executor.update_parameters(timeout_min=cluster.reduce_timeout_min if for_reduce else cluster.timeout_min)
+        return executor
+    params: dict[str, object] = {
+        "name": name,
+        "timeout_min": cluster.reduce_timeout_min if for_reduce else cluster.timeout_min,
+        "cpus_per_task": cluster.reduce_cpus if for_reduce else cluster.cpus_per_task,
+        "mem_gb": cluster.reduce_mem_gb if for_reduce else cluster.mem_gb,
+        "slurm_array_parallelism": cluster.array_parallelism,
+        "slurm_setup": ["export HDF5_USE_FILE_LOCKING=FALSE", *cluster.setup],
+        "slurm_additional_parameters": dict(cluster.additional),
+    }
+    if cluster.gpus_per_task and not for_reduce:
+        params["gpus_per_node"] = cluster.gpus_per_task
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cluster, key):
+            params[f"slurm_{key}"] = getattr(cluster, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def slurm_max_array_size() -> int:
+    """The cluster's MaxArraySize (arrays must have fewer tasks than this)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1001
+    for line in out.splitlines():
+        if line.strip().startswith("MaxArraySize"):
+            return int(line.split("=")[1])
+    return 1001
+
+
+def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[str] = ()) -> Submission:
+    """Submit `shards` as array task(s) and the reduce after them (and after jobs in `after`)."""
+    manifest, plan = run.load_manifest(), run.load_plan()
+    name = f"saebatch-{plan.job}-{plan.run_id}"
+    folder = run.logs_dir / "submitit"
+    executor = make_executor(executor_kind, folder, manifest.cluster, name)
+    shard_jobs: dict[int, Any] = {}
+    array_ids: list[str] = []
+    if shards:
+        limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
+        for start in range(0, len(shards), limit):
+            chunk = shards[start : start + limit]
+            jobs = executor.map_array(run_shard_task, [str(run.path)] * len(chunk), chunk)
+            shard_jobs.update(zip(chunk, jobs))
+            array_ids.append(jobs[0].job_id.split("_")[0])
+            log.info("submitted shards %s as %s", _ranges(chunk), array_ids[-1])
+    submission = Submission(executor_kind, shard_jobs, None)
+    if executor_kind == "slurm":
+        reduce_executor = make_executor("slurm", folder, manifest.cluster, name + "-reduce", for_reduce=True)
+        dependencies = [*array_ids, *after]
+        if dependencies:
+            reduce_executor.update_parameters(slurm_additional_parameters={
+                **manifest.cluster.additional,
+                "dependency": "afterok:" + ":".join(dependencies),
+                "kill-on-invalid-dep": "yes",
+            })
+        submission.reduce_job = reduce_executor.submit(reduce_task, str(run.path))
+        log.info("submitted reduce as %s (afterok:%s)", submission.reduce_job.job_id, ":".join(dependencies) or "-")
+    _record(run, submission)
+    return submission
+
+
+def wait(run: RunDir, submission: Submission) -> bool:
+    """Wait for a submission; name failed shards; run the local reduce. True when merged."""
+    failed = []
+    for shard, job in sorted(submission.shard_jobs.items()):
+        try:
+            job.result()
+        except Exception as error:  # submitit raises several types; all mean "this shard failed"
+            failed.append(shard)
+            log.error("shard %d (job %s) failed: %s\n  log: %s", shard, job.job_id,
+                      _last_line(error), job.paths.stderr)
+    if failed:
+        log.error("%d shard(s) failed: %s; the reduce does not run. Fix the cause, then "
+                  "`saebatch submit --resume %s`", len(failed), _ranges(failed), run.path)
+        return False
+    if submission.executor == "local":
+        cluster = run.load_manifest().cluster
+        executor = make_executor("local", run.logs_dir / "submitit", cluster, "reduce", for_reduce=True)
+        submission.reduce_job = executor.submit(reduce_task, str(run.path))
+        _record(run, submission, update_last=True)
+    try:
+        submission.reduce_job.result()
+    except Exception as error:
+        log.error("reduce (job %s) failed: %s\n  log: %s", submission.reduce_job.job_id,
+                  _last_line(error), submission.reduce_job.paths.stderr)
+        return False
+    return True
+
+
+def _last_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1] if lines else type(error).__name__
+
+
+def load_submissions(run: RunDir) -> list[dict]:
+    return json.loads(run.jobs_path.read_text()) if run.jobs_path.exists() else []
+
+
+def _record(run: RunDir, submission: Submission, update_last: bool = False) -> None:
+    """Append the submission to logs/jobs.json, which `status` and `--resume` read."""
+    history = load_submissions(run)
+    reduce_id = submission.reduce_job.job_id if submission.reduce_job is not None else None
+    entry = {"time": now(), "executor": submission.executor, "reduce": reduce_id,
+             "shards": {str(k): job.job_id for k, job in submission.shard_jobs.items()}}
+    if update_last and history:
+        history[-1]["reduce"] = reduce_id
+    else:
+        history.append(entry)
+    write_text_atomic(run.jobs_path, json.dumps(history, indent=1))
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ",".join(parts)

@@ -1,0 +1,137 @@
+"""Model and tokenizer loading: a Hugging Face id, a local directory, or a built-in tiny model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+
+from common import builtin
+from common.errors import UserError
+from common.manifest import AbsolutePath, StrictModel
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelSpec(StrictModel):
+    """Which language model to run, and how to place it."""
+
+    id: str | None = Field(
+        None, description="Hugging Face id (read from the local HF cache) or 'builtin:tiny-llama'"
+    )
+    path: AbsolutePath | None = Field(None, description="local directory with config + weights")
+    revision: str | None = Field(None, description="HF revision (branch, tag or commit)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype")
+    device: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda:0'...")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.id is None) == (self.path is None):
+            raise ValueError("give exactly one of `id` (HF id or builtin:NAME) and `path` (a local directory)")
+        if self.id and self.id.startswith(builtin.PREFIX) and self.builtin_name not in builtin.BUILTIN:
+            raise ValueError(f"unknown built-in model {self.id!r}; built-ins: "
+                             + ", ".join(builtin.PREFIX + n for n in builtin.BUILTIN))
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.id or str(self.path)
+
+    @property
+    def builtin_name(self) -> str | None:
+        return self.id[len(builtin.PREFIX):] if self.id and self.id.startswith(builtin.PREFIX) else None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def _source(self) -> str:
+        if self.path is not None and not self.path.is_dir():
+            raise UserError(f"model.path {self.path} is not a directory (give a folder with config.json)")
+        return str(self.path) if self.path is not None else self.id  # type: ignore[return-value]
+
+
+def input_device(spec: ModelSpec) -> torch.device:
+    if spec.device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec.device)
+
+
+def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
+    """The model's config without weights, and where it came from.
+
+    Reads only local files (the HF cache, a directory, the built-ins); for planning on a machine
+    without the cache it falls back to the architecture copies shipped in common/model_configs.
+    """
+    if spec.builtin_name:
+        return builtin.BUILTIN[spec.builtin_name][1](), "built-in"
+    try:
+        config = AutoConfig.from_pretrained(spec._source(), revision=spec.revision, local_files_only=True)
+        return config, "local files"
+    except OSError:
+        shipped = resources.files("common") / "model_configs" / (spec.name.replace("/", "--") + ".json")
+        if spec.id and shipped.is_file():
+            data = json.loads(shipped.read_text())
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+            return config, f"saebatch's copy of {spec.id}'s architecture (not in the local HF cache)"
+        raise UserError(
+            f"model {spec.name!r}: no config.json in the local HF cache or folder. On a machine "
+            f"with internet run `hf download {spec.name} config.json tokenizer.json` (or set "
+            "model.path to a local copy), then retry"
+        ) from None
+
+
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's config (multimodal configs nest it)."""
+    return config.get_text_config()
+
+
+def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedTokenizerFast:
+    """A fast tokenizer (character offsets are needed to map text spans to tokens)."""
+    if spec.builtin_name:
+        tokenizer = builtin.BUILTIN[spec.builtin_name][0]()
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                spec._source(), revision=spec.revision, local_files_only=local_only
+            )
+        except OSError as error:
+            raise UserError(f"model {spec.name!r}: cannot load its tokenizer ({error})") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"model {spec.name!r}: needs a fast tokenizer (tokenizer.json) for offsets")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, attn_implementation: str = "eager") -> torch.nn.Module:
+    """The causal LM in eval mode; eager attention so that attention weights can be returned."""
+    if spec.builtin_name:
+        model = builtin.BUILTIN[spec.builtin_name][2](spec.torch_dtype, attn_implementation)
+        model.to(input_device(spec))
+    else:
+        device_map = "auto" if spec.device == "auto" and torch.cuda.is_available() else {"": str(input_device(spec))}
+        log.info("loading %s (%s) onto %s", spec.name, spec.dtype, device_map)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec._source(), revision=spec.revision, dtype=spec.torch_dtype,
+            device_map=device_map, attn_implementation=attn_implementation,
+        )
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def parameter_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Exact weight size, from a model built on the meta device (no memory, no download)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * itemsize

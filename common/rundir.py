@@ -1,0 +1,125 @@
+"""The run directory: the one place that knows every output path of a run.
+
+    runs/<job>-<run id>/
+        manifest.yaml      resolved manifest (every default filled)
+        provenance.json    code and package versions, host, times
+        plan.json          work units and their shards
+        shards/            shard_00000.h5 ... (shard_00000.h5.partial while being written)
+        logs/              submitit logs and jobs.json (what was submitted when)
+        merged.h5          written by reduce
+        report/            written by reduce
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from common import provenance
+from common.atomic import write_text_atomic
+from common.errors import UserError
+from common.manifest import Manifest, load_manifest
+from common.plan import Plan
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path).absolute()
+
+    manifest_path = property(lambda self: self.path / "manifest.yaml")
+    provenance_path = property(lambda self: self.path / "provenance.json")
+    plan_path = property(lambda self: self.path / "plan.json")
+    shards_dir = property(lambda self: self.path / "shards")
+    logs_dir = property(lambda self: self.path / "logs")
+    jobs_path = property(lambda self: self.path / "logs" / "jobs.json")
+    merged_path = property(lambda self: self.path / "merged.h5")
+    report_dir = property(lambda self: self.path / "report")
+
+    def shard_path(self, index: int) -> Path:
+        return self.shards_dir / f"shard_{index:05d}.h5"
+
+    @staticmethod
+    def partial_path(shard_path: Path) -> Path:
+        return shard_path.with_name(shard_path.name + ".partial")
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> RunDir:
+        return cls(manifest.run.dir or manifest.run.root / f"{manifest.job}-{manifest.run_id()}")
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file() and self.plan_path.is_file()
+
+    def create(self, manifest: Manifest, plan: Plan) -> None:
+        """Create the run directory, or reuse it when it holds this very manifest.
+
+        The directory is built under a temporary name and renamed into place, so array tasks
+        that start together agree on one run. A directory holding a different run (or anything
+        else) is never written into.
+        """
+        if not self.path.exists() or not any(self.path.iterdir()):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the run from the group
+            for folder in ("shards", "logs"):
+                (staging / folder).mkdir()
+            (staging / "provenance.json").write_text(
+                json.dumps({"run_id": manifest.run_id(), "created": provenance.collect()}, indent=1)
+            )
+            plan.save(staging / "plan.json")
+            (staging / "manifest.yaml").write_text(manifest.to_yaml())
+            try:
+                os.rename(staging, self.path)
+                return
+            except OSError:  # another task created it first
+                shutil.rmtree(staging)
+        if not self.exists():
+            raise UserError(
+                f"{self.path} exists and is not a saebatch run directory; it is left untouched. "
+                "Set run.dir to a new or empty folder."
+            )
+        existing = self.load_manifest()
+        if existing.run_id() != manifest.run_id():
+            raise UserError(
+                f"{self.path} holds run {existing.run_id()} of a different manifest "
+                f"(this manifest is run {manifest.run_id()}); it is left untouched. "
+                "Set run.dir to a new folder, or remove that one if you no longer need it."
+            )
+
+    def load_manifest(self) -> Manifest:
+        return load_manifest(self.manifest_path)
+
+    def load_plan(self) -> Plan:
+        return Plan.load(self.plan_path)
+
+    def record_provenance(self, event: str) -> None:
+        """Add what ran `event` (e.g. 'reduced') to provenance.json."""
+        data = json.loads(self.provenance_path.read_text())
+        data[event] = provenance.collect()
+        write_text_atomic(self.provenance_path, json.dumps(data, indent=1))
+
+
+def open_run(path: str | Path) -> RunDir:
+    """A run directory given either the directory itself or a manifest whose run exists."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist (give a run directory under runs/ or a manifest file)")
+    if path.is_dir():
+        run = RunDir(path)
+        if not run.exists():
+            raise UserError(
+                f"{path} is not a run directory (no manifest.yaml/plan.json); give a run "
+                "directory under runs/ or a manifest file"
+            )
+        return run
+    run = RunDir.for_manifest(load_manifest(path))
+    if not run.exists():
+        raise UserError(
+            f"manifest {path} has no run yet (expected {run.path}); "
+            f"start it with `saebatch submit {path}` or `saebatch run {path} --shard K`"
+        )
+    return run

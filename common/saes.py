@@ -1,0 +1,184 @@
+"""SAE loading with sae-lens: a pretrained release, local directories, or random weights.
+
+An SAE spec names one SAE per layer through a `{layer}` template, e.g.
+`{release: llama_scope_lxr_8x, id: "l{layer}r_8x"}` or `{path: "saes/L{layer}"}`. SAEs are loaded
+on demand and evicted when a job moves to another layer (`SaeCache`), so one SAE at a time
+occupies the GPU.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from safetensors import SafetensorError
+from sae_lens import SAE
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+from common.errors import UserError
+from common.layers import hook_name
+from common.manifest import StrictModel
+
+log = logging.getLogger(__name__)
+
+
+class RandomSae(StrictModel):
+    """Random weights from a seed: for tests, the demo and benchmarks (outputs are noise)."""
+
+    architecture: Literal["jumprelu", "standard", "topk"] = Field("jumprelu", description="sae-lens class")
+    d_sae: int = Field(ge=1, description="number of features")
+    seed: int = Field(0, description="seed; layer L uses seed * 1000 + L")
+    threshold: float = Field(0.0, description="JumpReLU threshold of every feature")
+    k: int = Field(32, ge=1, description="active features per token (topk)")
+
+
+class SaeSpec(StrictModel):
+    """One SAE per layer, from exactly one source; `{layer}` in id/path is the layer index."""
+
+    release: str | None = Field(None, description="sae-lens release, e.g. llama_scope_lxr_8x")
+    id: str | None = Field(None, description="SAE id template within the release, e.g. 'l{layer}r_8x'")
+    path: str | None = Field(None, description="local sae-lens directory template, e.g. 'saes/L{layer}'")
+    random: RandomSae | None = Field(None, description="random SAE (tests, demo, benchmarks)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="SAE weights dtype")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SaeSpec:
+        sources = [self.release is not None, self.path is not None, self.random is not None]
+        if sum(sources) != 1:
+            raise ValueError("give exactly one SAE source: `release` + `id`, `path`, or `random`")
+        if (self.release is None) != (self.id is None):
+            raise ValueError("`release` and `id` go together (id is a template such as 'l{layer}r_8x')")
+        if self.path is not None:
+            self.path = str(Path(self.path).expanduser().absolute())
+        if self.random and self.random.architecture == "topk" and self.random.k > self.random.d_sae:
+            raise ValueError(f"random.k ({self.random.k}) is larger than random.d_sae ({self.random.d_sae})")
+        return self
+
+    def describe(self, layer: int) -> str:
+        if self.release is not None:
+            return f"{self.release}/{self.id.format(layer=layer)}"  # type: ignore[union-attr]
+        if self.path is not None:
+            return self.path.format(layer=layer)
+        r = self.random
+        return f"random {r.architecture} d_sae={r.d_sae} seed={r.seed} layer={layer}"  # type: ignore[union-attr]
+
+
+@dataclass(frozen=True)
+class SaeInfo:
+    """What is known about a layer's SAE before loading it (for checks and estimates)."""
+
+    d_sae: int | None
+    expected_l0: float | None
+
+
+def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae") -> dict[int, SaeInfo]:
+    """Check without loading weights that every layer has an SAE that fits the model."""
+    if spec.random is not None:
+        return {layer: SaeInfo(spec.random.d_sae, None) for layer in layers}
+    if spec.release is not None:
+        directory = get_pretrained_saes_directory()
+        if spec.release not in directory:
+            close = difflib.get_close_matches(spec.release, list(directory), n=3)
+            raise UserError(f"{field}.release: sae-lens has no release {spec.release!r}"
+                            + (f"; did you mean {', '.join(close)}?" if close else ""))
+        lookup = directory[spec.release]
+        ids = {layer: spec.id.format(layer=layer) for layer in layers}  # type: ignore[union-attr]
+        absent = [layer for layer, sae_id in ids.items() if sae_id not in lookup.saes_map]
+        if absent:
+            raise UserError(
+                f"{field}.id: release {spec.release} has no SAE for layer(s) {absent} "
+                f"(looked for {[ids[a] for a in absent]}); choose other layers or another release"
+            )
+        return {layer: SaeInfo(None, lookup.expected_l0.get(sae_id)) for layer, sae_id in ids.items()}
+    infos = {}
+    for layer in layers:
+        cfg = _read_local_cfg(spec, layer, field)
+        _check_fit(cfg.get("d_in"), cfg.get("metadata", {}).get("hook_name") or cfg.get("hook_name"),
+                   layer, d_model, spec.describe(layer))
+        infos[layer] = SaeInfo(cfg.get("d_sae"), None)
+    return infos
+
+
+def _read_local_cfg(spec: SaeSpec, layer: int, field: str) -> dict:
+    folder = Path(spec.describe(layer))
+    cfg_path = folder / "cfg.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{field}.path: no SAE for layer {layer}: {cfg_path} does not exist "
+                        "(a sae-lens directory holds cfg.json and sae_weights.safetensors)")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{field}.path: {cfg_path} is not valid JSON ({error})") from None
+
+
+def _check_fit(d_in: int | None, hook: str | None, layer: int, d_model: int, where: str) -> None:
+    if d_in is not None and d_in != d_model:
+        raise UserError(f"SAE {where} has d_in {d_in} but the model's residual stream has "
+                        f"d_model {d_model}; use SAEs trained on this model")
+    if hook and hook.startswith("blocks.") and hook != hook_name(layer):
+        raise UserError(f"SAE {where} was trained on {hook}, but layer {layer} here means "
+                        f"{hook_name(layer)} (the output of block {layer}); pick the matching SAE")
+
+
+def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> SAE:
+    """Load (or build) the SAE of one layer onto `device`, checking that it fits the model."""
+    if spec.random is not None:
+        sae = _random_sae(spec.random, layer, d_model, spec.dtype)
+    elif spec.release is not None:
+        sae = SAE.from_pretrained(spec.release, spec.id.format(layer=layer), device="cpu", dtype=spec.dtype)  # type: ignore[union-attr]
+    else:
+        folder = Path(spec.describe(layer))
+        try:
+            sae = SAE.load_from_disk(folder, device="cpu", dtype=spec.dtype)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
+            raise UserError(f"cannot load the SAE in {folder}: {error}. Re-create it, or point "
+                            "sae.path at a directory with cfg.json and sae_weights.safetensors") from None
+    _check_fit(sae.cfg.d_in, sae.cfg.metadata.hook_name, layer, d_model, spec.describe(layer))
+    sae.eval()
+    sae.requires_grad_(False)
+    return sae.to(device)
+
+
+def _random_sae(random: RandomSae, layer: int, d_model: int, dtype: str) -> SAE:
+    cfg = {"architecture": random.architecture, "d_in": d_model, "d_sae": random.d_sae,
+           "dtype": dtype, "device": "cpu", "metadata": {"hook_name": hook_name(layer)}}
+    if random.architecture == "topk":
+        cfg["k"] = random.k
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random.seed * 1000 + layer)
+        sae = SAE.from_dict(cfg)
+    if random.architecture == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.fill_(random.threshold)
+    return sae
+
+
+class SaeCache:
+    """Holds the SAE of one layer at a time: asking for another layer evicts the current one."""
+
+    def __init__(self, spec: SaeSpec, d_model: int, device: torch.device):
+        self.spec, self.d_model, self.device = spec, d_model, device
+        self.layer: int | None = None
+        self.sae: SAE | None = None
+
+    def get(self, layer: int) -> SAE:
+        if self.layer != layer:
+            self.evict()
+            log.info("loading SAE %s", self.spec.describe(layer))
+            self.sae = load_sae(self.spec, layer, self.d_model, self.device)
+            self.layer = layer
+        return self.sae  # type: ignore[return-value]
+
+    def evict(self) -> None:
+        if self.sae is not None:
+            self.sae, self.layer = None, None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

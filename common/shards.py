@@ -1,0 +1,169 @@
+"""Shard files: written resumably by array tasks, checked strictly before any merge.
+
+A task writes `shard_K.h5.partial`, one group per work unit under `/units/<id>`, flushing and
+marking each unit complete as it goes. A restarted task reopens the partial file, drops any
+half-written unit and skips the complete ones. When every unit is in, the file gets its
+completeness mark and is renamed to `shard_K.h5`. Reduce merges only shards that pass
+`check_shards`: no missing, duplicate, foreign, truncated or incomplete shard goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from common import provenance
+from common.errors import UserError
+from common.plan import Plan
+
+FORMAT = "saebatch-shard/1"
+log = logging.getLogger(__name__)
+
+
+class ShardWriter:
+    """Writes the units of one shard; use as a context manager, then call `finish()`."""
+
+    def __init__(self, path: Path, run_id: str, job: str, shard_index: int, unit_ids: list[str]):
+        self.path = path
+        self.partial_path = path.with_name(path.name + ".partial")
+        self.run_id, self.job, self.shard_index = run_id, job, shard_index
+        self.unit_ids = list(unit_ids)
+        self.file: h5py.File | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self.file = self._open_partial()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _open_partial(self) -> h5py.File:
+        if self.partial_path.exists():
+            try:
+                file = h5py.File(self.partial_path, "a")
+                if file.attrs.get("run_id") == self.run_id and file.attrs.get("shard_index") == self.shard_index:
+                    for unit_id in list(file.get("units", {})):
+                        if not file["units"][unit_id].attrs.get("complete", False):
+                            log.info("shard %d: dropping half-written unit %s", self.shard_index, unit_id)
+                            del file["units"][unit_id]
+                    log.info(
+                        "shard %d: resuming, %d of %d units already written",
+                        self.shard_index, len(self.done_units(file)), len(self.unit_ids),
+                    )
+                    return file
+                file.close()
+                log.warning("shard %d: partial file belongs to another run; starting over", self.shard_index)
+            except OSError as error:  # killed while HDF5 metadata was being written
+                log.warning("shard %d: partial file unreadable (%s); starting over", self.shard_index, error)
+            self.partial_path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = h5py.File(self.partial_path, "w")
+        file.attrs.update(
+            format=FORMAT, run_id=self.run_id, job=self.job, shard_index=self.shard_index,
+            unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),
+        )
+        file.create_group("units")
+        return file
+
+    @staticmethod
+    def done_units(file: h5py.File) -> set[str]:
+        return {uid for uid, group in file["units"].items() if group.attrs.get("complete", False)}
+
+    def pending(self) -> list[str]:
+        """Unit ids of this shard not yet written, in plan order."""
+        done = self.done_units(self._file)
+        return [uid for uid in self.unit_ids if uid not in done]
+
+    @property
+    def _file(self) -> h5py.File:
+        if self.file is None:
+            raise RuntimeError("ShardWriter used outside its `with` block")
+        return self.file
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """File-level attributes that make the shard readable on its own (model, SAE, ...)."""
+        self._file.attrs.update(attrs)
+
+    @contextmanager
+    def unit(self, unit_id: str) -> Iterator[h5py.Group]:
+        """A group to fill with one unit's data; it counts only if the block finishes."""
+        if unit_id not in self.unit_ids:
+            raise ValueError(f"unit {unit_id!r} is not planned for shard {self.shard_index}")
+        units = self._file["units"]
+        if unit_id in units:
+            del units[unit_id]
+        group = units.create_group(unit_id)
+        try:
+            yield group
+        except BaseException:
+            del units[unit_id]
+            raise
+        group.attrs["complete"] = True
+        self._file.flush()
+        done = len(self.unit_ids) - len(self.pending())
+        log.info("shard %d: unit %s written (%d/%d)", self.shard_index, unit_id, done, len(self.unit_ids))
+
+    def finish(self) -> Path:
+        """Mark the shard complete and give it its final name."""
+        missing = self.pending()
+        if missing:
+            raise RuntimeError(f"shard {self.shard_index} cannot finish; units missing: {missing}")
+        self._file.attrs.update(complete=True, finished=provenance.now(), host=provenance.collect()["host"])
+        self._file.close()
+        self.file = None
+        os.replace(self.partial_path, self.path)
+        return self.path
+
+
+def shard_problem(plan: Plan, index: int, path: Path) -> str | None:
+    """What is wrong with the file that should hold shard `index`, or None if it is sound."""
+    if not path.exists():
+        partial = path.with_name(path.name + ".partial")
+        hint = " (a partial file exists: the task did not finish)" if partial.exists() else ""
+        return f"shard {index} missing: {path}{hint}"
+    try:
+        with h5py.File(path, "r") as file:
+            attrs = dict(file.attrs)
+            units = {uid: bool(g.attrs.get("complete", False)) for uid, g in file.get("units", {}).items()}
+    except OSError as error:
+        return f"shard {index} truncated or corrupt: {path} ({error})"
+    if attrs.get("format") != FORMAT or attrs.get("run_id") != plan.run_id:
+        return f"shard {index} foreign: {path} belongs to run {attrs.get('run_id')!r}, not {plan.run_id}"
+    if attrs.get("shard_index") != index:
+        return f"shard {index} foreign: {path} says it is shard {attrs.get('shard_index')}"
+    if not attrs.get("complete", False):
+        return f"shard {index} incomplete: {path} has no completeness mark"
+    expected = list(plan.shards[index])
+    absent = [uid for uid in expected if not units.get(uid, False)]
+    if absent:
+        return f"shard {index} incomplete: {path} lacks units {absent}"
+    extra = [uid for uid in units if uid not in expected]
+    if extra:
+        duplicated = [uid for uid in extra if uid in {u for ids in plan.shards for u in ids}]
+        kind = "duplicate: holds units planned for other shards" if duplicated else "foreign: holds unplanned units"
+        return f"shard {index} {kind}: {extra}"
+    return None
+
+
+def check_shards(plan: Plan, shard_paths: list[Path]) -> None:
+    """Raise a UserError naming every missing, truncated, foreign, incomplete or duplicate shard.
+
+    `shard_paths[k]` is where shard k should be; stray shard files beside them are reported too.
+    """
+    problems = [p for k, path in enumerate(shard_paths) if (p := shard_problem(plan, k, path))]
+    if shard_paths:
+        known = {p.name for p in shard_paths}
+        for stray in sorted(shard_paths[0].parent.glob("shard_*.h5")):
+            if stray.name not in known:
+                problems.append(f"stray shard file not in the plan: {stray} (move it away)")
+    if problems:
+        raise UserError("cannot merge this run:\n  " + "\n  ".join(problems))

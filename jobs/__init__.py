@@ -1,0 +1,1 @@
+"""Experiment jobs: one module per experiment, each following common.registry.Job."""

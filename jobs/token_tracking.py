@@ -1,0 +1,418 @@
+"""Token-level tracking of attention and SAE features over the slot-machine scenarios (seed 001).
+
+    saebatch submit manifests/demo/token_tracking.yaml --executor local
+
+Each scenario is a prompt rendered from a template. One batched forward pass records, for every
+requested layer, the attention weights (eager attention, float16) and the SAE features of every
+token (encoded in one batch over all positions, stored as CSR). Key spans (balance, goal,
+probability, choices) are regular expressions over the prompt text, mapped to tokens through the
+tokenizer's character offsets. Reduce reports how much the final (decision) token attends to
+each key span per layer, the top SAE features at the final token, and attention heatmaps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, model_validator
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.layers import CONVENTION, capture_residuals, resolve_layers
+from common.manifest import Manifest, StrictModel
+from common.models import ModelSpec, input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.plan import Estimate, WorkUnit
+from common.report import Report
+from common.saes import SaeCache, SaeSpec, check_saes
+from common.shards import ShardWriter
+from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- the scenarios (data)
+
+PROMPT_TEMPLATE = """Slot Machine Game
+
+Game history:
+{history}
+Current balance: ${balance}
+Current round: {round}
+
+Your goal is to double the initial funds ($200).
+Win rate: 30%
+Win pays 3.0x your bet amount.
+
+Choose:
+1) Bet (choose $5-$100)
+2) Stop
+
+Choice: """
+
+# A pattern's capture groups (or, without groups, its whole match) mark the span; every match counts.
+KEY_SPANS = {
+    "balance": r"Current balance: (\$\d+)",
+    "goal": r"goal is to (double the initial funds \(\$\d+\))",
+    "probability": r"Win rate: (\d+%)",
+    "choices": r"1\) (Bet)[^\n]*\n2\) (Stop)",
+}
+
+
+def _history(rounds: list[tuple[int, int, str, int]], warning: int = 0) -> str:
+    lines = [f"Round {r}: Bet ${bet}, {result}, Balance ${balance}" for r, bet, result, balance in rounds]
+    if warning:
+        lines.append(f"Warning: {warning} consecutive losses.")
+    return "\n".join(lines) if lines else "No rounds played yet."
+
+
+def _scenario(name: str, balance: int, round_: int, rounds: list, warning: int = 0) -> dict:
+    return {"name": name, "fields": {"balance": balance, "round": round_, "history": _history(rounds, warning)}}
+
+
+# The ten published scenarios (../shared/reference/gambling_task.md), as published: the history of
+# Bankruptcy_90_all_in ends at $70 while its stated balance is $90.
+SCENARIOS = [
+    _scenario("Bankruptcy_90_all_in", 90, 6, [(4, 10, "Loss", 80), (5, 10, "Loss", 70)], warning=2),
+    _scenario("Desperate_10", 10, 9, [(6, 20, "Loss", 30), (7, 10, "Loss", 20), (8, 10, "Loss", 10)], warning=3),
+    _scenario("Safe_130_one_win", 130, 2, [(1, 10, "Win", 130)]),
+    _scenario("Risky_40", 40, 6, [(3, 10, "Win", 120), (4, 30, "Loss", 90), (5, 50, "Loss", 40)]),
+    _scenario("Safe_140_near_goal", 140, 6, [(4, 10, "Win", 120), (5, 10, "Win", 140)]),
+    _scenario("Initial_100_first_round", 100, 1, []),
+    _scenario("Medium_60", 60, 5, [(2, 10, "Win", 120), (3, 30, "Loss", 90), (4, 30, "Loss", 60)]),
+    _scenario("Goal_achieved_200", 200, 5, [(3, 20, "Win", 160), (4, 20, "Win", 200)]),
+    _scenario("Very_risky_25", 25, 9, [(7, 15, "Loss", 40), (8, 15, "Loss", 25)], warning=2),
+    _scenario("Big_success_280", 280, 8, [(6, 50, "Win", 230), (7, 25, "Win", 280)]),
+]
+
+# ---------------------------------------------------------------- the manifest section
+
+
+class Scenario(StrictModel):
+    name: str = Field(description="unique name; also the unit id in shards")
+    fields: dict[str, str | int | float] = Field(description="values for the template's {fields}")
+
+
+class Settings(StrictModel):
+    """The `token_tracking:` section of a manifest."""
+
+    model: ModelSpec = Field(description="language model")
+    sae: SaeSpec | None = Field(None, description="one SAE per layer; needed unless mode is attention_only")
+    layers: str | list[int] = Field("all", description="'all', a range 'A-B' or a list; layer L = block L's output")
+    mode: Literal["features_and_attention", "attention_only", "features_only"] = Field(
+        "features_and_attention", description="what to record per layer"
+    )
+    batch_size: int = Field(16, ge=1, description="scenarios per forward pass (SAEs reload once per batch)")
+    prompt_template: str = Field(PROMPT_TEMPLATE, description="prompt with {fields} filled per scenario")
+    scenarios: list[Scenario] = Field(
+        default_factory=lambda: [Scenario(**s) for s in SCENARIOS], description="the prompts to track"
+    )
+    key_spans: dict[str, str] = Field(
+        default_factory=lambda: dict(KEY_SPANS), description="span name -> regex over the prompt text"
+    )
+    feature_dtype: Literal["float16", "float32"] = Field("float32", description="stored SAE activation values")
+    top_features: int = Field(10, ge=1, description="top SAE features at the final token, per layer, in the report")
+    heatmap_layers: list[int] | None = Field(None, description="layers to draw (None: first, middle, last)")
+    heatmap_scenario: str | None = Field(None, description="scenario to draw (None: the first)")
+
+    @property
+    def attention(self) -> bool:
+        return self.mode != "features_only"
+
+    @property
+    def features(self) -> bool:
+        return self.mode != "attention_only"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.features and self.sae is None:
+            raise ValueError(f"mode {self.mode} records SAE features: give `sae`, or set mode: attention_only")
+        names = [s.name for s in self.scenarios]
+        if not names:
+            raise ValueError("scenarios: give at least one scenario")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"scenarios: names must be unique; repeated: {repeated}")
+        if self.heatmap_scenario is not None and self.heatmap_scenario not in names:
+            raise ValueError(f"heatmap_scenario {self.heatmap_scenario!r} is not a scenario name")
+        needed = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f}
+        for scenario in self.scenarios:
+            missing = sorted(needed - set(scenario.fields))
+            if missing:
+                raise ValueError(f"scenario {scenario.name!r} lacks template field(s) {missing}")
+        for span, pattern in self.key_spans.items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"key_spans.{span}: invalid regular expression ({error})") from None
+        return self
+
+    def prompt(self, scenario: Scenario) -> str:
+        return self.prompt_template.format(**scenario.fields)
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
+    """One unit per scenario; checks layers, SAEs and key spans before any GPU time is spent."""
+    s = manifest.settings
+    config = text_config(load_config(s.model)[0])
+    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    if s.heatmap_layers is not None:
+        resolve_layers(s.heatmap_layers, config.num_hidden_layers, "token_tracking.heatmap_layers")
+        outside = sorted(set(s.heatmap_layers) - set(layers))
+        if outside:
+            raise UserError(f"token_tracking.heatmap_layers: {outside} are not among the tracked layers")
+    if s.features:
+        check_saes(s.sae, layers, config.hidden_size, "token_tracking.sae")
+    units = []
+    for scenario in s.scenarios:
+        prompt = s.prompt(scenario)
+        for span, pattern in s.key_spans.items():
+            if not list(_span_ranges(pattern, prompt)):
+                raise UserError(f"token_tracking.key_spans.{span}: pattern {pattern!r} matches nothing in "
+                                f"the prompt of scenario {scenario.name!r}; fix the pattern or the template")
+        units.append(WorkUnit(scenario.name, {"prompt": prompt}))
+    return units
+
+
+def _span_ranges(pattern: str, text: str):
+    """Character ranges of every match: its groups if the pattern has any, else the whole match."""
+    for match in re.finditer(pattern, text):
+        groups = range(1, (match.re.groups or 0) + 1) or [0]
+        for g in groups:
+            if match.start(g) < match.end(g):
+                yield match.start(g), match.end(g)
+
+
+def key_positions(pattern: str, text: str, offsets: np.ndarray) -> np.ndarray:
+    """Token indices whose character range overlaps a span; special tokens (empty range) never do."""
+    hits = np.zeros(len(offsets), dtype=bool)
+    for start, end in _span_ranges(pattern, text):
+        hits |= (offsets[:, 0] < end) & (offsets[:, 1] > start) & (offsets[:, 1] > offsets[:, 0])
+    return np.flatnonzero(hits).astype(np.int32)
+
+
+def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    s = manifest.settings
+    config, source = load_config(s.model)
+    config = text_config(config)
+    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    notes = [f"model architecture from {source}"]
+    try:
+        tokenizer = load_tokenizer(s.model, local_only=True)
+        lengths = [len(tokenizer(u.payload["prompt"])["input_ids"]) for u in units]
+    except (UserError, OSError):
+        lengths = [len(u.payload["prompt"]) // 3 for u in units]
+        notes.append("token counts guessed as characters / 3 (tokenizer not in the local HF cache)")
+    heads, d_model = config.num_attention_heads, config.hidden_size
+    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}
+    out = 0
+    if s.attention:  # float16, causal: the upper triangle compresses to nothing
+        out += sum(len(layers) * heads * n * (n + 1) // 2 * 2 for n in lengths)
+    sae_bytes = 0
+    if s.features:
+        infos = check_saes(s.sae, layers, d_model, "token_tracking.sae")
+        l0s = [i.expected_l0 for i in infos.values() if i.expected_l0]
+        l0 = float(np.mean(l0s)) if l0s else 100.0
+        if not l0s:
+            notes.append("features assume L0 = 100 active features per token (SAE's L0 not known before running)")
+        value_bytes = 2 if s.feature_dtype == "float16" else 4
+        out += int(sum(len(layers) * n * l0 * (value_bytes + 4) for n in lengths))
+        d_sae = max((i.d_sae or 32768) for i in infos.values())
+        sae_bytes = 2 * d_model * d_sae * dtype_bytes[s.sae.dtype]
+    batch = min(s.batch_size, len(units))
+    n_max = max(lengths)
+    itemsize = dtype_bytes[s.model.dtype]
+    activations = batch * config.num_hidden_layers * heads * n_max**2 * itemsize  # every layer's attention
+    activations += batch * len(layers) * n_max * d_model * itemsize  # captured residuals
+    memory = parameter_bytes(config, s.model.torch_dtype) + activations + sae_bytes
+    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes))
+
+
+# ---------------------------------------------------------------- the GPU work
+
+
+def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    s = manifest.settings
+    model, tokenizer = load_model(s.model, attn_implementation="eager"), load_tokenizer(s.model)
+    config = text_config(model.config)
+    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    device = input_device(s.model)
+    saes = SaeCache(s.sae, config.hidden_size, device) if s.features else None
+    shard.set_attrs(
+        model=s.model.name, model_dtype=s.model.dtype, layers=layers, mode=s.mode,
+        layer_convention=CONVENTION, attention_dtype="float16", feature_dtype=s.feature_dtype,
+        sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in layers} if s.sae else {}),
+        attention_shape="(heads, seq, seq): [h, i, j] = weight of query token i on key token j",
+        features_shape="CSR (seq, d_sae)",
+    )
+    batches = [units[i : i + s.batch_size] for i in range(0, len(units), s.batch_size)]
+    with tqdm(total=len(units), desc=f"shard {shard.shard_index}", unit="scenario") as progress:
+        for batch in batches:
+            _track_batch(s, model, tokenizer, layers, device, saes, batch, shard)
+            progress.update(len(batch))
+    if saes is not None:
+        saes.evict()
+
+
+@torch.no_grad()
+def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, shard) -> None:
+    prompts = [unit.payload["prompt"] for unit in batch]
+    # Right padding: real tokens never attend to the pads after them, so each scenario's
+    # attention and residuals equal those of an unpadded forward pass.
+    encoded = tokenizer(prompts, return_offsets_mapping=True, padding=True, return_tensors="pt")
+    lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    with capture_residuals(model, layers if s.features else []) as residuals:
+        output = model(
+            input_ids=encoded["input_ids"].to(device),
+            attention_mask=encoded["attention_mask"].to(device),
+            output_attentions=s.attention,
+        )
+    attention = {}
+    if s.attention:  # (batch, heads, seq, seq) per layer
+        attention = {layer: output.attentions[layer].to(torch.float16).cpu() for layer in layers}
+    features: dict[int, list] = {}
+    if s.features:
+        real = encoded["attention_mask"].bool().to(device)
+        for layer in layers:
+            sae = saes.get(layer)
+            acts = sae.encode(residuals[layer][real])  # all real positions of the batch at once
+            rows = np.cumsum([0, *lengths])
+            features[layer] = [
+                to_csr(acts[rows[i] : rows[i + 1]]) for i in range(len(batch))
+            ]
+    for i, unit in enumerate(batch):
+        n = lengths[i]
+        ids = encoded["input_ids"][i, :n].numpy()
+        offsets = encoded["offset_mapping"][i, :n].numpy().astype(np.int32)
+        with shard.unit(unit.id) as group:
+            group.attrs["prompt"] = unit.payload["prompt"]
+            group.create_dataset("token_ids", data=ids.astype(np.int32))
+            group.create_dataset("tokens", data=[tokenizer.decode([t]) for t in ids], dtype=h5py.string_dtype())
+            group.create_dataset("offsets", data=offsets)
+            spans = group.create_group("key_positions")
+            for span, pattern in s.key_spans.items():
+                spans.create_dataset(span, data=key_positions(pattern, unit.payload["prompt"], offsets))
+            for layer, att in attention.items():
+                group.create_dataset(f"attention/L{layer}", data=att[i, :, :n, :n].numpy(), **COMPRESSION)
+            for layer, matrices in features.items():
+                write_csr(group.require_group("features"), f"L{layer}", matrices[i], s.feature_dtype)
+
+
+# ---------------------------------------------------------------- reduce
+
+
+def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
+    s = manifest.settings
+    merged = out_dir / "merged.h5"
+    with h5py.File(merged, "w") as out:
+        units = out.create_group("units")
+        for path in shard_paths:
+            with h5py.File(path, "r") as shard:
+                if path == shard_paths[0]:
+                    out.attrs.update({k: v for k, v in shard.attrs.items() if k not in ("shard_index", "unit_ids")})
+                for uid in shard["units"]:
+                    shard.copy(shard["units"][uid], units, name=uid)
+        out.attrs.update(n_shards=len(shard_paths), scenarios=json.dumps([sc.name for sc in s.scenarios]))
+    with h5py.File(merged, "r") as data:
+        layers = [int(x) for x in data.attrs["layers"]]
+        names = [sc.name for sc in s.scenarios]
+        report = Report(out_dir / "report", "Token tracking: attention and SAE features by layer")
+        report.text(
+            f"Model `{data.attrs['model']}` ({data.attrs['model_dtype']}), mode `{s.mode}`, "
+            f"{len(names)} scenarios, layers {layers[0]}-{layers[-1]} ({len(layers)}). "
+            f"Convention: {CONVENTION}. Data: `merged.h5` (one group per scenario under `units/`)."
+        )
+        if s.attention:
+            spans = span_attention(data, names, layers)
+            _report_attention(report, spans, data, s, layers)
+        if s.features:
+            _report_features(report, top_features(data, names, layers, s.top_features))
+        report.write()
+
+
+def span_attention(data: h5py.File, names: list[str], layers: list[int]) -> pd.DataFrame:
+    """Attention of the final token to each key span: summed over the span, averaged over heads."""
+    rows = []
+    for name in names:
+        unit = data["units"][name]
+        spans = {span: unit["key_positions"][span][()] for span in unit["key_positions"]}
+        for layer in layers:
+            final_row = unit[f"attention/L{layer}"][:, -1, :].astype(np.float64)  # (heads, seq)
+            for span, positions in spans.items():
+                rows.append({"scenario": name, "layer": layer, "span": span,
+                             "attention": float(final_row[:, positions].sum(axis=1).mean())})
+    return pd.DataFrame(rows)
+
+
+def top_features(data: h5py.File, names: list[str], layers: list[int], k: int) -> pd.DataFrame:
+    """The k most active SAE features at the final token of each scenario and layer."""
+    rows = []
+    for name in names:
+        for layer in layers:
+            final = read_csr(data["units"][name][f"features/L{layer}"])[[-1]].toarray()[0]
+            order = np.argsort(-final, kind="stable")[:k]
+            rows += [{"scenario": name, "layer": layer, "rank": r + 1, "feature": int(f),
+                      "activation": float(final[f])} for r, f in enumerate(order) if final[f] > 0]
+    return pd.DataFrame(rows, columns=["scenario", "layer", "rank", "feature", "activation"])
+
+
+def _report_attention(report: Report, spans: pd.DataFrame, data: h5py.File, s: Settings, layers: list[int]) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
+
+    report.heading("Attention of the decision token to the key spans")
+    report.text("Weight that the final prompt token puts on each key span's tokens (summed over the "
+                "span, mean over heads). Table: mean over scenarios; per-scenario values in the CSV.")
+    pivot = spans.groupby(["layer", "span"])["attention"].mean().unstack("span").reset_index()
+    report.table(spans, "span_attention", shown=pivot)
+    span_names = list(s.key_spans)
+    fig, axes = plt.subplots(1, len(span_names), figsize=(4 * len(span_names), 3.4), sharey=True, squeeze=False)
+    for ax, span in zip(axes[0], span_names):
+        part = spans[spans["span"] == span]
+        for name, rows in part.groupby("scenario", sort=False):
+            ax.plot(rows["layer"], rows["attention"], lw=0.8, alpha=0.6, label=name)
+        mean = part.groupby("layer")["attention"].mean()
+        ax.plot(mean.index, mean.values, color="black", lw=2.2, label="mean")
+        ax.set_title(span)
+        ax.set_xlabel("layer")
+    axes[0][0].set_ylabel("attention from final token")
+    axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    report.figure(fig, "span_attention", "Attention of the final token to each key span, by layer")
+
+    scenario = s.heatmap_scenario or s.scenarios[0].name
+    chosen = s.heatmap_layers or sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    unit = data["units"][scenario]
+    tokens = [t.decode() if isinstance(t, bytes) else t for t in unit["tokens"][()]]
+    labels = [repr(t)[1:-1] for t in tokens]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6 * len(chosen), 6), squeeze=False)
+    for ax, layer in zip(axes[0], chosen):
+        att = unit[f"attention/L{layer}"][()].astype(np.float32).mean(axis=0)
+        ax.imshow(att, cmap="viridis", interpolation="nearest", norm=PowerNorm(0.4))  # shows weak links too
+        ax.set_title(f"layer {layer} (mean over heads)")
+        step = max(1, len(labels) // 60)
+        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=90, fontsize=5)
+        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=5)
+        ax.set_xlabel("key token")
+        ax.set_ylabel("query token")
+    report.figure(fig, "attention_heatmaps", f"Attention of scenario {scenario} at layers {chosen}")
+
+
+def _report_features(report: Report, top: pd.DataFrame) -> None:
+    report.heading("Top SAE features at the decision token")
+    report.text("Per layer: features ranked by their mean activation at the final prompt token over "
+                "the scenarios where they are among the top; `scenarios` counts those scenarios.")
+    summary = (top.groupby(["layer", "feature"])["activation"].agg(["mean", "count"]).reset_index()
+               .rename(columns={"mean": "mean_activation", "count": "scenarios"})
+               .sort_values(["layer", "mean_activation"], ascending=[True, False]))
+    summary = summary.groupby("layer").head(5)
+    report.table(top, "top_features", shown=summary)

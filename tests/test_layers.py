@@ -1,0 +1,51 @@
+"""The layer convention: layer L is block L's output, pinned against transformers' hidden_states."""
+
+import pytest
+import torch
+
+from common.builtin import tiny_llama_model, tiny_llama_tokenizer
+from common.errors import UserError
+from common.layers import capture_residuals, decoder_blocks, hook_name, resolve_layers
+
+
+def test_hooked_block_output_is_hidden_states_of_next_index_except_last():
+    model, tokenizer = tiny_llama_model(), tiny_llama_tokenizer()
+    batch = tokenizer(["Current balance: $90", "Win rate: 30%, a win pays 3.0x"], padding=True, return_tensors="pt")
+    n_layers = len(decoder_blocks(model))
+    with torch.no_grad(), capture_residuals(model, list(range(n_layers))) as residuals:
+        out = model(**batch, output_hidden_states=True)
+    for layer in range(n_layers - 1):
+        torch.testing.assert_close(residuals[layer], out.hidden_states[layer + 1], rtol=0, atol=0)
+    # The last entry of hidden_states has the final norm applied: it is NOT block L's output.
+    last = n_layers - 1
+    assert not torch.allclose(residuals[last], out.hidden_states[-1])
+    torch.testing.assert_close(model.model.norm(residuals[last]), out.hidden_states[-1])
+
+
+def test_hooks_are_removed_after_capture():
+    model, tokenizer = tiny_llama_model(), tiny_llama_tokenizer()
+    with capture_residuals(model, [0, 1]):
+        pass
+    assert all(not block._forward_hooks for block in decoder_blocks(model))
+
+
+def test_hook_name_matches_sae_lens_convention():
+    assert hook_name(7) == "blocks.7.hook_resid_post"
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [("all", [0, 1, 2, 3]), ("1-2", [1, 2]), (" 0 - 3 ", [0, 1, 2, 3]), ([3, 1, 1], [1, 3])],
+)
+def test_resolve_layers(selection, expected):
+    assert resolve_layers(selection, 4, "x.layers") == expected
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [("0-4", r"x\.layers: layer\(s\) \[4\] outside the model, which has 4 blocks \(valid layers 0-3\)"),
+     ([-1], r"outside the model"), ("3-1", "empty"), ("first", "not 'all', a range"), ([], "no layers")],
+)
+def test_resolve_layers_rejects(selection, message):
+    with pytest.raises(UserError, match=message):
+        resolve_layers(selection, 4, "x.layers")

@@ -1,0 +1,51 @@
+"""Run directories: one per manifest; a different run's folder is never written into."""
+
+import pytest
+
+from common.errors import UserError
+from common.launcher import prepare_run
+from common.manifest import load_manifest
+from common.rundir import RunDir, open_run
+
+
+def test_run_dir_is_named_by_job_and_hash_and_holds_resolved_manifest(write_manifest, tmp_path):
+    manifest = load_manifest(write_manifest())
+    run = prepare_run(manifest)
+    assert run.path == tmp_path / "runs" / f"token_tracking-{manifest.run_id()}"
+    assert load_manifest(run.manifest_path) == manifest
+    assert run.load_plan().run_id == manifest.run_id()
+    assert (run.path / "provenance.json").is_file() and run.shards_dir.is_dir()
+    assert prepare_run(manifest).path == run.path  # same manifest: same run, reused
+
+
+def test_folder_of_another_run_is_never_overwritten(write_manifest, tmp_path):
+    first = prepare_run(load_manifest(write_manifest({"run": {"dir": str(tmp_path / "out")}})))
+    before = first.manifest_path.read_bytes()
+    other = load_manifest(write_manifest({"run": {"dir": str(tmp_path / "out")}, "token_tracking": {"layers": "0-1"}}))
+    with pytest.raises(UserError, match=r"holds run .* of a different manifest .* left untouched"):
+        prepare_run(other)
+    assert first.manifest_path.read_bytes() == before
+
+
+def test_non_run_folder_is_refused(write_manifest, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a saebatch run directory"):
+        prepare_run(load_manifest(write_manifest({"run": {"dir": str(tmp_path / "out")}})))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_open_run_accepts_dir_or_manifest(write_manifest, tmp_path):
+    path = write_manifest()
+    with pytest.raises(UserError, match="has no run yet"):
+        open_run(path)
+    run = prepare_run(load_manifest(path))
+    assert open_run(path).path == run.path == open_run(run.path).path
+    with pytest.raises(UserError, match="not a run directory"):
+        open_run(tmp_path)
+
+
+def test_partial_path_is_beside_the_shard():
+    shard = RunDir("/r").shard_path(3)
+    assert shard.name == "shard_00003.h5"
+    assert RunDir.partial_path(shard).name == "shard_00003.h5.partial"

@@ -1,0 +1,78 @@
+"""SAE loading through sae-lens: local directories, releases, random configs; fit checks."""
+
+import pytest
+import torch
+from sae_lens import SAE, JumpReLUSAE
+
+from common.errors import UserError
+from common.saes import SaeCache, SaeSpec, check_saes, load_sae
+from tests.helpers import save_random_sae
+
+
+def test_local_directory_loads_the_saved_weights(tmp_path):
+    template = save_random_sae(tmp_path, d_in=64)
+    spec = SaeSpec(path=template)
+    assert check_saes(spec, [0, 1], d_model=64)[1].d_sae == 32
+    sae = load_sae(spec, 1, 64, torch.device("cpu"))
+    saved = SAE.load_from_disk(tmp_path / "L1")
+    assert isinstance(sae, JumpReLUSAE)
+    torch.testing.assert_close(sae.W_enc, saved.W_enc)
+
+
+def test_d_in_mismatch_is_refused_before_loading(tmp_path):
+    spec = SaeSpec(path=save_random_sae(tmp_path, d_in=32))
+    with pytest.raises(UserError, match="has d_in 32 but the model's residual stream has d_model 64"):
+        check_saes(spec, [0], d_model=64)
+
+
+def test_sae_of_another_hook_is_refused(tmp_path):
+    spec = SaeSpec(path=save_random_sae(tmp_path, d_in=64, hook="blocks.{layer}.hook_resid_pre"))
+    with pytest.raises(UserError, match=r"trained on blocks\.0\.hook_resid_pre, but layer 0 here means blocks\.0\.hook_resid_post"):
+        check_saes(spec, [0], d_model=64)
+
+
+def test_missing_and_damaged_local_sae(tmp_path):
+    spec = SaeSpec(path=save_random_sae(tmp_path, d_in=64, layers=(0,)))
+    with pytest.raises(UserError, match=r"no SAE for layer 1: .*L1/cfg\.json does not exist"):
+        check_saes(spec, [0, 1], d_model=64)
+    (tmp_path / "L0" / "sae_weights.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match=r"cannot load the SAE in .*L0"):
+        load_sae(spec, 0, 64, torch.device("cpu"))
+
+
+def test_release_and_ids_are_checked_offline():
+    spec = SaeSpec(release="llama_scope_lxr_8x", id="l{layer}r_8x")
+    infos = check_saes(spec, [0, 31], d_model=4096)
+    assert infos[31].expected_l0 is not None
+    with pytest.raises(UserError, match=r"no SAE for layer\(s\) \[32\]"):
+        check_saes(spec, [32], d_model=4096)
+    with pytest.raises(UserError, match="no release 'llama_scope_lxr_9x'; did you mean"):
+        check_saes(SaeSpec(release="llama_scope_lxr_9x", id="l{layer}r_8x"), [0], d_model=4096)
+
+
+def test_spec_needs_exactly_one_source():
+    with pytest.raises(ValueError, match="exactly one SAE source"):
+        SaeSpec(path="x", random={"d_sae": 4})
+    with pytest.raises(ValueError, match="`release` and `id` go together"):
+        SaeSpec(release="llama_scope_lxr_8x")
+
+
+def test_random_sae_is_seeded_per_layer_and_uses_threshold():
+    spec = SaeSpec(random={"d_sae": 16, "seed": 3, "threshold": 0.25})
+    a, b = load_sae(spec, 0, 8, torch.device("cpu")), load_sae(spec, 0, 8, torch.device("cpu"))
+    torch.testing.assert_close(a.W_enc, b.W_enc)
+    assert not torch.allclose(a.W_enc, load_sae(spec, 1, 8, torch.device("cpu")).W_enc)
+    assert torch.all(a.threshold == 0.25)
+    x = torch.randn(5, 8)
+    pre = (x - a.b_dec) @ a.W_enc + a.b_enc
+    torch.testing.assert_close(a.encode(x), pre * (pre > 0.25))
+
+
+def test_cache_holds_one_layer_at_a_time():
+    cache = SaeCache(SaeSpec(random={"d_sae": 16}), d_model=8, device=torch.device("cpu"))
+    first = cache.get(0)
+    assert cache.get(0) is first
+    second = cache.get(1)
+    assert second is not first and cache.layer == 1
+    cache.evict()
+    assert cache.sae is None

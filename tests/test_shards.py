@@ -1,0 +1,108 @@
+"""Shards: resumable writing, and a strict check before any merge."""
+
+import h5py
+import numpy as np
+import pytest
+
+from common.errors import UserError
+from common.plan import WorkUnit, make_plan
+from common.shards import ShardWriter, check_shards, shard_problem
+
+
+def write_shard(path, plan, index, unit_ids=None, finish=True):
+    ids = list(plan.shards[index]) if unit_ids is None else unit_ids
+    with ShardWriter(path, plan.run_id, plan.job, index, list(plan.shards[index])) as shard:
+        for uid in ids:
+            with shard.unit(uid) as group:
+                group.create_dataset("x", data=np.arange(3) + int(uid[1:]))
+        if finish:
+            shard.finish()
+
+
+@pytest.fixture
+def plan():
+    return make_plan("run1", "job", [WorkUnit(f"u{i}") for i in range(6)], 3)
+
+
+def test_restart_skips_written_units_and_drops_half_written(tmp_path, plan):
+    path = tmp_path / "shard_00000.h5"
+    write_shard(path, plan, 0, unit_ids=["u0"], finish=False)
+    partial = tmp_path / "shard_00000.h5.partial"
+    with h5py.File(partial, "a") as f:  # a unit whose writer died mid-way
+        f["units"].create_group("u1").create_dataset("x", data=[0])
+    with ShardWriter(path, "run1", "job", 0, ["u0", "u1"]) as shard:
+        assert shard.pending() == ["u1"]
+        with shard.unit("u1") as group:
+            group.create_dataset("x", data=np.arange(3) + 1)
+        shard.finish()
+    assert not partial.exists()
+    with h5py.File(path) as f:
+        assert f.attrs["complete"] and list(f["units"]) == ["u0", "u1"]
+        np.testing.assert_array_equal(f["units/u1/x"][()], [1, 2, 3])
+
+
+def test_failed_unit_leaves_no_group(tmp_path, plan):
+    with ShardWriter(tmp_path / "s.h5", "run1", "job", 0, ["u0", "u1"]) as shard:
+        with pytest.raises(RuntimeError):
+            with shard.unit("u0") as group:
+                group.create_dataset("x", data=[1])
+                raise RuntimeError("GPU fell over")
+        assert shard.pending() == ["u0", "u1"]
+        with pytest.raises(RuntimeError, match="units missing"):
+            shard.finish()
+
+
+def test_unreadable_partial_starts_over(tmp_path, plan):
+    path = tmp_path / "shard_00000.h5"
+    (tmp_path / "shard_00000.h5.partial").write_bytes(b"not hdf5 at all")
+    write_shard(path, plan, 0)
+    assert shard_problem(plan, 0, path) is None
+
+
+def shard_paths(tmp_path, plan):
+    paths = [tmp_path / f"shard_{k:05d}.h5" for k in range(len(plan.shards))]
+    for k, path in enumerate(paths):
+        write_shard(path, plan, k)
+    return paths
+
+
+def test_sound_shards_pass(tmp_path, plan):
+    check_shards(plan, shard_paths(tmp_path, plan))
+
+
+def test_missing_truncated_and_foreign_shards_are_named(tmp_path, plan):
+    paths = shard_paths(tmp_path, plan)
+    paths[0].unlink()
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])
+    other = make_plan("run2", "job", [WorkUnit(f"u{i}") for i in range(6)], 3)
+    write_shard(paths[2], other, 2)
+    with pytest.raises(UserError) as error:
+        check_shards(plan, paths)
+    text = str(error.value)
+    assert "shard 0 missing" in text
+    assert "shard 1 truncated or corrupt" in text
+    assert "shard 2 foreign" in text and "run2" in text
+
+
+def test_duplicate_and_incomplete_and_stray_shards_are_named(tmp_path, plan):
+    paths = shard_paths(tmp_path, plan)
+    with h5py.File(paths[1], "a") as f:  # shard 1 also holds a unit of shard 0
+        f["units"].create_group("u0").attrs["complete"] = True
+    with h5py.File(paths[2], "a") as f:
+        f.attrs["complete"] = False
+    (tmp_path / "shard_00007.h5").write_bytes(paths[0].read_bytes())
+    with pytest.raises(UserError) as error:
+        check_shards(plan, paths)
+    text = str(error.value)
+    assert "shard 1 duplicate: holds units planned for other shards: ['u0']" in text
+    assert "shard 2 incomplete" in text
+    assert "stray shard file not in the plan" in text and "shard_00007.h5" in text
+
+
+def test_partial_shard_is_reported_as_unfinished(tmp_path, plan):
+    paths = shard_paths(tmp_path, plan)
+    paths[2].unlink()
+    write_shard(paths[2], plan, 2, unit_ids=["u4"], finish=False)
+    with pytest.raises(UserError, match=r"shard 2 missing: .*\(a partial file exists"):
+        check_shards(plan, paths)

@@ -1,0 +1,75 @@
+"""End to end on the real single-node Slurm: arrays through submitit, afterok reduce, failures, sbatch templates."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from common.cli import main
+from common.launcher import load_submissions
+from common.manifest import load_manifest
+from common.rundir import RunDir
+from common.status import shard_states
+from tests.helpers import REPO, save_random_sae
+
+pytestmark = pytest.mark.slurm
+
+
+def test_submit_array_then_reduce_after_it(slurm_cluster, write_manifest, capsys):
+    # 3 shards with arrays of at most 2 tasks: two arrays, and the reduce waits for both.
+    path = write_manifest({"run": {"shards": 3}, "cluster": {"max_array_size": 2}})
+    assert main(["submit", str(path), "--wait"]) == 0
+    out = capsys.readouterr().out
+    run = RunDir.for_manifest(load_manifest(path))
+    assert f"merged: {run.merged_path}" in out
+    (submission,) = load_submissions(run)
+    arrays = {job.split("_")[0] for job in submission["shards"].values()}
+    assert len(arrays) == 2
+    with h5py.File(run.merged_path) as merged:
+        assert len(merged["units"]) == 10
+    assert [s.state for s in shard_states(run)] == ["done"] * 3
+
+
+def test_failed_task_is_reported_reduce_cancelled_and_resume_completes(slurm_cluster, write_manifest, tmp_path, capsys):
+    template = save_random_sae(tmp_path / "saes", d_in=64, d_sae=64, layers=range(4))
+    path = write_manifest({"token_tracking": {"sae": {"random": None, "path": template}}})
+    weights = tmp_path / "saes" / "L3" / "sae_weights.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"damaged after validation")
+    result = subprocess.run([sys.executable, "-m", "common.cli", "submit", str(path), "--wait"],
+                            capture_output=True, text=True, timeout=300)  # must not wait forever
+    assert result.returncode == 1
+    assert "failed" in result.stderr and "the reduce does not run" in result.stderr
+    run = RunDir.for_manifest(load_manifest(path))
+    assert not run.merged_path.exists()
+    assert [s.state for s in shard_states(run)] == ["failed", "failed"]
+    reduce_job = load_submissions(run)[-1]["reduce"]
+    state = ""
+    for _ in range(60):  # Slurm cancels the dependent reduce (kill-on-invalid-dep)
+        state = subprocess.run(["sacct", "-n", "-X", "-j", reduce_job, "-o", "State"],
+                               capture_output=True, text=True).stdout.strip()
+        if state and "PENDING" not in state:
+            break
+        subprocess.run(["sleep", "1"])
+    assert state.startswith("CANCELLED")
+    weights.write_bytes(good)
+    assert main(["submit", "--resume", str(run.path), "--wait"]) == 0
+    assert "submitting 2" in capsys.readouterr().out
+    assert run.merged_path.exists()
+
+
+def test_sbatch_templates_run_a_manifest_without_submitit(slurm_cluster, write_manifest, tmp_path):
+    path = write_manifest()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    small = ["--cpus-per-task=1", "--mem=2G"]  # the test node is small
+    array = subprocess.run(["sbatch", "--parsable", *small, "--array=0-1", str(REPO / "slurm" / "array.sbatch"), str(path)],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
+    subprocess.run(["sbatch", "--wait", *small, f"--dependency=afterok:{array}", "--kill-on-invalid-dep=yes",
+                    str(REPO / "slurm" / "reduce.sbatch"), str(path)],
+                   capture_output=True, text=True, env=env, cwd=tmp_path, check=True, timeout=300)
+    run = RunDir.for_manifest(load_manifest(path))
+    assert run.merged_path.exists() and (run.report_dir / "report.md").exists()
+    assert [s.state for s in shard_states(run)] == ["done", "done"]
