@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
 from common.errors import UserError
@@ -166,11 +165,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from common.launcher import prepare_run
     from common.manifest import load_manifest
 
-    demo_dir = resources.files("manifests") / "demo"
-    paths = sorted(p for p in demo_dir.iterdir() if p.name.endswith(".yaml"))
+    # manifests/ lies beside common/, in the source tree and in site-packages alike
+    demo_dir = Path(__file__).resolve().parent.parent / "manifests" / "demo"
+    paths = sorted(demo_dir.glob("*.yaml"))
+    if not paths:
+        raise UserError(f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
     status = 0
     for path in paths:
-        manifest = load_manifest(Path(str(path)))
+        manifest = load_manifest(path)
         manifest.run.root = Path(args.root).absolute()
         print(f"== demo: {manifest.job} ({path.name})")
         run = prepare_run(manifest)

@@ -179,6 +179,6 @@ class SaeCache:
     def evict(self) -> None:
         if self.sae is not None:
             self.sae, self.layer = None, None
-            gc.collect()
-            if torch.cuda.is_available():
+            if torch.cuda.is_available():  # hand the SAE's memory back before the next one loads
+                gc.collect()
                 torch.cuda.empty_cache()

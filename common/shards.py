@@ -24,6 +24,8 @@ from common.errors import UserError
 from common.plan import Plan
 
 FORMAT = "saebatch-shard/1"
+# HDF5 1.10 object headers: about 2.7 KB less per dataset than the 1.8 default (readers need >= 1.10).
+LIBVER = "v110"
 log = logging.getLogger(__name__)
 
 
@@ -49,7 +51,7 @@ class ShardWriter:
     def _open_partial(self) -> h5py.File:
         if self.partial_path.exists():
             try:
-                file = h5py.File(self.partial_path, "a")
+                file = h5py.File(self.partial_path, "a", libver=LIBVER)
                 if file.attrs.get("run_id") == self.run_id and file.attrs.get("shard_index") == self.shard_index:
                     for unit_id in list(file.get("units", {})):
                         if not file["units"][unit_id].attrs.get("complete", False):
@@ -66,7 +68,7 @@ class ShardWriter:
                 log.warning("shard %d: partial file unreadable (%s); starting over", self.shard_index, error)
             self.partial_path.unlink()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = h5py.File(self.partial_path, "w")
+        file = h5py.File(self.partial_path, "w", libver=LIBVER)
         file.attrs.update(
             format=FORMAT, run_id=self.run_id, job=self.job, shard_index=self.shard_index,
             unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),

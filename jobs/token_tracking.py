@@ -33,7 +33,7 @@ from common.models import ModelSpec, input_device, load_config, load_model, load
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.saes import SaeCache, SaeSpec, check_saes
-from common.shards import ShardWriter
+from common.shards import LIBVER, ShardWriter
 from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,9 @@ class Settings(StrictModel):
     def prompt(self, scenario: Scenario) -> str:
         return self.prompt_template.format(**scenario.fields)
 
+    def tracked_layers(self, n_layers: int) -> list[int]:
+        return resolve_layers(self.layers, n_layers, "token_tracking.layers")
+
 
 # ---------------------------------------------------------------- plan
 
@@ -165,7 +168,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """One unit per scenario; checks layers, SAEs and key spans before any GPU time is spent."""
     s = manifest.settings
     config = text_config(load_config(s.model)[0])
-    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    layers = s.tracked_layers(config.num_hidden_layers)
     if s.heatmap_layers is not None:
         resolve_layers(s.heatmap_layers, config.num_hidden_layers, "token_tracking.heatmap_layers")
         outside = sorted(set(s.heatmap_layers) - set(layers))
@@ -205,7 +208,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     config, source = load_config(s.model)
     config = text_config(config)
-    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    layers = s.tracked_layers(config.num_hidden_layers)
     notes = [f"model architecture from {source}"]
     try:
         tokenizer = load_tokenizer(s.model, local_only=True)
@@ -226,8 +229,9 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         if not l0s:
             notes.append("features assume L0 = 100 active features per token (SAE's L0 not known before running)")
         value_bytes = 2 if s.feature_dtype == "float16" else 4
-        out += int(sum(len(layers) * n * l0 * (value_bytes + 4) for n in lengths))
         d_sae = max((i.d_sae or 32768) for i in infos.values())
+        index_bytes = 2 if d_sae <= 65536 else 4
+        out += int(sum(len(layers) * n * l0 * (value_bytes + index_bytes) for n in lengths))
         sae_bytes = 2 * d_model * d_sae * dtype_bytes[s.sae.dtype]
     batch = min(s.batch_size, len(units))
     n_max = max(lengths)
@@ -245,7 +249,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     s = manifest.settings
     model, tokenizer = load_model(s.model, attn_implementation="eager"), load_tokenizer(s.model)
     config = text_config(model.config)
-    layers = resolve_layers(s.layers, config.num_hidden_layers, "token_tracking.layers")
+    layers = s.tracked_layers(config.num_hidden_layers)
     device = input_device(s.model)
     saes = SaeCache(s.sae, config.hidden_size, device) if s.features else None
     shard.set_attrs(
@@ -283,10 +287,9 @@ def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, sha
     features: dict[int, list] = {}
     if s.features:
         real = encoded["attention_mask"].bool().to(device)
+        rows = np.cumsum([0, *lengths])  # scenario i's positions are rows[i]:rows[i + 1]
         for layer in layers:
-            sae = saes.get(layer)
-            acts = sae.encode(residuals[layer][real])  # all real positions of the batch at once
-            rows = np.cumsum([0, *lengths])
+            acts = saes.get(layer).encode(residuals[layer][real])  # every real position at once
             features[layer] = [
                 to_csr(acts[rows[i] : rows[i + 1]]) for i in range(len(batch))
             ]
@@ -314,7 +317,7 @@ def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, sha
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
     merged = out_dir / "merged.h5"
-    with h5py.File(merged, "w") as out:
+    with h5py.File(merged, "w", libver=LIBVER) as out:
         units = out.create_group("units")
         for path in shard_paths:
             with h5py.File(path, "r") as shard:
