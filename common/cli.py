@@ -33,6 +33,14 @@ def _human_bytes(n: float) -> str:
     raise AssertionError
 
 
+def _sbatch_options(partition: str | None, gpus: int, cpus: int, mem_gb: float, minutes: int) -> str:
+    """The manifest's resources as sbatch options (for the templates in slurm/)."""
+    options = [f"--partition={partition}"] if partition else []
+    options += [f"--gres=gpu:{gpus}"] if gpus else []
+    options += [f"--cpus-per-task={cpus}", f"--mem={int(mem_gb * 1024)}M", f"--time={minutes}"]
+    return " ".join(options)
+
+
 def cmd_jobs(_: argparse.Namespace) -> int:
     from common.registry import available_jobs, get_job
 
@@ -58,32 +66,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if len(plan.units) > args.max_units:
         print(f"  ... and {len(plan.units) - args.max_units} more (--max-units to list them)")
     print("\nshards:")
-    total_out, peak_mem, notes = 0, 0, set()
-    for index in range(len(plan.shards)):
-        est = job.estimate(manifest, plan.shard_units(index))
-        total_out += est.output_bytes
-        peak_mem = max(peak_mem, est.task_memory_bytes)
-        notes.update(est.notes)
-        ids = plan.shards[index]
-        print(f"  shard {index}: {len(ids)} units ({ids[0]} .. {ids[-1]}), "
-              f"output ~{_human_bytes(est.output_bytes)}, task memory ~{_human_bytes(est.task_memory_bytes)}")
-    print(f"\nestimated output: {_human_bytes(total_out)} in all; peak memory per task: {_human_bytes(peak_mem)}")
+    for index, ids in enumerate(plan.shards[: args.max_units]):
+        print(f"  shard {index}: {len(ids)} units ({ids[0]} .. {ids[-1]})")
+    if len(plan.shards) > args.max_units:
+        print(f"  ... and {len(plan.shards) - args.max_units} more")
+    # The first shard is the largest (the split puts the remainder first): it sets task memory.
+    total = job.estimate(manifest, list(plan.units))
+    largest = job.estimate(manifest, plan.shard_units(0))
+    print(f"\nestimated output: {_human_bytes(total.output_bytes)} in all; "
+          f"peak memory per task: {_human_bytes(largest.task_memory_bytes)}")
     cluster = manifest.cluster
     print(f"requested per task: {cluster.gpus_per_task} GPU, {cluster.cpus_per_task} CPUs, "
           f"{cluster.mem_gb:g} GB, {cluster.timeout_min} min")
-    for note in sorted(notes):
+    for note in total.notes:
         print(f"  note: {note}")
     print(f"\nsubmit:  saebatch submit {args.manifest}")
-    print(f"or with sbatch: ARRAY=$(sbatch --parsable --array=0-{len(plan.shards) - 1} "
+    shard_opts = _sbatch_options(cluster.partition, cluster.gpus_per_task, cluster.cpus_per_task,
+                                 cluster.mem_gb, cluster.timeout_min)
+    reduce_opts = _sbatch_options(cluster.partition, 0, cluster.reduce_cpus, cluster.reduce_mem_gb,
+                                  cluster.reduce_timeout_min)
+    print(f"or with sbatch: ARRAY=$(sbatch --parsable {shard_opts} --array=0-{len(plan.shards) - 1} "
           f"slurm/array.sbatch {args.manifest})")
-    print(f"                sbatch --dependency=afterok:$ARRAY --kill-on-invalid-dep=yes "
+    print(f"                sbatch {reduce_opts} --dependency=afterok:$ARRAY --kill-on-invalid-dep=yes "
           f"slurm/reduce.sbatch {args.manifest}")
     return 0
 
 
 def _submit_run(run, executor: str, wait_for_it: bool) -> int:
     from common.launcher import submit, wait
-    from common.status import ACTIVE, RESUBMIT, shard_states
+    from common.status import ACTIVE, RESUBMIT, active_reduce, shard_states
 
     states = shard_states(run)
     todo = [s.index for s in states if s.state in RESUBMIT]
@@ -91,6 +102,11 @@ def _submit_run(run, executor: str, wait_for_it: bool) -> int:
     if active and executor == "local":
         raise UserError(f"shards {[s.index for s in active]} are still {active[0].state} under "
                         f"another submission; wait for them (saebatch status {run.path})")
+    pending_reduce = active_reduce(run)
+    if not todo and pending_reduce:
+        print(f"nothing to submit: {len(active)} shard(s) still active and reduce job {pending_reduce} "
+              f"will merge them (saebatch status {run.path})")
+        return 0
     if not todo and not active and run.merged_path.exists():
         print(f"every shard is done and merged: {run.merged_path}\n"
               f"(`saebatch reduce {run.path}` redoes the merge)")

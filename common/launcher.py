@@ -8,10 +8,14 @@ The task callables are small and import the science lazily, so submitting stays 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,11 +75,10 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         return str(path)
     units = plan.shard_units(shard_index)
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
-        pending = set(shard.pending())
-        todo = [unit for unit in units if unit.id in pending]
+        todo = shard.pending()
         if todo:
             log.info("shard %d: %d of %d units to do", shard_index, len(todo), len(units))
-            get_job(manifest.job).run_shard(manifest, todo, shard)
+            get_job(manifest.job).run_shard(manifest, units, shard)
         done = shard.finish()
     log.info("shard %d complete: %s", shard_index, done)
     return str(done)
@@ -90,20 +93,33 @@ def reduce_task(run_path: str) -> str:
     manifest, plan = run.load_manifest(), run.load_plan()
     shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
     check_shards(plan, shard_paths)
-    staging = run.path / ".reduce-tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    get_job(manifest.job).reduce(manifest, shard_paths, staging)
-    for name in ("merged.h5", "report"):
-        target = run.path / name
-        if (staging / name).exists():
-            if target.is_dir():
-                shutil.rmtree(target)
-            (staging / name).replace(target)
-    shutil.rmtree(staging)
-    run.record_provenance("reduced")
+    with _exclusive(run.path / ".reduce.lock", "another reduce of this run"):
+        staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
+        get_job(manifest.job).reduce(manifest, shard_paths, staging)
+        for name in ("merged.h5", "report"):
+            target = run.path / name
+            if (staging / name).exists():
+                if target.is_dir():
+                    shutil.rmtree(target)
+                (staging / name).replace(target)
+        shutil.rmtree(staging)
+        run.record_provenance("reduced")
     log.info("merged: %s; report: %s", run.merged_path, run.report_dir / "report.md")
     return str(run.merged_path)
+
+
+@contextmanager
+def _exclusive(lock_path: Path, holder: str) -> Iterator[None]:
+    """Hold an exclusive flock, waiting (and saying so) while `holder` has it."""
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s to finish (%s)", holder, lock_path)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system: go ahead
+            pass
+        yield
 
 
 # ---------------------------------------------------------------- submission

@@ -114,6 +114,8 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
 
 def load_model(spec: ModelSpec, attn_implementation: str = "eager") -> torch.nn.Module:
     """The causal LM in eval mode; eager attention so that attention weights can be returned."""
+    if spec.device == "auto" and not torch.cuda.is_available():
+        log.warning("no GPU is visible: %s runs on the CPU (set model.device to silence this)", spec.name)
     if spec.builtin_name:
         model = builtin.BUILTIN[spec.builtin_name][2](spec.torch_dtype, attn_implementation)
         model.to(input_device(spec))

@@ -33,7 +33,8 @@ class Job(Protocol):
         """Output size and task memory for these units (one shard's share)."""
 
     def run_shard(self, manifest: Manifest, units: list[WorkUnit], shard: ShardWriter) -> None:
-        """Do the GPU work for the units not yet in the shard, one `shard.unit(...)` each."""
+        """Do the GPU work for the shard's planned `units` that `shard.pending()` still names
+        (batched with `shard.pending_batches`), writing each with `shard.unit(...)`."""
 
     def reduce(self, manifest: Manifest, shard_paths: list[Path], run_dir: Path) -> None:
         """Merge checked shards into `merged.h5` and write `report/`."""

@@ -41,10 +41,6 @@ class RunDir:
     def shard_path(self, index: int) -> Path:
         return self.shards_dir / f"shard_{index:05d}.h5"
 
-    @staticmethod
-    def partial_path(shard_path: Path) -> Path:
-        return shard_path.with_name(shard_path.name + ".partial")
-
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> RunDir:
         return cls(manifest.run.dir or manifest.run.root / f"{manifest.job}-{manifest.run_id()}")

@@ -96,6 +96,7 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
                 f"{field}.id: release {spec.release} has no SAE for layer(s) {absent} "
                 f"(looked for {[ids[a] for a in absent]}); choose other layers or another release"
             )
+        _check_release_model(spec.release, lookup.model, d_model, field)
         return {layer: SaeInfo(None, lookup.expected_l0.get(sae_id)) for layer, sae_id in ids.items()}
     infos = {}
     for layer in layers:
@@ -104,6 +105,20 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
                    layer, d_model, spec.describe(layer))
         infos[layer] = SaeInfo(cfg.get("d_sae"), None)
     return infos
+
+
+def _check_release_model(release: str, release_model: str, d_model: int, field: str) -> None:
+    """A residual SAE's d_in is its model's d_model: compare when that model's config is at hand."""
+    from common.models import ModelSpec, load_config, text_config
+
+    try:
+        theirs = text_config(load_config(ModelSpec(id=release_model))[0]).hidden_size
+    except UserError:
+        log.info("%s: d_in is checked when the SAEs load (no config of %s here)", release, release_model)
+        return
+    if theirs != d_model:
+        raise UserError(f"{field}.release: {release} holds SAEs of {release_model} (d_in {theirs}), but this "
+                        f"model's residual stream has d_model {d_model}; use SAEs trained on this model")
 
 
 def _read_local_cfg(spec: SaeSpec, layer: int, field: str) -> dict:

@@ -3,12 +3,16 @@
 A task writes `shard_K.h5.partial`, one group per work unit under `/units/<id>`, flushing and
 marking each unit complete as it goes. A restarted task reopens the partial file, drops any
 half-written unit and skips the complete ones. When every unit is in, the file gets its
-completeness mark and is renamed to `shard_K.h5`. Reduce merges only shards that pass
-`check_shards`: no missing, duplicate, foreign, truncated or incomplete shard goes unnoticed.
+completeness mark and is renamed to `shard_K.h5`. A lock file keeps a second process (a
+resubmitted task, a manual `saebatch run`) from writing the same shard at once. Reduce merges
+only shards that pass `check_shards`: no missing, duplicate, foreign, truncated or incomplete
+shard goes unnoticed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -21,12 +25,22 @@ import h5py
 
 from common import provenance
 from common.errors import UserError
-from common.plan import Plan
+from common.plan import Plan, WorkUnit
 
 FORMAT = "saebatch-shard/1"
-# HDF5 1.10 object headers: about 2.7 KB less per dataset than the 1.8 default (readers need >= 1.10).
+MERGED_FORMAT = "saebatch-merged/1"
+# Shard bookkeeping that does not describe the merged data.
+_SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host"}
+# Files written in one go (merged.h5) use HDF5 1.10 object headers: about 2.7 KB less per dataset
+# (readers need HDF5 >= 1.10). Partial shards keep the default format: a 1.10 file whose writer
+# was killed stays marked "open for write" and cannot be reopened to resume.
 LIBVER = "v110"
 log = logging.getLogger(__name__)
+
+
+def partial_path(shard_path: Path) -> Path:
+    """Where a shard is written until it is complete."""
+    return shard_path.with_name(shard_path.name + ".partial")
 
 
 class ShardWriter:
@@ -34,12 +48,14 @@ class ShardWriter:
 
     def __init__(self, path: Path, run_id: str, job: str, shard_index: int, unit_ids: list[str]):
         self.path = path
-        self.partial_path = path.with_name(path.name + ".partial")
+        self.partial_path = partial_path(path)
         self.run_id, self.job, self.shard_index = run_id, job, shard_index
         self.unit_ids = list(unit_ids)
         self.file: h5py.File | None = None
+        self._lock: Any = None
 
     def __enter__(self) -> ShardWriter:
+        self._take_lock()
         self.file = self._open_partial()
         return self
 
@@ -47,11 +63,31 @@ class ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock = open(lock_path, "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise UserError(f"shard {self.shard_index} is being written by another process right now "
+                            f"(lock {lock_path}); wait for it, or cancel that task first") from None
+        except OSError as error:  # file systems without flock (some Lustre mounts)
+            if error.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            log.warning("shard %d: this file system has no locks; make sure only one task writes it",
+                        self.shard_index)
 
     def _open_partial(self) -> h5py.File:
         if self.partial_path.exists():
             try:
-                file = h5py.File(self.partial_path, "a", libver=LIBVER)
+                file = h5py.File(self.partial_path, "a")
                 if file.attrs.get("run_id") == self.run_id and file.attrs.get("shard_index") == self.shard_index:
                     for unit_id in list(file.get("units", {})):
                         if not file["units"][unit_id].attrs.get("complete", False):
@@ -67,8 +103,7 @@ class ShardWriter:
             except OSError as error:  # killed while HDF5 metadata was being written
                 log.warning("shard %d: partial file unreadable (%s); starting over", self.shard_index, error)
             self.partial_path.unlink()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        file = h5py.File(self.partial_path, "w", libver=LIBVER)
+        file = h5py.File(self.partial_path, "w")
         file.attrs.update(
             format=FORMAT, run_id=self.run_id, job=self.job, shard_index=self.shard_index,
             unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),
@@ -84,6 +119,19 @@ class ShardWriter:
         """Unit ids of this shard not yet written, in plan order."""
         done = self.done_units(self._file)
         return [uid for uid in self.unit_ids if uid not in done]
+
+    def pending_batches(self, units: list[WorkUnit], size: int) -> Iterator[list[WorkUnit]]:
+        """The batches of `size` that hold a unit still to write.
+
+        Batches are cut from the shard's whole planned unit list, so that a resumed shard pads
+        and batches exactly as an uninterrupted one would (GPU kernels depend on batch shape);
+        write only the units that `pending()` names.
+        """
+        pending = set(self.pending())
+        for start in range(0, len(units), size):
+            batch = units[start : start + size]
+            if any(unit.id in pending for unit in batch):
+                yield batch
 
     @property
     def _file(self) -> h5py.File:
@@ -129,8 +177,7 @@ class ShardWriter:
 def shard_problem(plan: Plan, index: int, path: Path) -> str | None:
     """What is wrong with the file that should hold shard `index`, or None if it is sound."""
     if not path.exists():
-        partial = path.with_name(path.name + ".partial")
-        hint = " (a partial file exists: the task did not finish)" if partial.exists() else ""
+        hint = " (a partial file exists: the task did not finish)" if partial_path(path).exists() else ""
         return f"shard {index} missing: {path}{hint}"
     try:
         with h5py.File(path, "r") as file:
@@ -169,3 +216,16 @@ def check_shards(plan: Plan, shard_paths: list[Path]) -> None:
                 problems.append(f"stray shard file not in the plan: {stray} (move it away)")
     if problems:
         raise UserError("cannot merge this run:\n  " + "\n  ".join(problems))
+
+
+def merge_shards(shard_paths: list[Path], out_path: Path) -> None:
+    """Copy every unit of the (checked) shards into one file, with the shards' shared attributes."""
+    with h5py.File(out_path, "w", libver=LIBVER) as out:
+        units = out.create_group("units")
+        for path in shard_paths:
+            with h5py.File(path, "r") as shard:
+                if path == shard_paths[0]:
+                    out.attrs.update({k: v for k, v in shard.attrs.items() if k not in _SHARD_ONLY_ATTRS})
+                for unit_id in shard["units"]:
+                    shard.copy(shard["units"][unit_id], units, name=unit_id)
+        out.attrs.update(format=MERGED_FORMAT, n_shards=len(shard_paths), merged=provenance.now())

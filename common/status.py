@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import h5py
 
 from common.launcher import load_submissions
 from common.rundir import RunDir
-from common.shards import shard_problem
+from common.shards import partial_path, shard_problem
 
 _PENDING = {"PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
@@ -33,28 +35,28 @@ class ShardState:
 
 def shard_states(run: RunDir) -> list[ShardState]:
     plan = run.load_plan()
-    last_job: dict[int, tuple[str, str]] = {}  # shard -> (executor, job id) of its latest submission
+    # The job of each shard's latest submission; all are created before any is asked, so that
+    # submitit answers them with one `sacct` call.
+    latest: dict[int, Any] = {}
     for submission in load_submissions(run):
         for shard, job_id in submission["shards"].items():
-            last_job[int(shard)] = (submission["executor"], job_id)
+            latest[int(shard)] = _job(run, submission["executor"], job_id)
     states = []
     for index in range(len(plan.shards)):
         path = run.shard_path(index)
-        executor, job_id = last_job.get(index, (None, None))
+        job = latest.get(index)
+        job_id = job.job_id if job is not None else None
         if path.exists():
             problem = shard_problem(plan, index, path)
             states.append(ShardState(index, "corrupt" if problem else "done", job_id, problem or str(path)))
             continue
-        scheduler = _scheduler_state(run, executor, job_id) if job_id else None
-        partial = RunDir.partial_path(path)
-        written = _units_written(partial)
-        progress = f"{written}/{len(plan.shards[index])} units written" if written is not None else ""
+        scheduler = _scheduler_state(job) if job is not None else None
+        progress = _partial_progress(partial_path(path), len(plan.shards[index]))
         if scheduler in ("pending", "running"):
-            states.append(ShardState(index, scheduler, job_id, progress))
+            states.append(ShardState(index, scheduler, job_id, progress or ""))
         elif scheduler is not None and scheduler.startswith("failed"):
-            log = run.logs_dir / "submitit" / f"{job_id}_0_log.err"
-            states.append(ShardState(index, "failed", job_id, f"{scheduler}; log: {log}"))
-        elif written is not None:
+            states.append(ShardState(index, "failed", job_id, f"{scheduler}; log: {job.paths.stderr}"))
+        elif progress is not None:
             states.append(ShardState(index, "partial", job_id, progress))
         else:
             states.append(ShardState(index, "missing", job_id, "never run" if job_id is None else scheduler or ""))
@@ -64,31 +66,53 @@ def shard_states(run: RunDir) -> list[ShardState]:
 def reduce_state(run: RunDir) -> str:
     if run.merged_path.exists() and (run.report_dir / "report.md").exists():
         return f"done: {run.merged_path}"
+    latest = _latest_reduce(run)
+    if latest is None:
+        return "not submitted"
+    job_id, state = latest
+    return f"{state or 'unknown'} (job {job_id})"
+
+
+def active_reduce(run: RunDir) -> str | None:
+    """The job id of the latest reduce if it is still pending or running."""
+    latest = _latest_reduce(run)
+    return latest[0] if latest and latest[1] in ACTIVE else None
+
+
+def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
     submissions = load_submissions(run)
-    if submissions and submissions[-1].get("reduce"):
-        last = submissions[-1]
-        return f"{_scheduler_state(run, last['executor'], last['reduce']) or 'unknown'} (job {last['reduce']})"
-    return "not submitted"
+    if not submissions or not submissions[-1].get("reduce"):
+        return None
+    last = submissions[-1]
+    return last["reduce"], _scheduler_state(_job(run, last["executor"], last["reduce"]))
 
 
-def _units_written(partial) -> int | None:
+def _partial_progress(partial: Path, n_units: int) -> str | None:
+    """'k/n units written' for a partial shard file, or None when there is none."""
     if not partial.exists():
         return None
     try:
         with h5py.File(partial, "r") as file:
-            return sum(bool(g.attrs.get("complete", False)) for g in file["units"].values())
-    except (OSError, KeyError):
-        return 0
+            written = sum(bool(g.attrs.get("complete", False)) for g in file["units"].values())
+    except (OSError, KeyError):  # being written with HDF5 locks on, or cut off mid-write
+        return "partial file unreadable now (being written, or damaged: a rerun starts it afresh)"
+    return f"{written}/{n_units} units written"
 
 
-def _scheduler_state(run: RunDir, executor: str | None, job_id: str) -> str | None:
+def _job(run: RunDir, executor: str, job_id: str) -> Any:
+    import submitit
+
+    job_cls = submitit.SlurmJob if executor == "slurm" else submitit.LocalJob
+    return job_cls(folder=run.logs_dir / "submitit", job_id=job_id)
+
+
+def _scheduler_state(job: Any) -> str | None:
     """'pending', 'running', 'failed (<STATE>)', 'completed' or None when nothing is known."""
     import submitit
     from submitit.core.utils import pickle_load
 
-    folder = run.logs_dir / "submitit"
-    if executor == "slurm":
-        state = submitit.SlurmJob(folder=folder, job_id=job_id).state.split()[0]
+    if isinstance(job, submitit.SlurmJob):
+        state = job.state.split()[0]
         if state in _PENDING:
             return "pending"
         if state in _RUNNING:
@@ -96,12 +120,11 @@ def _scheduler_state(run: RunDir, executor: str | None, job_id: str) -> str | No
         if state == "COMPLETED":
             return "completed"
         return None if state == "UNKNOWN" else f"failed ({state})"
-    job = submitit.LocalJob(folder=folder, job_id=job_id)
-    if job.paths.result_pickle.exists():
+    if job.paths.result_pickle.exists():  # a local job: its result file, else its process
         outcome = pickle_load(job.paths.result_pickle)[0]
         return "completed" if outcome == "success" else "failed (raised an error)"
     try:
-        os.kill(int(job_id), 0)
+        os.kill(int(job.job_id), 0)
         return "running"
     except (OSError, ValueError):
         return "failed (process ended without a result)"

@@ -29,11 +29,11 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.manifest import Manifest, StrictModel
-from common.models import ModelSpec, input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.models import DTYPES, ModelSpec, input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.saes import SaeCache, SaeSpec, check_saes
-from common.shards import LIBVER, ShardWriter
+from common.shards import ShardWriter, merge_shards
 from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,13 @@ class Settings(StrictModel):
             missing = sorted(needed - set(scenario.fields))
             if missing:
                 raise ValueError(f"scenario {scenario.name!r} lacks template field(s) {missing}")
+            try:
+                self.prompt(scenario)
+            except (ValueError, KeyError, IndexError) as error:
+                raise ValueError(f"prompt_template cannot be filled for scenario {scenario.name!r}: {error}") from None
         for span, pattern in self.key_spans.items():
+            if not re.fullmatch(r"\w+", span):
+                raise ValueError(f"key_spans: name {span!r} must be letters, digits or '_' (it names an HDF5 dataset)")
             try:
                 re.compile(pattern)
             except re.error as error:
@@ -176,15 +182,28 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
             raise UserError(f"token_tracking.heatmap_layers: {outside} are not among the tracked layers")
     if s.features:
         check_saes(s.sae, layers, config.hidden_size, "token_tracking.sae")
+    tokenizer = _local_tokenizer(s.model)
     units = []
     for scenario in s.scenarios:
         prompt = s.prompt(scenario)
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"] if tokenizer else None
         for span, pattern in s.key_spans.items():
             if not list(_span_ranges(pattern, prompt)):
                 raise UserError(f"token_tracking.key_spans.{span}: pattern {pattern!r} matches nothing in "
                                 f"the prompt of scenario {scenario.name!r}; fix the pattern or the template")
+            if offsets is not None and not len(key_positions(pattern, prompt, np.asarray(offsets))):
+                raise UserError(f"token_tracking.key_spans.{span}: no token of scenario {scenario.name!r} "
+                                "overlaps the span (the tokenizer gives no character offsets?)")
         units.append(WorkUnit(scenario.name, {"prompt": prompt}))
     return units
+
+
+def _local_tokenizer(spec: ModelSpec):
+    """The tokenizer if it is on this machine (built-in, folder or HF cache), else None."""
+    try:
+        return load_tokenizer(spec, local_only=True)
+    except (UserError, OSError):
+        return None
 
 
 def _span_ranges(pattern: str, text: str):
@@ -210,14 +229,13 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config = text_config(config)
     layers = s.tracked_layers(config.num_hidden_layers)
     notes = [f"model architecture from {source}"]
-    try:
-        tokenizer = load_tokenizer(s.model, local_only=True)
+    tokenizer = _local_tokenizer(s.model)
+    if tokenizer is not None:
         lengths = [len(tokenizer(u.payload["prompt"])["input_ids"]) for u in units]
-    except (UserError, OSError):
+    else:
         lengths = [len(u.payload["prompt"]) // 3 for u in units]
         notes.append("token counts guessed as characters / 3 (tokenizer not in the local HF cache)")
     heads, d_model = config.num_attention_heads, config.hidden_size
-    dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}
     out = 0
     if s.attention:  # float16, causal: the upper triangle compresses to nothing
         out += sum(len(layers) * heads * n * (n + 1) // 2 * 2 for n in lengths)
@@ -228,14 +246,17 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         l0 = float(np.mean(l0s)) if l0s else 100.0
         if not l0s:
             notes.append("features assume L0 = 100 active features per token (SAE's L0 not known before running)")
-        value_bytes = 2 if s.feature_dtype == "float16" else 4
-        d_sae = max((i.d_sae or 32768) for i in infos.values())
+        value_bytes = DTYPES[s.feature_dtype].itemsize
+        widths = [i.d_sae for i in infos.values() if i.d_sae]
+        d_sae = max(widths) if widths else 32768
+        if not widths:
+            notes.append("SAE memory assumes 32768 features (the width is not known before loading)")
         index_bytes = 2 if d_sae <= 65536 else 4
         out += int(sum(len(layers) * n * l0 * (value_bytes + index_bytes) for n in lengths))
-        sae_bytes = 2 * d_model * d_sae * dtype_bytes[s.sae.dtype]
+        sae_bytes = 2 * d_model * d_sae * DTYPES[s.sae.dtype].itemsize
     batch = min(s.batch_size, len(units))
     n_max = max(lengths)
-    itemsize = dtype_bytes[s.model.dtype]
+    itemsize = s.model.torch_dtype.itemsize
     activations = batch * config.num_hidden_layers * heads * n_max**2 * itemsize  # every layer's attention
     activations += batch * len(layers) * n_max * d_model * itemsize  # captured residuals
     memory = parameter_bytes(config, s.model.torch_dtype) + activations + sae_bytes
@@ -259,27 +280,37 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         attention_shape="(heads, seq, seq): [h, i, j] = weight of query token i on key token j",
         features_shape="CSR (seq, d_sae)",
     )
-    batches = [units[i : i + s.batch_size] for i in range(0, len(units), s.batch_size)]
-    with tqdm(total=len(units), desc=f"shard {shard.shard_index}", unit="scenario") as progress:
-        for batch in batches:
-            _track_batch(s, model, tokenizer, layers, device, saes, batch, shard)
-            progress.update(len(batch))
+    pending = set(shard.pending())
+    with tqdm(total=len(pending), desc=f"shard {shard.shard_index}", unit="scenario") as progress:
+        for batch in shard.pending_batches(units, s.batch_size):
+            _track_batch(s, model, tokenizer, layers, device, saes, batch, pending, shard)
+            progress.update(sum(unit.id in pending for unit in batch))
     if saes is not None:
         saes.evict()
 
 
 @torch.no_grad()
-def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, shard) -> None:
+def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, pending, shard) -> None:
+    """One forward pass over the batch; writes the units of it that are still pending."""
     prompts = [unit.payload["prompt"] for unit in batch]
     # Right padding: real tokens never attend to the pads after them, so each scenario's
     # attention and residuals equal those of an unpadded forward pass.
     encoded = tokenizer(prompts, return_offsets_mapping=True, padding=True, return_tensors="pt")
     lengths = encoded["attention_mask"].sum(dim=1).tolist()
+    offsets = [encoded["offset_mapping"][i, :n].numpy().astype(np.int32) for i, n in enumerate(lengths)]
+    positions = [{span: key_positions(pattern, prompt, offs) for span, pattern in s.key_spans.items()}
+                 for prompt, offs in zip(prompts, offsets)]
+    for unit, spans in zip(batch, positions):
+        empty = [span for span, found in spans.items() if not len(found)]
+        if empty:
+            raise UserError(f"token_tracking.key_spans {empty}: no token of scenario {unit.id!r} overlaps the "
+                            "span (this tokenizer gives no character offsets?); check the patterns")
     with capture_residuals(model, layers if s.features else []) as residuals:
         output = model(
             input_ids=encoded["input_ids"].to(device),
             attention_mask=encoded["attention_mask"].to(device),
             output_attentions=s.attention,
+            logits_to_keep=1,  # the logits are not needed: skip the (seq, vocab) projection
         )
     attention = {}
     if s.attention:  # (batch, heads, seq, seq) per layer
@@ -289,22 +320,21 @@ def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, sha
         real = encoded["attention_mask"].bool().to(device)
         rows = np.cumsum([0, *lengths])  # scenario i's positions are rows[i]:rows[i + 1]
         for layer in layers:
-            acts = saes.get(layer).encode(residuals[layer][real])  # every real position at once
-            features[layer] = [
-                to_csr(acts[rows[i] : rows[i + 1]]) for i in range(len(batch))
-            ]
+            # .to(device): with device_map="auto" later blocks may sit on another GPU
+            acts = saes.get(layer).encode(residuals[layer].to(device)[real])  # every real position at once
+            features[layer] = [to_csr(acts[rows[i] : rows[i + 1]]) for i in range(len(batch))]
     for i, unit in enumerate(batch):
-        n = lengths[i]
-        ids = encoded["input_ids"][i, :n].numpy()
-        offsets = encoded["offset_mapping"][i, :n].numpy().astype(np.int32)
+        if unit.id not in pending:
+            continue
+        ids = encoded["input_ids"][i, : lengths[i]].numpy()
         with shard.unit(unit.id) as group:
             group.attrs["prompt"] = unit.payload["prompt"]
             group.create_dataset("token_ids", data=ids.astype(np.int32))
             group.create_dataset("tokens", data=[tokenizer.decode([t]) for t in ids], dtype=h5py.string_dtype())
-            group.create_dataset("offsets", data=offsets)
-            spans = group.create_group("key_positions")
-            for span, pattern in s.key_spans.items():
-                spans.create_dataset(span, data=key_positions(pattern, unit.payload["prompt"], offsets))
+            group.create_dataset("offsets", data=offsets[i])
+            for span, found in positions[i].items():
+                group.create_dataset(f"key_positions/{span}", data=found)
+            n = lengths[i]
             for layer, att in attention.items():
                 group.create_dataset(f"attention/L{layer}", data=att[i, :, :n, :n].numpy(), **COMPRESSION)
             for layer, matrices in features.items():
@@ -317,15 +347,7 @@ def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, sha
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
     merged = out_dir / "merged.h5"
-    with h5py.File(merged, "w", libver=LIBVER) as out:
-        units = out.create_group("units")
-        for path in shard_paths:
-            with h5py.File(path, "r") as shard:
-                if path == shard_paths[0]:
-                    out.attrs.update({k: v for k, v in shard.attrs.items() if k not in ("shard_index", "unit_ids")})
-                for uid in shard["units"]:
-                    shard.copy(shard["units"][uid], units, name=uid)
-        out.attrs.update(n_shards=len(shard_paths), scenarios=json.dumps([sc.name for sc in s.scenarios]))
+    merge_shards(shard_paths, merged)
     with h5py.File(merged, "r") as data:
         layers = [int(x) for x in data.attrs["layers"]]
         names = [sc.name for sc in s.scenarios]

@@ -88,6 +88,19 @@ def test_task_killed_mid_shard_resumes_to_the_uninterrupted_result(write_manifes
     assert_same_units(run.merged_path, tmp_path / "clean" / "merged.h5")
 
 
+def test_reduces_started_together_take_turns(write_manifest):
+    path = write_manifest()
+    assert main(["run", str(path), "--shard", "0"]) == 0 and main(["run", str(path), "--shard", "1"]) == 0
+    reduces = [subprocess.Popen([sys.executable, "-m", "common.cli", "reduce", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [task.communicate(timeout=300) for task in reduces]
+    assert [task.returncode for task in reduces] == [0, 0], outcomes
+    run = RunDir.for_manifest(load_manifest(path))
+    with h5py.File(run.merged_path) as merged:
+        assert len(merged["units"]) == 10
+    assert not list(run.path.glob(".reduce-*"))  # no staging folder left behind
+
+
 def test_reduce_refuses_missing_shard_by_name(write_manifest, capsys):
     path = write_manifest()
     assert main(["run", str(path), "--shard", "1"]) == 0

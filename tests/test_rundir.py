@@ -6,6 +6,7 @@ from common.errors import UserError
 from common.launcher import prepare_run
 from common.manifest import load_manifest
 from common.rundir import RunDir, open_run
+from common.shards import partial_path
 
 
 def test_run_dir_is_named_by_job_and_hash_and_holds_resolved_manifest(write_manifest, tmp_path):
@@ -48,4 +49,4 @@ def test_open_run_accepts_dir_or_manifest(write_manifest, tmp_path):
 def test_partial_path_is_beside_the_shard():
     shard = RunDir("/r").shard_path(3)
     assert shard.name == "shard_00003.h5"
-    assert RunDir.partial_path(shard).name == "shard_00003.h5.partial"
+    assert partial_path(shard) == shard.with_name("shard_00003.h5.partial")

@@ -6,7 +6,7 @@ import pytest
 
 from common.errors import UserError
 from common.plan import WorkUnit, make_plan
-from common.shards import ShardWriter, check_shards, shard_problem
+from common.shards import ShardWriter, check_shards, merge_shards, shard_problem
 
 
 def write_shard(path, plan, index, unit_ids=None, finish=True):
@@ -106,3 +106,37 @@ def test_partial_shard_is_reported_as_unfinished(tmp_path, plan):
     write_shard(paths[2], plan, 2, unit_ids=["u4"], finish=False)
     with pytest.raises(UserError, match=r"shard 2 missing: .*\(a partial file exists"):
         check_shards(plan, paths)
+
+
+def test_second_writer_of_a_shard_is_refused(tmp_path):
+    path = tmp_path / "shard_00000.h5"
+    with ShardWriter(path, "run1", "job", 0, ["u0"]):
+        with pytest.raises(UserError, match="shard 0 is being written by another process"):
+            with ShardWriter(path, "run1", "job", 0, ["u0"]):
+                pass
+    with ShardWriter(path, "run1", "job", 0, ["u0"]) as shard:  # free again once the first is done
+        assert shard.pending() == ["u0"]
+
+
+def test_pending_batches_are_cut_from_the_whole_plan(tmp_path):
+    units = [WorkUnit(f"u{i}") for i in range(5)]
+    with ShardWriter(tmp_path / "s.h5", "run1", "job", 0, [u.id for u in units]) as shard:
+        for uid in ("u0", "u1", "u3"):
+            with shard.unit(uid):
+                pass
+        batches = [[u.id for u in batch] for batch in shard.pending_batches(units, 2)]
+    assert batches == [["u2", "u3"], ["u4"]]  # u3 is recomputed with u2, as in the first run
+
+
+def test_merged_file_keeps_data_attributes_not_shard_bookkeeping(tmp_path, plan):
+    paths = shard_paths(tmp_path, plan)
+    for path in paths:
+        with h5py.File(path, "a") as f:
+            f.attrs["model"] = "tiny"
+    merge_shards(paths, tmp_path / "merged.h5")
+    with h5py.File(tmp_path / "merged.h5") as merged:
+        assert merged.attrs["format"] == "saebatch-merged/1" and merged.attrs["model"] == "tiny"
+        assert merged.attrs["run_id"] == "run1" and merged.attrs["n_shards"] == 3
+        assert not {"shard_index", "complete", "unit_ids", "host"} & set(merged.attrs)
+        assert sorted(merged["units"]) == [f"u{i}" for i in range(6)]
+        np.testing.assert_array_equal(merged["units/u4/x"][()], [4, 5, 6])

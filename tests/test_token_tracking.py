@@ -174,6 +174,11 @@ def test_bad_input_is_refused_at_plan_time(write_manifest, tmp_path):
     refused({"run": {"shards": 11}}, r"run\.shards is 11 but the manifest has only 10")
     template = save_random_sae(tmp_path, d_in=32, layers=range(4))
     refused({"token_tracking": {"sae": {"path": template, "random": None}}}, "d_in 32 but .* d_model 64")
+    refused({"token_tracking": {"sae": {"release": "llama_scope_lxr_8x", "id": "l{layer}r_8x", "random": None}}},
+            r"token_tracking\.sae\.release: llama_scope_lxr_8x holds SAEs of meta-llama/Llama-3.1-8B \(d_in 4096\)")
+    refused({"token_tracking": {"key_spans": {"bal/ance": "Current"}}}, "must be letters, digits or '_'")
+    refused({"token_tracking": {"prompt_template": "{history:d} {balance} {round}"}},
+            "prompt_template cannot be filled for scenario")
 
 
 def test_paper_manifest_validates_and_plans_offline(capsys):
