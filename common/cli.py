@@ -97,23 +97,23 @@ def _submit_run(run, executor: str, wait_for_it: bool) -> int:
     from common.status import ACTIVE, RESUBMIT, active_reduce, shard_states
 
     states = shard_states(run)
-    todo = [s.index for s in states if s.state in RESUBMIT]
+    to_submit = [s.index for s in states if s.state in RESUBMIT]
     active = [s for s in states if s.state in ACTIVE]
     if active and executor == "local":
         raise UserError(f"shards {[s.index for s in active]} are still {active[0].state} under "
                         f"another submission; wait for them (saebatch status {run.path})")
     pending_reduce = active_reduce(run)
-    if not todo and pending_reduce:
+    if not to_submit and pending_reduce:
         print(f"nothing to submit: {len(active)} shard(s) still active and reduce job {pending_reduce} "
               f"will merge them (saebatch status {run.path})")
         return 0
-    if not todo and not active and run.merged_path.exists():
+    if not to_submit and not active and run.merged_path.exists():
         print(f"every shard is done and merged: {run.merged_path}\n"
               f"(`saebatch reduce {run.path}` redoes the merge)")
         return 0
     done = sum(s.state == "done" for s in states)
-    print(f"run {run.path}: {done} shard(s) done, {len(active)} active, submitting {len(todo)}")
-    submission = submit(run, executor, todo, after=[s.job_id for s in active])
+    print(f"run {run.path}: {done} shard(s) done, {len(active)} active, submitting {len(to_submit)}")
+    submission = submit(run, executor, to_submit, after=[s.job_id for s in active])
     if executor == "slurm":
         ids = sorted({job.job_id.split("_")[0] for job in submission.shard_jobs.values()})
         print(f"array job(s): {', '.join(ids) or '-'}; reduce job: {submission.reduce_job.job_id}")

@@ -75,9 +75,9 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         return str(path)
     units = plan.shard_units(shard_index)
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
-        todo = shard.pending()
-        if todo:
-            log.info("shard %d: %d of %d units to do", shard_index, len(todo), len(units))
+        remaining = shard.pending()
+        if remaining:
+            log.info("shard %d: %d of %d units to write", shard_index, len(remaining), len(units))
             get_job(manifest.job).run_shard(manifest, units, shard)
         done = shard.finish()
     log.info("shard %d complete: %s", shard_index, done)

@@ -140,7 +140,7 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         return Manifest[job.Settings].model_validate(data)
     except ValidationError as error:
-        raise UserError(f"manifest {path} is invalid:\n{_describe(error, job_name, job.Settings)}")
+        raise UserError(f"manifest {path} is invalid:\n{_describe(error, job_name, job.Settings)}") from None
 
 
 def _describe(error: ValidationError, job_name: str, settings_cls: type[BaseModel]) -> str:

@@ -18,8 +18,9 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def git_version(source: Path = Path(__file__).resolve().parent) -> dict[str, object]:
-    """Commit and dirty flag of the checkout holding the code, or None outside git."""
+def git_version() -> dict[str, object]:
+    """Commit of the checkout holding the code, and whether its code differs from it (None outside git)."""
+    source = Path(__file__).resolve().parent.parent
 
     def git(*args: str) -> str:
         return subprocess.run(
@@ -27,7 +28,7 @@ def git_version(source: Path = Path(__file__).resolve().parent) -> dict[str, obj
         ).stdout.strip()
 
     try:
-        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "."))}
+        return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "common", "jobs"))}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
 

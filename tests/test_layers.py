@@ -23,7 +23,7 @@ def test_hooked_block_output_is_hidden_states_of_next_index_except_last():
 
 
 def test_hooks_are_removed_after_capture():
-    model, tokenizer = tiny_llama_model(), tiny_llama_tokenizer()
+    model = tiny_llama_model()
     with capture_residuals(model, [0, 1]):
         pass
     assert all(not block._forward_hooks for block in decoder_blocks(model))
