@@ -8,20 +8,18 @@ The task callables are small and import the science lazily, so submitting stays 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from common.atomic import write_text_atomic
 from common.errors import UserError
+from common.locks import exclusive
 from common.manifest import ClusterSettings, Manifest
 from common.plan import Plan, make_plan
 from common.provenance import now
@@ -93,7 +91,7 @@ def reduce_task(run_path: str) -> str:
     manifest, plan = run.load_manifest(), run.load_plan()
     shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
     check_shards(plan, shard_paths)
-    with _exclusive(run.path / ".reduce.lock", "another reduce of this run"):
+    with exclusive(run.path / ".reduce.lock", "another reduce of this run", wait=True):
         staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
         get_job(manifest.job).reduce(manifest, shard_paths, staging)
         for name in ("merged.h5", "report"):
@@ -106,20 +104,6 @@ def reduce_task(run_path: str) -> str:
         run.record_provenance("reduced")
     log.info("merged: %s; report: %s", run.merged_path, run.report_dir / "report.md")
     return str(run.merged_path)
-
-
-@contextmanager
-def _exclusive(lock_path: Path, holder: str) -> Iterator[None]:
-    """Hold an exclusive flock, waiting (and saying so) while `holder` has it."""
-    with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for %s to finish (%s)", holder, lock_path)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # no locks on this file system: go ahead
-            pass
-        yield
 
 
 # ---------------------------------------------------------------- submission

@@ -11,13 +11,11 @@ shard goes unnoticed.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import h5py
 
 from common import provenance
 from common.errors import UserError
+from common.locks import exclusive
 from common.plan import Plan, WorkUnit
 
 FORMAT = "saebatch-shard/1"
@@ -52,10 +51,12 @@ class ShardWriter:
         self.run_id, self.job, self.shard_index = run_id, job, shard_index
         self.unit_ids = list(unit_ids)
         self.file: h5py.File | None = None
-        self._lock: Any = None
+        self._lock = ExitStack()
 
     def __enter__(self) -> ShardWriter:
-        self._take_lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock.enter_context(exclusive(lock_path, f"another writer of shard {self.shard_index}", wait=False))
         self.file = self._open_partial()
         return self
 
@@ -63,26 +64,7 @@ class ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
-        if self._lock is not None:
-            self._lock.close()  # releases the flock
-            self._lock = None
-
-    def _take_lock(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock = open(lock_path, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            self._lock = None
-            raise UserError(f"shard {self.shard_index} is being written by another process right now "
-                            f"(lock {lock_path}); wait for it, or cancel that task first") from None
-        except OSError as error:  # file systems without flock (some Lustre mounts)
-            if error.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            log.warning("shard %d: this file system has no locks; make sure only one task writes it",
-                        self.shard_index)
+        self._lock.close()  # releases the lock
 
     def _open_partial(self) -> h5py.File:
         if self.partial_path.exists():

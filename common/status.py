@@ -37,10 +37,9 @@ def shard_states(run: RunDir) -> list[ShardState]:
     plan = run.load_plan()
     # The job of each shard's latest submission; all are created before any is asked, so that
     # submitit answers them with one `sacct` call.
-    latest: dict[int, Any] = {}
-    for submission in load_submissions(run):
-        for shard, job_id in submission["shards"].items():
-            latest[int(shard)] = _job(run, submission["executor"], job_id)
+    latest_ids = {int(shard): (submission["executor"], job_id)
+                  for submission in load_submissions(run) for shard, job_id in submission["shards"].items()}
+    latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id) in latest_ids.items()}
     states = []
     for index in range(len(plan.shards)):
         path = run.shard_path(index)

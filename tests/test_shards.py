@@ -111,7 +111,7 @@ def test_partial_shard_is_reported_as_unfinished(tmp_path, plan):
 def test_second_writer_of_a_shard_is_refused(tmp_path):
     path = tmp_path / "shard_00000.h5"
     with ShardWriter(path, "run1", "job", 0, ["u0"]):
-        with pytest.raises(UserError, match="shard 0 is being written by another process"):
+        with pytest.raises(UserError, match="another writer of shard 0 is running right now"):
             with ShardWriter(path, "run1", "job", 0, ["u0"]):
                 pass
     with ShardWriter(path, "run1", "job", 0, ["u0"]) as shard:  # free again once the first is done
