@@ -15,9 +15,9 @@ For the same model, SAEs, ten scenarios and machine, in one run:
    attention, output_attentions), SAE encoding one token position at a time in a Python loop,
    `np.savez_compressed` per scenario and layer (model and SAE loading included).
 
-Configurations: `demo` = manifests/demo/token_tracking.yaml's settings (builtin:tiny-llama, random
-JumpReLU d_sae 512); `large` = a seeded random Llama (16 blocks, d_model 1024, 16 heads, 8 KV
-heads, MLP 2816, the built-in tokenizer) saved to a folder, with random JumpReLU SAEs of width
+Configurations: `demo` = manifests/demo/token_tracking.yaml's settings (the built-in model
+organism and its TopK SAEs, d_sae 512); `large` = a seeded random Llama (16 blocks, d_model 1024,
+16 heads, 8 KV heads, MLP 2816, the organism's tokenizer) saved to a folder, with random JumpReLU SAEs of width
 16384 saved with sae-lens, whose thresholds are calibrated on the scenario prompts for a target
 mean L0 (default 75 active features per token). Both run as ONE shard (the demo manifest's
 `run.shards: 2` becomes 1), so one file holds all ten scenarios. Both paths use the same torch
@@ -70,7 +70,7 @@ class Config:
 
 def demo_config() -> Config:
     settings = yaml.safe_load(DEMO_MANIFEST.read_text())["token_tracking"]
-    return Config("demo", "demo (builtin:tiny-llama 4 blocks d64, random JumpReLU d_sae 512, all 4 layers)",
+    return Config("demo", "demo (builtin:organism 4 blocks d128, its TopK SAEs d_sae 512 k 16, all 4 layers)",
                   settings)
 
 
@@ -79,11 +79,11 @@ def large_config(folder: Path, layers: list[int], target_l0: float) -> Config:
     from sae_lens import SAE
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from common.builtin import tiny_llama_tokenizer
     from common.layers import capture_residuals, hook_name
+    from common.organism.files import Organism
     from jobs.token_tracking import SCENARIOS, PROMPT_TEMPLATE
 
-    tokenizer = tiny_llama_tokenizer()
+    tokenizer = Organism().tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **LARGE)

@@ -7,6 +7,8 @@
     saebatch submit --resume runs/token_tracking-<id>
     saebatch run manifests/demo/token_tracking.yaml --shard 0
     saebatch reduce runs/token_tracking-<id>
+    saebatch organism train                           # rebuild the built-in model organism (~10 min, CPU)
+    saebatch organism measure                         # re-measure its stated figures
 """
 
 from __future__ import annotations
@@ -196,6 +198,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_organism_train(args: argparse.Namespace) -> int:
+    from common.organism.files import SHIPPED
+    from common.organism.training import TrainingSettings, train
+
+    out = Path(args.out).absolute() if args.out else SHIPPED
+    record = train(out, TrainingSettings(seed=args.seed, steps=args.steps))
+    print(f"organism written to {out} in {record['training_seconds']['total']:.0f} s")
+    _print_figures(record["planted"]["feature"], record["measured"])
+    return 0
+
+
+def cmd_organism_measure(args: argparse.Namespace) -> int:
+    from common.organism.evaluation import measure
+    from common.organism.files import SHIPPED, Organism
+
+    organism = Organism(Path(args.dir).absolute() if args.dir else SHIPPED)
+    print(f"organism in {organism.folder}; recorded when trained:")
+    _print_figures(organism.record["planted"]["feature"], organism.record["measured"])
+    print("\nmeasured now:")
+    _print_figures(organism.record["planted"]["feature"], measure(organism))
+    return 0
+
+
+def _print_figures(feature: dict, measured: dict) -> None:
+    rule, bets, effect = measured["decision_rule"], measured["bet_sizes"], measured["planted_effect"]
+    print(f"  decision rule: P(bet) mean abs error {rule['mean_abs_error']:.3f}, correlation "
+          f"{rule['correlation']:.3f}, majority agreement {rule['majority_agreement']:.1%} on "
+          f"{rule['clear_prompts']} clear prompts")
+    print(f"  bet sizes: mean abs error ${bets['mean_abs_error_dollars']:.2f}, Spearman {bets['spearman']:.3f}")
+    print(f"  arithmetic: {measured['arithmetic']['accuracy']:.1%} of {measured['arithmetic']['problems']} problems")
+    for layer, sae in measured["saes"].items():
+        print(f"  SAE layer {layer}: explained variance {sae['explained_variance']:.3f}, L0 {sae['l0']:.1f}, "
+              f"dead {sae['dead_fraction']:.1%}")
+    print(f"  planted feature {feature['index']} of layer {effect['layer']}: decoder cosine with u "
+          f"{feature['decoder_cosine']:.3f}; set to its safe mean {feature['safe_mean']:.2f} -> stop rate "
+          f"{effect['stop_rate_at_safe_mean']:.1%}, bet ${effect['bet_at_safe_mean']:.1f}; to its risky mean "
+          f"{feature['risky_mean']:.2f} -> stop rate {effect['stop_rate_at_risky_mean']:.1%}, "
+          f"bet ${effect['bet_at_risky_mean']:.1f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saebatch", description="GPU batch jobs for SAE interpretability experiments on Slurm.",
@@ -240,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model")
     p.add_argument("--root", default="runs", help="folder for the demo's run directories (default ./runs)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("organism", help="the built-in model organism: rebuild it or re-measure it")
+    organism = p.add_subparsers(dest="organism_command", required=True, metavar="ACTION")
+    q = organism.add_parser("train", help="train the organism (language model, SAEs) and measure it; CPU, ~10 min",
+                            description="Train the model organism from its synthetic corpus (deterministic for "
+                            "a seed on a given machine) and write model/, sae/ and organism.json. Without "
+                            "--out it replaces the files shipped in the package.")
+    q.add_argument("--out", help="folder to write (default: the package's common/organism/files)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the corpus, the weights and the SAEs (default 0)")
+    q.add_argument("--steps", type=int, default=900, help="language-model training steps (default 900)")
+    q.set_defaults(func=cmd_organism_train)
+    q = organism.add_parser("measure", help="measure the organism's stated figures again (about a minute)")
+    q.add_argument("--dir", help="organism folder (default: the shipped one)")
+    q.set_defaults(func=cmd_organism_measure)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: a Hugging Face id, a local directory, or a built-in tiny model."""
+"""Model and tokenizer loading: a Hugging Face id, a local directory, or the built-in model organism."""
 
 from __future__ import annotations
 
@@ -11,33 +11,38 @@ import torch
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
-from common import builtin
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
+from common.organism.files import Organism
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ORGANISM = "builtin:organism"
 
 
 class ModelSpec(StrictModel):
-    """Which language model to run, and how to place it."""
+    """Which language model to run, and how to place it. `model: organism` is short for the organism."""
 
     id: str | None = Field(
-        None, description="Hugging Face id (read from the local HF cache) or 'builtin:tiny-llama'"
+        None, description=f"Hugging Face id (read from the local HF cache) or '{ORGANISM}' (shipped)"
     )
     path: AbsolutePath | None = Field(None, description="local directory with config + weights")
     revision: str | None = Field(None, description="HF revision (branch, tag or commit)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype")
     device: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda:0'...")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: object) -> object:
+        return {"id": ORGANISM} if data == "organism" else data
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.id is None) == (self.path is None):
-            raise ValueError("give exactly one of `id` (HF id or builtin:NAME) and `path` (a local directory)")
-        if self.id and self.id.startswith(builtin.PREFIX) and self.builtin_name not in builtin.BUILTIN:
-            raise ValueError(f"unknown built-in model {self.id!r}; built-ins: "
-                             + ", ".join(builtin.PREFIX + n for n in builtin.BUILTIN))
+            raise ValueError(f"give exactly one of `id` (HF id or {ORGANISM}) and `path` (a local directory)")
+        if self.id and self.id.startswith("builtin:") and self.id != ORGANISM:
+            raise ValueError(f"unknown built-in model {self.id!r}; the built-in model is {ORGANISM}")
         return self
 
     @property
@@ -45,8 +50,8 @@ class ModelSpec(StrictModel):
         return self.id or str(self.path)
 
     @property
-    def builtin_name(self) -> str | None:
-        return self.id[len(builtin.PREFIX):] if self.id and self.id.startswith(builtin.PREFIX) else None
+    def is_organism(self) -> bool:
+        return self.id == ORGANISM
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -70,8 +75,8 @@ def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
     Reads only local files (the HF cache, a directory, the built-ins); for planning on a machine
     without the cache it falls back to the architecture copies shipped in common/model_configs.
     """
-    if spec.builtin_name:
-        return builtin.BUILTIN[spec.builtin_name][1](), "built-in"
+    if spec.is_organism:
+        return Organism().config(), "the built-in model organism"
     try:
         config = AutoConfig.from_pretrained(spec._source(), revision=spec.revision, local_files_only=True)
         return config, "local files"
@@ -95,8 +100,8 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedTokenizerFast:
     """A fast tokenizer (character offsets are needed to map text spans to tokens)."""
-    if spec.builtin_name:
-        tokenizer = builtin.BUILTIN[spec.builtin_name][0]()
+    if spec.is_organism:
+        tokenizer = Organism().tokenizer()
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -116,9 +121,8 @@ def load_model(spec: ModelSpec, attn_implementation: str = "eager") -> torch.nn.
     """The causal LM in eval mode; eager attention so that attention weights can be returned."""
     if spec.device == "auto" and not torch.cuda.is_available():
         log.warning("no GPU is visible: %s runs on the CPU (set model.device to silence this)", spec.name)
-    if spec.builtin_name:
-        model = builtin.BUILTIN[spec.builtin_name][2](spec.torch_dtype, attn_implementation)
-        model.to(input_device(spec))
+    if spec.is_organism:
+        model = Organism().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
     else:
         device_map = "auto" if spec.device == "auto" and torch.cuda.is_available() else {"": str(input_device(spec))}
         log.info("loading %s (%s) onto %s", spec.name, spec.dtype, device_map)

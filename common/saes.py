@@ -1,9 +1,9 @@
-"""SAE loading with sae-lens: a pretrained release, local directories, or random weights.
+"""SAE loading with sae-lens: a pretrained release, local directories, the organism's, or random.
 
 An SAE spec names one SAE per layer through a `{layer}` template, e.g.
-`{release: llama_scope_lxr_8x, id: "l{layer}r_8x"}` or `{path: "saes/L{layer}"}`. SAEs are loaded
-on demand and evicted when a job moves to another layer (`SaeCache`), so one SAE at a time
-occupies the GPU.
+`{release: llama_scope_lxr_8x, id: "l{layer}r_8x"}` or `{path: "saes/L{layer}"}`; `sae: organism`
+means the SAEs shipped with the built-in model organism. SAEs are loaded on demand and evicted
+when a job moves to another layer (`SaeCache`), so one SAE at a time occupies the GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from common.errors import UserError
 from common.layers import hook_name
 from common.manifest import StrictModel
+from common.organism.files import Organism
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,23 @@ class RandomSae(StrictModel):
 class SaeSpec(StrictModel):
     """One SAE per layer, from exactly one source; `{layer}` in id/path is the layer index."""
 
+    builtin: Literal["organism"] | None = Field(None, description="'organism': the model organism's SAEs")
     release: str | None = Field(None, description="sae-lens release, e.g. llama_scope_lxr_8x")
     id: str | None = Field(None, description="SAE id template within the release, e.g. 'l{layer}r_8x'")
     path: str | None = Field(None, description="local sae-lens directory template, e.g. 'saes/L{layer}'")
     random: RandomSae | None = Field(None, description="random SAE (tests, demo, benchmarks)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="SAE weights dtype")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: object) -> object:
+        return {"builtin": "organism"} if data == "organism" else data
+
     @model_validator(mode="after")
     def _one_source(self) -> SaeSpec:
-        sources = [self.release is not None, self.path is not None, self.random is not None]
+        sources = [self.release is not None, self.path is not None, self.random is not None, self.builtin is not None]
         if sum(sources) != 1:
-            raise ValueError("give exactly one SAE source: `release` + `id`, `path`, or `random`")
+            raise ValueError("give exactly one SAE source: `release` + `id`, `path`, `builtin`, or `random`")
         if (self.release is None) != (self.id is None):
             raise ValueError("`release` and `id` go together (id is a template such as 'l{layer}r_8x')")
         if self.path is not None:
@@ -66,6 +73,8 @@ class SaeSpec(StrictModel):
             return f"{self.release}/{self.id.format(layer=layer)}"  # type: ignore[union-attr]
         if self.path is not None:
             return self.path.format(layer=layer)
+        if self.builtin is not None:
+            return f"the model organism's SAE of layer {layer}"
         r = self.random
         return f"random {r.architecture} d_sae={r.d_sae} seed={r.seed} layer={layer}"  # type: ignore[union-attr]
 
@@ -100,7 +109,7 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
         return {layer: SaeInfo(None, lookup.expected_l0.get(sae_id)) for layer, sae_id in ids.items()}
     infos = {}
     for layer in layers:
-        cfg = _read_local_cfg(spec, layer, field)
+        cfg = _read_local_cfg(_local_folder(spec, layer), layer, field)
         _check_fit(cfg.get("d_in"), cfg.get("metadata", {}).get("hook_name") or cfg.get("hook_name"),
                    layer, d_model, spec.describe(layer))
         infos[layer] = SaeInfo(cfg.get("d_sae"), None)
@@ -121,8 +130,11 @@ def _check_release_model(release: str, release_model: str, d_model: int, field: 
                         f"model's residual stream has d_model {d_model}; use SAEs trained on this model")
 
 
-def _read_local_cfg(spec: SaeSpec, layer: int, field: str) -> dict:
-    folder = Path(spec.describe(layer))
+def _local_folder(spec: SaeSpec, layer: int) -> Path:
+    return Organism().sae_dir(layer) if spec.builtin is not None else Path(spec.describe(layer))
+
+
+def _read_local_cfg(folder: Path, layer: int, field: str) -> dict:
     cfg_path = folder / "cfg.json"
     if not cfg_path.is_file():
         raise UserError(f"{field}.path: no SAE for layer {layer}: {cfg_path} does not exist "
@@ -149,7 +161,7 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
     elif spec.release is not None:
         sae = SAE.from_pretrained(spec.release, spec.id.format(layer=layer), device="cpu", dtype=spec.dtype)  # type: ignore[union-attr]
     else:
-        folder = Path(spec.describe(layer))
+        folder = _local_folder(spec, layer)
         try:
             sae = SAE.load_from_disk(folder, device="cpu", dtype=spec.dtype)
         except (OSError, ValueError, KeyError, SafetensorError) as error:

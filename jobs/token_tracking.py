@@ -199,7 +199,9 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 
 
 def _local_tokenizer(spec: ModelSpec):
-    """The tokenizer if it is on this machine (built-in, folder or HF cache), else None."""
+    """The tokenizer if it is on this machine (folder or HF cache), else None; the organism's always."""
+    if spec.is_organism:
+        return load_tokenizer(spec)  # a damaged organism is reported now, not on the cluster
     try:
         return load_tokenizer(spec, local_only=True)
     except (UserError, OSError):

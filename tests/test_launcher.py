@@ -46,8 +46,8 @@ def test_submit_local_runs_shards_and_reduce(write_manifest, capsys):
 
 
 def test_failed_local_shard_is_reported_and_reduce_skipped(write_manifest, tmp_path, capsys):
-    template = save_random_sae(tmp_path / "saes", d_in=64, d_sae=64, layers=range(4))
-    path = write_manifest({"token_tracking": {"sae": {"random": None, "path": template}}})
+    template = save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=range(4))
+    path = write_manifest({"token_tracking": {"sae": {"builtin": None, "path": template}}})
     (tmp_path / "saes" / "L2" / "sae_weights.safetensors").write_bytes(b"damaged after validation")
     assert main(["submit", str(path), "--executor", "local"]) == 1
     run = RunDir.for_manifest(load_manifest(path))
@@ -57,7 +57,7 @@ def test_failed_local_shard_is_reported_and_reduce_skipped(write_manifest, tmp_p
     assert "log:" in states[0].detail
     assert main(["status", str(run.path)]) == 0
     assert "saebatch submit --resume" in capsys.readouterr().out
-    save_random_sae(tmp_path / "saes", d_in=64, d_sae=64, layers=[2])  # fix the cause, then resume
+    save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=[2])  # fix the cause, then resume
     assert main(["submit", "--resume", str(run.path), "--executor", "local"]) == 0
     assert run.merged_path.exists() and [s.state for s in shard_states(run)] == ["done", "done"]
 

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from common.builtin import tiny_llama_model, tiny_llama_tokenizer
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name, resolve_layers
+from common.organism.files import Organism
 
 
 def test_hooked_block_output_is_hidden_states_of_next_index_except_last():
-    model, tokenizer = tiny_llama_model(), tiny_llama_tokenizer()
+    model, tokenizer = Organism().model(), Organism().tokenizer()
     batch = tokenizer(["Current balance: $90", "Win rate: 30%, a win pays 3.0x"], padding=True, return_tensors="pt")
     n_layers = len(decoder_blocks(model))
     with torch.no_grad(), capture_residuals(model, list(range(n_layers))) as residuals:
@@ -23,7 +23,7 @@ def test_hooked_block_output_is_hidden_states_of_next_index_except_last():
 
 
 def test_hooks_are_removed_after_capture():
-    model = tiny_llama_model()
+    model = Organism().model()
     with capture_residuals(model, [0, 1]):
         pass
     assert all(not block._forward_hooks for block in decoder_blocks(model))

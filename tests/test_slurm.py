@@ -34,8 +34,8 @@ def test_submit_array_then_reduce_after_it(slurm_cluster, write_manifest, capsys
 
 
 def test_failed_task_is_reported_reduce_cancelled_and_resume_completes(slurm_cluster, write_manifest, tmp_path, capsys):
-    template = save_random_sae(tmp_path / "saes", d_in=64, d_sae=64, layers=range(4))
-    path = write_manifest({"token_tracking": {"sae": {"random": None, "path": template}}})
+    template = save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=range(4))
+    path = write_manifest({"token_tracking": {"sae": {"builtin": None, "path": template}}})
     weights = tmp_path / "saes" / "L3" / "sae_weights.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(b"damaged after validation")

@@ -1,4 +1,4 @@
-"""The token-tracking job against independent computations on the built-in model."""
+"""The token-tracking job against independent computations on the built-in model organism."""
 
 import h5py
 import numpy as np
@@ -6,15 +6,17 @@ import pytest
 import torch
 import yaml
 
-from common.builtin import tiny_llama_model, tiny_llama_tokenizer
 from common.cli import main
 from common.errors import UserError
 from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
 from common.manifest import load_manifest
+from common.organism.files import Organism
 from common.saes import SaeSpec, load_sae
 from common.sparse import read_csr
 from jobs import token_tracking
 from tests.helpers import DEMO_MANIFEST, REPO, save_random_sae
+
+D_MODEL = 128  # the organism's residual width
 
 
 def run_all(manifest_path):
@@ -39,7 +41,7 @@ def demo_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """Scenario -> an unbatched forward pass: attentions, hidden states, tokens."""
-    model, tokenizer = tiny_llama_model(), tiny_llama_tokenizer()
+    model, tokenizer = Organism().model(), Organism().tokenizer()
     settings = load_manifest(DEMO_MANIFEST).settings
     out = {}
     for scenario in settings.scenarios:
@@ -66,20 +68,19 @@ def test_attention_equals_unbatched_forward(demo_run, reference):
 def test_features_equal_sae_of_hidden_states_next_index(demo_run, reference):
     """Layer L's features are the SAE of hidden_states[L + 1] (blocks before the last)."""
     run, manifest = demo_run
-    sae_spec: SaeSpec = manifest.settings.sae
-    threshold = sae_spec.random.threshold
     with h5py.File(run.merged_path) as merged:
         for layer in range(3):
-            sae = load_sae(sae_spec, layer, 64, torch.device("cpu"))
+            sae = load_sae(manifest.settings.sae, layer, D_MODEL, torch.device("cpu"))
+            k = sae.cfg.k
             for name, (result, _) in reference.items():
                 x = result.hidden_states[layer + 1][0]
                 expected = sae.encode(x).detach().numpy()
-                pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach().numpy()
-                clear = np.abs(pre - threshold) > 1e-4  # batching may move values at the threshold by ~1e-7
+                pre = (sae.process_sae_in(x) @ sae.W_enc + sae.b_enc).topk(k + 1).values
+                clear = (pre[:, k - 1] - pre[:, k] > 1e-4).numpy()  # batching moves values by ~1e-6: skip near-ties
                 stored = read_csr(merged["units"][name][f"features/L{layer}"]).toarray()
-                assert stored.shape == expected.shape
-                np.testing.assert_allclose(stored[clear], expected[clear], atol=1e-5)
-                assert 0 < (stored > 0).sum(axis=1).mean() < 512  # sparse, not empty
+                assert stored.shape == expected.shape and clear.mean() > 0.9
+                np.testing.assert_allclose(stored[clear], expected[clear], atol=1e-4)
+                assert 0 < (stored > 0).sum(axis=1).mean() <= k  # TopK: at most k active
 
 
 def test_key_positions_cover_the_span_text(demo_run):
@@ -114,7 +115,7 @@ def test_report_numbers_equal_independent_computation(demo_run, reference):
                     got = table.query("scenario == @name and layer == @layer and span == @span")["attention"].item()
                     assert got == pytest.approx(expected, abs=2e-3)
     top = pd.read_csv(run.report_dir / "top_features.csv")
-    sae = load_sae(manifest.settings.sae, 1, 64, torch.device("cpu"))
+    sae = load_sae(manifest.settings.sae, 1, D_MODEL, torch.device("cpu"))
     final = sae.encode(reference["Risky_40"][0].hidden_states[2][0, -1]).detach().numpy()
     expected = [f for f in np.argsort(-final, kind="stable")[:5] if final[f] > 0]
     rows = top.query("scenario == 'Risky_40' and layer == 1").sort_values("rank")
@@ -128,10 +129,10 @@ def test_shards_are_readable_on_their_own(demo_run):
     run, _ = demo_run
     with h5py.File(run.shard_path(0)) as shard:
         attrs = shard.attrs
-        assert attrs["complete"] and attrs["model"] == "builtin:tiny-llama"
+        assert attrs["complete"] and attrs["model"] == "builtin:organism"
         assert "block L" in attrs["layer_convention"] and "hook_resid_post" in attrs["layer_convention"]
         assert list(attrs["layers"]) == [0, 1, 2, 3] and attrs["attention_dtype"] == "float16"
-        assert "random jumprelu" in attrs["sae_ids"]
+        assert "the model organism's SAE of layer 0" in attrs["sae_ids"]
 
 
 def test_batch_size_does_not_change_results(write_manifest, demo_run):
@@ -173,8 +174,8 @@ def test_bad_input_is_refused_at_plan_time(write_manifest, tmp_path):
     refused({"token_tracking": {"heatmap_layers": [1], "layers": [0, 2]}}, "not among the tracked layers")
     refused({"run": {"shards": 11}}, r"run\.shards is 11 but the manifest has only 10")
     template = save_random_sae(tmp_path, d_in=32, layers=range(4))
-    refused({"token_tracking": {"sae": {"path": template, "random": None}}}, "d_in 32 but .* d_model 64")
-    refused({"token_tracking": {"sae": {"release": "llama_scope_lxr_8x", "id": "l{layer}r_8x", "random": None}}},
+    refused({"token_tracking": {"sae": {"path": template, "builtin": None}}}, "d_in 32 but .* d_model 128")
+    refused({"token_tracking": {"sae": {"release": "llama_scope_lxr_8x", "id": "l{layer}r_8x", "builtin": None}}},
             r"token_tracking\.sae\.release: llama_scope_lxr_8x holds SAEs of meta-llama/Llama-3.1-8B \(d_in 4096\)")
     refused({"token_tracking": {"key_spans": {"bal/ance": "Current"}}}, "must be letters, digits or '_'")
     refused({"token_tracking": {"prompt_template": "{history:d} {balance} {round}"}},
@@ -198,3 +199,22 @@ def test_key_positions_use_offsets_not_token_text():
     assert token_tracking.key_positions(r"x(\$\d+)", "abcdefghix$90", offsets).tolist() == [4]
     assert token_tracking.key_positions(r"hix\$9", "abcdefghix$90", offsets).tolist() == [2, 3, 4]
     assert token_tracking.key_positions(r"abc", "abcdefghix$90", offsets).tolist() == [1]
+
+
+@pytest.mark.science
+def test_decision_cue_attends_to_the_balance_the_organism_decides_on(demo_run):
+    """The organism's rule reads the balance. In every scenario some head of the stored attention
+    gives the balance span at least twice what uniform attention would, and over the scenarios the
+    balance is, per token, the span the decision token attends to most."""
+    run, _ = demo_run
+    ratios: dict[str, list[float]] = {}
+    with h5py.File(run.merged_path) as merged:
+        for name, unit in merged["units"].items():
+            n_tokens = len(unit["token_ids"][()])
+            for span in ("balance", "goal", "probability", "choices"):
+                positions = unit[f"key_positions/{span}"][()]
+                best = max(unit[f"attention/L{layer}"][()][:, -1, positions].sum(-1).max() for layer in range(4))
+                ratios.setdefault(span, []).append(float(best) / (len(positions) / n_tokens))
+    assert min(ratios["balance"]) >= 1.5
+    mean = {span: np.mean(values) for span, values in ratios.items()}
+    assert max(mean, key=mean.get) == "balance", mean

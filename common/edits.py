@@ -1,0 +1,54 @@
+"""Edits of the residual stream at the end of a prompt, for patching and ablation.
+
+Feature edits keep the SAE's error term: patched = x + (v - f_i(x)) * W_dec[i], which changes
+feature i to v and leaves everything the SAE does not reconstruct untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from sae_lens import SAE
+from torch import nn
+
+from common.layers import decoder_blocks
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextmanager
+def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int = -1) -> Iterator[None]:
+    """Replace block `layer`'s output at position `offset` by edit(hidden) in prompt forwards.
+
+    Batches must be left-padded, so every row's prompt ends at the same index; `offset` counts
+    from that end (-1: the last prompt token). Forwards over a single position (the decoding
+    steps of `generate` with a cache) are left untouched.
+    """
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] == 1:
+            return output
+        hidden = hidden.clone()
+        hidden[:, offset] = edit(hidden[:, offset])
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def set_feature(sae: SAE, feature: int, value: float | torch.Tensor) -> Edit:
+    """An edit that sets one SAE feature to `value` (per row if a tensor), error term kept."""
+    direction = sae.W_dec[feature]
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        current = sae.encode(hidden.to(sae.dtype))[:, feature]
+        change = torch.as_tensor(value, dtype=current.dtype, device=current.device) - current
+        return hidden + (change[:, None] * direction).to(hidden.dtype)
+
+    return edit
