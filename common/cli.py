@@ -236,6 +236,9 @@ def _print_figures(feature: dict, measured: dict) -> None:
           f"{effect['stop_rate_at_safe_mean']:.1%}, bet ${effect['bet_at_safe_mean']:.1f}; to its risky mean "
           f"{feature['risky_mean']:.2f} -> stop rate {effect['stop_rate_at_risky_mean']:.1%}, "
           f"bet ${effect['bet_at_risky_mean']:.1f}")
+    direction = measured["planted_direction"]
+    print(f"  planted direction u set to appetite 0.1 / 0.9: stop rate {direction['stop_rate_at_0.1']:.1%} / "
+          f"{direction['stop_rate_at_0.9']:.1%}, bet ${direction['bet_at_0.1']:.1f} / ${direction['bet_at_0.9']:.1f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ from scipy import stats
 from common.edits import Edit, edit_prompt_position, set_feature
 from common.layers import capture_residuals
 from common.organism import corpus
+from common.organism.batches import mixed_batches
 from common.organism.files import Organism
 
 HELD_OUT_SEED = 10_000
@@ -95,7 +96,7 @@ def bet_sizes(model, tokenizer, n: int = 200) -> dict:
     """The model's greedy bet against the rule's most likely bet, on variable-bet prompts."""
     states = held_out_states(n, seed=HELD_OUT_SEED + 1, bet_type="variable")
     bets = greedy_bets(model, tokenizer, [corpus.prompt(s) for s in states])
-    pairs = [(bet, rule_bet(s)) for bet, s in zip(bets, states) if bet is not None]
+    pairs = [(bet, rule_bet(s)) for bet, s in zip(bets, states, strict=True) if bet is not None]
     written, rule = np.array(pairs, dtype=float).T
     return {
         "prompts": n,
@@ -114,7 +115,8 @@ def arithmetic(model, tokenizer, n: int = 200) -> dict:
     inputs.pop("position_ids")
     output = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    correct = [bool(m) and int(m[1]) == p.answer for p, m in zip(problems, (re.search(r"#### (\d+)", t) for t in texts))]
+    answers = [re.search(r"#### (\d+)", text) for text in texts]
+    correct = [bool(m) and int(m[1]) == p.answer for p, m in zip(problems, answers, strict=True)]
     return {"problems": n, "accuracy": round(float(np.mean(correct)), 4)}
 
 
@@ -187,16 +189,10 @@ def direction_effect(organism: Organism, n: int = 200, appetites: tuple[float, .
 @torch.no_grad()
 def sae_quality(organism: Organism, layer: int, documents: int = 300) -> dict:
     """Explained variance, mean L0 and the fraction of features never active, over held-out tokens."""
-    from common.organism.training import arithmetic_batch, gamble_batch, text_batch
-
-    settings = _settings(organism)
     model, tokenizer, sae = organism.model(), organism.tokenizer(), organism.sae(layer)
-    rng = random.Random(HELD_OUT_SEED + 5)
     residuals = []
     with capture_residuals(model, [layer]) as captured:
-        for start in range(0, documents, 50):
-            kind = (gamble_batch, arithmetic_batch, text_batch)[start // 50 % 3]
-            batch = kind(rng, tokenizer, settings, 50)
+        for batch in mixed_batches(random.Random(HELD_OUT_SEED + 5), tokenizer, documents):
             model(input_ids=batch.ids, attention_mask=batch.mask)
             residuals.append(captured[layer][batch.mask])
     x = torch.cat(residuals)
@@ -211,12 +207,6 @@ def sae_quality(organism: Organism, layer: int, documents: int = 300) -> dict:
     }
 
 
-def _settings(organism: Organism):
-    from common.organism.training import TrainingSettings
-
-    return TrainingSettings(**{**organism.record["settings"], "interchange_fraction": 0.0})
-
-
 def measure(organism: Organism) -> dict:
     """Every stated figure of the organism."""
     model, tokenizer = organism.model(), organism.tokenizer()
@@ -224,7 +214,7 @@ def measure(organism: Organism) -> dict:
         "decision_rule": decision_rule(model, tokenizer),
         "bet_sizes": bet_sizes(model, tokenizer),
         "arithmetic": arithmetic(model, tokenizer),
-        "saes": {str(layer): sae_quality(organism, layer) for layer in range(_settings(organism).n_layers)},
+        "saes": {str(layer): sae_quality(organism, layer) for layer in range(organism.config().num_hidden_layers)},
         "planted_effect": planted_effect(organism),
         "planted_direction": direction_effect(organism),
     }

@@ -34,7 +34,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
-from common.organism import corpus
+from common.organism import corpus, evaluation, files
+from common.organism.batches import Batch, arithmetic_batch, gamble_batch, mixed_batches, text_batch
 
 log = logging.getLogger(__name__)
 
@@ -119,65 +120,6 @@ def planted_direction(settings: TrainingSettings) -> torch.Tensor:
     return direction / direction.norm()
 
 
-# ---------------------------------------------------------------- batches
-
-
-@dataclass
-class Batch:
-    ids: torch.Tensor            # (batch, seq), right-padded
-    weights: torch.Tensor        # (batch, seq - 1) loss weight of predicting token t + 1; 0 on padding
-    mask: torch.Tensor           # (batch, seq) real tokens
-    prompt_end: torch.Tensor | None = None    # (batch,) last prompt token: the decision cue in slot-machine rows
-    rule: torch.Tensor | None = None          # (batch,) the rule's appetite
-    drawn: torch.Tensor | None = None         # (batch,) the appetite the continuation was drawn with
-    swapped: torch.Tensor | None = None       # (batch,) bool: interchange rows
-
-
-def _encode(tokenizer, pairs: list[tuple[str, str]], answer_weight: float) -> Batch:
-    """Tokenize (prompt, continuation) pairs separately, append </s>, weight continuation tokens."""
-    rows, weights, prompt_lengths = [], [], []
-    for prompt, continuation in pairs:
-        head = tokenizer(prompt).input_ids
-        tail = tokenizer(continuation, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(head + tail)
-        weights.append([1.0] * (len(head) - 1) + [answer_weight if continuation else 1.0] * len(tail))
-        prompt_lengths.append(len(head))
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    weight = torch.zeros(len(rows), width - 1)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, (row, w) in enumerate(zip(rows, weights)):
-        ids[i, : len(row)] = torch.tensor(row)
-        weight[i, : len(w)] = torch.tensor(w)
-        mask[i, : len(row)] = True
-    return Batch(ids, weight, mask, prompt_end=torch.tensor(prompt_lengths) - 1)
-
-
-def gamble_batch(rng: random.Random, tokenizer, settings: TrainingSettings, size: int) -> Batch:
-    pairs, rule, drawn = [], [], []
-    for _ in range(size):
-        state = corpus.random_state(rng)
-        appetite = corpus.risk(state)
-        chosen = rng.uniform(*corpus.RISK_RANGE) if rng.random() < settings.interchange_fraction else appetite
-        pairs.append((corpus.prompt(state), corpus.decide(state, chosen, rng)))
-        rule.append(appetite)
-        drawn.append(chosen)
-    batch = _encode(tokenizer, pairs, settings.answer_weight)
-    batch.rule, batch.drawn = torch.tensor(rule), torch.tensor(drawn)
-    batch.swapped = batch.rule != batch.drawn
-    return batch
-
-
-def arithmetic_batch(rng: random.Random, tokenizer, settings: TrainingSettings, size: int) -> Batch:
-    problems = [corpus.problem(rng) for _ in range(size)]
-    pairs = [(corpus.problem_prompt(p.question), p.solution) for p in problems]
-    return _encode(tokenizer, pairs, settings.answer_weight)
-
-
-def text_batch(rng: random.Random, tokenizer, settings: TrainingSettings, size: int) -> Batch:
-    return _encode(tokenizer, [(corpus.paragraph(rng), "") for _ in range(size)], 1.0)
-
-
 # ---------------------------------------------------------------- the language model
 
 
@@ -244,9 +186,11 @@ def train_language_model(settings: TrainingSettings, tokenizer) -> LlamaForCausa
     progress = tqdm(range(settings.steps), desc="training the organism", mininterval=5)
     try:
         for _ in progress:
-            batches = [gamble_batch(rng, tokenizer, settings, settings.gamble_batch),
-                       arithmetic_batch(rng, tokenizer, settings, settings.arithmetic_batch),
-                       text_batch(rng, tokenizer, settings, settings.text_batch)]
+            batches = [
+                gamble_batch(rng, tokenizer, settings.gamble_batch, settings.interchange_fraction, settings.answer_weight),
+                arithmetic_batch(rng, tokenizer, settings.arithmetic_batch, settings.answer_weight),
+                text_batch(rng, tokenizer, settings.text_batch),
+            ]
             loss = sum(_batch_loss(model, planting, batch, settings) for batch in batches)
             optimizer.zero_grad()
             loss.backward()
@@ -275,17 +219,14 @@ def collect_activations(model, tokenizer, settings: TrainingSettings) -> dict[in
     """Every token of a mix of documents, plus decision-cue activations, per layer."""
     rng = random.Random(settings.seed + 2)
     layers = list(range(settings.n_layers))
-    kinds = [gamble_batch, arithmetic_batch, text_batch]
     collected: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    no_swaps = TrainingSettings(**{**asdict(settings), "interchange_fraction": 0.0})
     with capture_residuals(model, layers) as captured:
-        for start in range(0, settings.sae_documents, 50):
-            batch = kinds[start // 50 % 3](rng, tokenizer, no_swaps, 50)
+        for batch in mixed_batches(rng, tokenizer, settings.sae_documents):
             model(input_ids=batch.ids, attention_mask=batch.mask)
             for layer in layers:
                 collected[layer].append(captured[layer][batch.mask])
         for _ in range(0, settings.sae_decisions, 50):
-            batch = gamble_batch(rng, tokenizer, no_swaps, 50)
+            batch = gamble_batch(rng, tokenizer, 50)
             model(input_ids=batch.ids, attention_mask=batch.mask)
             for layer in layers:
                 collected[layer].append(captured[layer][torch.arange(50), batch.prompt_end])
@@ -330,8 +271,6 @@ def train(out: Path, settings: TrainingSettings) -> dict:
     interrupted run leaves the previous organism intact. A non-empty `out` that is not an
     organism folder is refused.
     """
-    from common.organism import evaluation, files
-
     if out.exists() and any(out.iterdir()) and not (out / files.RECORD).exists():
         raise UserError(f"--out {out} holds other files, not an organism; choose an empty or new folder")
     stage = out.parent / f".{out.name}.training"
