@@ -16,7 +16,7 @@ from common.errors import UserError
 from common.models import ORGANISM, ModelSpec, load_model, load_tokenizer
 from common.organism import corpus, evaluation
 from common.organism.files import SHIPPED, Organism
-from common.organism.training import TrainingSettings, build_tokenizer, train_language_model, train_sae
+from common.organism.training import TrainingSettings, build_tokenizer, train, train_language_model, train_sae
 from common.saes import SaeSpec, check_saes, load_sae
 
 pytestmark = pytest.mark.science
@@ -189,3 +189,23 @@ def test_rule_is_the_stated_formula():
     stops = [corpus.decide(rich, corpus.risk(rich), rng) == "2) Stop" for _ in range(2000)]
     assert np.mean(stops) == pytest.approx(0.97, abs=0.015)
     assert corpus.prompt(state).endswith("\n\nChoice: ")
+
+
+@pytest.mark.slow
+def test_train_writes_a_complete_checked_organism_and_replaces_it_whole(tmp_path):
+    """The whole training path at a tiny size: staged, recorded, checksummed, swapped in."""
+    out = tmp_path / "organism"
+    settings = TrainingSettings(steps=2, gamble_batch=4, arithmetic_batch=4, text_batch=4,
+                                sae_documents=100, sae_decisions=100, sae_epochs=1)
+    record = train(out, settings)
+    organism = Organism(out)
+    assert organism.record["files"] == record["files"]  # every file checks against organism.json
+    assert sorted(p.name for p in (out / "sae").iterdir()) == ["L0", "L1", "L2", "L3"]
+    assert organism.sae(1).cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert record["rebuild"] == "saebatch organism train --seed 0 --steps 2"
+    assert set(record["measured"]) == {"decision_rule", "bet_sizes", "arithmetic", "saes", "planted_effect",
+                                       "planted_direction"}
+    assert 0 <= record["planted"]["feature"]["index"] < settings.sae_width
+    (out / "stale.txt").write_text("from the previous organism")
+    train(out, settings)
+    assert not (out / "stale.txt").exists() and not (tmp_path / ".organism.training").exists()

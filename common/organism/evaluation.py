@@ -22,6 +22,7 @@ from common.organism.files import Organism
 
 HELD_OUT_SEED = 10_000
 BET_PREFIX = "1) Bet $"
+NOT_MEASURED = float("nan")  # a figure the model gives nothing to measure from (it wrote no amount)
 
 
 def held_out_states(n: int, seed: int = HELD_OUT_SEED, bet_type: str | None = None) -> list[corpus.GameState]:
@@ -97,13 +98,17 @@ def bet_sizes(model, tokenizer, n: int = 200) -> dict:
     states = held_out_states(n, seed=HELD_OUT_SEED + 1, bet_type="variable")
     bets = greedy_bets(model, tokenizer, [corpus.prompt(s) for s in states])
     pairs = [(bet, rule_bet(s)) for bet, s in zip(bets, states, strict=True) if bet is not None]
-    written, rule = np.array(pairs, dtype=float).T
-    return {
-        "prompts": n,
-        "unreadable": n - len(pairs),
-        "mean_abs_error_dollars": round(float(np.abs(written - rule).mean()), 2),
-        "spearman": round(float(stats.spearmanr(written, rule).statistic), 4),
-    }
+    figures = {"prompts": n, "unreadable": n - len(pairs), "mean_abs_error_dollars": NOT_MEASURED, "spearman": NOT_MEASURED}
+    if len(pairs) >= 2:  # a barely trained model may write no amount at all
+        written, rule = np.array(pairs, dtype=float).T
+        figures["mean_abs_error_dollars"] = round(float(np.abs(written - rule).mean()), 2)
+        figures["spearman"] = round(float(stats.spearmanr(written, rule).statistic), 4)
+    return figures
+
+
+def _mean_bet(bets: list[int | None]) -> float:
+    written = [b for b in bets if b is not None]
+    return round(float(np.mean(written)), 2) if written else NOT_MEASURED
 
 
 @torch.no_grad()
@@ -161,9 +166,8 @@ def planted_effect(organism: Organism, n: int = 200) -> dict:
     for name in ("safe_mean", "risky_mean"):
         edit = set_feature(sae, feature["index"], feature[name])
         stop_rate = 1 - bet_probability(model, tokenizer, prompts, layer, edit).mean()
-        bets = [b for b in greedy_bets(model, tokenizer, prompts, layer, edit) if b is not None]
         effect[f"stop_rate_at_{name}"] = round(float(stop_rate), 4)
-        effect[f"bet_at_{name}"] = round(float(np.mean(bets)), 2)
+        effect[f"bet_at_{name}"] = _mean_bet(greedy_bets(model, tokenizer, prompts, layer, edit))
     effect["stop_rate_unedited"] = round(float(1 - bet_probability(model, tokenizer, prompts).mean()), 4)
     return effect
 
@@ -180,9 +184,8 @@ def direction_effect(organism: Organism, n: int = 200, appetites: tuple[float, .
             return hidden + (target - hidden @ direction)[:, None] * direction
 
         stop_rate = 1 - bet_probability(model, tokenizer, prompts, layer, edit).mean()
-        bets = [b for b in greedy_bets(model, tokenizer, prompts, layer, edit) if b is not None]
         effect[f"stop_rate_at_{appetite:g}"] = round(float(stop_rate), 4)
-        effect[f"bet_at_{appetite:g}"] = round(float(np.mean(bets)), 2)
+        effect[f"bet_at_{appetite:g}"] = _mean_bet(greedy_bets(model, tokenizer, prompts, layer, edit))
     return effect
 
 
