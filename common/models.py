@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
-from common.organism.files import Organism
+from common.organism.files import shipped
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,14 @@ def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
     without the cache it falls back to the architecture copies shipped in common/model_configs.
     """
     if spec.is_organism:
-        return Organism().config(), "the built-in model organism"
+        return shipped().config(), "the built-in model organism"
     try:
         config = AutoConfig.from_pretrained(spec._source(), revision=spec.revision, local_files_only=True)
         return config, "local files"
     except OSError:
-        shipped = resources.files("common") / "model_configs" / (spec.name.replace("/", "--") + ".json")
-        if spec.id and shipped.is_file():
-            data = json.loads(shipped.read_text())
+        copy = resources.files("common") / "model_configs" / (spec.name.replace("/", "--") + ".json")
+        if spec.id and copy.is_file():
+            data = json.loads(copy.read_text())
             config = AutoConfig.for_model(data.pop("model_type"), **data)
             return config, f"saebatch's copy of {spec.id}'s architecture (not in the local HF cache)"
         raise UserError(
@@ -101,7 +101,7 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedTokenizerFast:
     """A fast tokenizer (character offsets are needed to map text spans to tokens)."""
     if spec.is_organism:
-        tokenizer = Organism().tokenizer()
+        tokenizer = shipped().tokenizer()
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -122,7 +122,7 @@ def load_model(spec: ModelSpec, attn_implementation: str = "eager") -> torch.nn.
     if spec.device == "auto" and not torch.cuda.is_available():
         log.warning("no GPU is visible: %s runs on the CPU (set model.device to silence this)", spec.name)
     if spec.is_organism:
-        model = Organism().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
+        model = shipped().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
     else:
         device_map = "auto" if spec.device == "auto" and torch.cuda.is_available() else {"": str(input_device(spec))}
         log.info("loading %s (%s) onto %s", spec.name, spec.dtype, device_map)

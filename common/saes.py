@@ -25,7 +25,7 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from common.errors import UserError
 from common.layers import hook_name
 from common.manifest import StrictModel
-from common.organism.files import Organism
+from common.organism.files import shipped
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _check_release_model(release: str, release_model: str, d_model: int, field: 
 
 
 def _local_folder(spec: SaeSpec, layer: int) -> Path:
-    return Organism().sae_dir(layer) if spec.builtin is not None else Path(spec.describe(layer))
+    return shipped().sae_dir(layer) if spec.builtin is not None else Path(spec.describe(layer))
 
 
 def _read_local_cfg(folder: Path, layer: int, field: str) -> dict:

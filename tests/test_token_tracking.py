@@ -11,7 +11,7 @@ from common.errors import UserError
 from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
 from common.manifest import load_manifest
 from common.organism.files import Organism
-from common.saes import SaeSpec, load_sae
+from common.saes import load_sae
 from common.sparse import read_csr
 from jobs import token_tracking
 from tests.helpers import DEMO_MANIFEST, REPO, save_random_sae

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 
 import torch
 from sae_lens import SAE
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from common.errors import UserError
 
@@ -99,8 +99,6 @@ class Organism:
         return torch.tensor(self.record["planted"]["direction"])
 
     def config(self) -> PretrainedConfig:
-        from transformers import AutoConfig
-
         return AutoConfig.from_pretrained(self.model_dir)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
@@ -117,3 +115,9 @@ class Organism:
         sae.eval()
         sae.requires_grad_(False)
         return sae
+
+
+@cache
+def shipped() -> Organism:
+    """The organism in the package, its files checked once per process."""
+    return Organism(SHIPPED)

@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
-from common.organism import corpus, evaluation, files
+from common.organism import evaluation, files, synthetic
 from common.organism.batches import Batch, arithmetic_batch, gamble_batch, mixed_batches, text_batch
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def build_tokenizer(settings: TrainingSettings) -> PreTrainedTokenizerFast:
     rng = random.Random(settings.seed)
     sample = []
     for _ in range(2000):
-        decision = corpus.decision(rng)
-        problem = corpus.problem(rng)
+        decision = synthetic.decision(rng)
+        problem = synthetic.problem(rng)
         sample += [decision.prompt + decision.continuation,
-                   corpus.problem_prompt(problem.question) + problem.solution, corpus.paragraph(rng)]
+                   synthetic.problem_prompt(problem.question) + problem.solution, synthetic.paragraph(rng)]
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
