@@ -1,34 +1,65 @@
-"""Local text corpora cut into token windows: plain text, JSONL, or a `datasets` folder.
+"""Text corpora cut into token windows: plain text, JSONL, a `datasets` folder, or the organism's.
 
-Each document is tokenized on its own (with the tokenizer's special tokens, e.g. <bos>) and cut
-into consecutive windows of at most `window` tokens, so no window spans two documents. Windows
-are taken in corpus order until the token budget is reached; the last one is cut to fit it.
-Nothing is downloaded: the corpus is read from the path given.
+Each document is tokenized on its own and cut into consecutive windows, so no window spans two
+documents. Every window starts with the tokenizer's special prefix (e.g. <bos>), as the model saw
+in training; the rest of it is content. The token budget counts content tokens: windows are taken
+in corpus order until the budget is reached, the last one cut to fit. Nothing is downloaded: the
+corpus is read from the path given, or drawn from the organism's text generator.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
+from common.organism import synthetic
 
 
 class CorpusSpec(StrictModel):
     """Where the text comes from and how much of it to use."""
 
-    path: AbsolutePath = Field(description="a .txt file, a folder of .txt files, a .jsonl file, "
-                               "or a folder written by datasets' save_to_disk")
+    path: AbsolutePath | None = Field(None, description="a .txt file, a folder of .txt files, a .jsonl file, "
+                                      "or a folder written by datasets' save_to_disk")
+    builtin: Literal["organism"] | None = Field(
+        None, description="'organism': the model organism's synthetic text (gambling prompts, arithmetic, "
+        "plain sentences), drawn without end from `seed`")
+    seed: int = Field(0, description="seed of the builtin text")
     format: Literal["auto", "text", "jsonl", "datasets"] = Field(
         "auto", description="auto: datasets folder, folder of .txt, .jsonl file, else plain text")
     text_field: str = Field("text", description="JSONL key or dataset column holding the text")
-    window: int = Field(128, ge=2, description="tokens per window (a window never spans two documents)")
-    tokens: int = Field(ge=1, description="token budget: windows are taken until this many tokens")
+    window: int = Field(128, ge=1, description="tokens per window, prefix included (a window never spans two documents)")
+    tokens: int = Field(ge=1, description="token budget: content tokens, taken in corpus order")
     allow_short: bool = Field(False, description="run on the whole corpus when it holds fewer tokens than the budget")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CorpusSpec:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("give exactly one of `path` (local files) and `builtin: organism`")
+        return self
+
+    def describe(self) -> str:
+        source = f"the organism's synthetic text (seed {self.seed})" if self.builtin else str(self.path)
+        return f"{self.tokens:,} tokens of {source} in windows of {self.window}"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Token ids of one window: `prefix` special tokens, then content."""
+
+    start: int        # content tokens of the corpus before this window
+    ids: list[int]
+    prefix: int
+
+    @property
+    def content(self) -> int:
+        return len(self.ids) - self.prefix
 
 
 def _format(spec: CorpusSpec) -> str:
@@ -42,6 +73,10 @@ def _format(spec: CorpusSpec) -> str:
 
 def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
     """The corpus's documents in order (a text file is one document)."""
+    if spec.builtin is not None:
+        rng = random.Random(spec.seed)
+        while True:
+            yield synthetic.document(rng)
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")
     kind = _format(spec)
@@ -86,27 +121,37 @@ def _dataset(spec: CorpusSpec, field: str) -> Iterator[str]:
     if spec.text_field not in data.column_names:
         raise UserError(f"{field}.text_field: the dataset has no column {spec.text_field!r} "
                         f"(columns: {data.column_names})")
-    for text in data[spec.text_field]:
-        yield str(text)
+    for batch in data.iter(batch_size=1000):  # a column at a time would load it whole
+        for text in batch[spec.text_field]:
+            yield str(text)
 
 
-def token_windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> list[list[int]]:
-    """Token windows up to the budget; refuses a corpus smaller than the budget unless allowed."""
-    windows: list[list[int]] = []
+def check_source(spec: CorpusSpec, field: str = "corpus") -> None:
+    """Fail now if the corpus is missing, empty or unreadable (reads up to its first text)."""
+    if not any(text.strip() for text in read_documents(spec, field)):
+        raise UserError(f"{field}.path: {spec.path} holds no text")
+
+
+def windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> Iterator[Window]:
+    """Windows up to the budget, lazily; refuses a corpus smaller than the budget unless allowed."""
+    prefix = tokenizer("").input_ids
+    content = spec.window - len(prefix)
+    if content < 1:
+        raise UserError(f"{field}.window: {spec.window} tokens leave no room after the tokenizer's "
+                        f"{len(prefix)} prefix token(s); raise {field}.window")
     total = 0
     for text in read_documents(spec, field):
         if not text.strip():
             continue
-        ids = tokenizer(text).input_ids
-        for start in range(0, len(ids), spec.window):
-            window = ids[start : start + spec.window][: spec.tokens - total]
-            windows.append(window)
-            total += len(window)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        for start in range(0, len(ids), content):
+            chunk = ids[start : start + content][: spec.tokens - total]
+            yield Window(total, prefix + chunk, len(prefix))
+            total += len(chunk)
             if total == spec.tokens:
-                return windows
+                return
     if total == 0:
         raise UserError(f"{field}.path: {spec.path} holds no text")
     if not spec.allow_short:
-        raise UserError(f"{field}.tokens: the corpus holds only {total} tokens of the {spec.tokens} asked; "
+        raise UserError(f"{field}.tokens: the corpus holds only {total:,} tokens of the {spec.tokens:,} asked; "
                         f"lower {field}.tokens, or set {field}.allow_short: true to run on what exists")
-    return windows

@@ -42,9 +42,18 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+class _LastLayerCaptured(Exception):
+    """Raised by the last hook of `capture_residuals(stop=True)` to skip the rest of the forward."""
+
+
 @contextmanager
-def capture_residuals(model: nn.Module, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
-    """Fill a dict {layer: (batch, seq, d_model) block output} during the forward passes inside."""
+def capture_residuals(model: nn.Module, layers: list[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+    """Fill a dict {layer: (batch, seq, d_model) block output} during the forward passes inside.
+
+    With `stop`, the forward pass ends once the last layer is captured: the blocks above it, the
+    final norm and the logits are never computed, and the `with` block ends there quietly (the
+    model call inside it returns nothing, and what follows it in the block does not run).
+    """
     blocks = decoder_blocks(model)
     captured: dict[int, torch.Tensor] = {}
 
@@ -52,12 +61,16 @@ def capture_residuals(model: nn.Module, layers: list[int]) -> Iterator[dict[int,
         def hook(_module: nn.Module, _inputs: object, output: object) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             captured[layer] = hidden.detach()
+            if stop and layer == max(layers):
+                raise _LastLayerCaptured
 
         return hook
 
     handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
     try:
         yield captured
+    except _LastLayerCaptured:
+        pass
     finally:
         for handle in handles:
             handle.remove()

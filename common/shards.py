@@ -121,6 +121,10 @@ class ShardWriter:
             raise RuntimeError("ShardWriter used outside its `with` block")
         return self.file
 
+    def shared_file(self, name: str) -> Path:
+        """A file beside the shards that every shard of the run reads (e.g. a choice made once)."""
+        return self.path.parent / name
+
     def set_attrs(self, **attrs: Any) -> None:
         """File-level attributes that make the shard readable on its own (model, SAE, ...)."""
         self._file.attrs.update(attrs)

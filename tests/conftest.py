@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from tests.helpers import DEMO_MANIFEST, REPO
+from tests.helpers import REPO, write_manifest_file
 
 
 @pytest.fixture(autouse=True)
@@ -34,24 +33,9 @@ def write_manifest(tmp_path: Path):
     """Write the demo manifest with `overrides` merged in (nested dicts merge) into tmp_path."""
 
     def write(overrides: dict | None = None, name: str = "manifest.yaml") -> Path:
-        data = yaml.safe_load(DEMO_MANIFEST.read_text())
-        data["run"]["root"] = str(tmp_path / "runs")
-        _merge(data, overrides or {})
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
-        return path
+        return write_manifest_file(tmp_path, overrides, name=name)
 
     return write
-
-
-def _merge(base: dict, overrides: dict) -> None:
-    for key, value in overrides.items():
-        if value is None:
-            base.pop(key, None)
-        elif isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 @pytest.fixture(scope="session")

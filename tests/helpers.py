@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
+import yaml
 from sae_lens import SAE
+
+from common.launcher import prepare_run, reduce_task, run_shard_task
+from common.manifest import load_manifest
+from common.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = REPO / "manifests" / "demo" / "token_tracking.yaml"
@@ -16,3 +21,33 @@ def save_random_sae(folder: Path, d_in: int, d_sae: int = 32, hook: str = "block
                              "device": "cpu", "metadata": {"hook_name": hook.format(layer=layer)}})
         sae.save_model(folder / f"L{layer}")
     return str(folder / "L{layer}")
+
+
+def write_manifest_file(folder: Path, overrides: dict | None = None, base: Path = DEMO_MANIFEST,
+                        name: str = "manifest.yaml") -> Path:
+    """`base` with `overrides` merged in (nested dicts merge, None removes a key), runs under folder/runs."""
+    data = yaml.safe_load(base.read_text())
+    data["run"]["root"] = str(folder / "runs")
+    merge_overrides(data, overrides or {})
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def merge_overrides(base: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_overrides(base[key], value)
+        else:
+            base[key] = value
+
+
+def run_all(manifest_path: Path) -> RunDir:
+    """Every shard in-process, then the reduce; returns the run directory."""
+    run = prepare_run(load_manifest(manifest_path))
+    for shard in range(len(run.load_plan().shards)):
+        run_shard_task(str(run.path), shard)
+    reduce_task(str(run.path))
+    return run

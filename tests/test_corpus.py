@@ -2,10 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
 
-from common.corpus import CorpusSpec, read_documents, token_windows
+from common.corpus import CorpusSpec, check_source, read_documents, windows
 from common.errors import UserError
 from common.organism.files import Organism
 
@@ -20,7 +21,11 @@ def tokenizer():
 
 
 def lengths(tokenizer):
-    return [len(tokenizer(text).input_ids) for text in DOCUMENTS]
+    return [len(tokenizer(text, add_special_tokens=False).input_ids) for text in DOCUMENTS]
+
+
+def token_windows(spec, tokenizer):
+    return list(windows(spec, tokenizer))
 
 
 def test_windows_stay_inside_documents_and_stop_at_the_budget(tmp_path, tokenizer):
@@ -29,18 +34,32 @@ def test_windows_stay_inside_documents_and_stop_at_the_budget(tmp_path, tokenize
     for i, text in enumerate(DOCUMENTS):
         (folder / f"{i}.txt").write_text(text)
     whole = sum(lengths(tokenizer))
-    windows = token_windows(CorpusSpec(path=folder, window=8, tokens=whole), tokenizer)
-    assert all(1 <= len(w) <= 8 for w in windows)
+    cut = token_windows(CorpusSpec(path=folder, window=8, tokens=whole), tokenizer)
+    bos = tokenizer.bos_token_id
+    assert all(w.ids[0] == bos and w.prefix == 1 and 1 <= w.content <= 7 for w in cut)
+    assert [w.start for w in cut] == list(np.cumsum([0] + [w.content for w in cut[:-1]]))
     rebuilt, at = [], 0
     for size in lengths(tokenizer):  # consecutive windows rebuild each document exactly
         document = []
         while len(document) < size:
-            document += windows[at]
+            document += cut[at].ids[1:]
             at += 1
         rebuilt.append(document)
-    assert rebuilt == [tokenizer(text).input_ids for text in DOCUMENTS] and at == len(windows)
-    cut = token_windows(CorpusSpec(path=folder, window=8, tokens=whole - 3), tokenizer)
-    assert sum(map(len, cut)) == whole - 3 and cut[:-1] == windows[: len(cut) - 1]
+    assert rebuilt == [tokenizer(text, add_special_tokens=False).input_ids for text in DOCUMENTS] and at == len(cut)
+    shorter = token_windows(CorpusSpec(path=folder, window=8, tokens=whole - 3), tokenizer)
+    assert sum(w.content for w in shorter) == whole - 3 and shorter[:-1] == cut[: len(shorter) - 1]
+
+
+def test_the_organism_text_is_endless_and_seeded(tokenizer):
+    spec = CorpusSpec(builtin="organism", window=32, tokens=5000)
+    first = token_windows(spec, tokenizer)
+    assert sum(w.content for w in first) == 5000 and first == token_windows(spec, tokenizer)
+    other = token_windows(spec.model_copy(update={"seed": 1}), tokenizer)
+    assert [w.ids for w in other] != [w.ids for w in first]
+    text = tokenizer.decode([t for w in first for t in w.ids[1:]])
+    assert "Choice: " in text and "####" in text and "The " in text  # the three kinds of documents
+    with pytest.raises(ValueError, match="exactly one of `path`"):
+        CorpusSpec(tokens=5)
 
 
 def test_jsonl_and_datasets_folders_read_the_named_field(tmp_path, tokenizer):
@@ -50,7 +69,7 @@ def test_jsonl_and_datasets_folders_read_the_named_field(tmp_path, tokenizer):
     Dataset.from_dict({"body": DOCUMENTS}).save_to_disk(tmp_path / "saved")
     spec = CorpusSpec(path=tmp_path / "saved", text_field="body", window=16, tokens=20)
     assert list(read_documents(spec)) == DOCUMENTS
-    assert sum(map(len, token_windows(spec, tokenizer))) == 20
+    assert sum(w.content for w in token_windows(spec, tokenizer)) == 20
 
 
 def test_bad_corpora_say_what_is_wrong_and_what_to_change(tmp_path, tokenizer):
@@ -73,13 +92,19 @@ def test_bad_corpora_say_what_is_wrong_and_what_to_change(tmp_path, tokenizer):
     refused(CorpusSpec(path=tmp_path / "splits", tokens=5), r"holds the splits \['test', 'train'\]; point it at one")
     Dataset.from_dict({"body": ["a"]}).save_to_disk(tmp_path / "nocolumn")
     refused(CorpusSpec(path=tmp_path / "nocolumn", tokens=5), r"no column 'text' \(columns: \['body'\]\)")
+    refused(CorpusSpec(builtin="organism", window=1, tokens=5), r"corpus\.window: 1 tokens leave no room after "
+                                                                 r"the tokenizer's 1 prefix")
+    with pytest.raises(UserError, match="blank.txt holds no text"):
+        check_source(CorpusSpec(path=tmp_path / "blank.txt", tokens=5))
+    with pytest.raises(UserError, match="absent.txt does not exist"):
+        check_source(CorpusSpec(path=tmp_path / "absent.txt", tokens=5))
 
 
 def test_a_budget_beyond_the_corpus_is_refused_unless_allowed(tmp_path, tokenizer):
     (tmp_path / "one.txt").write_text(DOCUMENTS[0])
     size = lengths(tokenizer)[0]
-    with pytest.raises(UserError, match=rf"corpus\.tokens: the corpus holds only {size} tokens of the 1000 asked; "
+    with pytest.raises(UserError, match=rf"corpus\.tokens: the corpus holds only {size} tokens of the 1,000 asked; "
                                         r"lower corpus\.tokens, or set corpus\.allow_short: true"):
         token_windows(CorpusSpec(path=tmp_path / "one.txt", tokens=1000), tokenizer)
-    windows = token_windows(CorpusSpec(path=tmp_path / "one.txt", tokens=1000, allow_short=True), tokenizer)
-    assert sum(map(len, windows)) == size
+    found = token_windows(CorpusSpec(path=tmp_path / "one.txt", tokens=1000, allow_short=True), tokenizer)
+    assert sum(w.content for w in found) == size

@@ -29,6 +29,22 @@ def test_hooks_are_removed_after_capture():
     assert all(not block._forward_hooks for block in decoder_blocks(model))
 
 
+def test_stopping_after_the_last_layer_captures_the_same_and_skips_the_rest():
+    model, tokenizer = Organism().model(), Organism().tokenizer()
+    batch = tokenizer(["Current balance: $90"], return_tensors="pt")
+    with torch.no_grad(), capture_residuals(model, [0, 2]) as whole:
+        model(**batch)
+    ran = []
+    model.model.layers[3].register_forward_hook(lambda *_: ran.append(3))
+    with torch.no_grad(), capture_residuals(model, [0, 2], stop=True) as stopped:
+        model(**batch)
+        ran.append("after the call")  # never reached: the with block ends at the stop
+    assert ran == []
+    for layer in (0, 2):
+        torch.testing.assert_close(stopped[layer], whole[layer], rtol=0, atol=0)
+    assert all(not block._forward_hooks for block in decoder_blocks(model)[:3])
+
+
 def test_hook_name_matches_sae_lens_convention():
     assert hook_name(7) == "blocks.7.hook_resid_post"
 

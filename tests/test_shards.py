@@ -4,6 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
+from common.atomic import publish_once
 from common.errors import UserError
 from common.plan import WorkUnit, make_plan
 from common.shards import ShardWriter, check_shards, merge_shards, shard_problem
@@ -140,3 +141,10 @@ def test_merged_file_keeps_data_attributes_not_shard_bookkeeping(tmp_path, plan)
         assert not {"shard_index", "complete", "unit_ids", "host"} & set(merged.attrs)
         assert sorted(merged["units"]) == [f"u{i}" for i in range(6)]
         np.testing.assert_array_equal(merged["units/u4/x"][()], [4, 5, 6])
+
+
+def test_the_first_published_choice_is_the_one_every_shard_reads(tmp_path):
+    shared = tmp_path / "choice.json"
+    assert publish_once(shared, "first") == "first"
+    assert publish_once(shared, "second") == "first"
+    assert shared.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["choice.json"]

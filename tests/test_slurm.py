@@ -1,5 +1,6 @@
 """End to end on the real single-node Slurm: arrays through submitit, afterok reduce, failures, sbatch templates."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import yaml
 
 from common.cli import main
 from common.launcher import load_submissions
@@ -73,3 +75,18 @@ def test_sbatch_templates_run_a_manifest_without_submitit(slurm_cluster, write_m
     run = RunDir.for_manifest(load_manifest(path))
     assert run.merged_path.exists() and (run.report_dir / "report.md").exists()
     assert [s.state for s in shard_states(run)] == ["done", "done"]
+
+
+def test_feature_correlation_demo_through_slurm(slurm_cluster, tmp_path, capsys):
+    data = yaml.safe_load((REPO / "manifests" / "demo" / "feature_correlation.yaml").read_text())
+    data["run"]["root"] = str(tmp_path / "runs")
+    path = tmp_path / "feature_correlation.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["submit", str(path), "--wait"]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    assert f"merged: {run.merged_path}" in capsys.readouterr().out
+    summary = json.loads((run.report_dir / "summary.json").read_text())
+    with h5py.File(run.merged_path) as merged:
+        assert merged.attrs["rows"] == data["feature_correlation"]["corpus"]["tokens"]
+        assert len(merged["edges/r"]) == summary["within_layer_total"] + summary["cross_layer_total"] > 0
+    assert (run.shards_dir / "feature_choice.json").exists()  # one first pass, shared by both shards

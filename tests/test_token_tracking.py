@@ -8,24 +8,15 @@ import yaml
 
 from common.cli import main
 from common.errors import UserError
-from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
+from common.launcher import plan_manifest
 from common.manifest import load_manifest
 from common.organism.files import Organism
 from common.saes import load_sae
 from common.sparse import read_csr
 from jobs import token_tracking
-from tests.helpers import DEMO_MANIFEST, REPO, save_random_sae
+from tests.helpers import DEMO_MANIFEST, REPO, run_all, save_random_sae
 
 D_MODEL = 128  # the organism's residual width
-
-
-def run_all(manifest_path):
-    """Every shard in-process, then the reduce; returns the run directory."""
-    run = prepare_run(load_manifest(manifest_path))
-    for shard in range(len(run.load_plan().shards)):
-        run_shard_task(str(run.path), shard)
-    reduce_task(str(run.path))
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +200,7 @@ def test_decision_cue_attends_to_the_balance_the_organism_decides_on(demo_run):
     run, _ = demo_run
     ratios: dict[str, list[float]] = {}
     with h5py.File(run.merged_path) as merged:
-        for name, unit in merged["units"].items():
+        for unit in merged["units"].values():
             n_tokens = len(unit["token_ids"][()])
             for span in ("balance", "goal", "probability", "choices"):
                 positions = unit[f"key_positions/{span}"][()]

@@ -1,6 +1,6 @@
 """The organism's synthetic training text, and the rule its slot-machine decisions follow.
 
-Three kinds of documents:
+Three kinds of documents (`document()` draws one of them):
 
 - slot-machine decision prompts in the published format (../README.md of the organism states it),
   continued by "1) Bet $B" or "2) Stop" drawn from `risk()`: the decision rule;
@@ -212,3 +212,18 @@ def paragraph(rng: random.Random) -> str:
         sentence = f"The {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} {rng.choice(_PLACES)}."
         sentences.append(sentence)
     return " ".join(sentences)
+
+
+# ---------------------------------------------------------------- whole documents
+
+
+def document(rng: random.Random) -> str:
+    """One document of the organism's text, of the three kinds in equal shares (a corpus for its jobs)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        drawn = decision(rng)
+        return drawn.prompt + drawn.continuation
+    if kind == 1:
+        drawn_problem = problem(rng)
+        return problem_prompt(drawn_problem.question) + drawn_problem.solution
+    return paragraph(rng)
