@@ -23,6 +23,9 @@ import torch
 
 from common.sparse import COMPRESSION
 
+# Features of a block: a range, or an array of indices.
+Index = slice | np.ndarray
+
 
 @dataclass
 class CoMoments:
@@ -65,19 +68,27 @@ class CoMoments:
         """Population variance per feature (NaN without rows)."""
         return self.m2 / self.n if self.n else np.full_like(self.m2, np.nan)
 
-    def pearson(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+    def pearson(self, rows: Index = slice(None), cols: Index = slice(None)) -> np.ndarray:
         """Pearson r of the block rows x cols; NaN where a feature never varies."""
         sd_rows, sd_cols = np.sqrt(np.maximum(self.m2[rows], 0)), np.sqrt(np.maximum(self.m2[cols], 0))
         with np.errstate(invalid="ignore", divide="ignore"):  # one block-sized array, divided in place
-            r = self.comoment[rows, cols] / sd_rows[:, None]
+            r = _block(self.comoment, rows, cols) / sd_rows[:, None]
             r /= sd_cols[None, :]
         r[sd_rows == 0, :] = np.nan
         r[:, sd_cols == 0] = np.nan
         return np.clip(r, -1.0, 1.0, out=r)
 
-    def mutual_information(self, rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+    def mutual_information(self, rows: Index = slice(None), cols: Index = slice(None)) -> np.ndarray:
         """Mutual information (bits) between the active/inactive states of the block's pairs."""
-        return mutual_information(self.n, self.coactive[rows, cols], self.active[rows][:, None], self.active[cols][None, :])
+        return mutual_information(self.n, _block(self.coactive, rows, cols), self.active[rows][:, None],
+                                  self.active[cols][None, :])
+
+
+def _block(matrix: np.ndarray, rows: Index, cols: Index) -> np.ndarray:
+    """matrix[rows x cols]: slices make a view, index arrays their outer product's copy."""
+    if isinstance(rows, slice) and isinstance(cols, slice):
+        return matrix[rows, cols]
+    return matrix[np.ix_(np.arange(len(matrix))[rows], np.arange(len(matrix))[cols])]
 
 
 def mutual_information(n: int, both: np.ndarray, active_a: np.ndarray, active_b: np.ndarray) -> np.ndarray:
@@ -99,12 +110,17 @@ def mutual_information(n: int, both: np.ndarray, active_a: np.ndarray, active_b:
 
 @dataclass
 class SparseSums:
-    """Raw sums of F features over the rows added so far, on the device the rows come from.
+    """Raw sums of F features over the rows added so far, kept on the device they were made on.
 
     The products and co-activation counts of each pair i <= j (the matrices are symmetric) sit in
-    one packed upper triangle of F (F + 1) / 2 entries, float64 (counts are exact up to 2^53),
-    filled by scatter-adds of each row's non-zero pairs.
+    one packed upper triangle of F (F + 1) / 2 entries, float64 (counts are exact up to 2^53).
+    Sparse rows add their non-zero pairs by scatter-adds; rows too dense for that (pooled
+    sequences, say) add dense products instead.
     """
+
+    # A scatter-add costs about as much as 30 dense multiply-adds: rows whose non-zeros exceed this
+    # share of F are cheaper as dense products.
+    DENSE_SHARE = 1 / 32
 
     n: int
     total: torch.Tensor    # (F,) float64
@@ -128,6 +144,11 @@ class SparseSums:
         """Where pair (i, j), i <= j, sits: row i of the triangle starts after i rows of F, F-1, ..."""
         return i * self.features - i * (i - 1) // 2 + (j - i)
 
+    def _row_starts(self) -> list[int]:
+        """Where each row of the packed triangle starts (and, last, where the triangle ends)."""
+        rows = torch.arange(self.features + 1)
+        return self._packed(rows, rows).tolist()
+
     @torch.no_grad()
     def add(self, rows: torch.Tensor) -> None:
         """Add rows (rows x F, mostly zeros); the cost grows with the non-zeros per row squared."""
@@ -136,8 +157,12 @@ class SparseSums:
         x = rows.to(self.total.device)
         self.n += len(x)
         width = int((x != 0).sum(dim=1).max()) if len(x) else 0
-        if width == 0:
-            return
+        if width > self.DENSE_SHARE * self.features:
+            self._add_dense(x.to(torch.float64))
+        elif width > 0:
+            self._add_sparse(x, width)
+
+    def _add_sparse(self, x: torch.Tensor, width: int) -> None:
         # Each row's non-zeros, padded with some of its zeros, in ascending columns: grid cell
         # (p, q), p <= q, then holds a pair i <= j. The zeros add nothing anywhere below.
         columns = x.abs().topk(width, dim=1).indices.sort(dim=1).values
@@ -154,12 +179,27 @@ class SparseSums:
             pair = torch.stack([v[:, p] * v[:, q], o[:, p] * o[:, q]], dim=-1)
             self.pairs.index_add_(0, self._packed(c[:, p], c[:, q]).reshape(-1), pair.reshape(-1, 2))
 
+    def _add_dense(self, x: torch.Tensor) -> None:
+        on = (x > 0).to(torch.float64)
+        self.total += x.sum(dim=0)
+        self.squares += (x * x).sum(dim=0)
+        self.active += on.sum(dim=0).to(torch.int64)
+        starts = self._row_starts()
+        block = max(1, 2**24 // self.features)  # triangle rows per product: about 16M entries
+        for first in range(0, self.features, block):
+            last = min(first + block, self.features)
+            products = x[:, first:last].T @ x[:, first:]
+            counts = on[:, first:last].T @ on[:, first:]
+            for i in range(first, last):  # row i of the triangle: columns i.. of the product's row
+                self.pairs[starts[i] : starts[i + 1], 0] += products[i - first, i - first :]
+                self.pairs[starts[i] : starts[i + 1], 1] += counts[i - first, i - first :]
+
     def _nonzero_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(i, j, products, counts) of the pairs i <= j ever active together, on the CPU."""
+        """(i, j, products, counts) of the pairs i <= j whose sums are not zero, on the CPU."""
         where = (self.pairs != 0).any(dim=1).nonzero().squeeze(1)
         pairs = self.pairs[where].cpu().numpy()
         where = where.cpu().numpy()
-        starts = np.asarray(self._packed(torch.arange(self.features + 1), torch.arange(self.features + 1)))
+        starts = np.asarray(self._row_starts())
         i = np.searchsorted(starts, where, side="right") - 1
         return i, where - starts[i] + i, pairs[:, 0], pairs[:, 1].astype(np.int64)
 
@@ -168,7 +208,7 @@ class SparseSums:
         if self.n == 0:
             return CoMoments.empty(self.features)
         packed = self.pairs.cpu()
-        starts = self._packed(torch.arange(self.features + 1), torch.arange(self.features + 1)).tolist()
+        starts = self._row_starts()
         products, counts = (self._symmetric(packed[:, k], starts) for k in (0, 1))
         mean = self.total.cpu() / self.n
         products.addr_(mean, mean, alpha=-self.n)  # X^T X - n mean mean^T, in place
@@ -188,7 +228,7 @@ class SparseSums:
 
     def write(self, group: h5py.Group) -> None:
         """Store in `group`: per feature, and the pairs ever active together (i <= j)."""
-        group.attrs.update(n=self.n, features=self.features)
+        group.attrs.update(n=self.n, feature_count=self.features)
         for name, values in (("total", self.total), ("squares", self.squares), ("active", self.active)):
             group.create_dataset(name, data=values.cpu().numpy())
         i, j, products, counts = self._nonzero_pairs()
@@ -199,7 +239,7 @@ class SparseSums:
 
     @classmethod
     def read(cls, group: h5py.Group) -> SparseSums:
-        sums = cls.zeros(int(group.attrs["features"]))
+        sums = cls.zeros(int(group.attrs["feature_count"]))
         sums.n = int(group.attrs["n"])
         for name in ("total", "squares", "active"):
             getattr(sums, name).copy_(torch.from_numpy(group[name][()]))

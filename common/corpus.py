@@ -134,7 +134,7 @@ def check_source(spec: CorpusSpec, field: str = "corpus") -> None:
 
 def windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> Iterator[Window]:
     """Windows up to the budget, lazily; refuses a corpus smaller than the budget unless allowed."""
-    prefix = tokenizer("").input_ids
+    prefix = tokenizer("").input_ids  # what the tokenizer puts before any text (<bos>), if anything
     content = spec.window - len(prefix)
     if content < 1:
         raise UserError(f"{field}.window: {spec.window} tokens leave no room after the tokenizer's "

@@ -117,8 +117,9 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     return tokenizer
 
 
-def load_model(spec: ModelSpec, attn_implementation: str = "eager") -> torch.nn.Module:
-    """The causal LM in eval mode; eager attention so that attention weights can be returned."""
+def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> torch.nn.Module:
+    """The causal LM in eval mode; eager attention (the default) returns attention weights, None
+    lets transformers choose the fastest the architecture supports."""
     if spec.device == "auto" and not torch.cuda.is_available():
         log.warning("no GPU is visible: %s runs on the CPU (set model.device to silence this)", spec.name)
     if spec.is_organism:

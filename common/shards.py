@@ -125,6 +125,10 @@ class ShardWriter:
         """A file beside the shards that every shard of the run reads (e.g. a choice made once)."""
         return self.path.parent / name
 
+    def get_attr(self, name: str, default: Any = None) -> Any:
+        """An attribute set by `set_attrs` (also by an earlier attempt at this shard), else `default`."""
+        return self._file.attrs.get(name, default)
+
     def set_attrs(self, **attrs: Any) -> None:
         """File-level attributes that make the shard readable on its own (model, SAE, ...)."""
         self._file.attrs.update(attrs)

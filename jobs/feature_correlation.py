@@ -54,11 +54,11 @@ log = logging.getLogger(__name__)
 
 FIELD = "feature_correlation"
 CHOICE_FILE = "feature_choice.json"
-# Host memory per feature pair: float64 products and int64 co-activation counts, plus their sparse
-# copies when a unit is stored (shards); the merged statistics, one unit's and the merge's
-# temporaries, then r and MI (reduce).
+# Host memory per cell of the F x F matrices: the packed pair sums and their non-zero copy when a
+# unit is stored (shards); the merged statistics, one unit's, the merge's result, then r and the
+# mutual information's temporaries (reduce).
 SHARD_BYTES_PER_PAIR = 32
-REDUCE_BYTES_PER_PAIR = 80
+REDUCE_BYTES_PER_PAIR = 96
 ASSUMED_WIDTH = 16384  # for estimates when a pretrained SAE's width is not known before loading
 
 Pooling = Literal["token", "sequence_mean_of_features", "sequence_features_of_mean_activation"]
@@ -103,7 +103,7 @@ class Settings(StrictModel):
     def _consistent(self) -> Settings:
         if self.tokens_per_unit < self.corpus.window:
             raise ValueError(f"tokens_per_unit ({self.tokens_per_unit}) must be at least corpus.window "
-                             f"({self.corpus.window}), so that every unit holds a window")
+                             f"({self.corpus.window}): a unit takes the windows that start in its range")
         return self
 
     def chosen_layers(self, n_layers: int) -> list[int]:
@@ -190,7 +190,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     per_unit = features * (features + 1) // 2 * 2 * (8 + index_bytes)  # products and counts, upper triangle
     notes.append(f"shard output is an upper bound (every pair co-active); merged.h5 about "
                  f"{_human(12 * features**2)}; reduce needs about {_human(REDUCE_BYTES_PER_PAIR * features**2)}")
-    width = max(counts.values()) if s.features.top is None else max(w or ASSUMED_WIDTH for w in widths.values())
+    width = max(w or ASSUMED_WIDTH for w in widths.values())
     itemsize = s.model.torch_dtype.itemsize
     batch_tokens = s.batch_size * s.corpus.window
     device_bytes = (parameter_bytes(config, s.model.torch_dtype)
@@ -238,7 +238,7 @@ class Encoder:
             content[i, window.prefix : len(window.ids)] = True
         layers = sorted(self.saes)
         with capture_residuals(self.model, layers, stop=True) as residuals:
-            self.model(input_ids=ids.to(self.device), attention_mask=real.to(self.device))
+            self.model(input_ids=ids.to(self.device), attention_mask=real.to(self.device), use_cache=False)
         content = content.to(self.device)
         return {layer: self._pooled(self.saes[layer], residuals[layer].to(self.device), content) for layer in layers}
 
@@ -254,7 +254,9 @@ class Encoder:
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
-    model, tokenizer = load_model(s.model, attn_implementation="sdpa"), load_tokenizer(s.model)
+    # No attention weights needed: transformers picks the fastest attention the model supports
+    # (sdpa; eager for Gemma 2, whose logit soft-capping sdpa lacks).
+    model, tokenizer = load_model(s.model, attn_implementation=None), load_tokenizer(s.model)
     config = text_config(model.config)
     layers = s.chosen_layers(config.num_hidden_layers)
     device = input_device(s.model)
@@ -267,15 +269,19 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         chosen = {layer: np.arange(width) for layer, width in widths.items()}
     else:
         chosen = _choose_features(s, encoder, tokenizer, shard.shared_file(CHOICE_FILE))
+    features = json.dumps({layer: ids.tolist() for layer, ids in chosen.items()})
+    if shard.get_attr("features", features) != features:
+        raise UserError(f"shard {shard.shard_index} was started with another feature choice than "
+                        f"{shard.shared_file(CHOICE_FILE)} holds now; start the run afresh (new run.dir)")
     shard.set_attrs(
         model=s.model.name, model_dtype=s.model.dtype, layers=layers, layer_convention=CONVENTION,
-        pooling=s.pooling, corpus=s.corpus.describe(),
+        pooling=s.pooling, corpus=s.corpus.describe(), features=features,
         sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in layers}),
-        features=json.dumps({layer: ids.tolist() for layer, ids in chosen.items()}),
     )
     columns = {layer: torch.as_tensor(ids, device=device) for layer, ids in chosen.items()}
     width = sum(len(ids) for ids in chosen.values())
-    todo = [unit for unit in units if unit.id in set(shard.pending())]
+    pending = set(shard.pending())
+    todo = [unit for unit in units if unit.id in pending]
     total = sum(unit.payload["stop"] - unit.payload["start"] for unit in todo)
     with tqdm(total=total, desc=f"shard {shard.shard_index}", unit="tok", unit_scale=True) as progress:
         for unit, unit_windows in _windows_by_unit(s.corpus, tokenizer, todo):
@@ -289,6 +295,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 group.attrs.update(start=unit.payload["start"], stop=unit.payload["stop"],
                                    tokens=sum(w.content for w in unit_windows), windows=len(unit_windows))
                 sums.write(group)
+            del sums  # before the next unit's sums are made: one set on the device at a time
 
 
 def _windows_by_unit(corpus: CorpusSpec, tokenizer, units: list[WorkUnit]) -> Iterator[tuple[WorkUnit, list[Window]]]:
@@ -321,9 +328,10 @@ def _choose_features(s: Settings, encoder: Encoder, tokenizer, published: Path) 
         rows = 0
         found = list(windows(limit, tokenizer, f"{FIELD}.corpus"))
         for start in tqdm(range(0, len(found), s.batch_size), desc="choosing features", unit="batch"):
-            for layer, features in encoder.features(found[start : start + s.batch_size]).items():
-                active[layer] += (features > 0).sum(dim=0)
-            rows += len(features)  # the same for every layer
+            features = encoder.features(found[start : start + s.batch_size])
+            for layer, layer_features in features.items():
+                active[layer] += (layer_features > 0).sum(dim=0)
+            rows += len(next(iter(features.values())))  # the same for every layer
         layers = {}
         for layer, counts in active.items():
             ids = most_frequent(counts.cpu().numpy(), choice.top, choice.min_support)
@@ -555,11 +563,12 @@ def _heatmaps(report: Report, s: Settings, layout: Layout, stats: CoMoments, edg
         strongest = pd.unique(within[["feature_a", "feature_b"]].to_numpy().ravel())  # strongest |r| first
         if len(strongest) < 2:  # too few edges: the most active features instead
             strongest = ids[np.argsort(-stats.active[block], kind="stable")]
-        shown = np.searchsorted(ids, strongest[: s.heatmap_features])
-        r = np.nan_to_num(stats.pearson(block, block)[np.ix_(shown, shown)])
+        shown = block.start + np.searchsorted(ids, strongest[: s.heatmap_features])
+        r = np.nan_to_num(stats.pearson(shown, shown))
+        # Features with similar rows of r side by side (average linkage of the rows as vectors).
         order = leaves_list(linkage(r, "average")) if len(shown) > 2 else np.arange(len(shown))
         image = ax.imshow(r[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        labels = ids[shown][order]
+        labels = ids[shown - block.start][order]
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
         ax.set_yticks(range(len(labels)), labels, fontsize=5)
         ax.set_title(f"layer {layer}: {len(within)} edges")
@@ -576,12 +585,17 @@ def _degrees(report: Report, layout: Layout, edges: pd.DataFrame) -> None:
     for layer in layout.layers:
         degree = np.zeros(len(layout.features[layer]), dtype=np.int64)
         np.add.at(degree, np.searchsorted(layout.features[layer], _ends(edges, layer)), 1)
-        linked = np.sort(degree[degree > 0])
-        share = 1 - np.arange(len(linked)) / len(degree)  # features with at least this degree
-        ax.step(linked, share, where="post", label=f"layer {layer} ({int((degree == 0).sum())} without edges)")
+        ax.step(*degree_survival(degree), where="post",
+                label=f"layer {layer} ({int((degree == 0).sum())} without edges)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("degree d (edges of a feature, within and across layers)")
     ax.set_ylabel("share of features with degree >= d")
     ax.legend(fontsize=7)
     report.figure(fig, "degrees", "Degree distribution of the graph per layer (log-log survival curve)")
+
+
+def degree_survival(degree: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each degree d >= 1 that occurs, and the share of all features with degree d or more."""
+    seen, counts = np.unique(degree[degree > 0], return_counts=True)
+    return seen, counts[::-1].cumsum()[::-1] / len(degree)

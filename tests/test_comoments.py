@@ -41,8 +41,15 @@ def sums_of(rows: np.ndarray, batch: int = 64) -> SparseSums:
     return sums
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def mode(request, monkeypatch):
+    """Scatter-adds of non-zero pairs, or dense products (as for pooled rows)."""
+    monkeypatch.setattr(SparseSums, "DENSE_SHARE", 2.0 if request.param == "sparse" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("seed", range(5))
-def test_any_sharding_in_any_order_equals_corrcoef(data, seed):
+def test_any_sharding_in_any_order_equals_corrcoef(data, seed, mode):
     order = random.Random(seed)
     pieces = [sums_of(data[s], order.randint(1, 100)).comoments() for s in split(len(data), order, order.randint(2, 9))]
     order.shuffle(pieces)
@@ -70,6 +77,19 @@ def test_tree_merge_equals_sequential_merge(data):
         pieces = [pieces[i].merge(pieces[i + 1]) if i + 1 < len(pieces) else pieces[i] for i in range(0, len(pieces), 2)]
     np.testing.assert_allclose(pieces[0].comoment, sequential.comoment, rtol=1e-12, atol=1e-9)
     np.testing.assert_array_equal(pieces[0].coactive, sequential.coactive)
+
+
+def test_sparse_and_dense_rows_mix_in_one_sum(data, monkeypatch):
+    """Dense rows (pooled windows) and sparse ones (tokens) may meet in one unit."""
+    sparse_rows = data[:600]
+    dense_rows = data[600:] + 0.01  # every feature active
+    sums = SparseSums.zeros(data.shape[1])
+    for start in range(0, 600, 100):
+        sums.add(torch.from_numpy(sparse_rows[start : start + 100]))
+        sums.add(torch.from_numpy(dense_rows[start : start + 100]))
+    both = np.vstack([sparse_rows, dense_rows])
+    np.testing.assert_allclose(sums.comoments().pearson(), np.corrcoef(both.T), rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(sums.comoments().coactive, (both > 0).astype(int).T @ (both > 0).astype(int))
 
 
 def test_sums_survive_hdf5_exactly(data, tmp_path):
@@ -108,7 +128,7 @@ def test_empty_sums_and_mismatched_rows():
         SparseSums.zeros(3).add(torch.ones((4, 2)))
 
 
-def test_negative_values_add_to_products_but_not_to_coactivation():
+def test_negative_values_add_to_products_but_not_to_coactivation(mode):
     rows = np.array([[1.5, -2.0, 0.0], [0.5, 0.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 4.0, 2.0]])
     sums = sums_of(rows, batch=3)
     stats = sums.comoments()

@@ -17,7 +17,7 @@ from common.layers import decoder_blocks
 from common.manifest import load_manifest
 from common.organism.files import Organism
 from jobs import feature_correlation
-from jobs.feature_correlation import EdgeRule, Layout, find_edges, most_frequent
+from jobs.feature_correlation import EdgeRule, Layout, degree_survival, find_edges, most_frequent
 from tests.helpers import REPO, run_all, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "feature_correlation.yaml"
@@ -170,6 +170,12 @@ def test_sequence_pooling_has_a_row_per_window(tmp_path, pooling):
         assert merged.attrs["rows"] == len(found) and merged.attrs["pooling"] == pooling
         assert len(merged["layers/L1/features"]) == 512  # every feature
         np.testing.assert_allclose(merged["layers/L1/mean"][()], rows[1].mean(0), rtol=0, atol=1e-5)
+        r = merged["blocks/L1-L2/r"][()]
+        live = ~np.isnan(r)
+        with np.errstate(invalid="ignore", divide="ignore"):  # features that never fire have no r
+            expected = np.corrcoef(rows[1].T, rows[2].T)[:512, 512:]
+        np.testing.assert_allclose(r[live], expected[live], rtol=0, atol=1e-4)  # batched windows: float32 rounding
+        assert live.sum() > 10_000
 
 
 # ---------------------------------------------------------------- the rules at their edges
@@ -209,6 +215,13 @@ def test_a_feature_is_never_its_own_neighbour_and_silent_features_have_none():
     assert len(edges.rows) == 0 and edges.unsupported == 0
 
 
+def test_degree_survival_counts_features_without_edges_in_the_whole():
+    degrees, share = degree_survival(np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 3]))
+    assert degrees.tolist() == [1, 3] and share.tolist() == [0.2, 0.1]
+    degrees, share = degree_survival(np.array([2, 2, 5, 0]))
+    assert degrees.tolist() == [2, 5] and share.tolist() == [0.75, 0.25]
+
+
 def test_most_frequent_breaks_ties_by_id_and_respects_the_support():
     counts = np.array([5, 9, 9, 2, 9, 0, 7])
     assert most_frequent(counts, 2, 1).tolist() == [1, 2]
@@ -233,6 +246,50 @@ def test_shards_adopt_a_published_choice_and_reduce_refuses_disagreeing_shards(t
         assert json.loads(shard.attrs["features"])["2"] == list(range(2, 42))
     with pytest.raises(UserError, match="counted other features than .*shard_00000.h5: the shards disagree"):
         reduce_task(str(run.path))
+
+
+def test_a_resumed_shard_refuses_a_changed_feature_choice(tmp_path):
+    run = prepare_run(load_manifest(write(tmp_path, {**SMALL, "run": {"shards": 1}})))
+    with h5py.File(run.shards_dir / "shard_00000.h5.partial", "w") as partial:  # an attempt killed mid-way
+        partial.attrs.update(format="saebatch-shard/1", run_id=run.load_plan().run_id, shard_index=0,
+                             features=json.dumps({"0": [1, 2, 3]}))
+        partial.create_group("units")
+    with pytest.raises(UserError, match="shard 0 was started with another feature choice than .*feature_choice.json"):
+        run_shard_task(str(run.path), 0)
+
+
+def test_a_gemma2_model_from_a_folder_runs_with_its_own_attention(tmp_path):
+    """Gemma 2 soft-caps attention logits: transformers must choose eager attention for it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tests.helpers import save_random_sae
+
+    config = Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    Organism().tokenizer().save_pretrained(tmp_path / "gemma2")
+    saes = save_random_sae(tmp_path / "saes", d_in=64, d_sae=48)
+    run = run_all(write(tmp_path, {"run": {"shards": 2}, "feature_correlation": {
+        "model": {"id": None, "path": str(tmp_path / "gemma2")}, "sae": {"builtin": None, "path": saes},
+        "layers": [0, 1], "corpus": {"window": 32, "tokens": 640}, "tokens_per_unit": 320, "features": {"top": None}}}))
+    with h5py.File(run.merged_path) as merged:
+        assert merged.attrs["rows"] == 640 and merged["blocks/L0-L1/r"].shape == (48, 48)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sums_on_the_gpu_equal_those_on_the_cpu(monkeypatch):
+    from common.comoments import SparseSums
+
+    rows = torch.rand(300, 700, dtype=torch.float64) * (torch.rand(300, 700) < 0.02)
+    for share in (2.0, 0.0):  # scattered pairs, then dense products
+        monkeypatch.setattr(SparseSums, "DENSE_SHARE", share)
+        sums = {device: SparseSums.zeros(700, device) for device in ("cpu", "cuda")}
+        for device_sums in sums.values():
+            device_sums.add(rows)
+        np.testing.assert_allclose(sums["cuda"].comoments().pearson(), sums["cpu"].comoments().pearson(),
+                                   rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- bad input, before any GPU time
@@ -284,6 +341,7 @@ def test_units_must_hold_a_window(tmp_path, capsys):
 
 def test_paper_manifest_validates_and_plans(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # its corpus path is relative: a stand-in file the size of a few documents
+    monkeypatch.setattr(feature_correlation, "_local_tokenizer", lambda spec: None)  # as on a bare login node
     (tmp_path / "corpora").mkdir()
     (tmp_path / "corpora" / "pile_train_00.jsonl").write_text(json.dumps({"text": "A document of The Pile."}) + "\n")
     assert main(["plan", str(PAPER)]) == 0

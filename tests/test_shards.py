@@ -1,5 +1,7 @@
 """Shards: resumable writing, and a strict check before any merge."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -148,3 +150,6 @@ def test_the_first_published_choice_is_the_one_every_shard_reads(tmp_path):
     assert publish_once(shared, "first") == "first"
     assert publish_once(shared, "second") == "first"
     assert shared.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["choice.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert shared.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as a plain write would leave it

@@ -104,7 +104,7 @@ class Organism:
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return AutoTokenizer.from_pretrained(self.model_dir)
 
-    def model(self, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    def model(self, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "eager"):
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation=attn_implementation)
         model.eval()
         model.requires_grad_(False)
