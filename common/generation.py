@@ -1,0 +1,65 @@
+"""Batched sampling in which every row draws from its own seeded noise.
+
+Sampling at temperature T is the argmax of logits / T plus Gumbel noise (the Gumbel-max trick),
+so `generate` runs greedy decoding on logits that `SeededNoise` has perturbed with noise from
+one generator per row. A row's text then depends on its seed and its prompt, not on which
+other rows share its batch: a resumed shard, or a trial run in another batch, draws the same
+tokens (up to the rounding of batched arithmetic).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+
+class SeededNoise(LogitsProcessor):
+    """Adds Gumbel noise from row i's own generator to row i's logits / temperature."""
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
+        return scores.float() / self.temperature + gumbel
+
+
+class FirstLineWritten(StoppingCriteria):
+    """A row is done once it has written a non-empty line and the line break after it."""
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([bool(re.search(r"\S[^\n]*\n", text)) for text in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
+           device: torch.device, first_line_only: bool = False) -> list[str]:
+    """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every prompt ends at the last column
+    try:
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    length = encoded["input_ids"].shape[1]
+    stopping = StoppingCriteriaList([FirstLineWritten(tokenizer, length)] if first_line_only else [])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    output = model.generate(**encoded, generation_config=config, stopping_criteria=stopping,
+                            logits_processor=LogitsProcessorList([SeededNoise(seeds, temperature, device)]))
+    return tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)

@@ -1,0 +1,57 @@
+"""Seeded sampling: the right distribution, and a row's draw independent of its batch."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from common.generation import sample
+from common.organism import synthetic
+from common.organism.files import Organism
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return Organism().model(attn_implementation=None), Organism().tokenizer()
+
+
+def test_first_tokens_follow_softmax_at_the_temperature(organism):
+    model, tokenizer = organism
+    prompt = synthetic.prompt(synthetic.random_state(random.Random(3)))
+    with torch.no_grad():
+        logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].double()
+    expected = torch.softmax(logits / 0.7, dim=0).numpy()
+    draws = sample(model, tokenizer, [prompt] * 600, list(range(600)), 0.7, 1, CPU)
+    ids = [tokenizer(text, add_special_tokens=False).input_ids[0] for text in draws]
+    likely = np.flatnonzero(expected > 0.01)
+    observed = np.array([sum(i == t for i in ids) for t in likely] + [sum(i not in likely for i in ids)])
+    predicted = np.append(expected[likely], 1 - expected[likely].sum()) * len(ids)
+    assert len(likely) >= 2 and stats.chisquare(observed, predicted).pvalue > 1e-3
+
+
+def test_a_rows_text_depends_on_its_seed_not_its_batch(organism):
+    model, tokenizer = organism
+    rng = random.Random(0)
+    prompts = [synthetic.prompt(synthetic.random_state(rng)) for _ in range(8)]
+    together = sample(model, tokenizer, prompts, list(range(8)), 1.0, 20, CPU)
+    reversed_batch = sample(model, tokenizer, prompts[::-1], list(range(8))[::-1], 1.0, 20, CPU)[::-1]
+    alone = [sample(model, tokenizer, [p], [seed], 1.0, 20, CPU)[0] for seed, p in enumerate(prompts)]
+    assert together == reversed_batch == alone
+    other_seeds = sample(model, tokenizer, prompts, list(range(100, 108)), 1.0, 20, CPU)
+    assert other_seeds != together
+
+
+def test_first_line_only_stops_each_row_after_its_first_line(organism):
+    model, tokenizer = organism
+    rng = random.Random(1)
+    prompts = [synthetic.problem_prompt(synthetic.problem(rng).question) for _ in range(4)]
+    whole = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU)
+    first = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU, first_line_only=True)
+    assert all("####" in text and len(text.strip().splitlines()) == 2 for text in whole)  # working, then answer
+    assert first == [text.split("\n")[0] + "\n" for text in whole]
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        sample(model, tokenizer, ["a", "b"], [0], 1.0, 5, CPU)
