@@ -185,13 +185,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # manifests/ lies beside common/, in the source tree and in site-packages alike
     demo_dir = Path(__file__).resolve().parent.parent / "manifests" / "demo"
-    paths = sorted(demo_dir.glob("*.yaml"))
+    paths = sorted(demo_dir.glob("*.yaml"))  # name order: a chain's steps are numbered (gambling_1_games, ...)
     if not paths:
         raise UserError(f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
     status = 0
     for path in paths:
-        manifest = load_manifest(path)
-        manifest.run.root = Path(args.root).absolute()
+        manifest = load_manifest(path, run_root=Path(args.root).absolute())
         print(f"== demo: {manifest.job} ({path.name})")
         run = prepare_run(manifest)
         status |= _submit_run(run, "local", True)

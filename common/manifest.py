@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+)
 from pydantic_core import PydanticUndefined
 
 from common.errors import UserError
@@ -41,6 +48,25 @@ def _absolute(path: Path) -> Path:
 # A path in a manifest, made absolute against the directory the command runs in, so that the
 # saved manifest means the same thing wherever a task later runs.
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
+
+
+def _upstream_run(path: Path, info: ValidationInfo) -> Path:
+    """The run directory of a run this one reads: given as the directory, or as the manifest that
+    made it (a relative manifest path is read beside this manifest; its run is looked up under
+    the run root that `load_manifest` was told to use, if any, as `saebatch demo` does)."""
+    context = info.context or {}
+    path = path.expanduser()
+    if not path.is_absolute():
+        path = Path(context.get("manifest_dir", Path.cwd())) / path
+    if path.is_file():
+        from common.rundir import RunDir  # rundir imports this module
+
+        return RunDir.for_manifest(load_manifest(path, run_root=context.get("run_root"))).path
+    return path.absolute()
+
+
+# The run of an earlier step (a directory, or its manifest), saved in the manifest as the directory.
+UpstreamRun = Annotated[Path, AfterValidator(_upstream_run)]
 
 
 class RunSettings(StrictModel):
@@ -110,8 +136,11 @@ class Manifest(StrictModel, Generic[SettingsT]):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def load_manifest(path: str | Path) -> Manifest:
-    """Read and validate a manifest file; every problem is a UserError naming the field."""
+def load_manifest(path: str | Path, run_root: Path | None = None) -> Manifest:
+    """Read and validate a manifest file; every problem is a UserError naming the field.
+
+    `run_root` replaces the manifest's run.root (and that of the runs it reads, given by manifest).
+    """
     from common.registry import get_job  # the registry imports jobs/, which import this module
 
     path = Path(path)
@@ -137,8 +166,11 @@ def load_manifest(path: str | Path) -> Manifest:
         )
     data = {k: v for k, v in raw.items() if k != job_name}
     data["settings"] = raw.get(job_name) or {}
+    if run_root is not None:
+        data["run"] = {**(data.get("run") or {}), "root": str(run_root)}
+    context = {"manifest_dir": path.parent.absolute(), "run_root": run_root}
     try:
-        return Manifest[job.Settings].model_validate(data)
+        return Manifest[job.Settings].model_validate(data, context=context)
     except ValidationError as error:
         raise UserError(f"manifest {path} is invalid:\n{_describe(error, job_name, job.Settings)}") from None
 

@@ -1,6 +1,6 @@
 """Slot-machine games played by the model over the published conditions (seed 000, step 1 of 3).
 
-    saebatch submit manifests/demo/gambling_games.yaml --executor local
+    saebatch submit manifests/demo/gambling_1_games.yaml --executor local
 
 Every game is a work unit: a condition (prompt components, bet type, first round's outcome) and
 a repetition, with its own seed for the slot machine and for the model's sampling noise

@@ -16,7 +16,7 @@ from jobs import _gambling as task
 from jobs import gambling_games
 from tests.helpers import REPO, run_all, write_manifest_file
 
-DEMO = REPO / "manifests" / "demo" / "gambling_games.yaml"
+DEMO = REPO / "manifests" / "demo" / "gambling_1_games.yaml"
 
 
 def write(folder, overrides: dict):

@@ -1,0 +1,111 @@
+"""feature_contrast: statistics against independent computations, and the organism's planted cause."""
+
+import shutil
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from common.cli import main
+from common.manifest import load_manifest
+from jobs.feature_contrast import Selection, contrast, correct
+from tests.helpers import REPO, run_all
+
+DEMO = REPO / "manifests" / "demo"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """The demo's games and contrast, run in a copy of the demo folder (the contrast names the games' manifest)."""
+    folder = tmp_path_factory.mktemp("chain")
+    for name in ("gambling_1_games.yaml", "gambling_2_contrast.yaml"):
+        shutil.copy(DEMO / name, folder / name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # run.root "runs" is relative to where saebatch runs
+        games = run_all(folder / "gambling_1_games.yaml")
+        contrast_run = run_all(folder / "gambling_2_contrast.yaml")
+    return folder, games, contrast_run
+
+
+def test_statistics_equal_a_feature_by_feature_computation():
+    rng = np.random.default_rng(0)
+    bankrupt = rng.gamma(2, 1, (25, 6)) * (rng.random((25, 6)) < 0.6)
+    safe = rng.gamma(2, 1.5, (70, 6)) * (rng.random((70, 6)) < 0.4)
+    bankrupt[:, 5] = safe[:, 5] = 0.0  # never active: nothing to test
+    table = contrast(bankrupt, safe)
+    for f in range(5):
+        a, b = bankrupt[:, f], safe[:, f]
+        pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+        assert table["cohens_d"][f] == pytest.approx((a.mean() - b.mean()) / pooled, rel=1e-12)
+        welch = stats.ttest_ind(a, b, equal_var=False)
+        assert table["t"][f] == pytest.approx(welch.statistic, rel=1e-12)
+        assert table["p"][f] == pytest.approx(welch.pvalue, rel=1e-10)
+        assert table["active_safe"][f] == pytest.approx((b > 0).mean())
+    assert np.isnan(table["p"][5]) and np.isnan(table["cohens_d"][5])
+
+
+def test_corrections_and_the_selection_at_its_edges():
+    p = np.array([0.0001, 0.0004, 0.02, np.nan, 0.0002, 0.9])
+    d = np.array([1.0, 0.8, 3.0, 2.0, -0.9, 5.0])
+    table = correct(pd.DataFrame({"p": p, "cohens_d": d}), Selection(correction="bh", alpha=0.001, min_abs_d=0.8))
+    tested = p[~np.isnan(p)]
+    order = np.argsort(tested)
+    bh = tested[order] * len(tested) / np.arange(1, len(tested) + 1)
+    bh = np.minimum.accumulate(bh[::-1])[::-1]  # step-up: monotone from the largest p down
+    expected = np.empty_like(bh)
+    expected[order] = np.minimum(bh, 1)
+    np.testing.assert_allclose(table["q_bh"].dropna(), expected, rtol=1e-12)
+    np.testing.assert_allclose(table["p_bonferroni"].dropna(), np.minimum(tested * 5, 1), rtol=1e-12)
+    # q of 0.0004 is 0.0005 < 0.001 but |d| = 0.8 is not above 0.8; untested features are never selected
+    assert table["selected"].tolist() == [True, False, False, False, True, False]
+    strict = correct(pd.DataFrame({"p": p, "cohens_d": d}), Selection(correction="bonferroni", alpha=0.001))
+    assert strict["selected"].tolist() == [True, False, False, False, False, False]  # 0.0002 x 5 = 0.001: not below
+    assert strict["p_bonferroni"][4] == pytest.approx(0.001)
+
+
+def test_the_chain_finds_the_organisms_planted_feature(chain):
+    _, games, contrast_run = chain
+    table = pd.read_csv(contrast_run.report_dir / "features.csv")
+    planted = table[(table.layer == 1) & (table.feature == 402)].iloc[0]
+    assert planted.selected and planted.cohens_d > 0.8  # higher where the model went on to bet
+    with h5py.File(games.merged_path) as merged:
+        outcomes = [g.attrs["outcome"] for g in merged["units"].values()]
+        finals = {name: g["features/L1/data"].size for name, g in merged["units"].items()}
+    with h5py.File(contrast_run.merged_path) as out:
+        assert out.attrs["job"] == "feature_contrast"
+        sizes = yaml.safe_load(out.attrs["group_sizes"].replace("'", '"'))
+        assert sizes[1] == {"bankrupt": outcomes.count("bankrupt"), "safe": outcomes.count("stopped")}
+        assert out["features/selected"][()].sum() == table.selected.sum() > 0
+    assert len(finals) == 128
+
+
+def test_the_games_run_is_saved_as_its_directory(chain):
+    folder, games, contrast_run = chain
+    saved = load_manifest(contrast_run.manifest_path).settings.games
+    assert saved == games.path  # not the manifest file name: the run's identity includes it
+
+
+def test_missing_or_foreign_upstream_runs_and_small_groups_are_refused(chain, tmp_path, capsys):
+    folder, games, _ = chain
+
+    def refused(settings: dict, message: str) -> None:
+        data = yaml.safe_load((DEMO / "gambling_2_contrast.yaml").read_text())
+        data["run"]["root"] = str(tmp_path / "runs")
+        data["feature_contrast"].update(settings)
+        path = tmp_path / "contrast.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert main(["plan", str(path)]) == 2
+        assert message in capsys.readouterr().err
+
+    refused({"games": str(tmp_path)}, f"feature_contrast.games: {tmp_path} has no merged.h5; run the games first")
+    refused({"games": str(games.path), "layers": [1, 3]},
+            "feature_contrast.layers: the games recorded SAE features at layers [1, 2], not at [3]")
+    refused({"games": str(games.path), "min_games": 500}, "each group needs 500 (min_games). Play more games")
+    other = tmp_path / "other"
+    other.mkdir()
+    with h5py.File(other / "merged.h5", "w") as fake:
+        fake.attrs["job"] = "token_tracking"
+    refused({"games": str(other)}, "was written by 'token_tracking', not gambling_games")
