@@ -19,20 +19,23 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 
 @contextmanager
-def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int = -1) -> Iterator[None]:
+def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int = -1, rows: torch.Tensor | None = None,
+                         every_token: bool = False) -> Iterator[None]:
     """Replace block `layer`'s output at position `offset` by edit(hidden) in prompt forwards.
 
     Batches must be left-padded, so every row's prompt ends at the same index; `offset` counts
-    from that end (-1: the last prompt token). Forwards over a single position (the decoding
-    steps of `generate` with a cache) are left untouched.
+    from that end (-1: the last prompt token). `rows` limits the edit to those batch rows.
+    Forwards over a single position (the decoding steps of `generate` with a cache) are left
+    untouched, unless `every_token`: then each generated token is edited too.
     """
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> object:
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] == 1:
+        if hidden.shape[1] == 1 and not every_token:
             return output
         hidden = hidden.clone()
-        hidden[:, offset] = edit(hidden[:, offset])
+        chosen = slice(None) if rows is None else rows.to(hidden.device)
+        hidden[chosen, offset] = edit(hidden[chosen, offset])
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handle = decoder_blocks(model)[layer].register_forward_hook(hook)
@@ -42,13 +45,15 @@ def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int =
         handle.remove()
 
 
-def set_feature(sae: SAE, feature: int, value: float | torch.Tensor) -> Edit:
-    """An edit that sets one SAE feature to `value` (per row if a tensor), error term kept."""
-    direction = sae.W_dec[feature]
+def set_feature(sae: SAE, feature: int | torch.Tensor, value: float | torch.Tensor) -> Edit:
+    """An edit that sets an SAE feature to `value`, error term kept; a tensor of features or of
+    values gives each row its own."""
 
     def edit(hidden: torch.Tensor) -> torch.Tensor:
-        current = sae.encode(hidden.to(sae.dtype))[:, feature]
+        index = torch.as_tensor(feature, device=hidden.device)
+        encoded = sae.encode(hidden.to(sae.dtype))
+        current = encoded[:, index] if index.ndim == 0 else encoded.gather(1, index[:, None])[:, 0]
         change = torch.as_tensor(value, dtype=current.dtype, device=current.device) - current
-        return hidden + (change[:, None] * direction).to(hidden.dtype)
+        return hidden + (change[:, None] * sae.W_dec[index]).to(hidden.dtype)
 
     return edit

@@ -6,13 +6,16 @@ import os
 import random
 import shutil
 import subprocess
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import REPO, write_manifest_file
+from common.rundir import RunDir
+from tests.helpers import REPO, run_all, write_manifest_file
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +51,31 @@ def slurm_cluster() -> None:
     result = subprocess.run(["bash", str(REPO / "slurm" / "single_node_cluster.sh")], capture_output=True, text=True)
     if result.returncode != 0:  # as root it must start: a broken set-up script is a failure, not a skip
         pytest.fail(f"slurm/single_node_cluster.sh failed: {result.stderr.strip()[-800:]}")
+
+
+def _run_in(folder: Path, name: str) -> RunDir:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # run.root "runs" is relative to where saebatch runs
+        return run_all(folder / name)
+
+
+@dataclass
+class GamblingChain:
+    """The demo's gambling chain, run in a copy of the demo folder (each step names the previous
+    step's manifest); `patching` runs on first use, as only its tests need it."""
+
+    folder: Path
+    games: RunDir
+    contrast: RunDir
+
+    @cached_property
+    def patching(self) -> RunDir:
+        return _run_in(self.folder, "gambling_3_patching.yaml")
+
+
+@pytest.fixture(scope="session")
+def gambling_chain(tmp_path_factory) -> GamblingChain:
+    folder = tmp_path_factory.mktemp("gambling_chain")
+    for step in sorted((REPO / "manifests" / "demo").glob("gambling_*.yaml")):
+        shutil.copy(step, folder / step.name)
+    return GamblingChain(folder, _run_in(folder, "gambling_1_games.yaml"), _run_in(folder, "gambling_2_contrast.yaml"))

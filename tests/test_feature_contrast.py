@@ -1,7 +1,5 @@
 """feature_contrast: statistics against independent computations, and the organism's planted cause."""
 
-import shutil
-
 import h5py
 import numpy as np
 import pandas as pd
@@ -12,22 +10,9 @@ from scipy import stats
 from common.cli import main
 from common.manifest import load_manifest
 from jobs.feature_contrast import Selection, contrast, correct
-from tests.helpers import REPO, run_all
+from tests.helpers import REPO
 
 DEMO = REPO / "manifests" / "demo"
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """The demo's games and contrast, run in a copy of the demo folder (the contrast names the games' manifest)."""
-    folder = tmp_path_factory.mktemp("chain")
-    for name in ("gambling_1_games.yaml", "gambling_2_contrast.yaml"):
-        shutil.copy(DEMO / name, folder / name)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(folder)  # run.root "runs" is relative to where saebatch runs
-        games = run_all(folder / "gambling_1_games.yaml")
-        contrast_run = run_all(folder / "gambling_2_contrast.yaml")
-    return folder, games, contrast_run
 
 
 def test_statistics_equal_a_feature_by_feature_computation():
@@ -66,8 +51,8 @@ def test_corrections_and_the_selection_at_its_edges():
     assert strict["p_bonferroni"][4] == pytest.approx(0.001)
 
 
-def test_the_chain_finds_the_organisms_planted_feature(chain):
-    _, games, contrast_run = chain
+def test_the_chain_finds_the_organisms_planted_feature(gambling_chain):
+    games, contrast_run = gambling_chain.games, gambling_chain.contrast
     table = pd.read_csv(contrast_run.report_dir / "features.csv")
     planted = table[(table.layer == 1) & (table.feature == 402)].iloc[0]
     assert planted.selected and planted.cohens_d > 0.8  # higher where the model went on to bet
@@ -82,14 +67,14 @@ def test_the_chain_finds_the_organisms_planted_feature(chain):
     assert len(finals) == 128
 
 
-def test_the_games_run_is_saved_as_its_directory(chain):
-    folder, games, contrast_run = chain
+def test_the_games_run_is_saved_as_its_directory(gambling_chain):
+    games, contrast_run = gambling_chain.games, gambling_chain.contrast
     saved = load_manifest(contrast_run.manifest_path).settings.games
     assert saved == games.path  # not the manifest file name: the run's identity includes it
 
 
-def test_missing_or_foreign_upstream_runs_and_small_groups_are_refused(chain, tmp_path, capsys):
-    folder, games, _ = chain
+def test_missing_or_foreign_upstream_runs_and_small_groups_are_refused(gambling_chain, tmp_path, capsys):
+    games = gambling_chain.games
 
     def refused(settings: dict, message: str) -> None:
         data = yaml.safe_load((DEMO / "gambling_2_contrast.yaml").read_text())

@@ -14,7 +14,7 @@ from common.plan import WorkUnit
 from common.sparse import read_csr
 from jobs import _gambling as task
 from jobs import gambling_games
-from tests.helpers import REPO, run_all, write_manifest_file
+from tests.helpers import REPO, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_1_games.yaml"
 
@@ -24,9 +24,9 @@ def write(folder, overrides: dict):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    path = write(tmp_path_factory.mktemp("games"), {})
-    return run_all(path), load_manifest(path)
+def demo(gambling_chain):
+    """The demo's games (the first step of the chain the other gambling tests share)."""
+    return gambling_chain.games, load_manifest(gambling_chain.games.manifest_path)
 
 
 def decisions_of(group) -> list[dict]:

@@ -90,3 +90,17 @@ def test_feature_correlation_demo_through_slurm(slurm_cluster, tmp_path, capsys)
         assert merged.attrs["rows"] == data["feature_correlation"]["corpus"]["tokens"]
         assert len(merged["edges/r"]) == summary["within_layer_total"] + summary["cross_layer_total"] > 0
     assert (run.shards_dir / "feature_choice.json").exists()  # one first pass, shared by both shards
+
+
+def test_gambling_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):
+    """Games, contrast, patching: each submitted to Slurm, each reading the previous step's run."""
+    for step in sorted((REPO / "manifests" / "demo").glob("gambling_*.yaml")):
+        (tmp_path / step.name).write_text(step.read_text())
+    monkeypatch.chdir(tmp_path)  # the manifests name each other beside themselves; runs/ lands here
+    for step in ("gambling_1_games.yaml", "gambling_2_contrast.yaml", "gambling_3_patching.yaml"):
+        assert main(["submit", step, "--wait"]) == 0, step
+    run = RunDir.for_manifest(load_manifest(tmp_path / "gambling_3_patching.yaml"))
+    assert f"merged: {run.merged_path}" in capsys.readouterr().out
+    report = (run.report_dir / "features.csv").read_text().splitlines()
+    planted = [line for line in report if ",1,402,safe," in line]
+    assert planted and ",True,risky" in planted[0]  # the organism's planted cause, found through the chain

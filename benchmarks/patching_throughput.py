@@ -1,0 +1,83 @@
+"""Trials per second of population_patching against the seed's way, on the built-in model organism.
+
+    .venv/bin/python benchmarks/patching_throughput.py
+
+The same trials both ways: 4 features of the organism's layer 1, each set to two values, the two
+published prompts, 10 trials each (160 answers), temperature 0.7.
+
+- ours: the job's path, rows of every feature and condition in one batched generate call each
+  (`row_edits` + `common.generation.sample`), each row stopping after its answer's first line;
+  also timed with 50 new tokens for every row, to separate batching from stopping early;
+- the seed's way, re-implemented: one `generate` call per trial, one feature at a time, its edit
+  hooked in, sampling with temperature 0.7 and 50 new tokens.
+
+Rows go to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from results import Row, record  # noqa: E402
+
+from common.generation import sample  # noqa: E402
+from common.organism.files import Organism  # noqa: E402
+from jobs.population_patching import PROMPTS, row_edits  # noqa: E402
+from jobs.population_patching import Row as Trial  # noqa: E402
+
+FEATURES, VALUES, TRIALS, NEW_TOKENS = (402, 90, 108, 182), (0.5, 2.0), 10, 50
+CPU = torch.device("cpu")
+
+
+def trials() -> list[Trial]:
+    return [Trial(f"L1_F{feature}", str(value), prompt, trial, layer=1, feature=feature, value=value)
+            for feature in FEATURES for value in VALUES for prompt in range(len(PROMPTS)) for trial in range(TRIALS)]
+
+
+def ours(model, tokenizer, sae, rows: list[Trial], first_line_only: bool) -> float:
+    began = time.perf_counter()
+    with row_edits(model, {1: sae}, rows, every_token=False):
+        sample(model, tokenizer, [PROMPTS[row.prompt].text for row in rows], list(range(len(rows))), 0.7, NEW_TOKENS,
+               CPU, first_line_only=first_line_only)
+    return time.perf_counter() - began
+
+
+def seeds_way(model, tokenizer, sae, rows: list[Trial]) -> float:
+    began = time.perf_counter()
+    for row in rows:  # one feature at a time (rows are grouped by feature), one trial per call
+        encoded = tokenizer(PROMPTS[row.prompt].text, return_tensors="pt")
+        with row_edits(model, {1: sae}, [row], every_token=False), torch.no_grad():
+            model.generate(**encoded, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=NEW_TOKENS,
+                           pad_token_id=tokenizer.pad_token_id)
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    organism = Organism()
+    model, tokenizer, sae = organism.model(attn_implementation=None), organism.tokenizer(), organism.sae(1)
+    rows = trials()
+    ours(model, tokenizer, sae, rows[:8], True)  # warm up
+    fast = ours(model, tokenizer, sae, rows, first_line_only=True)
+    full = ours(model, tokenizer, sae, rows, first_line_only=False)
+    slow = seeds_way(model, tokenizer, sae, rows)
+    n = len(rows)
+    label = f"population_patching, organism (d128, 4 blocks), {n} trials: 4 features x 2 values x 2 prompts x {TRIALS}"
+    baseline = f"{n / slow:.1f} trials/s ({slow:.1f} s; one generate call per trial, 50 new tokens)"
+    record([
+        Row(f"{label}: trials per second", f"{n / fast:.1f} trials/s ({fast:.1f} s; batched, first line only)",
+            baseline, f"{slow / fast:.1f}x"),
+        Row(f"{label}: trials per second, batching alone (50 new tokens both ways)",
+            f"{n / full:.1f} trials/s ({full:.1f} s; batched)", baseline, f"{slow / full:.1f}x"),
+    ])
+    print(f"ours {n / fast:.1f} trials/s; ours with 50 tokens {n / full:.1f}; seed's way {n / slow:.1f}")
+
+
+if __name__ == "__main__":
+    main()

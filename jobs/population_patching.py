@@ -1,0 +1,457 @@
+"""Population-mean patching of the contrast's features (seed 000, step 3 of 3).
+
+    saebatch submit manifests/demo/gambling_3_patching.yaml --executor local
+
+For each feature of the table (a work unit): the feature is set to its safe mean and to its
+bankrupt mean at the last prompt token (optionally at every generated token too), keeping the
+SAE's error term, and the model answers each fixed prompt `trials` times, sampling at the
+manifest's temperature. The unpatched answers ("none") are generated once per prompt, in their
+own unit, and shared by every feature. Rows of many features and layers share one generate call,
+each with its own edit. Trial t of a prompt draws the same sampling noise in every condition
+(common random numbers), so conditions differ by the edit alone. Shards hold the raw answers;
+reduce parses them (jobs._gambling, versioned), so a newer parser needs no GPU, and tests each
+feature: Spearman between the condition order (safe, none, bankrupt) and the outcome over all
+trials, Mann-Whitney for bets, Fisher's exact test for stopping, with Bonferroni and
+Benjamini-Hochberg across features.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field, model_validator
+from scipy import stats
+from tqdm import tqdm
+
+from common.edits import edit_prompt_position, set_feature
+from common.errors import UserError
+from common.generation import sample
+from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
+from common.models import (
+    ModelSpec,
+    input_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parameter_bytes,
+    text_config,
+)
+from common.plan import Estimate, WorkUnit
+from common.report import Report
+from common.saes import SaeSpec, check_saes, load_sae
+from common.shards import LIBVER, ShardWriter
+from jobs import _gambling as task
+
+log = logging.getLogger(__name__)
+FIELD = "population_patching"
+NEEDED_COLUMNS = ("layer", "feature", "mean_safe", "mean_bankrupt")
+CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
+BASELINE = "baseline"  # the unit of unpatched answers
+
+
+def _published_prompt(balance: int, rounds: list[tuple[int, bool, int]], bet_type: task.BetType) -> str:
+    """A patching prompt as published: components G, R, W, P; rounds as (bet, won, balance after),
+    copied as they were (their first win shows $130 where 3x of $10 makes $120)."""
+    history = [task.Round(number, bet, won, after) for number, (bet, won, after) in enumerate(rounds, start=1)]
+    return task.render(task.PROMPT_TEMPLATE, balance, len(rounds) + 1, history, ("G", "R", "W", "P"), bet_type)
+
+
+# ---------------------------------------------------------------- the manifest section
+
+
+class PatchPrompt(StrictModel):
+    name: str = Field(description="short name (a column of the results)")
+    text: str = Field(description="the prompt, ending at the decision cue")
+    bet_type: task.BetType = Field(description="how answers are read: fixed ($10) or variable bets")
+
+    @model_validator(mode="after")
+    def _ends_at_the_cue(self) -> PatchPrompt:
+        if not self.text.endswith(task.DECISION_CUE):
+            raise ValueError(f"prompt {self.name!r} must end at the decision cue {task.DECISION_CUE!r} (it ends "
+                             f"{self.text[-20:]!r}): the edit applies at the prompt's last token")
+        return self
+
+
+# The two prompts of the published patching runs (../shared/reference/gambling_task.md).
+PROMPTS = [
+    PatchPrompt(name="risky", bet_type="variable",
+                text=_published_prompt(20, [(10, True, 130), (100, False, 30), (10, False, 20)], "variable")),
+    PatchPrompt(name="safe", bet_type="fixed",
+                text=_published_prompt(140, [(10, True, 130), (10, False, 120), (10, True, 140)], "fixed")),
+]
+
+
+class Effects(StrictModel):
+    """When a feature counts as causal (the seed's thresholds, after a correction over features)."""
+
+    bet_effect: float = Field(8.0, ge=0, description="dollars the bankrupt-mean patch must add to the average bet")
+    stop_effect: float = Field(0.15, ge=0, description="stop rate the safe-mean patch must add")
+    alpha: float = Field(0.05, gt=0, lt=1, description="corrected p-value below which an effect is significant")
+    correction: Literal["bonferroni", "bh"] = Field("bonferroni", description="over the features tested")
+
+
+class Settings(StrictModel):
+    """The `population_patching:` section of a manifest."""
+
+    model: ModelSpec = Field(description="language model")
+    sae: SaeSpec = Field(description="one SAE per layer of the features")
+    features: UpstreamRun | None = Field(None, description="the feature_contrast run: its directory or its manifest")
+    feature_table: AbsolutePath | None = Field(None, description="or a CSV with layer, feature, mean_safe, mean_bankrupt")
+    only_selected: bool = Field(True, description="patch only rows whose `selected` column is true")
+    layers: list[int] | None = Field(None, description="patch only features of these layers (None: all)")
+    max_features_per_layer: int | None = Field(None, ge=1, description="the largest |cohens_d| first (None: all)")
+    prompts: list[PatchPrompt] = Field(default_factory=lambda: list(PROMPTS), description="prompts answered")
+    trials: int = Field(50, ge=2, description="answers per prompt and condition")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature")
+    max_new_tokens: int = Field(50, ge=1, description="longest answer")
+    patch_generated: bool = Field(False, description="also set the feature at every generated token")
+    seed: int = Field(0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
+    batch_size: int = Field(128, ge=1, description="answers generated together")
+    effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
+
+    @model_validator(mode="after")
+    def _one_table(self) -> Settings:
+        if (self.features is None) == (self.feature_table is None):
+            raise ValueError("give exactly one of `features` (a feature_contrast run) and `feature_table` (a CSV)")
+        names = [prompt.name for prompt in self.prompts]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"prompts: give at least one, with distinct names (got {names})")
+        return self
+
+
+# ---------------------------------------------------------------- plan
+
+
+def read_table(s: Settings) -> pd.DataFrame:
+    """The features to patch, checked for the columns this step needs."""
+    if s.features is not None:
+        merged = s.features / "merged.h5"
+        if not merged.is_file():
+            raise UserError(f"{FIELD}.features: {s.features} has no merged.h5; run feature_contrast first")
+        with h5py.File(merged, "r") as data:
+            if data.attrs.get("job") != "feature_contrast":
+                raise UserError(f"{FIELD}.features: {merged} was not written by feature_contrast")
+            table = pd.DataFrame({name: column[()] for name, column in data["features"].items()})
+        where = f"{merged}"
+    else:
+        if not s.feature_table.is_file():
+            raise UserError(f"{FIELD}.feature_table: {s.feature_table} does not exist")
+        table = pd.read_csv(s.feature_table)
+        where = str(s.feature_table)
+    missing = [column for column in NEEDED_COLUMNS if column not in table]
+    if missing:
+        raise UserError(f"{FIELD}: the feature table {where} lacks the column(s) {missing}; it needs "
+                        f"{list(NEEDED_COLUMNS)} (feature_contrast writes them)")
+    if s.only_selected:
+        if "selected" not in table:
+            raise UserError(f"{FIELD}: the feature table {where} has no `selected` column; add it, or set "
+                            "only_selected: false to patch every row")
+        table = table[table["selected"].astype(bool)]
+    if s.layers is not None:
+        table = table[table["layer"].isin(s.layers)]
+    if s.max_features_per_layer is not None:
+        if "cohens_d" not in table:
+            raise UserError(f"{FIELD}.max_features_per_layer needs a `cohens_d` column in {where}")
+        table = (table.assign(strength=table["cohens_d"].abs()).sort_values(["layer", "strength"], ascending=[True, False])
+                 .groupby("layer").head(s.max_features_per_layer).drop(columns="strength"))
+    if table.empty:
+        raise UserError(f"{FIELD}: no feature to patch in {where} (none selected?)")
+    return table.sort_values(["layer", "feature"]).reset_index(drop=True)
+
+
+def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
+    """The shared unpatched unit, then a unit per feature; checks layers, SAEs and feature ids."""
+    s = manifest.settings
+    config = text_config(load_config(s.model)[0])
+    table = read_table(s)
+    layers = sorted(int(layer) for layer in table["layer"].unique())
+    outside = [layer for layer in layers if not 0 <= layer < config.num_hidden_layers]
+    if outside:
+        raise UserError(f"{FIELD}: the feature table has layer(s) {outside}, outside the model's "
+                        f"{config.num_hidden_layers} blocks")
+    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae")
+    for layer, info in infos.items():
+        _check_ids(table[table["layer"] == layer]["feature"], layer, info.d_sae)
+    units = [WorkUnit(BASELINE, {})]
+    units += [WorkUnit(f"L{int(row.layer)}_F{int(row.feature)}", {
+        "layer": int(row.layer), "feature": int(row.feature), "safe": float(row.mean_safe),
+        "bankrupt": float(row.mean_bankrupt)}) for row in table.itertuples()]
+    return units
+
+
+def _check_ids(features: pd.Series, layer: int, width: int | None) -> None:
+    if width is not None and (features >= width).any():
+        raise UserError(f"{FIELD}: feature id(s) {sorted(features[features >= width].tolist())} of layer {layer} are "
+                        f"beyond its SAE's {width} features; the table was made with another SAE?")
+
+
+def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    s = manifest.settings
+    config, source = load_config(s.model)
+    config = text_config(config)
+    answers = sum(len(s.prompts) * s.trials * (1 if unit.id == BASELINE else 2) for unit in units)
+    layers = {unit.payload["layer"] for unit in units if unit.id != BASELINE}
+    itemsize = s.model.torch_dtype.itemsize
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_cache = s.batch_size * (400 + s.max_new_tokens) * config.num_hidden_layers * 2 * (
+        config.num_key_value_heads * head_dim * itemsize)
+    memory = parameter_bytes(config, s.model.torch_dtype) + kv_cache + len(layers) * 2 * config.hidden_size * 32768 * 4
+    return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory,
+                    notes=(f"model architecture from {source}", f"{answers:,} answers; memory assumes prompts of 400 "
+                           "tokens and SAEs 32768 wide"))
+
+
+# ---------------------------------------------------------------- the GPU work
+
+
+@dataclass(frozen=True)
+class Row:
+    """One answer to generate: a unit's condition, prompt and trial, with its edit (if any)."""
+
+    unit: str
+    condition: str
+    prompt: int
+    trial: int
+    layer: int = -1
+    feature: int = -1
+    value: float = 0.0
+
+
+def rows_of(unit: WorkUnit, s: Settings) -> list[Row]:
+    conditions = ["none"] if unit.id == BASELINE else ["safe", "bankrupt"]
+    return [Row(unit.id, condition, prompt, trial, unit.payload.get("layer", -1), unit.payload.get("feature", -1),
+                unit.payload.get(condition, 0.0))
+            for condition in conditions for prompt in range(len(s.prompts)) for trial in range(s.trials)]
+
+
+def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    s = manifest.settings
+    model, tokenizer = load_model(s.model, attn_implementation=None), load_tokenizer(s.model)
+    config = text_config(model.config)
+    device = input_device(s.model)
+    layers = sorted({unit.payload["layer"] for unit in units if unit.id != BASELINE})
+    saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in layers}
+    for layer, sae in saes.items():
+        _check_ids(pd.Series([u.payload["feature"] for u in units if u.payload.get("layer") == layer]), layer,
+                   sae.cfg.d_sae)
+    shard.set_attrs(model=s.model.name, temperature=s.temperature, patch_generated=s.patch_generated,
+                    prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
+                    bet_types=[prompt.bet_type for prompt in s.prompts])
+    pending = set(shard.pending())
+    todo = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
+    answers: dict[str, list[tuple[Row, str]]] = {unit.id: [] for unit in units if unit.id in pending}
+    expected = {unit.id: len(rows_of(unit, s)) for unit in units if unit.id in pending}
+    with tqdm(total=len(todo), desc=f"shard {shard.shard_index}", unit="answer") as progress:
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start : start + s.batch_size]
+            texts = [s.prompts[row.prompt].text for row in batch]
+            seeds = [s.seed * 1_000_003 + row.prompt * 100_003 + row.trial for row in batch]
+            with row_edits(model, saes, batch, s.patch_generated):
+                replies = sample(model, tokenizer, texts, seeds, s.temperature, s.max_new_tokens, device,
+                                 first_line_only=True)
+            for row, reply in zip(batch, replies, strict=True):
+                answers[row.unit].append((row, reply))
+                if len(answers[row.unit]) == expected[row.unit]:
+                    _write(shard, row.unit, answers.pop(row.unit))
+            progress.update(len(batch))
+
+
+@contextmanager
+def row_edits(model, saes: dict, batch: list[Row], every_token: bool) -> Iterator[None]:
+    """Set each row's feature to its value at the last prompt token (and, if asked, at every
+    generated token), with the SAE's error term kept: x + (v - f(x)) W_dec[f]."""
+    with ExitStack() as stack:
+        for layer, sae in saes.items():
+            rows = [i for i, row in enumerate(batch) if row.layer == layer]
+            if rows:
+                edit = set_feature(sae, torch.tensor([batch[i].feature for i in rows]),
+                                   torch.tensor([batch[i].value for i in rows]))
+                stack.enter_context(edit_prompt_position(model, layer, edit, rows=torch.tensor(rows),
+                                                         every_token=every_token))
+        yield
+
+
+def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]]) -> None:
+    with shard.unit(unit_id) as group:
+        first = answers[0][0]
+        means = {row.condition: row.value for row, _ in answers}
+        group.attrs.update(layer=first.layer, feature=first.feature, mean_safe=means.get("safe", np.nan),
+                           mean_bankrupt=means.get("bankrupt", np.nan))
+        for name in ("condition", "prompt", "trial", "value"):
+            values = [getattr(row, name) for row, _ in answers]
+            group.create_dataset(name, data=values if name != "condition" else np.array(values, dtype=object),
+                                 dtype=h5py.string_dtype() if name == "condition" else None)
+        group.create_dataset("response", data=[reply for _, reply in answers], dtype=h5py.string_dtype())
+
+
+# ---------------------------------------------------------------- reduce
+
+
+def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
+    s = manifest.settings
+    trials = parsed_trials(shard_paths, s)
+    results = feature_effects(trials, s)
+    with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
+        out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=task.PARSER_VERSION,
+                         parser_rules=task.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
+                         prompts=[p.text for p in s.prompts])
+        for column in trials.columns:
+            values = trials[column].to_numpy()
+            out.create_dataset(f"trials/{column}", data=values.astype(object) if values.dtype == object else values,
+                               dtype=h5py.string_dtype() if values.dtype == object else None)
+        for column in results.columns:
+            values = results[column].to_numpy()
+            out.create_dataset(f"features/{column}", data=values.astype(object) if values.dtype == object else values,
+                               dtype=h5py.string_dtype() if values.dtype == object else None)
+    _report(Report(out_dir / "report", "Population-mean patching"), trials, results, s)
+
+
+def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
+    """Every answer, parsed now (parser v{PARSER_VERSION}); stops count as $0 bets."""
+    frames = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as shard:
+            for unit_id, group in shard["units"].items():
+                frame = pd.DataFrame({name: group[name][()] for name in ("condition", "prompt", "trial", "response")})
+                frame = frame.assign(unit=unit_id, layer=int(group.attrs["layer"]), feature=int(group.attrs["feature"]),
+                                     mean_safe=float(group.attrs["mean_safe"]),
+                                     mean_bankrupt=float(group.attrs["mean_bankrupt"]))
+                frames.append(frame)
+    trials = pd.concat(frames, ignore_index=True)
+    for column in ("condition", "response"):
+        trials[column] = trials[column].map(lambda v: v.decode() if isinstance(v, bytes) else v)
+    decisions = [task.parse(reply, s.prompts[prompt].bet_type) for reply, prompt in zip(trials["response"],
+                                                                                      trials["prompt"], strict=True)]
+    trials["prompt_name"] = [s.prompts[p].name for p in trials["prompt"]]
+    trials["action"] = [d.action for d in decisions]
+    trials["bet"] = [float(d.bet) if d.action != "invalid" else np.nan for d in decisions]  # a stop bets $0
+    trials["rule"] = [d.rule for d in decisions]
+    return trials
+
+
+def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
+    """Per feature and prompt: rates and averages per condition, the tests, effects, the class."""
+    baseline = trials[trials["unit"] == BASELINE]
+    rows = []
+    for (unit, prompt), part in trials[trials["unit"] != BASELINE].groupby(["unit", "prompt_name"], sort=False):
+        shared = baseline[baseline["prompt_name"] == prompt]
+        first = part.iloc[0]
+        row = {"unit": unit, "layer": int(first["layer"]), "feature": int(first["feature"]), "prompt": prompt,
+               "mean_safe": first["mean_safe"], "mean_bankrupt": first["mean_bankrupt"]}
+        by_condition = {"none": shared, "safe": part[part["condition"] == "safe"],
+                        "bankrupt": part[part["condition"] == "bankrupt"]}
+        for condition, answers in by_condition.items():
+            valid = answers[answers["action"] != "invalid"]
+            row |= {f"n_{condition}": len(answers), f"invalid_{condition}": float((answers["action"] == "invalid").mean()),
+                    f"stop_rate_{condition}": float((valid["action"] == "stop").mean()) if len(valid) else np.nan,
+                    f"avg_bet_{condition}": float(valid["bet"].mean()) if len(valid) else np.nan}
+        row |= _tests(by_condition)
+        rows.append(row)
+    return _classify(pd.DataFrame(rows), s.effects)
+
+
+def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
+    valid = {c: frame[frame["action"] != "invalid"] for c, frame in by_condition.items()}
+    order = np.concatenate([np.full(len(valid[c]), i) for i, c in enumerate(CONDITIONS)])
+    outcome = np.concatenate([valid[c]["bet"].to_numpy() for c in CONDITIONS])
+    safe, bankrupt = valid["safe"], valid["bankrupt"]
+    with np.errstate(invalid="ignore"):
+        rho, p_spearman = stats.spearmanr(order, outcome) if np.ptp(outcome) > 0 else (np.nan, np.nan)
+    if len(safe) and len(bankrupt) and np.ptp(np.r_[safe["bet"], bankrupt["bet"]]) > 0:
+        p_bets = stats.mannwhitneyu(bankrupt["bet"], safe["bet"], alternative="two-sided").pvalue
+    else:
+        p_bets = np.nan
+    stops = [[int((safe["action"] == "stop").sum()), int((safe["action"] == "bet").sum())],
+             [int((bankrupt["action"] == "stop").sum()), int((bankrupt["action"] == "bet").sum())]]
+    p_stops = stats.fisher_exact(stops)[1] if len(safe) and len(bankrupt) else np.nan
+    bet_effect = bankrupt["bet"].mean() - safe["bet"].mean()
+    stop_safe, stop_bankrupt = (safe["action"] == "stop").mean(), (bankrupt["action"] == "stop").mean()
+    stop_se = np.sqrt(stop_safe * (1 - stop_safe) / max(len(safe), 1) + stop_bankrupt * (1 - stop_bankrupt) / max(len(bankrupt), 1))
+    varied = min(len(safe), len(bankrupt)) >= 2 and safe["bet"].var() > 0 and bankrupt["bet"].var() > 0
+    bet_ci = (stats.ttest_ind(bankrupt["bet"], safe["bet"], equal_var=False).confidence_interval()
+              if varied else (np.nan, np.nan))  # Welch's interval; none for a constant group
+    return {"spearman_rho": rho, "p_spearman": p_spearman, "p_bets": p_bets, "p_stops": p_stops,
+            "bet_effect": bet_effect, "bet_effect_low": bet_ci[0], "bet_effect_high": bet_ci[1],
+            "stop_effect": stop_safe - stop_bankrupt, "stop_effect_low": stop_safe - stop_bankrupt - 1.96 * stop_se,
+            "stop_effect_high": stop_safe - stop_bankrupt + 1.96 * stop_se}
+
+
+def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
+    """Corrected p-values per prompt over the features; then a causal feature is "safe" when its
+    safe mean is the higher (raising it makes the model stop), else "risky"."""
+    parts = []
+    for _, part in results.groupby("prompt", sort=False):
+        part = part.copy()
+        for test in ("p_bets", "p_stops", "p_spearman"):
+            p = part[test].to_numpy()
+            tested = ~np.isnan(p)
+            corrected = np.full(len(p), np.nan)
+            if tested.any():
+                corrected[tested] = (np.minimum(p[tested] * tested.sum(), 1.0) if effects.correction == "bonferroni"
+                                     else stats.false_discovery_control(p[tested], method="bh"))
+            part[f"{test}_corrected"] = corrected
+        with np.errstate(invalid="ignore"):
+            causal = ((part["bet_effect"] > effects.bet_effect) & (part["p_bets_corrected"] < effects.alpha)) | (
+                (part["stop_effect"] > effects.stop_effect) & (part["p_stops_corrected"] < effects.alpha))
+        kind = np.where(part["mean_safe"] > part["mean_bankrupt"], "safe", "risky")
+        parts.append(part.assign(causal=causal, effect_class=np.where(causal, kind, "none")))
+    return pd.concat(parts, ignore_index=True)
+
+
+# ---------------------------------------------------------------- report
+
+
+def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Settings) -> None:
+    invalid = trials["action"].eq("invalid").mean()
+    report.text(
+        f"Model `{s.model.name}`. {results['unit'].nunique():,} features x {len(s.prompts)} prompts x {s.trials} trials "
+        f"per condition (safe mean, bankrupt mean; the unpatched answers shared), temperature {s.temperature}, "
+        f"edit at the last prompt token{' and every generated token' if s.patch_generated else ''}, SAE error "
+        f"term kept. Answers parsed by parser v{task.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
+        f"rates; stops count as $0 bets). Causal: bet effect > ${s.effects.bet_effect:g} with Mann-Whitney, or stop "
+        f"effect > {s.effects.stop_effect:g} with Fisher's exact test, {s.effects.correction} p < {s.effects.alpha} "
+        "over the features of a prompt. Data: `merged.h5` (trials/, features/), `features.csv`."
+    )
+    report.heading("Features by class, layer and prompt")
+    counts = results.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
+    for kind in ("safe", "risky", "none"):
+        if kind not in counts:
+            counts[kind] = 0
+    report.table(counts[["safe", "risky", "none"]].reset_index(), "counts")
+    report.heading("Strongest effects")
+    shown = results.assign(size=results["stop_effect"].abs() + results["bet_effect"].abs() / 100)
+    shown = shown.sort_values(["causal", "size"], ascending=False).head(15)[
+        ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
+         "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]]
+    report.table(results, "features", shown=shown)
+    _plot(report, results, s)
+    report.write()
+
+
+def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
+    import matplotlib.pyplot as plt
+
+    prompts = list(dict.fromkeys(results["prompt"]))
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
+    colours = {"safe": "tab:blue", "risky": "tab:red", "none": "lightgrey"}
+    for ax, prompt in zip(axes[0], prompts, strict=True):
+        part = results[results["prompt"] == prompt]
+        for kind, colour in colours.items():
+            chosen = part[part["effect_class"] == kind]
+            ax.scatter(chosen["bet_effect"], chosen["stop_effect"], s=12, c=colour, label=f"{kind} ({len(chosen)})")
+        ax.axvline(s.effects.bet_effect, color="black", lw=0.6, ls="--")
+        ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
+        ax.set_xlabel("bet effect ($, bankrupt-mean patch minus safe-mean patch)")
+        ax.set_ylabel("stop effect (safe-mean patch minus bankrupt-mean patch)")
+        ax.set_title(f"prompt {prompt}")
+        ax.legend(fontsize=7)
+    report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class; dashed: the thresholds")

@@ -1,0 +1,188 @@
+"""population_patching: the edit, shared noise, the tests per feature, and the organism's planted cause."""
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from common.cli import main
+from common.generation import sample
+from common.manifest import load_manifest
+from common.organism.files import Organism
+from common.rundir import RunDir
+from jobs import population_patching as patching
+from jobs._gambling import parse
+from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
+from tests.helpers import REPO, save_random_sae
+
+DEMO = REPO / "manifests" / "demo" / "gambling_3_patching.yaml"
+
+
+def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
+    results = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
+    planted = results[(results.layer == 1) & (results.feature == 402) & (results.prompt == "safe")].iloc[0]
+    assert planted.causal and planted.effect_class == "risky"  # higher in bankrupt games, and it makes the model bet
+    assert planted.stop_effect > 0.15 and planted.p_stops_corrected < 0.05
+    assert planted.stop_rate_safe > planted.stop_rate_none - 0.1 > planted.stop_rate_bankrupt - 0.2
+    report = (gambling_chain.patching.report_dir / "report.md").read_text()
+    assert "parser v1" in report and "| safe     |       1 |      0 |       1 |" in report
+    with h5py.File(gambling_chain.patching.merged_path) as merged:
+        conditions = [c.decode() for c in merged["trials/condition"][()]]
+        assert conditions.count("none") == 2 * 150  # generated once per prompt, shared by every feature
+        assert merged.attrs["parser_version"] == 1
+
+
+def test_the_edit_sets_one_feature_at_the_last_prompt_token_and_keeps_the_error():
+    organism = Organism()
+    model, tokenizer, sae = organism.model(), organism.tokenizer(), organism.sae(1)
+    texts = [prompt.text for prompt in PROMPTS]
+    tokenizer.padding_side = "left"  # as generation pads: every prompt ends in the last column
+    encoded = tokenizer(texts, return_tensors="pt", padding=True)
+    captured = {}
+    batch = [Row("L1_F402", "safe", 0, 0, layer=1, feature=402, value=3.5), Row("baseline", "none", 1, 0)]
+    with torch.no_grad():
+        model.model.layers[1].register_forward_hook(lambda _m, _i, out: captured.setdefault("before", out))
+        with row_edits(model, {1: sae}, batch, every_token=False):
+            model.model.layers[1].register_forward_hook(lambda _m, _i, out: captured.setdefault("after", out))
+            model(**encoded)
+    before, after = (captured[k][0] if isinstance(captured[k], tuple) else captured[k] for k in ("before", "after"))
+    x = before[0, -1]
+    expected = x + (3.5 - sae.encode(x[None])[0, 402]) * sae.W_dec[402]
+    torch.testing.assert_close(after[0, -1], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(after[0, :-1], before[0, :-1], rtol=0, atol=0)  # other positions untouched
+    torch.testing.assert_close(after[1], before[1], rtol=0, atol=0)  # a row without an edit untouched
+
+
+def test_a_no_op_edit_answers_like_the_unpatched_trials():
+    """Trial t draws the same noise in every condition: an edit that changes nothing changes no answer."""
+    organism = Organism()
+    model, tokenizer, sae = organism.model(attn_implementation=None), organism.tokenizer(), organism.sae(1)
+    text = PROMPTS[1].text
+    with torch.no_grad():
+        captured = {}
+        hook = model.model.layers[1].register_forward_hook(lambda _m, _i, out: captured.setdefault("x", out))
+        model(**tokenizer(text, return_tensors="pt"))
+        hook.remove()
+    residual = captured["x"][0] if isinstance(captured["x"], tuple) else captured["x"]
+    current = float(sae.encode(residual[0, -1][None])[0, 402])
+    rows = [Row("L1_F402", "safe", 1, trial, layer=1, feature=402, value=current) for trial in range(12)]
+    seeds = list(range(12))
+    with row_edits(model, {1: sae}, rows, every_token=False):
+        edited = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"), first_line_only=True)
+    plain = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"), first_line_only=True)
+    assert edited == plain and len(set(plain)) > 1
+
+
+def trials_of(answers: dict[str, list[str]]) -> pd.DataFrame:
+    rows = []
+    for condition, replies in answers.items():
+        unit = "baseline" if condition == "none" else "L3_F7"
+        for reply in replies:
+            decision = parse(reply, "variable")
+            rows.append({"unit": unit, "layer": 3 if unit != "baseline" else -1, "feature": 7 if unit != "baseline" else -1,
+                         "mean_safe": 0.5, "mean_bankrupt": 2.0, "condition": condition, "prompt_name": "risky",
+                         "action": decision.action, "bet": float(decision.bet) if decision.bet is not None else np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_the_tests_per_feature_against_scipy_and_the_class_rules():
+    answers = {"safe": ["2) Stop"] * 12 + ["1) Bet $10"] * 8,
+               "none": ["2) Stop"] * 6 + ["1) Bet $20"] * 14,
+               "bankrupt": ["2) Stop"] * 2 + ["1) Bet $40"] * 17 + ["I cannot"]}
+    settings = patching.Settings.model_construct(effects=Effects())
+    row = feature_effects(trials_of(answers), settings).iloc[0]
+    assert row.stop_rate_safe == 0.6 and row.stop_rate_bankrupt == pytest.approx(2 / 19)
+    assert row.invalid_bankrupt == pytest.approx(1 / 20) and row.avg_bet_none == 14.0
+    safe_bets, bankrupt_bets = np.r_[[0] * 12, [10] * 8], np.r_[[0] * 2, [40] * 17]
+    assert row.p_bets == pytest.approx(stats.mannwhitneyu(bankrupt_bets, safe_bets, alternative="two-sided").pvalue)
+    assert row.p_stops == pytest.approx(stats.fisher_exact([[12, 8], [2, 17]])[1])
+    order = np.r_[[0] * 20, [1] * 20, [2] * 19]
+    outcome = np.r_[safe_bets, [0] * 6 + [20] * 14, bankrupt_bets]
+    assert row.spearman_rho == pytest.approx(stats.spearmanr(order, outcome).statistic)
+    assert row.bet_effect == pytest.approx(bankrupt_bets.mean() - safe_bets.mean())
+    assert row.causal and row.effect_class == "risky"  # mean_bankrupt 2.0 > mean_safe 0.5
+    weak = {"safe": ["1) Bet $20"] * 20, "none": ["1) Bet $20"] * 20, "bankrupt": ["1) Bet $25"] * 20}
+    assert feature_effects(trials_of(weak), settings).iloc[0].effect_class == "none"  # $5 is under the $8 threshold
+
+
+# ---------------------------------------------------------------- bad input, before any GPU time
+
+
+def write(tmp_path, settings: dict) -> str:
+    data = yaml.safe_load(DEMO.read_text())
+    data["run"]["root"] = str(tmp_path / "runs")
+    data["population_patching"].update(settings)
+    path = tmp_path / "patching.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def table(tmp_path, **columns) -> str:
+    path = tmp_path / "features.csv"
+    pd.DataFrame({"layer": [1, 1], "feature": [5, 9], "mean_safe": [0.1, 0.2], "mean_bankrupt": [1.0, 0.0],
+                  "selected": [True, True], **columns}).to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"trials": 1}, "population_patching.trials: Input should be greater than or equal to 2"),
+    ({"prompts": [{"name": "p", "bet_type": "fixed", "text": "Slot Machine Game\nChoice: 1)"}]},
+     "prompt 'p' must end at the decision cue 'Choice: '"),
+])
+def test_bad_settings_are_refused(tmp_path, capsys, settings, message):
+    assert main(["plan", write(tmp_path, {"features": None, "feature_table": table(tmp_path), **settings})]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_feature_tables_are_refused(tmp_path, capsys):
+    def refused(path: str, message: str, **more) -> None:
+        assert main(["plan", write(tmp_path, {"features": None, "feature_table": path, **more})]) == 2
+        assert message in capsys.readouterr().err
+
+    without = tmp_path / "without.csv"
+    pd.DataFrame({"layer": [1], "feature": [3], "mean_safe": [0.1]}).to_csv(without, index=False)
+    refused(str(without), "lacks the column(s) ['mean_bankrupt']; it needs ['layer', 'feature', 'mean_safe', "
+            "'mean_bankrupt'] (feature_contrast writes them)")
+    beyond = tmp_path / "beyond.csv"
+    pd.DataFrame({"layer": [1], "feature": [600], "mean_safe": [0.1], "mean_bankrupt": [1.0],
+                  "selected": [True]}).to_csv(beyond, index=False)
+    refused(str(beyond), "feature id(s) [600] of layer 1 are beyond its SAE's 512 features")
+    outside = tmp_path / "outside.csv"
+    pd.DataFrame({"layer": [9], "feature": [1], "mean_safe": [0.1], "mean_bankrupt": [1.0],
+                  "selected": [True]}).to_csv(outside, index=False)
+    refused(str(outside), "the feature table has layer(s) [9], outside the model's 4 blocks", layers=None)
+    saes = save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=(0,))
+    refused(table(tmp_path), "no SAE for layer 1", sae={"path": saes})
+    refused(table(tmp_path, selected=[False, False]), "no feature to patch")
+    assert main(["plan", write(tmp_path, {"feature_table": table(tmp_path)})]) == 2
+    assert "give exactly one of `features` (a feature_contrast run) and `feature_table`" in capsys.readouterr().err
+
+
+def test_paper_manifests_of_the_chain_validate_and_plan(tmp_path, monkeypatch, capsys):
+    """Contrast and patching read earlier runs: stand-ins of those runs' outputs let them plan."""
+    monkeypatch.chdir(tmp_path)
+    games = RunDir.for_manifest(load_manifest(REPO / "manifests" / "gambling_games_llama31_8b.yaml")).path
+    games.mkdir(parents=True)
+    with h5py.File(games / "merged.h5", "w") as merged:
+        merged.attrs.update(job="gambling_games", layers=list(range(25, 32)))
+        for i, outcome in enumerate(["bankrupt", "stopped"] * 3):
+            merged.create_group(f"units/g{i}").attrs["outcome"] = outcome
+            merged[f"units/g{i}"].create_group("features/L25").attrs["shape"] = [3, 32768]
+    assert main(["plan", str(REPO / "manifests" / "feature_contrast_llama31_8b.yaml")]) == 0
+    assert "7 work units in 7 shard(s)" in capsys.readouterr().out
+    contrast = RunDir.for_manifest(load_manifest(REPO / "manifests" / "feature_contrast_llama31_8b.yaml")).path
+    contrast.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with h5py.File(contrast / "merged.h5", "w") as merged:
+        merged.attrs["job"] = "feature_contrast"
+        layers = np.repeat(np.arange(25, 32), 200)
+        for name, values in {"layer": layers, "feature": np.tile(np.arange(200), 7) * 100,
+                             "mean_safe": rng.random(1400), "mean_bankrupt": rng.random(1400),
+                             "cohens_d": rng.normal(0, 1, 1400), "selected": np.arange(1400) < 1340}.items():
+            merged.create_dataset(f"features/{name}", data=values)
+    assert main(["plan", str(REPO / "manifests" / "population_patching_llama31_8b.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "1341 work units" in out and "268,100 answers" in out
