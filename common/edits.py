@@ -25,13 +25,17 @@ def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int =
 
     Batches must be left-padded, so every row's prompt ends at the same index; `offset` counts
     from that end (-1: the last prompt token). `rows` limits the edit to those batch rows.
-    Forwards over a single position (the decoding steps of `generate` with a cache) are left
-    untouched, unless `every_token`: then each generated token is edited too.
+    Later forwards over a single position (the decoding steps of `generate` with a cache) are
+    left untouched, unless `every_token`: then each generated token is edited too. The first
+    forward is always a prompt's, also when it is the last token alone (the rest cached).
     """
+    forwards = 0
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+        nonlocal forwards
+        forwards += 1
         hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] == 1 and not every_token:
+        if hidden.shape[1] == 1 and forwards > 1 and not every_token:
             return output
         hidden = hidden.clone()
         chosen = slice(None) if rows is None else rows.to(hidden.device)

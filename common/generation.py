@@ -5,6 +5,10 @@ so `generate` runs greedy decoding on logits that `SeededNoise` has perturbed wi
 one generator per row. A row's text then depends on its seed and its prompt, not on which
 other rows share its batch: a resumed shard, or a trial run in another batch, draws the same
 tokens (up to the rounding of batched arithmetic).
+
+When every row has the same prompt (trials of one prompt, as in patching), `prompt_prefix` runs
+the prompt but its last token once, and `sample` shares that cache among the rows: their first
+forward is then the prompt's last token alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 
 import torch
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -47,19 +52,35 @@ class FirstLineWritten(StoppingCriteria):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
-           device: torch.device, first_line_only: bool = False) -> list[str]:
-    """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]."""
+           device: torch.device, first_line_only: bool = False, prefix: DynamicCache | None = None) -> list[str]:
+    """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i];
+    `prefix` is `prompt_prefix` of the one prompt every row has."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every prompt ends at the last column
     try:
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True).to(device))
     finally:
         tokenizer.padding_side = side
     length = encoded["input_ids"].shape[1]
+    if prefix is not None:
+        if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:
+            raise ValueError("a prefix cache serves rows that all have the prompt it was made of")
+        encoded["past_key_values"] = prefix
     stopping = StoppingCriteriaList([FirstLineWritten(tokenizer, length)] if first_line_only else [])
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     output = model.generate(**encoded, generation_config=config, stopping_criteria=stopping,
                             logits_processor=LogitsProcessorList([SeededNoise(seeds, temperature, device)]))
     return tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device) -> DynamicCache:
+    """The cache of `prompt`'s tokens but its last, repeated for `rows` rows (edits hooked on the
+    model must not be active yet: this forward is not the prompt's end)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    return cache

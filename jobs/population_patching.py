@@ -7,7 +7,7 @@ bankrupt mean at the last prompt token (optionally at every generated token too)
 SAE's error term, and the model answers each fixed prompt `trials` times, sampling at the
 manifest's temperature. The unpatched answers ("none") are generated once per prompt, in their
 own unit, and shared by every feature. Rows of many features and layers share one generate call,
-each with its own edit. Trial t of a prompt draws the same sampling noise in every condition
+each with its own edit; a call's rows share their prompt, whose cache is computed once. Trial t of a prompt draws the same sampling noise in every condition
 (common random numbers), so conditions differ by the edit alone. Shards hold the raw answers;
 reduce parses them (jobs._gambling, versioned), so a newer parser needs no GPU, and tests each
 feature: Spearman between the condition order (safe, none, bankrupt) and the outcome over all
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
-from common.generation import sample
+from common.generation import prompt_prefix, sample
 from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
 from common.models import (
     ModelSpec,
@@ -252,17 +252,21 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     expected = {unit.id: len(rows_of(unit, s)) for unit in units if unit.id in pending}
     with tqdm(total=len(todo), desc=f"shard {shard.shard_index}", unit="answer") as progress:
         for start in range(0, len(todo), s.batch_size):
-            batch = todo[start : start + s.batch_size]
-            texts = [s.prompts[row.prompt].text for row in batch]
-            seeds = [s.seed * 1_000_003 + row.prompt * 100_003 + row.trial for row in batch]
-            with row_edits(model, saes, batch, s.patch_generated):
-                replies = sample(model, tokenizer, texts, seeds, s.temperature, s.max_new_tokens, device,
-                                 first_line_only=True)
-            for row, reply in zip(batch, replies, strict=True):
-                answers[row.unit].append((row, reply))
-                if len(answers[row.unit]) == expected[row.unit]:
-                    _write(shard, row.unit, answers.pop(row.unit))
-            progress.update(len(batch))
+            for prompt in range(len(s.prompts)):  # one prompt per call: its cache is computed once
+                batch = [row for row in todo[start : start + s.batch_size] if row.prompt == prompt]
+                if not batch:
+                    continue
+                seeds = [s.seed * 1_000_003 + row.prompt * 100_003 + row.trial for row in batch]
+                text = s.prompts[prompt].text
+                prefix = prompt_prefix(model, tokenizer, text, len(batch), device)
+                with row_edits(model, saes, batch, s.patch_generated):
+                    replies = sample(model, tokenizer, [text] * len(batch), seeds, s.temperature, s.max_new_tokens,
+                                     device, first_line_only=True, prefix=prefix)
+                for row, reply in zip(batch, replies, strict=True):
+                    answers[row.unit].append((row, reply))
+                    if len(answers[row.unit]) == expected[row.unit]:
+                        _write(shard, row.unit, answers.pop(row.unit))
+                progress.update(len(batch))
 
 
 @contextmanager

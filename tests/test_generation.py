@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from common.generation import sample
+from common.generation import prompt_prefix, sample
 from common.organism import synthetic
 from common.organism.files import Organism
 
@@ -55,3 +55,14 @@ def test_first_line_only_stops_each_row_after_its_first_line(organism):
     assert first == [text.split("\n")[0] + "\n" for text in whole]
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample(model, tokenizer, ["a", "b"], [0], 1.0, 5, CPU)
+
+
+def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
+    model, tokenizer = organism
+    prompt = synthetic.prompt(synthetic.random_state(random.Random(5)))
+    seeds = list(range(10))
+    prefix = prompt_prefix(model, tokenizer, prompt, len(seeds), CPU)
+    shared = sample(model, tokenizer, [prompt] * 10, seeds, 1.0, 20, CPU, prefix=prefix)
+    assert shared == sample(model, tokenizer, [prompt] * 10, seeds, 1.0, 20, CPU)
+    with pytest.raises(ValueError, match="a prefix cache serves rows that all have the prompt it was made of"):
+        sample(model, tokenizer, ["Slot Machine Game\n\nChoice: "] * 10, seeds, 1.0, 5, CPU, prefix=prefix)

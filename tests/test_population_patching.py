@@ -9,6 +9,7 @@ import yaml
 from scipy import stats
 
 from common.cli import main
+from common.edits import edit_prompt_position
 from common.generation import sample
 from common.manifest import load_manifest
 from common.organism.files import Organism
@@ -186,3 +187,14 @@ def test_paper_manifests_of_the_chain_validate_and_plan(tmp_path, monkeypatch, c
     assert main(["plan", str(REPO / "manifests" / "population_patching_llama31_8b.yaml")]) == 0
     out = capsys.readouterr().out
     assert "1341 work units" in out and "268,100 answers" in out
+
+
+@pytest.mark.parametrize(("every_token", "edited_forwards"), [(False, 1), (True, 5)])
+def test_the_edit_reaches_generated_tokens_only_when_asked(every_token, edited_forwards):
+    organism = Organism()
+    model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
+    calls = []
+    with edit_prompt_position(model, 1, lambda hidden: calls.append(hidden.shape) or hidden, every_token=every_token):
+        model.generate(**tokenizer(PROMPTS[0].text, return_tensors="pt"), do_sample=False, max_new_tokens=5,
+                       min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
+    assert len(calls) == edited_forwards  # the prompt, then (if asked) each of the 4 later forwards
