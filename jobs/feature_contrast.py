@@ -115,9 +115,10 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     s = manifest.settings
     shard.set_attrs(games=str(s.games), groups="bankrupt: games that went bankrupt; safe: games stopped "
                     "voluntarily; features at each game's final decision")
+    pending = set(shard.pending())
     with _open_games(s) as games:
         for unit in units:
-            if unit.id not in shard.pending():
+            if unit.id not in pending:
                 continue
             groups = final_features(games, unit.payload["layer"])
             table = contrast(groups["bankrupt"], groups["safe"])

@@ -91,6 +91,6 @@ def test_missing_or_foreign_upstream_runs_and_small_groups_are_refused(gambling_
     refused({"games": str(games.path), "min_games": 500}, "each group needs 500 (min_games). Play more games")
     other = tmp_path / "other"
     other.mkdir()
-    with h5py.File(other / "merged.h5", "w") as fake:
-        fake.attrs["job"] = "token_tracking"
+    with h5py.File(other / "merged.h5", "w") as foreign:
+        foreign.attrs["job"] = "token_tracking"
     refused({"games": str(other)}, "was written by 'token_tracking', not gambling_games")
