@@ -445,17 +445,21 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
     import matplotlib.pyplot as plt
 
     prompts = list(dict.fromkeys(results["prompt"]))
-    fig, axes = plt.subplots(1, len(prompts), figsize=(5 * len(prompts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
     colours = {"safe": "tab:blue", "risky": "tab:red", "none": "lightgrey"}
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
         for kind, colour in colours.items():
             chosen = part[part["effect_class"] == kind]
             ax.scatter(chosen["bet_effect"], chosen["stop_effect"], s=12, c=colour, label=f"{kind} ({len(chosen)})")
+        for row in part[part["causal"]].itertuples():
+            ax.annotate(f"L{row.layer} F{row.feature}", (row.bet_effect, row.stop_effect), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
         ax.axvline(s.effects.bet_effect, color="black", lw=0.6, ls="--")
         ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
-        ax.set_xlabel("bet effect ($, bankrupt-mean patch minus safe-mean patch)")
-        ax.set_ylabel("stop effect (safe-mean patch minus bankrupt-mean patch)")
+        ax.set_xlabel("bet effect ($): bankrupt-mean minus safe-mean patch")
         ax.set_title(f"prompt {prompt}")
         ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("stop effect: safe-mean minus bankrupt-mean patch")
+    fig.tight_layout()
     report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class; dashed: the thresholds")
