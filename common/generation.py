@@ -50,6 +50,15 @@ class FirstLineWritten(StoppingCriteria):
         return torch.tensor([bool(re.search(r"\S[^\n]*\n", text)) for text in texts], device=input_ids.device)
 
 
+def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The prompts tokenized with padding on the left, so that every prompt ends in the last column."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return dict(tokenizer(prompts, return_tensors="pt", padding=True).to(device))
+    finally:
+        tokenizer.padding_side = side
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
            device: torch.device, first_line_only: bool = False, prefix: DynamicCache | None = None) -> list[str]:
@@ -57,11 +66,7 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: 
     `prefix` is `prompt_prefix` of the one prompt every row has."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # every prompt ends at the last column
-    try:
-        encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True).to(device))
-    finally:
-        tokenizer.padding_side = side
+    encoded = left_padded(tokenizer, prompts, device)
     length = encoded["input_ids"].shape[1]
     if prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:

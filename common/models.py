@@ -117,6 +117,17 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     return tokenizer
 
 
+def local_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast | None:
+    """The tokenizer if it is on this machine (folder or HF cache), else None (as on a bare login
+    node); the organism's always, so that a damaged organism is reported at planning."""
+    if spec.is_organism:
+        return load_tokenizer(spec)
+    try:
+        return load_tokenizer(spec, local_only=True)
+    except (UserError, OSError):
+        return None
+
+
 def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> torch.nn.Module:
     """The causal LM in eval mode; eager attention (the default) returns attention weights, None
     lets transformers choose the fastest the architecture supports."""
@@ -142,3 +153,10 @@ def parameter_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
         model = AutoModelForCausalLM.from_config(config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return sum(p.numel() for p in model.parameters()) * itemsize
+
+
+def kv_cache_bytes(config: PretrainedConfig, dtype: torch.dtype, rows: int, tokens: int) -> int:
+    """The keys and values a generation of `rows` sequences of `tokens` tokens caches."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return rows * tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * itemsize

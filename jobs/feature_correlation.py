@@ -43,7 +43,7 @@ from common.corpus import CorpusSpec, Window, check_source, windows
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.manifest import Manifest, StrictModel
-from common.models import ModelSpec, input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.models import ModelSpec, input_device, load_config, load_model, load_tokenizer, local_tokenizer, parameter_bytes, text_config
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.saes import SaeSpec, check_saes, load_sae
@@ -125,7 +125,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if None not in widths.values() or s.features.top is not None:
         _check_widths(s.features.top, widths)
         _check_memory(manifest, _feature_counts(s.features.top, widths))
-    tokenizer = _local_tokenizer(s.model)
+    tokenizer = local_tokenizer(s.model)
     if tokenizer is not None:  # count what the corpus holds (refuses a short one unless allowed)
         tokens = sum(w.content for w in windows(s.corpus, tokenizer, f"{FIELD}.corpus"))
     else:
@@ -134,14 +134,6 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     digits = len(str(tokens))
     return [WorkUnit(f"tokens_{start:0{digits}d}", {"start": start, "stop": min(start + s.tokens_per_unit, tokens)})
             for start in range(0, tokens, s.tokens_per_unit)]
-
-
-def _local_tokenizer(spec: ModelSpec):
-    """The tokenizer if it is on this machine (folder or HF cache), else None."""
-    try:
-        return load_tokenizer(spec, local_only=True)
-    except (UserError, OSError):
-        return None
 
 
 def _check_widths(top: int | None, widths: dict[int, int | None]) -> None:
@@ -184,7 +176,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
              f"{features:,} features in the graph ({', '.join(f'L{layer}: {n}' for layer, n in counts.items())})"]
     if s.features.top is None and None in widths.values():
         notes.append(f"SAE widths are known only once loaded: {ASSUMED_WIDTH} assumed (checked again on the node)")
-    if _local_tokenizer(s.model) is None:
+    if local_tokenizer(s.model) is None:
         notes.append("the corpus is counted on the nodes (the tokenizer is not in the local HF cache)")
     index_bytes = 2 if features <= 65536 else 4
     per_unit = features * (features + 1) // 2 * 2 * (8 + index_bytes)  # products and counts, upper triangle
@@ -281,10 +273,10 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     columns = {layer: torch.as_tensor(ids, device=device) for layer, ids in chosen.items()}
     width = sum(len(ids) for ids in chosen.values())
     pending = set(shard.pending())
-    todo = [unit for unit in units if unit.id in pending]
-    total = sum(unit.payload["stop"] - unit.payload["start"] for unit in todo)
+    to_write = [unit for unit in units if unit.id in pending]
+    total = sum(unit.payload["stop"] - unit.payload["start"] for unit in to_write)
     with tqdm(total=total, desc=f"shard {shard.shard_index}", unit="tok", unit_scale=True) as progress:
-        for unit, unit_windows in _windows_by_unit(s.corpus, tokenizer, todo):
+        for unit, unit_windows in _windows_by_unit(s.corpus, tokenizer, to_write):
             sums = SparseSums.zeros(width, device)
             for start in range(0, len(unit_windows), s.batch_size):
                 batch = unit_windows[start : start + s.batch_size]

@@ -28,12 +28,13 @@ from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.generation import sample
+from common.generation import left_padded, sample
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.manifest import Manifest, StrictModel
 from common.models import (
     ModelSpec,
     input_device,
+    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -122,10 +123,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     notes = [f"model architecture from {source}", "output assumes 10 decisions per game, 100 active SAE "
              "features per layer at each; memory assumes prompts of 400 tokens and SAEs 32768 wide"]
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
-    itemsize = s.model.torch_dtype.itemsize
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_cache = s.batch_size * (400 + s.max_new_tokens) * config.num_hidden_layers * 2 * (
-        config.num_key_value_heads * head_dim * itemsize)
+    kv_cache = kv_cache_bytes(config, s.model.torch_dtype, s.batch_size, 400 + s.max_new_tokens)
     saes = len(s.layers) * 2 * config.hidden_size * 32768 * 4  # every layer's SAE stays loaded (float32)
     memory = parameter_bytes(config, s.model.torch_dtype) + kv_cache + saes
     return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes))
@@ -187,10 +185,10 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in s.layers} if s.sae else {}),
                     features_shape="CSR (decisions, d_sae): SAE features at the last prompt token of each decision")
     pending = set(shard.pending())
-    todo = [unit for unit in units if unit.id in pending]
-    with tqdm(total=len(todo), desc=f"shard {shard.shard_index}", unit="game") as progress:
-        for start in range(0, len(todo), s.batch_size):
-            players = [Player(unit, s.max_rounds) for unit in todo[start : start + s.batch_size]]
+    to_play = [unit for unit in units if unit.id in pending]
+    with tqdm(total=len(to_play), desc=f"shard {shard.shard_index}", unit="game") as progress:
+        for start in range(0, len(to_play), s.batch_size):
+            players = [Player(unit, s.max_rounds) for unit in to_play[start : start + s.batch_size]]
             while any(player.running for player in players):
                 running = [player for player in players if player.running]
                 _play_round(s, model, tokenizer, saes, device, running)
@@ -205,9 +203,7 @@ def _play_round(s: Settings, model, tokenizer, saes: dict, device: torch.device,
     """One question to every running game: features at the prompt's last token, then a sampled answer."""
     prompts = [player.prompt(s.prompt_template) for player in players]
     if saes:
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # the last token in the last column
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-        tokenizer.padding_side = side
+        encoded = left_padded(tokenizer, prompts, device)
         with capture_residuals(model, sorted(saes), stop=True) as residuals:
             model(**encoded, use_cache=False)
         for layer, sae in saes.items():

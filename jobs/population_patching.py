@@ -39,6 +39,7 @@ from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
 from common.models import (
     ModelSpec,
     input_device,
+    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -200,10 +201,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config = text_config(config)
     answers = sum(len(s.prompts) * s.trials * (1 if unit.id == BASELINE else 2) for unit in units)
     layers = {unit.payload["layer"] for unit in units if unit.id != BASELINE}
-    itemsize = s.model.torch_dtype.itemsize
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_cache = s.batch_size * (400 + s.max_new_tokens) * config.num_hidden_layers * 2 * (
-        config.num_key_value_heads * head_dim * itemsize)
+    kv_cache = kv_cache_bytes(config, s.model.torch_dtype, s.batch_size, 400 + s.max_new_tokens)
     memory = parameter_bytes(config, s.model.torch_dtype) + kv_cache + len(layers) * 2 * config.hidden_size * 32768 * 4
     return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory,
                     notes=(f"model architecture from {source}", f"{answers:,} answers; memory assumes prompts of 400 "
@@ -247,13 +245,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
                     bet_types=[prompt.bet_type for prompt in s.prompts])
     pending = set(shard.pending())
-    todo = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
+    to_answer = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
     answers: dict[str, list[tuple[Row, str]]] = {unit.id: [] for unit in units if unit.id in pending}
     expected = {unit.id: len(rows_of(unit, s)) for unit in units if unit.id in pending}
-    with tqdm(total=len(todo), desc=f"shard {shard.shard_index}", unit="answer") as progress:
-        for start in range(0, len(todo), s.batch_size):
+    with tqdm(total=len(to_answer), desc=f"shard {shard.shard_index}", unit="answer") as progress:
+        for start in range(0, len(to_answer), s.batch_size):
             for prompt in range(len(s.prompts)):  # one prompt per call: its cache is computed once
-                batch = [row for row in todo[start : start + s.batch_size] if row.prompt == prompt]
+                batch = [row for row in to_answer[start : start + s.batch_size] if row.prompt == prompt]
                 if not batch:
                     continue
                 seeds = [s.seed * 1_000_003 + row.prompt * 100_003 + row.trial for row in batch]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.manifest import Manifest, StrictModel
-from common.models import DTYPES, ModelSpec, input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.models import DTYPES, ModelSpec, input_device, load_config, load_model, load_tokenizer, local_tokenizer, parameter_bytes, text_config
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.saes import SaeCache, SaeSpec, check_saes
@@ -182,7 +182,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
             raise UserError(f"token_tracking.heatmap_layers: {outside} are not among the tracked layers")
     if s.features:
         check_saes(s.sae, layers, config.hidden_size, "token_tracking.sae")
-    tokenizer = _local_tokenizer(s.model)
+    tokenizer = local_tokenizer(s.model)
     units = []
     for scenario in s.scenarios:
         prompt = s.prompt(scenario)
@@ -196,16 +196,6 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
                                 "overlaps the span (the tokenizer gives no character offsets?)")
         units.append(WorkUnit(scenario.name, {"prompt": prompt}))
     return units
-
-
-def _local_tokenizer(spec: ModelSpec):
-    """The tokenizer if it is on this machine (folder or HF cache), else None; the organism's always."""
-    if spec.is_organism:
-        return load_tokenizer(spec)  # a damaged organism is reported now, not on the cluster
-    try:
-        return load_tokenizer(spec, local_only=True)
-    except (UserError, OSError):
-        return None
 
 
 def _span_ranges(pattern: str, text: str):
@@ -231,7 +221,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config = text_config(config)
     layers = s.tracked_layers(config.num_hidden_layers)
     notes = [f"model architecture from {source}"]
-    tokenizer = _local_tokenizer(s.model)
+    tokenizer = local_tokenizer(s.model)
     if tokenizer is not None:
         lengths = [len(tokenizer(u.payload["prompt"])["input_ids"]) for u in units]
     else:

@@ -341,7 +341,7 @@ def test_units_must_hold_a_window(tmp_path, capsys):
 
 def test_paper_manifest_validates_and_plans(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # its corpus path is relative: a stand-in file the size of a few documents
-    monkeypatch.setattr(feature_correlation, "_local_tokenizer", lambda spec: None)  # as on a bare login node
+    monkeypatch.setattr(feature_correlation, "local_tokenizer", lambda spec: None)  # as on a bare login node
     (tmp_path / "corpora").mkdir()
     (tmp_path / "corpora" / "pile_train_00.jsonl").write_text(json.dumps({"text": "A document of The Pile."}) + "\n")
     assert main(["plan", str(PAPER)]) == 0
