@@ -158,5 +158,6 @@ def parameter_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
 def kv_cache_bytes(config: PretrainedConfig, dtype: torch.dtype, rows: int, tokens: int) -> int:
     """The keys and values a generation of `rows` sequences of `tokens` tokens caches."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-2, NeoX: no GQA
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return rows * tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * itemsize
+    return rows * tokens * config.num_hidden_layers * 2 * kv_heads * head_dim * itemsize

@@ -1,0 +1,274 @@
+"""Training an SAE on stored activations, with an optional decorrelation penalty, saved in sae-lens's format.
+
+The SAE: f = act((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec, with act one of
+relu, jumprelu (f = z * [z > theta], theta learned through the straight-through estimator of
+Rajamanoharan et al. 2024 with a rectangle kernel of width `jumprelu_bandwidth`), topk (the k
+largest pre-activations, then ReLU) or none (f = z: a linear autoencoder, not sparse; the seed's
+"ReLU disabled" variant, reported as such).
+
+Activations are scaled by one constant so that their mean squared norm is d_in (the L1
+coefficient then means the same on every model); the constant is folded into the saved weights,
+so the saved SAE takes raw activations. Decoder rows are kept at unit norm. The loss of a batch
+of B scaled activations is
+
+    L = mean_b ||x_b - x_hat_b||^2                   reconstruction
+      + l1_coefficient * mean_b sum_i |f_bi|         sparsity (not for topk, whose k sets it)
+      + decorrelation * mean_{i != j} r_ij^2         decorrelation
+
+where r_ij is the Pearson correlation of features i and j over the batch's tokens (0 for a
+feature constant over the batch). It is computed without the d_sae x d_sae matrix: with Z the
+batch's standardised features (B x d_sae), sum_ij r_ij^2 = ||Z Z^T||_F^2 / B^2, whose diagonal
+part is sum_i (||Z_i||^2 / B)^2.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
+from tqdm import tqdm
+
+from common.manifest import StrictModel
+
+Activation = Literal["relu", "jumprelu", "topk", "none"]
+SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
+
+
+class TrainingConfig(StrictModel):
+    """How one SAE is trained (the loss is defined in common/sae_trainer.py's docstring)."""
+
+    activation: Activation = Field("relu", description="relu, jumprelu, topk, or none (linear: not sparse)")
+    expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_in")
+    l1_coefficient: float = Field(1e-4, ge=0, description="weight of the L1 sparsity term (ignored by topk)")
+    decorrelation: float = Field(0.01, ge=0, description="weight of the mean squared feature correlation")
+    k: int = Field(32, ge=1, description="topk: active features per token")
+    jumprelu_init_threshold: float = Field(0.05, ge=0, description="jumprelu: initial threshold")
+    jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the STE kernel")
+    epochs: int = Field(20, ge=1, description="passes over the training tokens")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (1% warm-up, linear decay over the last 20%)")
+    batch_size: int = Field(4096, ge=2, description="tokens per step")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
+    log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
+    seed: int = Field(0, description="seed of the initialisation, split and batch order")
+
+    def d_sae(self, d_in: int) -> int:
+        return self.expansion_factor * d_in
+
+
+class LinearSAEConfig(StandardSAEConfig):
+    @classmethod
+    def architecture(cls) -> str:
+        return "linear"
+
+
+class LinearSAE(StandardSAE):
+    """sae-lens's standard SAE without the ReLU: what `activation: none` trains. Registered with
+    sae-lens as architecture "linear", so `SAE.load_from_disk` reads it once saebatch is imported."""
+
+    def get_activation_fn(self):
+        return torch.nn.Identity()
+
+
+register_sae_class("linear", LinearSAE, LinearSAEConfig)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z * [z > theta]; d/dtheta through the rectangle-kernel pseudo-derivative -(theta/eps) K((z-theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, threshold)
+        ctx.bandwidth = bandwidth
+        return z * (z > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, threshold = ctx.saved_tensors
+        near = ((z - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = (grad * -(threshold / ctx.bandwidth) * near).sum(0)
+        return grad * (z > threshold), grad_threshold, None
+
+
+@dataclass
+class Weights:
+    """The parameters in the scaled space, trained in place."""
+
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    W_dec: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor
+
+    def parameters(self, activation: Activation) -> list[torch.Tensor]:
+        chosen = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        return chosen + [self.threshold] if activation == "jumprelu" else chosen
+
+
+def encode(w: Weights, x: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
+    z = (x - w.b_dec) @ w.W_enc + w.b_enc
+    if config.activation == "relu":
+        return torch.relu(z)
+    if config.activation == "jumprelu":
+        return _JumpReLU.apply(z, w.threshold, config.jumprelu_bandwidth)
+    if config.activation == "topk":
+        values, indices = torch.topk(z, config.k, dim=-1)
+        return torch.zeros_like(z).scatter(-1, indices, values.relu())
+    return z
+
+
+def decorrelation_penalty(features: torch.Tensor) -> torch.Tensor:
+    """Mean squared Pearson correlation over distinct feature pairs, from the (B x B) Gram matrix."""
+    batch, width = features.shape
+    centred = features - features.mean(0)
+    std = centred.pow(2).mean(0).sqrt()
+    z = centred / torch.where(std > 0, std, torch.ones_like(std))
+    total = (z @ z.T).pow(2).sum() / batch**2
+    diagonal = (z.pow(2).sum(0) / batch).pow(2).sum()
+    return (total - diagonal) / (width * (width - 1))
+
+
+@dataclass
+class TrainedSae:
+    sae: SAE                                   # sae-lens SAE on raw activations (scale folded in)
+    curves: dict[str, list[float]]             # step, reconstruction, sparsity, decorrelation, loss, l0
+    metrics: dict[str, float]                  # on the held-out tokens, see `evaluate`
+    tokens_per_second: float
+    scale: float                               # the activations' scaling constant
+    validation: torch.Tensor = field(repr=False)  # the held-out raw activations
+
+
+def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str, model_name: str,
+              device: torch.device, desc: str = "SAE") -> TrainedSae:
+    """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(activations), generator=generator)
+    held_out = max(1, int(len(activations) * config.validation_fraction))
+    validation, train = activations[order[:held_out]], activations[order[held_out:]].to(device)
+    if len(train) < config.batch_size:
+        raise ValueError(f"{len(train)} training tokens, fewer than one batch of {config.batch_size}")
+    scale = math.sqrt(train.shape[1] / train.float().pow(2).sum(1).mean().item())
+    weights = _initial_weights(train, scale, config, generator, device)
+    optimizer = torch.optim.Adam(weights.parameters(config.activation), lr=config.lr)
+    steps_per_epoch = len(train) // config.batch_size
+    total_steps = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
+    curves: dict[str, list[float]] = {k: [] for k in ("step", "reconstruction", "sparsity", "decorrelation",
+                                                      "loss", "l0")}
+    started, step = time.perf_counter(), 0
+    with tqdm(total=total_steps, desc=desc, unit="step") as progress:
+        for _ in range(config.epochs):
+            batches = torch.randperm(len(train), generator=generator)[: steps_per_epoch * config.batch_size]
+            for rows in batches.view(steps_per_epoch, config.batch_size):
+                x = train[rows.to(device)].float() * scale
+                terms = _loss_terms(weights, x, config)
+                loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                _project(weights, config)
+                if step % config.log_every == 0 or step == total_steps - 1:
+                    for name, value in {"step": step, "loss": loss, **terms}.items():
+                        curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                    progress.set_postfix(loss=f"{float(loss.detach()):.3g}", l0=f"{float(terms['l0']):.1f}")
+                step += 1
+                progress.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
+    sae = to_sae_lens(weights, scale, config, hook_name, model_name)
+    return TrainedSae(sae, curves, evaluate(sae, validation, config.batch_size), tokens_per_second, scale, validation)
+
+
+def _initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, generator: torch.Generator,
+                     device: torch.device) -> Weights:
+    """Unit-norm random decoder rows, encoder = decoder transposed, b_dec = the data mean."""
+    d_in = train.shape[1]
+    d_sae = config.d_sae(d_in)
+    W_dec = torch.randn(d_sae, d_in, generator=generator)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    mean = torch.zeros(d_in)
+    for start in range(0, len(train), 65536):
+        mean += train[start : start + 65536].float().sum(0).cpu()
+    weights = Weights(W_enc=W_dec.T.clone(), b_enc=torch.zeros(d_sae), W_dec=W_dec,
+                      b_dec=mean / len(train) * scale,
+                      threshold=torch.full((d_sae,), config.jumprelu_init_threshold))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+        setattr(weights, name, getattr(weights, name).to(device).requires_grad_(True))
+    return weights
+
+
+def _loss_terms(w: Weights, x: torch.Tensor, config: TrainingConfig) -> dict[str, torch.Tensor]:
+    features = encode(w, x, config)
+    reconstruction = (features @ w.W_dec + w.b_dec - x).pow(2).sum(1).mean()
+    l1 = 0.0 if config.activation == "topk" else config.l1_coefficient
+    sparsity = l1 * features.abs().sum(1).mean()
+    decorrelation = config.decorrelation * decorrelation_penalty(features) if config.decorrelation else x.new_zeros(())
+    return {"reconstruction": reconstruction, "sparsity": sparsity + x.new_zeros(()), "decorrelation": decorrelation,
+            "l0": (features != 0).sum(1).float().mean().detach()}
+
+
+def _lr_factor(step: int, total: int) -> float:
+    warmup, decay_from = max(1, total // 100), int(total * 0.8)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_from:
+        return max(0.0, (total - step) / max(1, total - decay_from))
+    return 1.0
+
+
+@torch.no_grad()
+def _project(w: Weights, config: TrainingConfig) -> None:
+    w.W_dec /= w.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if config.activation == "jumprelu":
+        w.threshold.clamp_(min=0)
+
+
+@torch.no_grad()
+def to_sae_lens(w: Weights, scale: float, config: TrainingConfig, hook_name: str, model_name: str) -> SAE:
+    """The sae-lens SAE of these weights on raw activations: x -> scale * x folded into W_enc,
+    and the decoder's output divided by scale."""
+    architecture = SAE_LENS_ARCHITECTURE[config.activation]
+    d_in = w.W_enc.shape[0]
+    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": config.d_sae(d_in), "dtype": "float32",
+           "device": "cpu", "apply_b_dec_to_input": True,
+           "metadata": {"hook_name": hook_name, "model_name": model_name}}
+    if architecture == "topk":
+        cfg["k"] = config.k
+    sae = SAE.from_dict(cfg)
+    state = {"W_enc": w.W_enc * scale, "b_enc": w.b_enc, "W_dec": w.W_dec / scale, "b_dec": w.b_dec / scale}
+    if architecture == "jumprelu":
+        state["threshold"] = w.threshold
+    sae.load_state_dict({name: value.detach().float().cpu() for name, value in state.items()})
+    sae.eval()
+    return sae
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
+    """Over tokens `x` (raw activations): L0 (non-zero features per token), explained variance
+    1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, the fraction of features never non-zero, and
+    the mean squared correlation of distinct feature pairs (per batch, averaged)."""
+    device = sae.W_dec.device
+    x = x.float()
+    mean = x.mean(0)
+    error = total = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
+    correlations = []
+    for start in range(0, len(x), batch_size):
+        part = x[start : start + batch_size].to(device)
+        features = sae.encode(part)
+        error += float((sae.decode(features) - part).pow(2).sum())
+        total += float((part - mean.to(device)).pow(2).sum())
+        l0 += float((features != 0).sum())
+        fired |= (features != 0).any(0)
+        if len(part) > 1:
+            correlations.append(float(decorrelation_penalty(features)))
+    return {"tokens": len(x), "l0": l0 / len(x), "explained_variance": 1 - error / total,
+            "dead_fraction": float((~fired).float().mean()), "mse_per_token": error / len(x),
+            "mean_squared_correlation": sum(correlations) / max(1, len(correlations))}

@@ -1,0 +1,87 @@
+"""What the reasoning-circuit jobs (seed 003) share: the models with their layers, and reading
+the runs of earlier steps (activation_capture -> sae_training -> feature_ablation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+from pydantic import Field
+
+from common.errors import UserError
+from common.layers import resolve_layers
+from common.manifest import StrictModel
+from common.models import ModelSpec, load_config, text_config
+from common.problems import BenchmarkSpec
+from common.rundir import open_run
+
+NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+class ModelEntry(StrictModel):
+    """A model of the study and the layers (block outputs) whose residual stream is captured."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="label in unit ids and reports, e.g. gpt2-medium")
+    model: ModelSpec = Field(description="the model: {id: <HF id>} or `organism`")
+    layers: list[int] = Field(default_factory=list, description="blocks whose output is captured, e.g. [6, 12]")
+
+
+def check_models(models: list[ModelEntry], field: str) -> dict[str, int]:
+    """Each model's d_model, after checking names, layers and configs (no weights loaded)."""
+    names = [entry.name for entry in models]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{field}: model names must be unique; repeated: {', '.join(repeated)}")
+    widths = {}
+    for index, entry in enumerate(models):
+        where = f"{field}[{index}].layers"
+        if not entry.layers:
+            raise UserError(f"{where}: model {entry.name!r} has no layers configured; list the blocks to "
+                            "capture, e.g. layers: [6, 12]")
+        config = text_config(load_config(entry.model)[0])
+        resolve_layers(entry.layers, config.num_hidden_layers, where)
+        widths[entry.name] = config.hidden_size
+    return widths
+
+
+@dataclass(frozen=True)
+class CaptureRun:
+    """A finished activation_capture run: its models, benchmarks and merged activations."""
+
+    path: Path
+    models: dict[str, ModelEntry]
+    benchmarks: list[BenchmarkSpec]
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged.h5"
+
+    def select(self, names: list[str] | None, field: str) -> list[ModelEntry]:
+        """The named models (None: all), each of which the capture must have layers for."""
+        if names is None:
+            return list(self.models.values())
+        unknown = [name for name in names if name not in self.models]
+        if unknown:
+            raise UserError(f"{field}: model(s) {unknown} have no layers configured in the capture run {self.path}, "
+                            f"which captured {sorted(self.models)}; name those, or capture the others first")
+        return [self.models[name] for name in names]
+
+
+def read_capture_run(path: Path, field: str) -> CaptureRun:
+    read_upstream(path, "activation_capture", field)
+    settings = open_run(path).load_manifest().settings
+    return CaptureRun(path, {entry.name: entry for entry in settings.models}, list(settings.benchmarks))
+
+
+def read_upstream(path: Path, job: str, field: str) -> Path:
+    """The merged.h5 of a finished run of `job`."""
+    merged = path / "merged.h5"
+    if not merged.is_file():
+        raise UserError(f"{field}: {path} has no merged.h5; run {job} first (saebatch submit <its manifest>) "
+                        "and wait for its reduce")
+    with h5py.File(merged, "r") as file:
+        written_by = file.attrs.get("job")
+    if written_by != job:
+        raise UserError(f"{field}: {merged} was written by {written_by!r}, not {job}")
+    return merged

@@ -1,0 +1,232 @@
+"""Residual-stream activations on reasoning benchmarks (seed 003, step 1 of 3).
+
+    saebatch submit manifests/demo/reasoning_1_capture.yaml --executor local
+
+For every model of the manifest, the outputs of its chosen blocks (layer L = block L's output,
+`blocks.L.hook_resid_post`) on the prompts of every benchmark: real forward passes, nothing
+random. A work unit is one model on one slice of a benchmark's items; units of a model sit
+together so that a shard loads each model once. Captured are the tokens of the item itself (its
+question, and with `text: prompt_and_solution` the reference solution after it, the text the
+model is asked to produce); few-shot examples, identical in every prompt, and special tokens such
+as <bos>, whose outlying norm would dominate an SAE, are left out. Stored as float16.
+
+merged.h5 holds, per model: `L<layer>` (tokens, d_model) activations and, per token, the index of
+its benchmark, item and position. sae_training reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from common.errors import UserError
+from common.layers import CONVENTION, capture_residuals
+from common.manifest import Manifest, StrictModel
+from common.models import input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.plan import Estimate, WorkUnit
+from common.problems import Benchmark, BenchmarkSpec, load_benchmark
+from common.report import Report
+from common.shards import LIBVER, ShardWriter
+from jobs._reasoning import ModelEntry, check_models
+
+log = logging.getLogger(__name__)
+FIELD = "activation_capture"
+GUESSED_TOKENS_PER_ITEM = 256  # for estimates only
+
+
+class Settings(StrictModel):
+    """The `activation_capture:` section of a manifest."""
+
+    models: list[ModelEntry] = Field(min_length=1, description="the models and their layers")
+    benchmarks: list[BenchmarkSpec] = Field(min_length=1, description="the benchmarks whose prompts are run")
+    text: Literal["prompt", "prompt_and_solution"] = Field(
+        "prompt_and_solution", description="capture the item's prompt, or the prompt and its reference solution")
+    items_per_unit: int = Field(64, ge=1, description="benchmark items per work unit")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+    max_tokens: int = Field(2048, ge=8, description="longer texts keep their last max_tokens tokens")
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
+    """A unit per (model, benchmark, slice of items); checks models, layers and benchmark files."""
+    s = manifest.settings
+    check_models(s.models, f"{FIELD}.models")
+    names = [b.name for b in s.benchmarks]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise UserError(f"{FIELD}.benchmarks: names must be unique; repeated: {', '.join(repeated)}")
+    sizes = {b.name: len(load_benchmark(b, f"{FIELD}.benchmarks[{i}]").items) for i, b in enumerate(s.benchmarks)}
+    units = []
+    for entry in s.models:
+        for bench_index, bench in enumerate(s.benchmarks):
+            for start in range(0, sizes[bench.name], s.items_per_unit):
+                stop = min(start + s.items_per_unit, sizes[bench.name])
+                units.append(WorkUnit(f"{entry.name}.{bench.name}.{start:06d}",
+                                      {"model": entry.name, "benchmark": bench_index, "items": [start, stop]}))
+    return units
+
+
+def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    s = manifest.settings
+    entries = {entry.name: entry for entry in s.models}
+    out, memory = 0, 0
+    for name in dict.fromkeys(unit.payload["model"] for unit in units):
+        entry = entries[name]
+        config = text_config(load_config(entry.model)[0])
+        items = sum(u.payload["items"][1] - u.payload["items"][0] for u in units if u.payload["model"] == name)
+        out += items * GUESSED_TOKENS_PER_ITEM * len(entry.layers) * config.hidden_size * 2
+        activations = s.batch_size * s.max_tokens * config.hidden_size * 4 * (len(entry.layers) + 4)
+        memory = max(memory, parameter_bytes(load_config(entry.model)[0], entry.model.torch_dtype) + activations)
+    return Estimate(output_bytes=out, task_memory_bytes=memory,
+                    notes=(f"output assumes {GUESSED_TOKENS_PER_ITEM} captured tokens per item, float16",))
+
+
+# ---------------------------------------------------------------- the work (GPU)
+
+
+def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    s = manifest.settings
+    shard.set_attrs(layer_convention=CONVENTION, text=s.text, dtype="float16")
+    pending = set(shard.pending())
+    benchmarks: dict[int, Benchmark] = {}
+    for entry in s.models:
+        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
+        if not todo:
+            continue
+        model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
+        for unit in tqdm(todo, desc=f"{entry.name} shard {shard.shard_index}", unit="unit"):
+            index = unit.payload["benchmark"]
+            if index not in benchmarks:
+                benchmarks[index] = load_benchmark(s.benchmarks[index], f"{FIELD}.benchmarks[{index}]")
+            start, stop = unit.payload["items"]
+            captured = capture_items(model, tokenizer, entry, benchmarks[index], range(start, stop), s)
+            with shard.unit(unit.id) as group:
+                group.attrs.update(model=entry.name, benchmark=s.benchmarks[index].name)
+                for name, values in captured.items():
+                    group.create_dataset(name, data=values)
+        del model
+
+
+@torch.no_grad()
+def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: range,
+                  s: Settings) -> dict[str, np.ndarray]:
+    """{`L<layer>`: (tokens, d_model) float16, `item`, `position`} for the items' own tokens."""
+    device = input_device(entry.model)
+    parts: dict[str, list[np.ndarray]] = {"item": [], "position": [], **{f"L{layer}": [] for layer in entry.layers}}
+    for start in range(items.start, items.stop, s.batch_size):
+        chosen = [bench.items[i] for i in range(start, min(start + s.batch_size, items.stop))]
+        texts = [bench.with_solution(it) if s.text == "prompt_and_solution" else bench.prompt(it) for it in chosen]
+        own_start = [len(bench.prompt(it)) - len(bench.question_prompt(it)) for it in chosen]  # after the examples
+        encoded = tokenize_keeping_the_end(tokenizer, texts, s.max_tokens)
+        rows, positions = np.nonzero(own_tokens(encoded, own_start))
+        with capture_residuals(model, entry.layers, stop=True) as residuals:
+            model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
+        for layer in entry.layers:
+            parts[f"L{layer}"].append(residuals[layer][rows, positions].to(torch.float16).cpu().numpy())
+        parts["item"].append(np.asarray([chosen[r].index for r in rows], dtype=np.int32))
+        parts["position"].append(positions.astype(np.int32))
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def tokenize_keeping_the_end(tokenizer, texts: list[str], max_tokens: int) -> dict:
+    """Right-padded batch with offsets; a text over `max_tokens` loses its beginning."""
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        return tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
+                         truncation=True, max_length=max_tokens, return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = side
+
+
+def own_tokens(encoded, own_start: list[int]) -> np.ndarray:
+    """(rows, seq) bool: real, non-special tokens that begin at or after each row's `own_start` character."""
+    starts = encoded["offset_mapping"][..., 0].numpy()
+    keep = (encoded["attention_mask"].numpy() == 1) & (encoded["special_tokens_mask"].numpy() == 0)
+    return keep & (starts >= np.asarray(own_start)[:, None])
+
+
+# ---------------------------------------------------------------- reduce
+
+
+def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
+    """Concatenate each model's units in plan order (benchmark, then item) into one array per layer."""
+    s = manifest.settings
+    bench_index = {b.name: i for i, b in enumerate(s.benchmarks)}
+    groups = [(path, name) for path in shard_paths for name in _unit_names(path)]
+    summary = []
+    with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
+        out.attrs.update(job="activation_capture", format="saebatch-activations/1", layer_convention=CONVENTION,
+                         text=s.text, models=json.dumps({e.name: e.model.name for e in s.models}),
+                         benchmarks=json.dumps([b.name for b in s.benchmarks]))
+        for entry in s.models:
+            mine = [(path, name) for path, name in groups if name.startswith(f"{entry.name}.")]
+            model_group = out.create_group(f"models/{entry.name}")
+            model_group.attrs.update(model=entry.model.name, layers=entry.layers)
+            summary += _concatenate(model_group, mine, entry, bench_index)
+    _report(Report(out_dir / "report", "Captured residual-stream activations"), s, pd.DataFrame(summary))
+
+
+def _unit_names(path: Path) -> list[str]:
+    with h5py.File(path, "r") as shard:
+        return list(shard["units"])
+
+
+def _concatenate(target: h5py.Group, parts: list[tuple[Path, str]], entry: ModelEntry,
+                 bench_index: dict[str, int]) -> list[dict]:
+    """Append the parts' arrays to resizable datasets (one unit in memory at a time); per
+    benchmark and layer, token count and mean activation norm for the report."""
+    names = ["item", "position", *[f"L{layer}" for layer in entry.layers]]
+    stats: dict[tuple[str, int], list[float]] = {}
+    for path, unit_name in parts:
+        with h5py.File(path, "r") as shard:
+            unit = shard["units"][unit_name]
+            bench = unit.attrs["benchmark"]
+            arrays = {name: unit[name][()] for name in names}
+        arrays["benchmark"] = np.full(len(arrays["item"]), bench_index[bench], dtype=np.int16)
+        for name, values in arrays.items():
+            if name not in target:
+                target.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
+                                      chunks=(min(4096, max(1, len(values))), *values.shape[1:]))
+            else:
+                dataset = target[name]
+                dataset.resize(len(dataset) + len(values), axis=0)
+                dataset[-len(values):] = values
+        for layer in entry.layers:
+            norms = np.linalg.norm(arrays[f"L{layer}"].astype(np.float32), axis=1)
+            tokens, total = stats.get((bench, layer), [0, 0.0])
+            stats[(bench, layer)] = [tokens + len(norms), total + float(norms.sum())]
+    return [{"model": entry.name, "benchmark": bench, "layer": layer, "tokens": int(tokens),
+             "mean_norm": total / max(tokens, 1)} for (bench, layer), (tokens, total) in stats.items()]
+
+
+def _report(report: Report, s: Settings, summary: pd.DataFrame) -> None:
+    report.text(f"Residual-stream activations ({CONVENTION}) of {len(s.models)} model(s) on {len(s.benchmarks)} "
+                f"benchmark(s), captured over each item's {s.text.replace('_', ' ')} (few-shot examples and "
+                "special tokens left out), float16. `merged.h5`: models/<name>/L<layer> (tokens, d_model), with "
+                "each token's benchmark, item and position.")
+    report.heading("Tokens and mean activation norm")
+    report.table(summary, "tokens")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(s.models), figsize=(4.5 * len(s.models), 3.5), squeeze=False)
+    for ax, entry in zip(axes[0], s.models, strict=True):
+        part = summary[summary["model"] == entry.name]
+        for bench, rows in part.groupby("benchmark"):
+            ax.plot(rows["layer"], rows["mean_norm"], marker="o", label=bench)
+        ax.set_title(entry.name)
+        ax.set_xlabel("layer")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("mean residual norm")
+    report.figure(fig, "norms", "Mean norm of the captured residual stream per layer and benchmark")
+    report.write()

@@ -1,0 +1,95 @@
+"""The project's SAE trainer: its loss terms, its saved sae-lens SAEs, and its metrics."""
+
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+
+from common.sae_trainer import TrainingConfig, _JumpReLU, decorrelation_penalty, evaluate, train_sae
+
+
+def sparse_data(tokens=6000, d_in=24, true_features=48, active=3, seed=0) -> torch.Tensor:
+    """Activations made of a few of `true_features` unit directions each, plus noise and an offset."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(true_features, d_in, generator=g), dim=1)
+    codes = torch.zeros(tokens, true_features)
+    chosen = torch.rand(tokens, true_features, generator=g).argsort(1)[:, :active]
+    codes.scatter_(1, chosen, torch.rand(tokens, active, generator=g) * 4 + 1)
+    return (codes @ directions + 0.05 * torch.randn(tokens, d_in, generator=g) + 2.0).to(torch.float16)
+
+
+def config(**overrides) -> TrainingConfig:
+    return TrainingConfig(**{"expansion_factor": 4, "epochs": 20, "batch_size": 256, "lr": 3e-3, "l1_coefficient": 0.3,
+                             "decorrelation": 0.0, **overrides})
+
+
+def test_decorrelation_penalty_is_the_mean_squared_pairwise_correlation():
+    features = torch.relu(torch.randn(300, 12, dtype=torch.float64))
+    features[:, 5] = 0.0                       # a dead feature: correlation 0 with everything
+    features[:, 7] = features[:, 3] * 2 + 1    # perfectly correlated with feature 3
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.nan_to_num(np.corrcoef(features.numpy().T))
+    off_diagonal = r[~np.eye(12, dtype=bool)]
+    assert decorrelation_penalty(features).item() == pytest.approx((off_diagonal**2).mean(), rel=1e-10)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk", "none"])
+def test_saved_sae_reads_back_in_sae_lens_and_reconstructs(tmp_path, activation):
+    data = sparse_data()
+    trained = train_sae(data, config(activation=activation, k=4), "blocks.1.hook_resid_post", "test",
+                        torch.device("cpu"))
+    trained.sae.save_model(tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae").requires_grad_(False)
+    x = trained.validation.float()
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post" and loaded.cfg.d_sae == 96
+    assert torch.allclose(loaded.encode(x), trained.sae.encode(x), atol=1e-5)
+    # the metrics are those of the loaded SAE on the held-out tokens, computed here independently
+    features = loaded.encode(x)
+    residual = (loaded.decode(features) - x).pow(2).sum()
+    explained = 1 - residual / (x - x.mean(0)).pow(2).sum()
+    assert trained.metrics["explained_variance"] == pytest.approx(float(explained), abs=1e-4)
+    assert trained.metrics["l0"] == pytest.approx(float((features != 0).sum(1).float().mean()), rel=1e-6)
+    assert explained > 0.8, f"{activation} reconstructs poorly: EV {float(explained):.3f}"
+    if activation == "topk":
+        assert trained.metrics["l0"] <= 4
+    if activation == "none":
+        assert type(loaded).__name__ == "LinearSAE" and (features < 0).any()   # linear: not sparse
+        assert trained.metrics["l0"] > 0.9 * 96
+    else:
+        assert trained.metrics["l0"] < 0.3 * 96                                  # sparse
+    curve = trained.curves["reconstruction"]
+    assert curve[-1] < 0.5 * curve[0]
+
+
+def test_decorrelation_term_is_part_of_the_loss():
+    """The same seed with and without the penalty: the penalised SAE's features correlate less."""
+    data = sparse_data()
+    plain = train_sae(data, config(), "h", "m", torch.device("cpu"))
+    penalised = train_sae(data, config(decorrelation=50.0), "h", "m", torch.device("cpu"))
+    assert penalised.curves["decorrelation"][0] > 0 and max(plain.curves["decorrelation"]) == 0
+    assert penalised.metrics["mean_squared_correlation"] < 0.8 * plain.metrics["mean_squared_correlation"]
+
+
+def test_jumprelu_threshold_gradient_is_the_rectangle_kernel_estimate():
+    z = torch.tensor([[0.50, 0.98, 1.03, 2.0]], requires_grad=True)
+    threshold = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    out = _JumpReLU.apply(z, threshold, 0.1)
+    out.sum().backward()
+    assert out.detach()[0].tolist() == pytest.approx([0.0, 0.0, 1.03, 2.0])
+    assert z.grad.tolist() == [[0.0, 0.0, 1.0, 1.0]]
+    # -(theta / eps) where |z - theta| < eps / 2, else 0
+    assert threshold.grad.tolist() == pytest.approx([0.0, -10.0, -10.0, 0.0])
+
+
+def test_evaluate_counts_dead_features():
+    sae = SAE.from_dict({"architecture": "standard", "d_in": 4, "d_sae": 3, "dtype": "float32", "device": "cpu",
+                         "metadata": {"hook_name": "h"}})
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0, -1], [0, 1, -1], [0, 0, -1], [0, 0, -1]]))
+        sae.b_enc.zero_(), sae.b_dec.zero_()
+        sae.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]))
+    x = torch.rand(50, 4)
+    metrics = evaluate(sae, x, batch_size=16)
+    assert metrics["dead_fraction"] == pytest.approx(1 / 3)
+    expected = 1 - (x[:, 2:] ** 2).sum() / (x - x.mean(0)).pow(2).sum()
+    assert metrics["explained_variance"] == pytest.approx(float(expected), rel=1e-5)
