@@ -61,3 +61,38 @@ def set_feature(sae: SAE, feature: int | torch.Tensor, value: float | torch.Tens
         return hidden + (change[:, None] * sae.W_dec[index]).to(hidden.dtype)
 
     return edit
+
+
+@contextmanager
+def edit_block_output(model: nn.Module, layer: int, edit: Edit) -> Iterator[None]:
+    """Replace block `layer`'s whole output (batch, seq, d_model) by edit(output) in every forward,
+    prompt and generated tokens alike."""
+
+    def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+        hidden = output[0] if isinstance(output, tuple) else output
+        edited = edit(hidden)
+        return (edited, *output[1:]) if isinstance(output, tuple) else edited
+
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def zero_features(sae: SAE, chosen: torch.Tensor, prompt_positions: torch.Tensor | None = None) -> Edit:
+    """An edit of (batch, seq, d_model) outputs that zero-ablates the features marked in `chosen`
+    ((batch, d_sae) bool: each row its own), error term kept: hidden - sum_i f_i(hidden) W_dec[i].
+
+    `prompt_positions` ((batch, prompt length) bool) limits the edit of the forward over the whole
+    prompt to those positions (not <bos> or padding, where the SAE was never trained); forwards
+    over generated tokens edit every position."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        features = sae.encode(hidden.to(sae.dtype))
+        removed = ((features * chosen.to(features.device)[:, None, :]) @ sae.W_dec).to(hidden.dtype)
+        if prompt_positions is not None and hidden.shape[1] == prompt_positions.shape[1]:
+            removed = removed * prompt_positions.to(hidden.device)[..., None]
+        return hidden - removed
+
+    return edit

@@ -94,12 +94,11 @@ def reduce_task(run_path: str) -> str:
     with exclusive(run.path / ".reduce.lock", "another reduce of this run", wait=True):
         staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
         get_job(manifest.job).reduce(manifest, shard_paths, staging)
-        for name in ("merged.h5", "report"):
-            target = run.path / name
-            if (staging / name).exists():
-                if target.is_dir():
-                    shutil.rmtree(target)
-                (staging / name).replace(target)
+        for written in staging.iterdir():  # merged.h5, report/, and what else the job writes (saes/)
+            target = run.path / written.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            written.replace(target)
         shutil.rmtree(staging)
         run.record_provenance("reduced")
     log.info("merged: %s; report: %s", run.merged_path, run.report_dir / "report.md")

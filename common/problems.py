@@ -123,7 +123,11 @@ class Benchmark:
 
     def with_solution(self, item: Item) -> str:
         """The prompt followed by the reference solution, as a model would write it."""
-        return f"{self.prompt(item)}{self._gap()}{item.solution}"
+        return self.prompt(item) + self.continuation(item)
+
+    def continuation(self, item: Item) -> str:
+        """What a model should write after the prompt: the reference solution."""
+        return self._gap() + item.solution
 
     def _gap(self) -> str:
         return "" if self.spec.prompt_template.endswith((" ", "\n")) else " "

@@ -8,6 +8,7 @@
         logs/              submitit logs and jobs.json (what was submitted when)
         merged.h5          written by reduce
         report/            written by reduce
+        saes/              written by sae_training's reduce (sae-lens folders)
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
 from common.manifest import StrictModel
+from common.sae_quality import decorrelation_penalty, evaluate
 
 Activation = Literal["relu", "jumprelu", "topk", "none"]
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
@@ -119,17 +120,6 @@ def encode(w: Weights, x: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
         values, indices = torch.topk(z, config.k, dim=-1)
         return torch.zeros_like(z).scatter(-1, indices, values.relu())
     return z
-
-
-def decorrelation_penalty(features: torch.Tensor) -> torch.Tensor:
-    """Mean squared Pearson correlation over distinct feature pairs, from the (B x B) Gram matrix."""
-    batch, width = features.shape
-    centred = features - features.mean(0)
-    std = centred.pow(2).mean(0).sqrt()
-    z = centred / torch.where(std > 0, std, torch.ones_like(std))
-    total = (z @ z.T).pow(2).sum() / batch**2
-    diagonal = (z.pow(2).sum(0) / batch).pow(2).sum()
-    return (total - diagonal) / (width * (width - 1))
 
 
 @dataclass
@@ -247,28 +237,3 @@ def to_sae_lens(w: Weights, scale: float, config: TrainingConfig, hook_name: str
     sae.load_state_dict({name: value.detach().float().cpu() for name, value in state.items()})
     sae.eval()
     return sae
-
-
-@torch.no_grad()
-def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Over tokens `x` (raw activations): L0 (non-zero features per token), explained variance
-    1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, the fraction of features never non-zero, and
-    the mean squared correlation of distinct feature pairs (per batch, averaged)."""
-    device = sae.W_dec.device
-    x = x.float()
-    mean = x.mean(0)
-    error = total = l0 = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
-    correlations = []
-    for start in range(0, len(x), batch_size):
-        part = x[start : start + batch_size].to(device)
-        features = sae.encode(part)
-        error += float((sae.decode(features) - part).pow(2).sum())
-        total += float((part - mean.to(device)).pow(2).sum())
-        l0 += float((features != 0).sum())
-        fired |= (features != 0).any(0)
-        if len(part) > 1:
-            correlations.append(float(decorrelation_penalty(features)))
-    return {"tokens": len(x), "l0": l0 / len(x), "explained_variance": 1 - error / total,
-            "dead_fraction": float((~fired).float().mean()), "mse_per_token": error / len(x),
-            "mean_squared_correlation": sum(correlations) / max(1, len(correlations))}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 from pydantic import Field
@@ -13,7 +14,7 @@ from common.errors import UserError
 from common.layers import resolve_layers
 from common.manifest import StrictModel
 from common.models import ModelSpec, load_config, text_config
-from common.problems import BenchmarkSpec
+from common.problems import Benchmark
 from common.rundir import open_run
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -45,17 +46,30 @@ def check_models(models: list[ModelEntry], field: str) -> dict[str, int]:
     return widths
 
 
+def check_prompt_lengths(bench: Benchmark, tokenizer, config, model: str, field: str) -> None:
+    """Refuse a benchmark whose longest prompt plus its answer does not fit the model's positions."""
+    positions = config.max_position_embeddings  # GPT-2's n_positions answers to this name too
+    longest = max(len(tokenizer(bench.prompt(item)).input_ids) for item in bench.items)
+    if longest + bench.spec.max_new_tokens > positions:
+        raise UserError(f"{field}: {bench.spec.name}'s longest prompt has {longest} tokens; with max_new_tokens "
+                        f"{bench.spec.max_new_tokens} that exceeds {model}'s {positions} positions. Lower few_shot "
+                        "or max_new_tokens")
+
+
 @dataclass(frozen=True)
 class CaptureRun:
-    """A finished activation_capture run: its models, benchmarks and merged activations."""
+    """A finished activation_capture run: its settings (models, benchmarks) and merged activations."""
 
     path: Path
-    models: dict[str, ModelEntry]
-    benchmarks: list[BenchmarkSpec]
+    settings: Any  # jobs.activation_capture.Settings
 
     @property
     def merged(self) -> Path:
         return self.path / "merged.h5"
+
+    @property
+    def models(self) -> dict[str, ModelEntry]:
+        return {entry.name: entry for entry in self.settings.models}
 
     def select(self, names: list[str] | None, field: str) -> list[ModelEntry]:
         """The named models (None: all), each of which the capture must have layers for."""
@@ -70,8 +84,7 @@ class CaptureRun:
 
 def read_capture_run(path: Path, field: str) -> CaptureRun:
     read_upstream(path, "activation_capture", field)
-    settings = open_run(path).load_manifest().settings
-    return CaptureRun(path, {entry.name: entry for entry in settings.models}, list(settings.benchmarks))
+    return CaptureRun(path, open_run(path).load_manifest().settings)
 
 
 def read_upstream(path: Path, job: str, field: str) -> Path:

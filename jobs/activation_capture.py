@@ -31,9 +31,16 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals
 from common.manifest import Manifest, StrictModel
-from common.models import input_device, load_config, load_model, load_tokenizer, parameter_bytes, text_config
+from common.models import (
+    input_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parameter_bytes,
+    text_config,
+)
 from common.plan import Estimate, WorkUnit
-from common.problems import Benchmark, BenchmarkSpec, load_benchmark
+from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 from common.report import Report
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import ModelEntry, check_models
@@ -52,7 +59,8 @@ class Settings(StrictModel):
         "prompt_and_solution", description="capture the item's prompt, or the prompt and its reference solution")
     items_per_unit: int = Field(64, ge=1, description="benchmark items per work unit")
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
-    max_tokens: int = Field(2048, ge=8, description="longer texts keep their last max_tokens tokens")
+    max_tokens: int | None = Field(None, ge=8, description="longer texts keep their last max_tokens tokens "
+                                   "(None: the model's positions)")
 
 
 # ---------------------------------------------------------------- plan
@@ -62,6 +70,11 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark, slice of items); checks models, layers and benchmark files."""
     s = manifest.settings
     check_models(s.models, f"{FIELD}.models")
+    for entry in s.models:
+        positions = text_config(load_config(entry.model)[0]).max_position_embeddings
+        if s.max_tokens is not None and s.max_tokens > positions:
+            raise UserError(f"{FIELD}.max_tokens: {s.max_tokens} exceeds {entry.name}'s {positions} positions; "
+                            f"set it to at most {positions}")
     names = [b.name for b in s.benchmarks]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -86,7 +99,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         config = text_config(load_config(entry.model)[0])
         items = sum(u.payload["items"][1] - u.payload["items"][0] for u in units if u.payload["model"] == name)
         out += items * GUESSED_TOKENS_PER_ITEM * len(entry.layers) * config.hidden_size * 2
-        activations = s.batch_size * s.max_tokens * config.hidden_size * 4 * (len(entry.layers) + 4)
+        activations = s.batch_size * token_limit(s, config) * config.hidden_size * 4 * (len(entry.layers) + 4)
         memory = max(memory, parameter_bytes(load_config(entry.model)[0], entry.model.torch_dtype) + activations)
     return Estimate(output_bytes=out, task_memory_bytes=memory,
                     notes=(f"output assumes {GUESSED_TOKENS_PER_ITEM} captured tokens per item, float16",))
@@ -126,10 +139,8 @@ def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: 
     parts: dict[str, list[np.ndarray]] = {"item": [], "position": [], **{f"L{layer}": [] for layer in entry.layers}}
     for start in range(items.start, items.stop, s.batch_size):
         chosen = [bench.items[i] for i in range(start, min(start + s.batch_size, items.stop))]
-        texts = [bench.with_solution(it) if s.text == "prompt_and_solution" else bench.prompt(it) for it in chosen]
-        own_start = [len(bench.prompt(it)) - len(bench.question_prompt(it)) for it in chosen]  # after the examples
-        encoded = tokenize_keeping_the_end(tokenizer, texts, s.max_tokens)
-        rows, positions = np.nonzero(own_tokens(encoded, own_start))
+        encoded, keep = encode_items(tokenizer, bench, chosen, s.text, token_limit(s, model.config))
+        rows, positions = np.nonzero(keep)
         with capture_residuals(model, entry.layers, stop=True) as residuals:
             model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
         for layer in entry.layers:
@@ -139,21 +150,26 @@ def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: 
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def tokenize_keeping_the_end(tokenizer, texts: list[str], max_tokens: int) -> dict:
-    """Right-padded batch with offsets; a text over `max_tokens` loses its beginning."""
+def token_limit(s: Settings, config) -> int:
+    """The most tokens of one text that are captured: max_tokens, or the model's positions."""
+    return s.max_tokens or text_config(config).max_position_embeddings
+
+
+def encode_items(tokenizer, bench: Benchmark, items: list[Item], text: str, max_tokens: int) -> tuple[dict, np.ndarray]:
+    """The items' texts as a right-padded batch (a text over `max_tokens` loses its beginning), and
+    (rows, seq) bool marking the tokens captured: real, not special, and the item's own (after
+    the few-shot examples)."""
+    texts = [bench.with_solution(item) if text == "prompt_and_solution" else bench.prompt(item) for item in items]
+    own_start = [len(bench.prompt(item)) - len(bench.question_prompt(item)) for item in items]
     side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     try:
-        return tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
-                         truncation=True, max_length=max_tokens, return_tensors="pt")
+        encoded = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
+                            truncation=True, max_length=max_tokens, return_tensors="pt")
     finally:
         tokenizer.truncation_side = side
-
-
-def own_tokens(encoded, own_start: list[int]) -> np.ndarray:
-    """(rows, seq) bool: real, non-special tokens that begin at or after each row's `own_start` character."""
     starts = encoded["offset_mapping"][..., 0].numpy()
     keep = (encoded["attention_mask"].numpy() == 1) & (encoded["special_tokens_mask"].numpy() == 0)
-    return keep & (starts >= np.asarray(own_start)[:, None])
+    return encoded, keep & (starts >= np.asarray(own_start)[:, None])
 
 
 # ---------------------------------------------------------------- reduce

@@ -79,3 +79,22 @@ def gambling_chain(tmp_path_factory) -> GamblingChain:
     for step in sorted((REPO / "manifests" / "demo").glob("gambling_*.yaml")):
         shutil.copy(step, folder / step.name)
     return GamblingChain(folder, _run_in(folder, "gambling_1_games.yaml"), _run_in(folder, "gambling_2_contrast.yaml"))
+
+
+@dataclass
+class ReasoningChain:
+    """The demo's reasoning chain (capture -> training -> ablation), run in a copy of the demo folder."""
+
+    folder: Path
+    capture: RunDir
+    training: RunDir
+    ablation: RunDir
+
+
+@pytest.fixture(scope="session")
+def reasoning_chain(tmp_path_factory) -> ReasoningChain:
+    folder = tmp_path_factory.mktemp("reasoning_chain")
+    for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
+        shutil.copy(step, folder / step.name)
+    return ReasoningChain(folder, *(_run_in(folder, f"reasoning_{name}.yaml")
+                                    for name in ("1_capture", "2_training", "3_ablation")))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from common.sae_trainer import TrainingConfig, _JumpReLU, decorrelation_penalty, evaluate, train_sae
+from common.sae_quality import decorrelation_penalty, evaluate
+from common.sae_trainer import TrainingConfig, _JumpReLU, train_sae
 
 
 def sparse_data(tokens=6000, d_in=24, true_features=48, active=3, seed=0) -> torch.Tensor:

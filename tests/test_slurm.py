@@ -104,3 +104,18 @@ def test_gambling_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, caps
     report = (run.report_dir / "features.csv").read_text().splitlines()
     planted = [line for line in report if ",1,402,safe," in line]
     assert planted and ",True,risky" in planted[0]  # the organism's planted cause, found through the chain
+
+
+def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):
+    """Capture, training, ablation: each submitted to Slurm, each reading the previous step's run."""
+    for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
+        (tmp_path / step.name).write_text(step.read_text())
+    monkeypatch.chdir(tmp_path)
+    for step in ("reasoning_1_capture.yaml", "reasoning_2_training.yaml", "reasoning_3_ablation.yaml"):
+        assert main(["submit", step, "--wait"]) == 0, step
+    training = RunDir.for_manifest(load_manifest(tmp_path / "reasoning_2_training.yaml"))
+    assert (training.path / "saes" / "organism" / "L2" / "cfg.json").is_file()
+    run = RunDir.for_manifest(load_manifest(tmp_path / "reasoning_3_ablation.yaml"))
+    assert f"merged: {run.merged_path}" in capsys.readouterr().out
+    report = (run.report_dir / "report.md").read_text()
+    assert "**organism**: drop" in report and "criterion met" in report

@@ -1,0 +1,423 @@
+"""Causal ablation of the SAE features that carry the correct answer (seed 003, step 3 of 3), and
+the report over every model and benchmark.
+
+    saebatch submit manifests/demo/reasoning_3_ablation.yaml --executor local
+
+Reads an sae_training run (and through it the activation_capture run: models, layers,
+benchmarks). A work unit is one model on one benchmark:
+
+1. Attribution. On the first `attribution_items` items, the model reads the prompt and the
+   reference solution; each SAE feature's score is activation x gradient of the solution's
+   log-probability, summed over positions and averaged over items: the linear estimate of the
+   log-probability lost if the feature were zeroed. Gradients are taken at the block outputs, so
+   the SAE's error term stays in the model: d/df_i = W_dec[i] . d/dx.
+2. Ablation. On the other items (so that the ranking is not judged on the items it was fit to),
+   greedy generation three ways in one batch: unchanged, with the top-k features (over all the
+   model's SAE layers) zero-ablated at every position, and with k random features zero-ablated
+   (the control: drawn among the features active on the attribution items, top-k excluded).
+   Ablation keeps the error term: x - sum_i f_i(x) W_dec[i].
+3. Scoring with common/problems.py; McNemar's exact test pairs each item's outcomes.
+
+Reduce writes the aggregate report: per model and benchmark the baseline, ablated and control
+accuracy, the drops, the p-values and the SAE quality, and whether the seed's success criterion
+holds (a drop of more than `success_drop` and more than the control's).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from contextlib import ExitStack
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from scipy import stats
+from tqdm import tqdm
+
+from common.edits import edit_block_output, zero_features
+from common.errors import UserError
+from common.generation import left_padded
+from common.manifest import Manifest, StrictModel, UpstreamRun
+from common.models import (
+    input_device,
+    kv_cache_bytes,
+    load_config,
+    load_model,
+    load_tokenizer,
+    local_tokenizer,
+    parameter_bytes,
+    text_config,
+)
+from common.plan import Estimate, WorkUnit
+from common.problems import Benchmark, BenchmarkSpec, load_benchmark
+from common.report import Report
+from common.rundir import open_run
+from common.saes import SaeSpec, check_saes, load_sae
+from common.shards import LIBVER, ShardWriter
+from jobs._reasoning import (
+    CaptureRun,
+    ModelEntry,
+    check_prompt_lengths,
+    read_capture_run,
+    read_upstream,
+)
+from jobs.sae_training import sae_path_template
+
+log = logging.getLogger(__name__)
+FIELD = "feature_ablation"
+CONDITIONS = ("baseline", "ablated", "control")
+
+
+class Settings(StrictModel):
+    """The `feature_ablation:` section of a manifest."""
+
+    saes: UpstreamRun = Field(description="the sae_training run: its directory, or its manifest (a relative "
+                              "path is read beside this manifest)")
+    models: list[str] | None = Field(None, description="models to test (None: every model with trained SAEs)")
+    benchmarks: list[BenchmarkSpec] | None = Field(None, description="benchmarks (None: those of the capture run)")
+    k: int = Field(10, ge=1, description="features ablated, over all of a model's SAE layers")
+    attribution_items: int = Field(32, ge=1, description="first items of each benchmark, used to rank features "
+                                   "(not evaluated)")
+    control_seed: int = Field(0, description="seed of the random control features")
+    batch_size: int = Field(16, ge=1, description="items per generate call (each runs as 3 rows)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level in the report")
+    success_drop: float = Field(0.05, ge=0, le=1, description="the seed's criterion: accuracy drop above this "
+                                "(and above the control's)")
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
+    """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
+    s = manifest.settings
+    capture = _capture(s)
+    benchmarks = s.benchmarks or capture.settings.benchmarks
+    for index, spec in enumerate(benchmarks):
+        bench = load_benchmark(spec, f"{FIELD}.benchmarks[{index}]")
+        if len(bench.items) <= s.attribution_items:
+            raise UserError(f"{FIELD}.attribution_items: {spec.name} has {len(bench.items)} items; ranking takes the "
+                            f"first {s.attribution_items} and leaves none to evaluate. Lower attribution_items or "
+                            "raise the benchmark's n")
+    units = []
+    for entry in capture.select(s.models, f"{FIELD}.models"):
+        widths = _check_saes(s, entry)
+        if s.k > sum(widths):
+            raise UserError(f"{FIELD}.k: {s.k} is larger than the SAE width of {entry.name} ({sum(widths)} features "
+                            f"over layers {entry.layers}); lower k")
+        tokenizer = local_tokenizer(entry.model)  # on a node without the model, checked when the task starts
+        if tokenizer is not None:
+            config = text_config(load_config(entry.model)[0])
+            for index, spec in enumerate(benchmarks):
+                check_prompt_lengths(load_benchmark(spec), tokenizer, config, entry.name, f"{FIELD}.benchmarks[{index}]")
+        units += [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
+                  for index, spec in enumerate(benchmarks)]
+    return units
+
+
+def _capture(s: Settings) -> CaptureRun:
+    read_upstream(s.saes, "sae_training", f"{FIELD}.saes")
+    training = open_run(s.saes).load_manifest().settings
+    return read_capture_run(training.activations, f"{FIELD}.saes (its activations)")
+
+
+def _sae_spec(s: Settings, entry: ModelEntry) -> SaeSpec:
+    return SaeSpec(path=sae_path_template(s.saes, entry.name))
+
+
+def _check_saes(s: Settings, entry: ModelEntry) -> list[int]:
+    """Each layer's SAE width, after checking its d_in and hook against the model."""
+    d_model = text_config(load_config(entry.model)[0]).hidden_size
+    infos = check_saes(_sae_spec(s, entry), entry.layers, d_model, f"{FIELD}.saes")
+    return [info.d_sae for info in infos.values()]
+
+
+def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    s = manifest.settings
+    capture = _capture(s)
+    benchmarks = s.benchmarks or capture.settings.benchmarks
+    out = memory = 0
+    for unit in units:
+        entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
+        items = len(load_benchmark(spec).items)
+        out += items * len(CONDITIONS) * (spec.max_new_tokens * 4 + 64) + sum(_check_saes(s, entry)) * 4
+        config = text_config(load_config(entry.model)[0])
+        widths = _check_saes(s, entry)
+        rows = s.batch_size * len(CONDITIONS)
+        memory = max(memory, parameter_bytes(load_config(entry.model)[0], entry.model.torch_dtype)
+                     + sum(2 * config.hidden_size * w * 4 for w in widths)
+                     + kv_cache_bytes(config, entry.model.torch_dtype, rows, 1024 + spec.max_new_tokens)
+                     + rows * 1024 * max(widths) * 4)
+    return Estimate(output_bytes=out, task_memory_bytes=memory,
+                    notes=("memory: weights, the SAEs, the KV cache of 3 rows per item at 1,024 prompt tokens, "
+                           "and one layer's features of a batch",))
+
+
+# ---------------------------------------------------------------- the work (GPU)
+
+
+def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    s = manifest.settings
+    capture = _capture(s)
+    benchmarks = s.benchmarks or capture.settings.benchmarks
+    shard.set_attrs(saes=str(s.saes), k=s.k, attribution_items=s.attribution_items)
+    pending = set(shard.pending())
+    for entry in capture.select(s.models, f"{FIELD}.models"):
+        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
+        if not todo:
+            continue
+        model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
+        device = input_device(entry.model)
+        d_model = text_config(model.config).hidden_size
+        saes = {layer: load_sae(_sae_spec(s, entry), layer, d_model, device) for layer in entry.layers}
+        for unit in todo:
+            spec = benchmarks[unit.payload["benchmark"]]
+            bench = load_benchmark(spec, f"{FIELD}.benchmarks")
+            check_prompt_lengths(bench, tokenizer, text_config(model.config), entry.name, f"{FIELD}.benchmarks")
+            ranking, evaluated = bench.items[: s.attribution_items], bench.items[s.attribution_items :]
+            scores, active = attribution(model, tokenizer, bench, ranking, saes, device)
+            top = top_features(scores, s.k)
+            control = control_features(active, top, s.k, s.control_seed, unit.id)
+            outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top,
+                                           "control": control}, s.batch_size, device, desc=unit.id)
+            with shard.unit(unit.id) as group:
+                group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind)
+                group.create_dataset("item", data=np.asarray([item.index for item in evaluated]))
+                group.create_dataset("target", data=[item.target for item in evaluated])
+                for name, chosen in {"top": top, "random": control}.items():
+                    group.create_dataset(f"{name}/layer", data=chosen[:, 0])
+                    group.create_dataset(f"{name}/feature", data=chosen[:, 1])
+                    group.create_dataset(f"{name}/score", data=[scores[layer][f] for layer, f in chosen])
+                for layer, values in scores.items():
+                    group.create_dataset(f"attribution/L{layer}", data=values)
+                for condition, (texts, answers, correct) in outcomes.items():
+                    group.create_dataset(f"{condition}/text", data=texts, dtype=h5py.string_dtype())
+                    group.create_dataset(f"{condition}/answer", data=[a or "" for a in answers],
+                                         dtype=h5py.string_dtype())
+                    group.create_dataset(f"{condition}/correct", data=np.asarray(correct, dtype=bool))
+        del model, saes
+
+
+def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
+                device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Per layer, each feature's activation x gradient of the reference solution's log-probability,
+    summed over the positions the ablation acts on (all but special tokens) and averaged over
+    items; and which features were active at all."""
+    scores = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for layer, sae in saes.items()}
+    active = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.bool) for layer, sae in saes.items()}
+    d_model = text_config(model.config).hidden_size
+    for start in range(0, len(items), 4):
+        ids, mask, solution, positions = teacher_forced(tokenizer, bench, items[start : start + 4], device)
+        outputs, deltas = {}, {}
+        with ExitStack() as stack:
+            for layer in saes:
+                deltas[layer] = torch.zeros(*ids.shape, d_model, device=device, dtype=model.dtype, requires_grad=True)
+                stack.enter_context(edit_block_output(model, layer, _recorder(outputs, deltas, layer)))
+            with torch.enable_grad():
+                logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+                (log_probs * solution[:, 1:]).sum().backward()
+        with torch.no_grad():
+            for layer, sae in saes.items():
+                features = sae.encode(outputs[layer].to(sae.dtype)) * positions[..., None]
+                gradient = deltas[layer].grad.to(sae.dtype) @ sae.W_dec.T
+                scores[layer] += (features * gradient).sum((0, 1)).double().cpu()
+                active[layer] |= (features != 0).flatten(0, 1).any(0).cpu()
+    return ({layer: (values / len(items)).numpy() for layer, values in scores.items()},
+            {layer: values.numpy() for layer, values in active.items()})
+
+
+def teacher_forced(tokenizer, bench: Benchmark, items: list, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Right-padded prompt + reference solution, each tokenized on its own as in generation:
+    ids, attention mask, the solution's positions, and the real non-special positions."""
+    rows, solution_lengths = [], []
+    for item in items:
+        prompt = tokenizer(bench.prompt(item)).input_ids
+        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
+        rows.append(prompt + solution)
+        solution_lengths.append(len(solution))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask, solution, positions = (torch.zeros(len(rows), width, dtype=torch.bool) for _ in range(3))
+    for i, (row, n_solution) in enumerate(zip(rows, solution_lengths, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+        solution[i, len(row) - n_solution : len(row)] = True
+        special = tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+        positions[i, : len(row)] = ~torch.tensor(special, dtype=torch.bool)
+    return ids.to(device), mask.long().to(device), solution.to(device), positions.to(device)
+
+
+def _recorder(outputs: dict, deltas: dict, layer: int):
+    """An edit that keeps block `layer`'s output and adds the zero tensor whose gradient is the output's."""
+
+    def record(hidden: torch.Tensor) -> torch.Tensor:
+        outputs[layer] = hidden.detach()
+        return hidden + deltas[layer]
+
+    return record
+
+
+def top_features(scores: dict[int, np.ndarray], k: int) -> np.ndarray:
+    """(k, 2) [layer, feature] of the k highest scores over all layers (ties: lower layer, lower id)."""
+    pairs = [(layer, feature) for layer in sorted(scores) for feature in range(len(scores[layer]))]
+    values = np.concatenate([scores[layer] for layer in sorted(scores)])
+    order = np.argsort(-values, kind="stable")[:k]
+    return np.asarray([pairs[i] for i in order], dtype=np.int64)
+
+
+def control_features(active: dict[int, np.ndarray], top: np.ndarray, k: int, seed: int, unit_id: str) -> np.ndarray:
+    """k random [layer, feature] among those active on the attribution items, the top ones excluded
+    (all features if too few were active); seeded by `seed` and the unit."""
+    taken = {tuple(pair) for pair in top.tolist()}
+    candidates = [(layer, int(f)) for layer in sorted(active) for f in np.flatnonzero(active[layer])
+                  if (layer, int(f)) not in taken]
+    if len(candidates) < k:
+        candidates = [(layer, f) for layer in sorted(active) for f in range(len(active[layer]))
+                      if (layer, f) not in taken]
+    rng = np.random.default_rng([seed, zlib.crc32(unit_id.encode())])
+    chosen = rng.choice(len(candidates), size=k, replace=False)
+    return np.asarray([candidates[i] for i in sorted(chosen)], dtype=np.int64)
+
+
+@torch.no_grad()
+def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: dict,
+                        ablations: dict[str, np.ndarray], batch_size: int, device: torch.device,
+                        desc: str = "") -> dict[str, tuple[list[str], list[str | None], list[bool]]]:
+    """Greedy answers to every item unchanged ("baseline") and under each named ablation, all
+    conditions of a batch of items in one generate call (row = item x condition)."""
+    conditions = ["baseline", *ablations]
+    results = {c: ([], [], []) for c in conditions}
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
+        chosen = items[start : start + batch_size]
+        prompts = [bench.prompt(item) for item in chosen for _ in conditions]
+        encoded = left_padded(tokenizer, prompts, device)
+        special = torch.tensor([tokenizer.get_special_tokens_mask(row.tolist(), already_has_special_tokens=True)
+                                for row in encoded["input_ids"].cpu()], device=device).bool()
+        positions = encoded["attention_mask"].bool() & ~special
+        with ExitStack() as stack:
+            for layer, sae in saes.items():
+                chosen_features = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool, device=device)
+                for c, name in enumerate(conditions[1:], start=1):
+                    features = ablations[name][ablations[name][:, 0] == layer, 1]
+                    chosen_features[c :: len(conditions), torch.as_tensor(features, device=device)] = True
+                stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions)))
+            output = model.generate(**encoded, max_new_tokens=bench.spec.max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, stop_strings=bench.spec.stop_strings,
+                                    tokenizer=tokenizer)
+        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        for row, text in enumerate(texts):
+            condition, item = conditions[row % len(conditions)], chosen[row // len(conditions)]
+            answer, correct = bench.score(item, text)
+            for store, value in zip(results[condition], (text, answer, correct), strict=True):
+                store.append(value)
+    return results
+
+
+# ---------------------------------------------------------------- reduce: the aggregate report
+
+
+def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
+    s = manifest.settings
+    outcomes, features = [], []
+    with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
+        out.attrs.update(job="feature_ablation", format="saebatch-ablation/1", saes=str(s.saes), k=s.k,
+                         attribution_items=s.attribution_items)
+        for path in shard_paths:
+            with h5py.File(path, "r") as shard:
+                for unit_id, group in shard["units"].items():
+                    shard.copy(group, out, name=f"units/{unit_id}")
+                    model, bench = str(group.attrs["model"]), str(group.attrs["benchmark"])
+                    outcomes.append(pd.DataFrame({"model": model, "benchmark": bench, "item": group["item"][()],
+                                                  **{c: group[f"{c}/correct"][()] for c in CONDITIONS}}))
+                    for kind in ("top", "random"):
+                        features.append(pd.DataFrame({"model": model, "benchmark": bench, "set": kind,
+                                                      **{n: group[f"{kind}/{n}"][()] for n in ("layer", "feature",
+                                                                                                "score")}}))
+    items = pd.concat(outcomes, ignore_index=True)
+    summary = pd.concat([summarise(items, s, by=["model", "benchmark"]),
+                         summarise(items.assign(benchmark="all"), s, by=["model", "benchmark"])], ignore_index=True)
+    summary = summary.merge(_sae_quality(s.saes), on="model", how="left")
+    with h5py.File(out_dir / "merged.h5", "a") as out:
+        for column in summary.columns:
+            values = summary[column].to_numpy()
+            out.create_dataset(f"summary/{column}", data=values.astype("S") if values.dtype == object else values)
+    _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
+            pd.concat(features, ignore_index=True), items)
+
+
+def mcnemar(before: np.ndarray, after: np.ndarray) -> float:
+    """Exact McNemar p-value (two-sided binomial test on the discordant pairs)."""
+    lost, gained = int((before & ~after).sum()), int((~before & after).sum())
+    return 1.0 if lost + gained == 0 else float(stats.binomtest(lost, lost + gained, 0.5).pvalue)
+
+
+def summarise(items: pd.DataFrame, s: Settings, by: list[str]) -> pd.DataFrame:
+    """Accuracies, drops, McNemar p-values and the seed's criterion per group of items."""
+    rows = []
+    for keys, group in items.groupby(by, sort=True):
+        base, ablated, control = (group[c].to_numpy(bool) for c in CONDITIONS)
+        drop, control_drop = base.mean() - ablated.mean(), base.mean() - control.mean()
+        p_ablated, p_control, p_vs_control = mcnemar(base, ablated), mcnemar(base, control), mcnemar(control, ablated)
+        rows.append({**dict(zip(by, keys, strict=True)), "items": len(group), "baseline": base.mean(),
+                     "ablated": ablated.mean(), "control": control.mean(), "drop": drop, "control_drop": control_drop,
+                     "p_ablated": p_ablated, "p_control": p_control, "p_ablated_vs_control": p_vs_control,
+                     "criterion_met": bool(drop > s.success_drop and drop > control_drop),
+                     "beats_control_significantly": bool(drop > control_drop and p_vs_control < s.alpha)})
+    return pd.DataFrame(rows)
+
+
+def _sae_quality(training_run: Path) -> pd.DataFrame:
+    """Per model, the SAE metrics averaged over its layers (from the training run)."""
+    with h5py.File(training_run / "merged.h5", "r") as merged:
+        table = pd.DataFrame({name: merged[f"metrics/{name}"][()] for name in merged["metrics"]})
+    table["model"] = table["model"].str.decode("utf-8")
+    columns = {"l0": "sae_l0", "explained_variance": "sae_explained_variance", "dead_fraction": "sae_dead_fraction",
+               "ce_recovered": "sae_ce_recovered"}
+    return table.groupby("model")[list(columns)].mean().rename(columns=columns).reset_index()
+
+
+def _report(report: Report, s: Settings, summary: pd.DataFrame, features: pd.DataFrame, items: pd.DataFrame) -> None:
+    report.text(
+        f"SAEs: `{s.saes}`. Per model and benchmark: the first {s.attribution_items} items rank the SAE features by "
+        "activation x gradient of the reference solution's log-probability (error term kept); on the other items "
+        f"the model answers greedily as it is, with the top {s.k} features zero-ablated at every position, and with "
+        f"{s.k} random active features zero-ablated (control). Drops are in accuracy (fractions); p-values are "
+        f"McNemar's exact test on paired items. The seed's criterion: a drop of more than {s.success_drop:.0%} and "
+        f"more than the control's. `all` pools a model's benchmarks."
+    )
+    report.heading("Accuracy under ablation")
+    report.table(summary, "summary")
+    verdicts = summary[summary["benchmark"] == "all"]
+    report.heading("The seed's success criterion per model")
+    report.text("\n".join(
+        f"- **{row.model}**: drop {row.drop:+.1%} against control {row.control_drop:+.1%} over {row.items} items "
+        f"(p vs control {row.p_ablated_vs_control:.2g}): criterion {'met' if row.criterion_met else 'NOT met'}"
+        for row in verdicts.itertuples()))
+    report.heading("Ablated and control features")
+    report.table(features, "features")
+    items.to_csv(report.folder / "items.csv", index=False)
+    _figure(report, summary[summary["benchmark"] != "all"])
+    report.write()
+
+
+def _figure(report: Report, summary: pd.DataFrame) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row.model}\n{row.benchmark}" for row in summary.itertuples()]
+    x = np.arange(len(summary))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(summary) + 2), 3.8))
+    for offset, condition, colour in zip((-0.27, 0, 0.27), CONDITIONS, ("grey", "crimson", "steelblue"), strict=True):
+        accuracy = summary[condition].to_numpy()
+        error = 1.96 * np.sqrt(accuracy * (1 - accuracy) / summary["items"].to_numpy())
+        ax.bar(x + offset, accuracy, width=0.26, yerr=error, color=colour, label=condition, capsize=2)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    report.figure(fig, "accuracy", "Accuracy unchanged, with the top-k features ablated, and with k random features "
+                  "ablated (95% intervals)")

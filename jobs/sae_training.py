@@ -1,0 +1,226 @@
+"""SAEs trained on captured activations, one per (model, layer) (seed 003, step 2 of 3).
+
+    saebatch submit manifests/demo/reasoning_2_training.yaml --executor local
+
+Reads an activation_capture run. Each work unit trains the SAE of one model's layer with the
+project's trainer (common/sae_trainer.py, whose docstring defines the loss: reconstruction, L1,
+and the decorrelation penalty, a real term of the loss), then measures it on held-out tokens
+(L0, explained variance, dead features, mean squared feature correlation) and, when the model can
+be loaded, inside the model: the next-token loss it recovers on the benchmark texts. Reduce
+writes each SAE in sae-lens's format to saes/<model>/L<layer>/ (`SAE.load_from_disk` reads it),
+the metrics and loss curves to merged.h5, and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import Field
+from sae_lens import SAE
+
+from common.errors import UserError
+from common.layers import hook_name
+from common.manifest import Manifest, StrictModel, UpstreamRun
+from common.models import input_device, load_model, load_tokenizer
+from common.plan import Estimate, WorkUnit
+from common.problems import load_benchmark
+from common.report import Report
+from common.sae_quality import ce_loss_recovered
+from common.sae_trainer import TrainingConfig, train_sae
+from common.shards import LIBVER, ShardWriter
+from jobs._reasoning import CaptureRun, read_capture_run
+from jobs.activation_capture import encode_items, token_limit
+
+log = logging.getLogger(__name__)
+FIELD = "sae_training"
+NOT_MEASURED = float("nan")
+METRICS = ("tokens", "l0", "explained_variance", "dead_fraction", "mse_per_token", "mean_squared_correlation",
+           "ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered", "tokens_per_second")
+
+
+class Settings(StrictModel):
+    """The `sae_training:` section of a manifest."""
+
+    activations: UpstreamRun = Field(description="the activation_capture run: its directory, or its manifest "
+                                     "(a relative path is read beside this manifest)")
+    models: list[str] | None = Field(None, description="models to train SAEs for (None: every captured model)")
+    sae: TrainingConfig = Field(default_factory=TrainingConfig, description="the SAE and its training")
+    ce_items: int = Field(32, ge=0, description="benchmark items on which the CE loss recovered is measured "
+                          "(0: not measured)")
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
+    """A unit per (model, captured layer); checks the SAE fits and every layer has a batch of tokens."""
+    s = manifest.settings
+    capture = read_capture_run(s.activations, f"{FIELD}.activations")
+    units = []
+    with h5py.File(capture.merged, "r") as merged:
+        for entry in capture.select(s.models, f"{FIELD}.models"):
+            for layer in entry.layers:
+                tokens, d_in = merged[f"models/{entry.name}/L{layer}"].shape
+                _check_fits(s.sae, entry.name, layer, tokens, d_in)
+                units.append(WorkUnit(f"{entry.name}.L{layer}", {"model": entry.name, "layer": layer}))
+    return units
+
+
+def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int, d_in: int) -> None:
+    d_sae = config.d_sae(d_in)
+    if config.activation == "topk" and config.k > d_sae:
+        raise UserError(f"{FIELD}.sae.k: {config.k} is larger than the SAE width {d_sae} "
+                        f"(expansion_factor {config.expansion_factor} x d_in {d_in}); lower k")
+    training = tokens - max(1, int(tokens * config.validation_fraction))
+    if training < config.batch_size:
+        raise UserError(f"{FIELD}.sae.batch_size: {model} layer {layer} has {training:,} training tokens, fewer than "
+                        f"one batch of {config.batch_size:,}; lower batch_size or capture more items")
+
+
+def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    s = manifest.settings
+    capture = read_capture_run(s.activations, f"{FIELD}.activations")
+    out = memory = 0
+    with h5py.File(capture.merged, "r") as merged:
+        for unit in units:
+            tokens, d_in = merged[f"models/{unit.payload['model']}/L{unit.payload['layer']}"].shape
+            sae_bytes = 2 * d_in * s.sae.d_sae(d_in) * 4
+            out += sae_bytes + s.sae.epochs * tokens // s.sae.batch_size // s.sae.log_every * 6 * 8
+            batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
+            memory = max(memory, tokens * d_in * 2 + 4 * sae_bytes + batch)
+    return Estimate(output_bytes=out, task_memory_bytes=memory,
+                    notes=("memory: the layer's activations, the SAE with Adam's moments, one batch; the model "
+                           "itself is loaded for the CE loss recovered" if s.ce_items else "no model is loaded",))
+
+
+# ---------------------------------------------------------------- the work (GPU)
+
+
+def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    s = manifest.settings
+    capture = read_capture_run(s.activations, f"{FIELD}.activations")
+    shard.set_attrs(activations=str(s.activations), training=s.sae.model_dump_json())
+    pending = set(shard.pending())
+    loaded: tuple[str, object, object] | None = None  # (model name, model, tokenizer): one model at a time
+    for unit in units:
+        if unit.id not in pending:
+            continue
+        entry, layer = capture.models[unit.payload["model"]], unit.payload["layer"]
+        device = input_device(entry.model)
+        with h5py.File(capture.merged, "r") as merged:
+            activations = torch.from_numpy(merged[f"models/{entry.name}/L{layer}"][()])
+        trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
+                            desc=f"{entry.name} L{layer}")
+        metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
+        if s.ce_items:
+            if loaded is None or loaded[0] != entry.name:
+                loaded = (entry.name, load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model))
+            batches = _ce_batches(capture, loaded[1], loaded[2], s.ce_items, device)
+            metrics |= ce_loss_recovered(loaded[1], batches, layer, trained.sae.to(device))
+        else:
+            metrics |= dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
+        with shard.unit(unit.id) as group:
+            group.attrs.update(model=entry.name, layer=layer, cfg=json.dumps(trained.sae.cfg.to_dict()),
+                               scale=trained.scale, **{name: float(metrics[name]) for name in METRICS})
+            for name, value in trained.sae.state_dict().items():
+                group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
+            for name, values in trained.curves.items():
+                group.create_dataset(f"curves/{name}", data=np.asarray(values))
+
+
+def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int,
+                device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """The first `n_items` items of each captured benchmark, tokenized as they were captured, with
+    the captured positions marked as those the SAE replaces."""
+    batches = []
+    for index, spec in enumerate(capture.settings.benchmarks):
+        bench = load_benchmark(spec, f"{FIELD}: the capture's benchmarks[{index}]")
+        chosen = bench.items[:n_items]
+        for start in range(0, len(chosen), capture.settings.batch_size):
+            encoded, keep = encode_items(tokenizer, bench, chosen[start : start + capture.settings.batch_size],
+                                         capture.settings.text, token_limit(capture.settings, model.config))
+            batches.append({"input_ids": encoded["input_ids"].to(device),
+                            "attention_mask": encoded["attention_mask"].to(device),
+                            "edited": torch.from_numpy(keep).to(device)})
+    return batches
+
+
+# ---------------------------------------------------------------- reduce
+
+
+def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
+    """Each SAE saved for sae-lens, the metrics table and curves in merged.h5, and the report."""
+    s = manifest.settings
+    rows, curves = [], {}
+    with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
+        out.attrs.update(job="sae_training", format="saebatch-saes/1", activations=str(s.activations),
+                         training=s.sae.model_dump_json(), saes="saes/<model>/L<layer> beside this file")
+        for path in shard_paths:
+            with h5py.File(path, "r") as shard:
+                for unit_id, group in shard["units"].items():
+                    model, layer = str(group.attrs["model"]), int(group.attrs["layer"])
+                    sae = SAE.from_dict(json.loads(group.attrs["cfg"]))
+                    sae.load_state_dict({name: torch.from_numpy(group[f"weights/{name}"][()])
+                                         for name in group["weights"]})
+                    sae.save_model(sae_dir(out_dir, model, layer))
+                    rows.append({"model": model, "layer": layer, "d_sae": sae.cfg.d_sae,
+                                 **{name: float(group.attrs[name]) for name in METRICS}})
+                    curves[(model, layer)] = {name: group[f"curves/{name}"][()] for name in group["curves"]}
+                    for name, values in curves[(model, layer)].items():
+                        out.create_dataset(f"curves/{unit_id}/{name}", data=values)
+        table = pd.DataFrame(rows).sort_values(["model", "layer"], ignore_index=True)
+        for column in table.columns:
+            values = table[column].to_numpy()
+            out.create_dataset(f"metrics/{column}", data=values.astype("S") if values.dtype == object else values)
+    _report(Report(out_dir / "report", "SAEs trained on captured activations"), s, table, curves)
+
+
+def sae_path_template(run_dir: Path, model: str) -> str:
+    """Where a training run keeps the sae-lens folders of one model's layers, `{layer}` left open."""
+    return str(run_dir / "saes" / model / "L{layer}")
+
+
+def sae_dir(run_dir: Path, model: str, layer: int) -> Path:
+    return Path(sae_path_template(run_dir, model).format(layer=layer))
+
+
+def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> None:
+    config = s.sae
+    sparse = config.activation != "none"
+    report.text(
+        f"Activations: `{s.activations}`. One SAE per model and layer, activation **{config.activation}**, "
+        f"expansion factor {config.expansion_factor}, L1 coefficient {config.l1_coefficient}"
+        f"{' (not used by topk: k = ' + str(config.k) + ')' if config.activation == 'topk' else ''}, decorrelation "
+        f"{config.decorrelation}, {config.epochs} epochs, learning rate {config.lr}, batch {config.batch_size}. "
+        "Loss per batch of activations scaled to mean squared norm d_in: mean ||x - x_hat||^2 + l1 * mean sum_i "
+        "|f_i| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over the batch). "
+        f"Metrics on the {config.validation_fraction:.0%} held-out tokens; the CE loss recovered on {s.ce_items} "
+        "items per benchmark. SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
+    )
+    if not sparse:
+        report.text("**Activation `none` is a linear autoencoder, not a sparse one**: every feature is non-zero on "
+                    "almost every token (L0 near the width), so its 'features' are directions of a dense code.")
+    report.heading("Quality per model and layer")
+    report.table(table, "metrics")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for (model, layer), curve in sorted(curves.items()):
+        label = f"{model} L{layer}"
+        axes[0].plot(curve["step"], curve["reconstruction"], label=label)
+        axes[1].plot(curve["step"], curve["l0"], label=label)
+        axes[2].plot(curve["step"], curve["decorrelation"], label=label)
+    for ax, title in zip(axes, ("reconstruction loss", "L0 (non-zero features per token)",
+                                "decorrelation term (weighted)"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    report.figure(fig, "curves", "Training curves per model and layer")
+    report.write()
