@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -72,6 +73,7 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         log.info("shard %d is already complete: %s", shard_index, path)
         return str(path)
     units = plan.shard_units(shard_index)
+    _threads_as_allocated()
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
         remaining = shard.pending()
         if remaining:
@@ -80,6 +82,16 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         done = shard.finish()
     log.info("shard %d complete: %s", shard_index, done)
     return str(done)
+
+
+def _threads_as_allocated() -> None:
+    """Use as many CPU threads as Slurm gave the task (cpus_per_task), not as many as the node has:
+    more threads than cores make torch's thread pool spin against itself."""
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
+    if allocated and allocated.isdigit():
+        import torch
+
+        torch.set_num_threads(int(allocated))
 
 
 def reduce_task(run_path: str) -> str:

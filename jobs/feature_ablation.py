@@ -143,13 +143,12 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     out = memory = 0
     for unit in units:
         entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
-        items = len(load_benchmark(spec).items)
-        out += items * len(CONDITIONS) * (spec.max_new_tokens * 4 + 64) + sum(_check_saes(s, entry)) * 4
-        config = text_config(load_config(entry.model)[0])
-        widths = _check_saes(s, entry)
+        full_config = load_config(entry.model)[0]
+        config, widths = text_config(full_config), _check_saes(s, entry)
+        out += len(load_benchmark(spec).items) * len(CONDITIONS) * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
         rows = s.batch_size * len(CONDITIONS)
-        memory = max(memory, parameter_bytes(load_config(entry.model)[0], entry.model.torch_dtype)
-                     + sum(2 * config.hidden_size * w * 4 for w in widths)
+        memory = max(memory, parameter_bytes(full_config, entry.model.torch_dtype)
+                     + sum(2 * config.hidden_size * width * 4 for width in widths)
                      + kv_cache_bytes(config, entry.model.torch_dtype, rows, 1024 + spec.max_new_tokens)
                      + rows * 1024 * max(widths) * 4)
     return Estimate(output_bytes=out, task_memory_bytes=memory,

@@ -107,7 +107,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shard.set_attrs(activations=str(s.activations), training=s.sae.model_dump_json())
     pending = set(shard.pending())
-    loaded: tuple[str, object, object] | None = None  # (model name, model, tokenizer): one model at a time
+    loaded: dict[str, tuple | None] = {}  # model name -> (model, tokenizer), None if it cannot be loaded
     for unit in units:
         if unit.id not in pending:
             continue
@@ -118,11 +118,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
                             desc=f"{entry.name} L{layer}")
         metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
-        if s.ce_items:
-            if loaded is None or loaded[0] != entry.name:
-                loaded = (entry.name, load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model))
-            batches = _ce_batches(capture, loaded[1], loaded[2], s.ce_items, device)
-            metrics |= ce_loss_recovered(loaded[1], batches, layer, trained.sae.to(device))
+        if s.ce_items and entry.name not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[entry.name] = _model_at_hand(entry)
+        if s.ce_items and loaded[entry.name] is not None:
+            model, tokenizer = loaded[entry.name]
+            batches = _ce_batches(capture, model, tokenizer, s.ce_items, device)
+            metrics |= ce_loss_recovered(model, batches, layer, trained.sae.to(device))
         else:
             metrics |= dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
         with shard.unit(unit.id) as group:
@@ -132,6 +134,15 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
             for name, values in trained.curves.items():
                 group.create_dataset(f"curves/{name}", data=np.asarray(values))
+
+
+def _model_at_hand(entry) -> tuple | None:
+    """The model and tokenizer for the CE loss recovered, or None (logged) when they cannot be loaded here."""
+    try:
+        return load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
+    except (UserError, OSError) as error:
+        log.warning("%s: the CE loss recovered is not measured, the model cannot be loaded here (%s)", entry.name, error)
+        return None
 
 
 def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int,
@@ -201,7 +212,7 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
         "Loss per batch of activations scaled to mean squared norm d_in: mean ||x - x_hat||^2 + l1 * mean sum_i "
         "|f_i| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over the batch). "
         f"Metrics on the {config.validation_fraction:.0%} held-out tokens; the CE loss recovered on {s.ce_items} "
-        "items per benchmark. SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
+        "items per benchmark (NaN: not measured, the model could not be loaded). SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
     )
     if not sparse:
         report.text("**Activation `none` is a linear autoencoder, not a sparse one**: every feature is non-zero on "

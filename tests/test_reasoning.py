@@ -160,11 +160,11 @@ def test_attribution_equals_activation_times_gradient_computed_on_the_features(r
     items = bench.items[:3]
     scores, active = attribution(model, tokenizer, bench, items, {1: sae}, torch.device("cpu"))
     expected = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    leaves = {}
     for item in items:
         prompt = tokenizer(bench.prompt(item)).input_ids
         solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
         ids = torch.tensor([prompt + solution])
-        leaves = {}
 
         def through_features(hidden):
             features = sae.encode(hidden[:, 1:]).detach().requires_grad_(True)
@@ -290,3 +290,32 @@ def test_paper_manifests_validate_and_plan(tmp_path, monkeypatch, capsys):
                                                          "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}))
     assert main(["plan", str(REPO / "manifests" / "reasoning_ablation_5models.yaml")]) == 0
     assert "15 work units in 15 shard(s)" in capsys.readouterr().out
+
+
+def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatch):
+    """A tiny GPT-2 (blocks under transformer.h) is captured; when its folder is gone, training
+    still runs and reports the CE loss recovered as not measured."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.helpers import run_all
+
+    tokenizer = Organism().tokenizer()
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    capture = _write(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {
+        "models": [{"name": "tiny-gpt2", "model": {"path": str(folder)}, "layers": [0, 1]}],
+        "benchmarks": [{"name": "arithmetic", "builtin": "organism_arithmetic", "n": 40, "max_new_tokens": 8}],
+        "items_per_unit": 20})
+    captured = run_all(capture)
+    with h5py.File(captured.merged_path, "r") as merged:
+        assert merged["models/tiny-gpt2/L1"].shape[1] == 32 and merged["models/tiny-gpt2/L1"].shape[0] > 1000
+    folder.rename(tmp_path / "moved")
+    training = _write(tmp_path, "reasoning_2_training.yaml", "sae_training", {
+        "sae": {"activation": "relu", "expansion_factor": 2, "epochs": 2, "batch_size": 128}})
+    metrics = _csv(run_all(training).report_dir / "metrics.csv")
+    assert [row["layer"] for row in metrics] == [0, 1]
+    assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)
