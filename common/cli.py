@@ -87,6 +87,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                  cluster.mem_gb, cluster.timeout_min)
     reduce_opts = _sbatch_options(cluster.partition, 0, cluster.reduce_cpus, cluster.reduce_mem_gb,
                                   cluster.reduce_timeout_min)
+    if cluster.image is not None:  # the templates run saebatch in the image, as submit does
+        binds = ",".join(dict.fromkeys([str(run.path.parent), *cluster.bind]))
+        print(f"with sbatch, in the image: export IMAGE={cluster.image} BIND={binds}")
     print(f"or with sbatch: ARRAY=$(sbatch --parsable {shard_opts} --array=0-{len(plan.shards) - 1} "
           f"slurm/array.sbatch {args.manifest})")
     print(f"                sbatch {reduce_opts} --dependency=afterok:$ARRAY --kill-on-invalid-dep=yes "

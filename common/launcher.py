@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.atomic import write_text_atomic
+from common.containers import check_image, python_command
 from common.errors import UserError
 from common.locks import exclusive
 from common.manifest import ClusterSettings, Manifest
@@ -129,14 +130,16 @@ class Submission:
     reduce_job: Any | None = None
 
 
-def make_executor(kind: Executor, folder: Path, cluster: ClusterSettings, name: str, for_reduce: bool = False):
-    """A submitit executor with the manifest's cluster settings (site defaults, then overrides)."""
+def make_executor(kind: Executor, run: RunDir, cluster: ClusterSettings, name: str, for_reduce: bool = False):
+    """A submitit executor with the manifest's cluster settings (site defaults, then overrides);
+    on Slurm its tasks start the Python of `python_command` (the image's, when one is named)."""
     import submitit
 
     if kind == "slurm" and shutil.which("sbatch") is None:
         raise UserError("Slurm's `sbatch` is not on PATH: submit from a login node, "
                         "or use `--executor local` to run on this machine")
-    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_python=cluster.python)
+    executor = submitit.AutoExecutor(folder=run.logs_dir / "submitit", cluster=kind,
+                                     slurm_python=python_command(cluster, run.path.parent))
     if kind == "local":
         executor.update_parameters(timeout_min=cluster.reduce_timeout_min if for_reduce else cluster.timeout_min)
         return executor
@@ -174,8 +177,12 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
     """Submit `shards` as array task(s) and the reduce after them (and after jobs in `after`)."""
     manifest, plan = run.load_manifest(), run.load_plan()
     name = f"saebatch-{plan.job}-{plan.run_id}"
-    folder = run.logs_dir / "submitit"
-    executor = make_executor(executor_kind, folder, manifest.cluster, name)
+    if manifest.cluster.image is not None:
+        if executor_kind == "slurm":
+            check_image(manifest.cluster.image)  # before anything is queued
+        else:
+            log.info("--executor local runs in this Python; cluster.image is used on Slurm only")
+    executor = make_executor(executor_kind, run, manifest.cluster, name)
     shard_jobs: dict[int, Any] = {}
     array_ids: list[str] = []
     if shards:
@@ -188,7 +195,7 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
             log.info("submitted shards %s as %s", _ranges(chunk), array_ids[-1])
     submission = Submission(executor_kind, shard_jobs, None)
     if executor_kind == "slurm":
-        reduce_executor = make_executor("slurm", folder, manifest.cluster, name + "-reduce", for_reduce=True)
+        reduce_executor = make_executor("slurm", run, manifest.cluster, name + "-reduce", for_reduce=True)
         dependencies = [*array_ids, *after]
         if dependencies:
             reduce_executor.update_parameters(slurm_additional_parameters={
@@ -218,7 +225,7 @@ def wait(run: RunDir, submission: Submission) -> bool:
         return False
     if submission.executor == "local":
         cluster = run.load_manifest().cluster
-        executor = make_executor("local", run.logs_dir / "submitit", cluster, "reduce", for_reduce=True)
+        executor = make_executor("local", run, cluster, "reduce", for_reduce=True)
         submission.reduce_job = executor.submit(reduce_task, str(run.path))
         _record(run, submission, update_last=True)
     try:

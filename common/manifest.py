@@ -29,6 +29,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 from pydantic_core import PydanticUndefined
 
@@ -102,7 +103,15 @@ class ClusterSettings(StrictModel):
     python: str | None = Field(
         None,
         description="command that starts python on the node, e.g. "
-        "'apptainer exec --nv --bind /scratch image.sif python' (None: this python)",
+        "'apptainer exec --nv --bind /scratch image.sif python' (None: this python, or `image`'s)",
+    )
+    image: AbsolutePath | None = Field(
+        None,
+        description="Apptainer image the tasks run in (a .sif file or sandbox folder built from "
+        "containers/): tasks start `apptainer exec --nv --bind <run root>,<bind> <image> python`",
+    )
+    bind: list[str] = Field(
+        default_factory=list, description="more paths bound into the image (data, HF cache), e.g. ['/scratch']"
     )
     additional: dict[str, str | int | bool] = Field(
         default_factory=dict, description="extra #SBATCH options, e.g. {reservation: x}"
@@ -110,6 +119,12 @@ class ClusterSettings(StrictModel):
     reduce_cpus: int = Field(2, ge=1, description="CPU cores for the reduce job")
     reduce_mem_gb: float = Field(16, gt=0, description="memory for the reduce job in GB")
     reduce_timeout_min: int = Field(60, ge=1, description="wall-clock limit for the reduce job")
+
+    @model_validator(mode="after")
+    def _one_python(self) -> ClusterSettings:
+        if self.image is not None and self.python is not None:
+            raise ValueError("give `image` (the launcher then runs apptainer) or `python`, not both")
+        return self
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
