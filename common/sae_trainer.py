@@ -8,23 +8,33 @@ largest pre-activations, then ReLU) or none (f = z: a linear autoencoder, not sp
 
 Activations are scaled by one constant so that their mean squared norm is d_in (the L1
 coefficient then means the same on every model); the constant is folded into the saved weights,
-so the saved SAE takes raw activations. Decoder rows are kept at unit norm. The loss of a batch
-of B scaled activations is
+so the saved SAE takes raw activations. The loss of a batch of B scaled activations is
 
-    L = mean_b ||x_b - x_hat_b||^2                   reconstruction
-      + l1_coefficient * mean_b sum_i |f_bi|         sparsity (not for topk, whose k sets it)
-      + decorrelation * mean_{i != j} r_ij^2         decorrelation
+    L = mean_b ||x_b - x_hat_b||^2                          reconstruction
+      + l1_coefficient * mean_b sum_i |f_bi| ||W_dec_i||    sparsity (not for topk, whose k sets it)
+      + decorrelation * mean_{i != j} r_ij^2                decorrelation
 
-where r_ij is the Pearson correlation of features i and j over the batch's tokens (0 for a
-feature constant over the batch). It is computed without the d_sae x d_sae matrix: with Z the
-batch's standardised features (B x d_sae), sum_ij r_ij^2 = ||Z Z^T||_F^2 / B^2, whose diagonal
-part is sum_i (||Z_i||^2 / B)^2.
+The sparsity term weighs each feature by its decoder row's norm (as sae-lens's standard SAE and
+Anthropic's April 2024 update do), so shrinking f while growing W_dec_i buys nothing and the
+decoder norms stay free. r_ij is the Pearson correlation of features i and j over the batch's
+tokens (0 for a feature constant over the batch). It is computed without the d_sae x d_sae
+matrix: with Z the batch's standardised features (B x d_sae), sum_ij r_ij^2 = ||Z Z^T||_F^2 / B^2,
+whose diagonal part is sum_i (||Z_i||^2 / B)^2.
+
+Initialisation and steps follow sae-lens: decoder rows of norm 0.1 in random directions, W_enc =
+W_dec^T, b_enc = 0 (b_dec = the data mean), Adam, and the gradient's norm clipped to 1. From
+unit-norm rows instead, the first reconstructions are many times the data, and the huge first
+gradients fill Adam's second moment, which then shrinks every later step for hundreds of steps:
+benchmarks/sae_trainer_throughput.py's data gave an SAE that never left the data mean (explained
+variance 0.01) that way, and clipping alone rescued it (0.52). tests/test_sae_trainer.py checks
+that sae-lens's own trainer, run on the same batches from the same weights, reaches the same SAE.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +47,8 @@ from common.manifest import StrictModel
 from common.sae_quality import decorrelation_penalty, evaluate
 
 Activation = Literal["relu", "jumprelu", "topk", "none"]
+DECODER_INIT_NORM = 0.1
+MAX_GRAD_NORM = 1.0
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
 
 
@@ -135,53 +147,82 @@ class TrainedSae:
 def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str, model_name: str,
               device: torch.device, desc: str = "SAE") -> TrainedSae:
     """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed."""
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(activations), generator=generator)
-    held_out = max(1, int(len(activations) * config.validation_fraction))
-    validation, train = activations[order[:held_out]], activations[order[held_out:]].to(device)
-    if len(train) < config.batch_size:
-        raise ValueError(f"{len(train)} training tokens, fewer than one batch of {config.batch_size}")
-    scale = math.sqrt(train.shape[1] / train.float().pow(2).sum(1).mean().item())
-    weights = _initial_weights(train, scale, config, generator, device)
-    optimizer = torch.optim.Adam(weights.parameters(config.activation), lr=config.lr)
-    steps_per_epoch = len(train) // config.batch_size
-    total_steps = steps_per_epoch * config.epochs
+    split = split_tokens(activations, config)
+    train = split.train.to(device)
+    scale = activation_scale(train)
+    weights = initial_weights(train, scale, config, split.generator, device)
+    parameters = weights.parameters(config.activation)
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
+    total_steps = len(train) // config.batch_size * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
     curves: dict[str, list[float]] = {k: [] for k in ("step", "reconstruction", "sparsity", "decorrelation",
                                                       "loss", "l0")}
-    started, step = time.perf_counter(), 0
-    with tqdm(total=total_steps, desc=desc, unit="step") as progress:
-        for _ in range(config.epochs):
-            batches = torch.randperm(len(train), generator=generator)[: steps_per_epoch * config.batch_size]
-            for rows in batches.view(steps_per_epoch, config.batch_size):
-                x = train[rows.to(device)].float() * scale
-                terms = _loss_terms(weights, x, config)
-                loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"]
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                _project(weights, config)
-                if step % config.log_every == 0 or step == total_steps - 1:
-                    for name, value in {"step": step, "loss": loss, **terms}.items():
-                        curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-                    progress.set_postfix(loss=f"{float(loss.detach()):.3g}", l0=f"{float(terms['l0']):.1f}")
-                step += 1
-                progress.update()
+    started = time.perf_counter()
+    with tqdm(batch_rows(len(train), config, split.generator), total=total_steps, desc=desc, unit="step") as progress:
+        for step, rows in enumerate(progress):
+            x = train[rows.to(device)].float() * scale
+            terms = _loss_terms(weights, x, config)
+            loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+            optimizer.step()
+            schedule.step()
+            if config.activation == "jumprelu":
+                with torch.no_grad():
+                    weights.threshold.clamp_(min=0)
+            if step % config.log_every == 0 or step == total_steps - 1:
+                for name, value in {"step": step, "loss": loss, **terms}.items():
+                    curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                progress.set_postfix(loss=f"{float(loss.detach()):.3g}", l0=f"{float(terms['l0']):.1f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
     sae = to_sae_lens(weights, scale, config, hook_name, model_name)
-    return TrainedSae(sae, curves, evaluate(sae, validation, config.batch_size), tokens_per_second, scale, validation)
+    metrics = evaluate(sae, split.validation, config.batch_size)
+    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation)
 
 
-def _initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, generator: torch.Generator,
-                     device: torch.device) -> Weights:
-    """Unit-norm random decoder rows, encoder = decoder transposed, b_dec = the data mean."""
+@dataclass
+class Split:
+    """The seed's choice of tokens: held out for the metrics, or trained on."""
+
+    validation: torch.Tensor     # raw activations
+    train: torch.Tensor          # raw activations
+    generator: torch.Generator   # draws next the initial weights, then each epoch's batch order
+
+
+def split_tokens(activations: torch.Tensor, config: TrainingConfig) -> Split:
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.randperm(len(activations), generator=generator)
+    held_out = max(1, int(len(activations) * config.validation_fraction))
+    split = Split(activations[order[:held_out]], activations[order[held_out:]], generator)
+    if len(split.train) < config.batch_size:
+        raise ValueError(f"{len(split.train)} training tokens, fewer than one batch of {config.batch_size}")
+    return split
+
+
+def activation_scale(train: torch.Tensor) -> float:
+    """The constant that brings the training activations' mean squared norm to d_in."""
+    return math.sqrt(train.shape[1] / train.float().pow(2).sum(1).mean().item())
+
+
+def batch_rows(tokens: int, config: TrainingConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The training rows of every step: a new permutation each epoch, its last partial batch dropped."""
+    steps_per_epoch = tokens // config.batch_size
+    for _ in range(config.epochs):
+        order = torch.randperm(tokens, generator=generator)[: steps_per_epoch * config.batch_size]
+        yield from order.view(steps_per_epoch, config.batch_size)
+
+
+def initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, generator: torch.Generator,
+                    device: torch.device) -> Weights:
+    """Random decoder rows of norm DECODER_INIT_NORM, encoder = decoder transposed, b_dec = the data mean
+    (all in the scaled space)."""
     d_in = train.shape[1]
     d_sae = config.d_sae(d_in)
     W_dec = torch.randn(d_sae, d_in, generator=generator)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_dec *= DECODER_INIT_NORM / W_dec.norm(dim=1, keepdim=True)
     mean = torch.zeros(d_in)
     for start in range(0, len(train), 65536):
         mean += train[start : start + 65536].float().sum(0).cpu()
@@ -197,26 +238,20 @@ def _loss_terms(w: Weights, x: torch.Tensor, config: TrainingConfig) -> dict[str
     features = encode(w, x, config)
     reconstruction = (features @ w.W_dec + w.b_dec - x).pow(2).sum(1).mean()
     l1 = 0.0 if config.activation == "topk" else config.l1_coefficient
-    sparsity = l1 * features.abs().sum(1).mean()
+    sparsity = l1 * (features.abs() * w.W_dec.norm(dim=1)).sum(1).mean()
     decorrelation = config.decorrelation * decorrelation_penalty(features) if config.decorrelation else x.new_zeros(())
     return {"reconstruction": reconstruction, "sparsity": sparsity + x.new_zeros(()), "decorrelation": decorrelation,
             "l0": (features != 0).sum(1).float().mean().detach()}
 
 
 def _lr_factor(step: int, total: int) -> float:
+    """The learning rate's factor: linear warm-up over 1% of the steps, linear decay to 0 over the last 20%."""
     warmup, decay_from = max(1, total // 100), int(total * 0.8)
     if step < warmup:
         return (step + 1) / warmup
     if step >= decay_from:
         return max(0.0, (total - step) / max(1, total - decay_from))
     return 1.0
-
-
-@torch.no_grad()
-def _project(w: Weights, config: TrainingConfig) -> None:
-    w.W_dec /= w.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    if config.activation == "jumprelu":
-        w.threshold.clamp_(min=0)
 
 
 @torch.no_grad()

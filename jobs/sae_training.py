@@ -210,7 +210,8 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
         f"{' (not used by topk: k = ' + str(config.k) + ')' if config.activation == 'topk' else ''}, decorrelation "
         f"{config.decorrelation}, {config.epochs} epochs, learning rate {config.lr}, batch {config.batch_size}. "
         "Loss per batch of activations scaled to mean squared norm d_in: mean ||x - x_hat||^2 + l1 * mean sum_i "
-        "|f_i| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over the batch). "
+        "|f_i| ||W_dec_i|| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over "
+        "the batch). "
         f"Metrics on the {config.validation_fraction:.0%} held-out tokens; the CE loss recovered on {s.ce_items} "
         "items per benchmark (NaN: not measured, the model could not be loaded). SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
     )

@@ -103,13 +103,14 @@ def _csv(path):
 
 
 def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
-    """The demo's science: the top-10 features drop accuracy far more than 10 random active ones."""
+    """The demo's science: the top-10 features drop accuracy by more than the seed's 5 points, and
+    significantly more than 10 random active ones."""
     summary = {row["benchmark"]: row for row in _csv(reasoning_chain.ablation.report_dir / "summary.csv")}
     row = summary["arithmetic"]
     assert row["items"] == 600 - 64
     assert row["baseline"] > 0.45                       # the organism solves about half of them
-    assert row["drop"] > 0.10 and row["drop"] > row["control_drop"] + 0.08
-    assert row["p_ablated_vs_control"] < 1e-4 and row["criterion_met"]
+    assert row["drop"] > 0.05 and row["drop"] > row["control_drop"] + 0.04
+    assert row["p_ablated_vs_control"] < 1e-3 and row["criterion_met"]
     with h5py.File(reasoning_chain.ablation.merged_path, "r") as merged:
         unit = merged["units/organism.arithmetic"]
         correct = {c: unit[f"{c}/correct"][()] for c in ("baseline", "ablated", "control")}

@@ -6,7 +6,8 @@ import torch
 from sae_lens import SAE
 
 from common.sae_quality import decorrelation_penalty, evaluate
-from common.sae_trainer import TrainingConfig, _JumpReLU, train_sae
+from common.sae_trainer import TrainingConfig, _JumpReLU, _loss_terms, initial_weights, train_sae
+from tests.sae_lens_reference import train_with_sae_lens
 
 
 def sparse_data(tokens=6000, d_in=24, true_features=48, active=3, seed=0) -> torch.Tensor:
@@ -60,6 +61,36 @@ def test_saved_sae_reads_back_in_sae_lens_and_reconstructs(tmp_path, activation)
         assert trained.metrics["l0"] < 0.3 * 96                                  # sparse
     curve = trained.curves["reconstruction"]
     assert curve[-1] < 0.5 * curve[0]
+
+
+def test_relu_training_reaches_the_sae_that_sae_lens_trains_from_the_same_start():
+    """sae-lens's SAETrainer on the same batches from the same initial weights: the same loss and
+    steps, so the same SAE up to rounding (our earlier unit-norm start stalled far from it)."""
+    data = sparse_data(tokens=8000, d_in=32, true_features=128, active=4)
+    settings = config(l1_coefficient=1.0, epochs=10, lr=4e-3)
+    ours = train_sae(data, settings, "h", "m", torch.device("cpu"))
+    reference, _, validation = train_with_sae_lens(data, settings, init="ours")
+    theirs = evaluate(reference, validation)
+    assert ours.metrics["explained_variance"] == pytest.approx(theirs["explained_variance"], abs=0.002)
+    assert ours.metrics["l0"] == pytest.approx(theirs["l0"], rel=0.01)
+    assert ours.metrics["dead_fraction"] == pytest.approx(theirs["dead_fraction"], abs=0.01)
+    assert 0.5 < theirs["explained_variance"] < 0.99 and theirs["l0"] < 0.5 * settings.d_sae(32)  # a sparse SAE mid-way
+
+
+def test_sparsity_term_weighs_features_by_their_decoder_norm():
+    """Shrinking a feature's encoder by c and growing its decoder row by c leaves the loss unchanged."""
+    data = sparse_data(tokens=512).float()
+    settings = config(activation="relu")
+    weights = initial_weights(data, 1.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with torch.no_grad():
+        before = _loss_terms(weights, data, settings)
+        weights.W_enc[:, :10] /= 7.0
+        weights.b_enc[:10] /= 7.0
+        weights.W_dec[:10] *= 7.0
+        after = _loss_terms(weights, data, settings)
+    assert before["sparsity"] > 0
+    for term in ("reconstruction", "sparsity"):
+        assert float(after[term]) == pytest.approx(float(before[term]), rel=1e-5)
 
 
 def test_decorrelation_term_is_part_of_the_loss():
