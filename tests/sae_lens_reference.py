@@ -28,10 +28,11 @@ def train_with_sae_lens(activations: torch.Tensor, config: TrainingConfig,
     ours = initial_weights(split.train, scale, config, split.generator, torch.device("cpu"))
     d_in = activations.shape[1]
     steps = len(split.train) // config.batch_size * config.epochs
-    torch.manual_seed(config.seed)
-    sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-        d_in=d_in, d_sae=config.d_sae(d_in), dtype="float32", device="cpu", apply_b_dec_to_input=True,
-        normalize_activations="none", l1_coefficient=config.l1_coefficient, l1_warm_up_steps=0, lp_norm=1.0))
+    with torch.random.fork_rng():  # sae-lens draws its own start from torch's global generator
+        torch.manual_seed(config.seed)
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+            d_in=d_in, d_sae=config.d_sae(d_in), dtype="float32", device="cpu", apply_b_dec_to_input=True,
+            normalize_activations="none", l1_coefficient=config.l1_coefficient, l1_warm_up_steps=0, lp_norm=1.0))
     if init == "ours":
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):

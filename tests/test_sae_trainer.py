@@ -6,7 +6,7 @@ import torch
 from sae_lens import SAE
 
 from common.sae_quality import decorrelation_penalty, evaluate
-from common.sae_trainer import TrainingConfig, _JumpReLU, _loss_terms, initial_weights, train_sae
+from common.sae_trainer import DECODER_INIT_NORM, TrainingConfig, _JumpReLU, _loss_terms, initial_weights, train_sae
 from tests.sae_lens_reference import train_with_sae_lens
 
 
@@ -63,18 +63,33 @@ def test_saved_sae_reads_back_in_sae_lens_and_reconstructs(tmp_path, activation)
     assert curve[-1] < 0.5 * curve[0]
 
 
-def test_relu_training_reaches_the_sae_that_sae_lens_trains_from_the_same_start():
-    """sae-lens's SAETrainer on the same batches from the same initial weights: the same loss and
-    steps, so the same SAE up to rounding (our earlier unit-norm start stalled far from it)."""
+@pytest.mark.parametrize("l1_coefficient", [1.0, 3.0])  # at 3.0 the gradient is clipped in a few steps
+def test_relu_training_reaches_the_sae_that_sae_lens_trains_from_the_same_start(l1_coefficient):
+    """sae-lens's SAETrainer on the same batches from the same initial weights runs the same loss,
+    clipping and steps, so it ends with the same weights up to rounding (ours hold the scale folded in)."""
     data = sparse_data(tokens=8000, d_in=32, true_features=128, active=4)
-    settings = config(l1_coefficient=1.0, epochs=10, lr=4e-3)
+    settings = config(l1_coefficient=l1_coefficient, epochs=10, lr=4e-3)
     ours = train_sae(data, settings, "h", "m", torch.device("cpu"))
     reference, _, validation = train_with_sae_lens(data, settings, init="ours")
+    scale = ours.scale
+    for name, in_scaled_space in {"W_enc": ours.sae.W_enc / scale, "b_enc": ours.sae.b_enc,
+                                  "W_dec": ours.sae.W_dec * scale, "b_dec": ours.sae.b_dec * scale}.items():
+        torch.testing.assert_close(in_scaled_space, getattr(reference, name).detach(), atol=1e-5, rtol=1e-4, msg=name)
     theirs = evaluate(reference, validation)
-    assert ours.metrics["explained_variance"] == pytest.approx(theirs["explained_variance"], abs=0.002)
-    assert ours.metrics["l0"] == pytest.approx(theirs["l0"], rel=0.01)
-    assert ours.metrics["dead_fraction"] == pytest.approx(theirs["dead_fraction"], abs=0.01)
-    assert 0.5 < theirs["explained_variance"] < 0.99 and theirs["l0"] < 0.5 * settings.d_sae(32)  # a sparse SAE mid-way
+    assert ours.metrics["l0"] == pytest.approx(theirs["l0"]) and ours.metrics["explained_variance"] == pytest.approx(
+        theirs["explained_variance"], abs=1e-5)
+    if l1_coefficient == 1.0:  # a sparse SAE on its way, not a collapsed one
+        assert 0.5 < theirs["explained_variance"] < 0.99 and theirs["l0"] < 0.5 * settings.d_sae(32)
+
+
+def test_initial_weights_are_small_tied_rows_around_the_data_mean():
+    data = sparse_data(tokens=512).float()
+    settings = config()
+    weights = initial_weights(data, 2.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    norms = weights.W_dec.detach().norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, DECODER_INIT_NORM))
+    assert torch.equal(weights.W_enc.detach(), weights.W_dec.detach().T) and not weights.b_enc.detach().any()
+    torch.testing.assert_close(weights.b_dec.detach(), 2.0 * data.mean(0))
 
 
 def test_sparsity_term_weighs_features_by_their_decoder_norm():
