@@ -29,7 +29,8 @@ instead of the data mean).
 
 Time counts the training loop only: the span `train_sae` reports as tokens_per_second for ours,
 `trainer.fit()` for sae-lens. Both SAEs are measured with `common.sae_quality.evaluate` on the
-same held-out tokens (our trainer's validation split). Rows go to benchmarks/RESULTS.md.
+same held-out tokens (our trainer's validation split; ours by `train_sae` itself). Rows go to
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -73,12 +74,6 @@ def activations(tokens: int, seed: int = 0) -> torch.Tensor:
     return x * math.sqrt(D_IN / x.pow(2).sum(1).mean().item())
 
 
-def ours(x: torch.Tensor, config: TrainingConfig, desc: str):
-    trained = train_sae(x, config, "synthetic", "synthetic", CPU, desc=desc)
-    steps = (len(x) - len(trained.validation)) // config.batch_size * config.epochs
-    return trained, steps * config.batch_size / trained.tokens_per_second
-
-
 def cell(tokens_per_second: float, metrics: dict[str, float]) -> str:
     return (f"{tokens_per_second:,.0f} tok/s (L0 {metrics['l0']:.1f}, EV {metrics['explained_variance']:.3f}, "
             f"dead {100 * metrics['dead_fraction']:.1f}%)")
@@ -101,14 +96,14 @@ def main() -> None:
     threads = torch.get_num_threads()
     # warm-up (first-call allocations and kernel selection), not timed: a few steps each way
     warm = x[: args.batch_size * 4 + args.batch_size // 2]
-    ours(warm, config.model_copy(update={"epochs": 1}), "warm-up ours")
+    train_sae(warm, config.model_copy(update={"epochs": 1}), "synthetic", "synthetic", CPU, desc="warm-up ours")
     train_with_sae_lens(warm, config.model_copy(update={"epochs": 1}), "ours")
 
-    trained, our_seconds = ours(x, config, "ours, relu")
+    trained = train_sae(x, config, "synthetic", "synthetic", CPU, desc="ours, relu")
     validation = trained.validation
     train_tokens = (len(x) - len(validation)) // config.batch_size * config.batch_size * config.epochs
-    our_rate, our_metrics = train_tokens / our_seconds, evaluate(trained.sae, validation, config.batch_size)
-    print(f"scale {trained.scale:.5f}; ours {our_seconds:.1f} s {our_metrics}")
+    our_rate, our_metrics = trained.tokens_per_second, trained.metrics
+    print(f"scale {trained.scale:.5f}; ours {train_tokens / our_rate:.1f} s {our_metrics}")
     theirs = {}
     for init in ("ours", "sae-lens"):
         sae, seconds, held_out = train_with_sae_lens(x, config, init)
@@ -126,10 +121,10 @@ def main() -> None:
                 ours_cell, cell(*theirs["sae-lens"]) + ", sae-lens SAETrainer from its own init (b_dec 0)",
                 f"{our_rate / theirs['sae-lens'][0]:.2f}x")]
     if not args.skip_decorrelation:
-        decorrelated, dec_seconds = ours(x, config.model_copy(update={"decorrelation": 0.01}), "ours, decorrelation")
-        dec_rate = train_tokens / dec_seconds
-        dec_metrics = evaluate(decorrelated.sae, validation, config.batch_size)
-        print(f"decorrelation 0.01: {dec_seconds:.1f} s {dec_metrics}")
+        decorrelated = train_sae(x, config.model_copy(update={"decorrelation": 0.01}), "synthetic", "synthetic", CPU,
+                                 desc="ours, decorrelation")
+        dec_rate, dec_metrics = decorrelated.tokens_per_second, decorrelated.metrics
+        print(f"decorrelation 0.01: {train_tokens / dec_rate:.1f} s {dec_metrics}")
         rows.append(Row(f"{label}: cost of the decorrelation penalty 0.01 (tokens/s, L0, EV, dead)",
                         cell(dec_rate, dec_metrics) + ", ours, decorrelation 0.01",
                         cell(our_rate, our_metrics) + ", ours, decorrelation 0",
