@@ -183,6 +183,7 @@ def cmd_reduce(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from common.gpus import describe_devices, visible_gpus
     from common.launcher import prepare_run
     from common.manifest import load_manifest
 
@@ -191,9 +192,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = sorted(demo_dir.glob("*.yaml"))  # name order: a chain's steps are numbered (gambling_1_games, ...)
     if not paths:
         raise UserError(f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
+    on_gpu = bool(visible_gpus()) and not args.cpu
+    print(f"demo on {describe_devices()}: each task gets one GPU" if on_gpu else
+          "demo on the CPU" + (" (--cpu)" if args.cpu else " (no GPU is visible)"))
     status = 0
     for path in paths:
         manifest = load_manifest(path, run_root=Path(args.root).absolute())
+        manifest.cluster.gpus_per_task = 1 if on_gpu else 0  # cluster settings are not part of the run id
         print(f"== demo: {manifest.job} ({path.name})")
         run = prepare_run(manifest)
         status |= _submit_run(run, "local", True)
@@ -284,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="run directory or manifest")
     p.set_defaults(func=cmd_reduce)
 
-    p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model")
+    p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model",
+                       description="Run every manifest of manifests/demo/ through the local executor on the "
+                       "built-in model organism. Where this machine has a GPU, every task gets one and the "
+                       "model runs on it (model.device: auto); else everything runs on the CPU.")
     p.add_argument("--root", default="runs", help="folder for the demo's run directories (default ./runs)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is visible")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("organism", help="the built-in model organism: rebuild it or re-measure it")

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from common.atomic import write_text_atomic
 from common.containers import check_image, python_command
 from common.errors import UserError
+from common.gpus import describe_devices, gpu_slots, require_gpus, visible_gpus
 from common.locks import exclusive
 from common.manifest import ClusterSettings, Manifest
 from common.plan import Plan, make_plan
@@ -74,11 +76,14 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         log.info("shard %d is already complete: %s", shard_index, path)
         return str(path)
     units = plan.shard_units(shard_index)
+    require_gpus(manifest.cluster.gpus_per_task)
     _threads_as_allocated()
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
         remaining = shard.pending()
         if remaining:
-            log.info("shard %d: %d of %d units to write", shard_index, len(remaining), len(units))
+            devices = describe_devices()
+            log.info("shard %d: %d of %d units to write, on %s", shard_index, len(remaining), len(units), devices)
+            shard.set_attrs(devices=devices)
             get_job(manifest.job).run_shard(manifest, units, shard)
         done = shard.finish()
     log.info("shard %d complete: %s", shard_index, done)
@@ -138,11 +143,12 @@ def make_executor(kind: Executor, run: RunDir, cluster: ClusterSettings, name: s
     if kind == "slurm" and shutil.which("sbatch") is None:
         raise UserError("Slurm's `sbatch` is not on PATH: submit from a login node, "
                         "or use `--executor local` to run on this machine")
+    if kind == "local":  # the local executor itself: it takes the GPUs `run_in_gpu_slots` hands each task
+        local = submitit.LocalExecutor(folder=run.logs_dir / "submitit")
+        local.update_parameters(timeout_min=cluster.reduce_timeout_min if for_reduce else cluster.timeout_min)
+        return local
     executor = submitit.AutoExecutor(folder=run.logs_dir / "submitit", cluster=kind,
                                      slurm_python=python_command(cluster, run.path.parent))
-    if kind == "local":
-        executor.update_parameters(timeout_min=cluster.reduce_timeout_min if for_reduce else cluster.timeout_min)
-        return executor
     params: dict[str, object] = {
         "name": name,
         "timeout_min": cluster.reduce_timeout_min if for_reduce else cluster.timeout_min,
@@ -182,10 +188,14 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
             check_image(manifest.cluster.image)  # before anything is queued
         else:
             log.info("--executor local runs in this Python; cluster.image is used on Slurm only")
+    slots = gpu_slots(visible_gpus(), manifest.cluster.gpus_per_task) \
+        if executor_kind == "local" and manifest.cluster.gpus_per_task else None  # before anything runs
     executor = make_executor(executor_kind, run, manifest.cluster, name)
     shard_jobs: dict[int, Any] = {}
     array_ids: list[str] = []
-    if shards:
+    if shards and slots is not None:
+        shard_jobs = dict(zip(shards, run_in_gpu_slots(executor, run_shard_task, [(str(run.path), k) for k in shards], slots)))
+    elif shards:
         limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
         for start in range(0, len(shards), limit):
             chunk = shards[start : start + limit]
@@ -207,6 +217,26 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
         log.info("submitted reduce as %s (afterok:%s)", submission.reduce_job.job_id, ":".join(dependencies) or "-")
     _record(run, submission)
     return submission
+
+
+def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[int]],
+                     poll_seconds: float = 1.0) -> list[Any]:
+    """Start `function(*call)` for each call on the local executor, each with a slot of GPUs to
+    itself (its CUDA_VISIBLE_DEVICES): as many at once as there are slots, the next one as soon
+    as a slot is free. Returns the submitit jobs, in the order of `calls`, once all have started."""
+    jobs: list[Any] = []
+    running: dict[int, Any] = {}  # slot index -> the job holding it
+    for call in calls:
+        free = [k for k in range(len(slots)) if k not in running or running[k].done()]
+        while not free:
+            time.sleep(poll_seconds)
+            free = [k for k in range(len(slots)) if running[k].done()]
+        slot = free[0]
+        executor.update_parameters(gpus_per_node=len(slots[slot]), visible_gpus=slots[slot])
+        running[slot] = executor.submit(function, *call)
+        log.info("local task %s runs on GPU(s) %s", running[slot].job_id, ",".join(map(str, slots[slot])))
+        jobs.append(running[slot])
+    return jobs
 
 
 def wait(run: RunDir, submission: Submission) -> bool:

@@ -30,7 +30,8 @@ class ModelSpec(StrictModel):
     path: AbsolutePath | None = Field(None, description="local directory with config + weights")
     revision: str | None = Field(None, description="HF revision (branch, tag or commit)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype")
-    device: str = Field("auto", description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda:0'...")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda', 'cuda:1'...")
 
     @model_validator(mode="before")
     @classmethod
@@ -64,9 +65,15 @@ class ModelSpec(StrictModel):
 
 
 def input_device(spec: ModelSpec) -> torch.device:
+    """Where the model's inputs go: `auto` is the first visible GPU, else the CPU (a task that asked
+    for GPUs has already failed when it sees none: common.gpus.require_gpus)."""
     if spec.device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec.device)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"model.device is {spec.device}, but this process sees {torch.cuda.device_count()} "
+                        "GPU(s): give the task a GPU (cluster.gpus_per_task), or set model.device: auto")
+    return device
 
 
 def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
