@@ -1,10 +1,11 @@
 """Batched sampling in which every row draws from its own seeded noise.
 
 Sampling at temperature T is the argmax of logits / T plus Gumbel noise (the Gumbel-max trick),
-so `generate` runs greedy decoding on logits that `SeededNoise` has perturbed with noise from
-one generator per row. A row's text then depends on its seed and its prompt, not on which
-other rows share its batch: a resumed shard, or a trial run in another batch, draws the same
-tokens (up to the rounding of batched arithmetic).
+so `generate` runs greedy decoding on logits that `SeededNoise` has perturbed. The noise of row r
+at step t for token v is a hash of (r's seed, t, v) in exact integer arithmetic, so it is the
+same on every device and in every batch: a row's text depends on its seed and its prompt alone,
+and a resumed shard, a trial run in another batch, or the same shard on a GPU instead of a CPU
+draws the same tokens (up to the rounding of the logits themselves).
 
 When every row has the same prompt (trials of one prompt, as in patching), `prompt_prefix` runs
 the prompt but its last token once, and `sample` shares that cache among the rows: their first
@@ -13,6 +14,7 @@ forward is then the prompt's last token alone.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
@@ -26,17 +28,51 @@ from transformers import (
 )
 
 
+MASK32 = 0xFFFFFFFF
+
+
+def _times(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """x * constant mod 2^32 for int64 tensors of 32-bit values, in two halves so that no product
+    overflows int64 (overflow would be the one place CPU and GPU could disagree)."""
+    return (x * (constant & 0xFFFF) + (((x * (constant >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection of 32-bit values whose every output bit depends
+    on every input bit."""
+    x = x ^ (x >> 16)
+    x = _times(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _times(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_key(seed: int) -> int:
+    """A 32-bit key of any integer seed (seeds are built from game and trial numbers; they may be large)."""
+    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
+
+
+def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """(rows, vocab) uniforms in (0, 1): row r, token v at `step` is a hash of (keys[r], step, v)."""
+    step_key = mix32(torch.tensor((step * 0x9E3779B9) & MASK32, device=keys.device))
+    rows = mix32(keys ^ step_key)
+    tokens = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))
+    hashed = mix32(rows[:, None] ^ tokens[None, :])
+    return ((hashed >> 9).float() + 0.5) * 2.0**-23  # 23 bits and the half: exact in float32, never 0 or 1
+
+
 class SeededNoise(LogitsProcessor):
-    """Adds Gumbel noise from row i's own generator to row i's logits / temperature."""
+    """Adds Gumbel noise seeded by row i's seed (and the step) to row i's logits / temperature."""
 
     def __init__(self, seeds: list[int], temperature: float, device: torch.device):
         self.temperature = temperature
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.keys = torch.tensor([row_key(seed) for seed in seeds], dtype=torch.int64, device=device)
+        self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators])
-        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20)))
-        return scores.float() / self.temperature + gumbel
+        uniform = uniform_noise(self.keys.to(scores.device), self.step, scores.shape[1])
+        self.step += 1
+        return scores.float() / self.temperature - torch.log(-torch.log(uniform))
 
 
 class FirstLineWritten(StoppingCriteria):

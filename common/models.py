@@ -18,6 +18,7 @@ from common.organism.files import shipped
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # 'auto': every visible GPU (inputs on the first), else the CPU
 ORGANISM = "builtin:organism"
 
 
@@ -30,7 +31,7 @@ class ModelSpec(StrictModel):
     path: AbsolutePath | None = Field(None, description="local directory with config + weights")
     revision: str | None = Field(None, description="HF revision (branch, tag or commit)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+    device: str = Field("auto", pattern=DEVICE_PATTERN,
                         description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda', 'cuda:1'...")
 
     @model_validator(mode="before")

@@ -13,11 +13,15 @@ from pydantic import Field
 from common.errors import UserError
 from common.layers import resolve_layers
 from common.manifest import StrictModel
-from common.models import ModelSpec, load_config, text_config
+from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
 from common.problems import Benchmark
 from common.rundir import open_run
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
+DEVICE_FIELD = Field("auto", pattern=DEVICE_PATTERN, description="where this step runs the model and SAEs: "
+                     "'auto' (the task's GPUs, else the CPU), 'cpu', 'cuda:0'; the capture's model.device is not used")
 
 
 class ModelEntry(StrictModel):
@@ -26,6 +30,10 @@ class ModelEntry(StrictModel):
     name: str = Field(pattern=NAME_PATTERN, description="label in unit ids and reports, e.g. gpt2-medium")
     model: ModelSpec = Field(description="the model: {id: <HF id>} or `organism`")
     layers: list[int] = Field(default_factory=list, description="blocks whose output is captured, e.g. [6, 12]")
+
+    def placed(self, device: str) -> ModelSpec:
+        """The model as a later step loads it: on that step's own device, not the capture's."""
+        return self.model.model_copy(update={"device": device})
 
 
 def check_models(models: list[ModelEntry], field: str) -> dict[str, int]:

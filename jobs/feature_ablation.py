@@ -59,6 +59,7 @@ from common.rundir import open_run
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import (
+    DEVICE_FIELD,
     CaptureRun,
     ModelEntry,
     check_prompt_lengths,
@@ -87,6 +88,7 @@ class Settings(StrictModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level in the report")
     success_drop: float = Field(0.05, ge=0, le=1, description="the seed's criterion: accuracy drop above this "
                                 "(and above the control's)")
+    device: str = DEVICE_FIELD
 
 
 # ---------------------------------------------------------------- plan
@@ -169,8 +171,9 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
         if not todo:
             continue
-        model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
-        device = input_device(entry.model)
+        model_spec = entry.placed(s.device)
+        model, tokenizer = load_model(model_spec, attn_implementation=None), load_tokenizer(model_spec)
+        device = input_device(model_spec)
         d_model = text_config(model.config).hidden_size
         saes = {layer: load_sae(_sae_spec(s, entry), layer, d_model, device) for layer in entry.layers}
         for unit in todo:

@@ -27,14 +27,14 @@ from sae_lens import SAE
 from common.errors import UserError
 from common.layers import hook_name
 from common.manifest import Manifest, StrictModel, UpstreamRun
-from common.models import input_device, load_model, load_tokenizer
+from common.models import ModelSpec, input_device, load_model, load_tokenizer
 from common.plan import Estimate, WorkUnit
 from common.problems import load_benchmark
 from common.report import Report
 from common.sae_quality import ce_loss_recovered
 from common.sae_trainer import TrainingConfig, train_sae
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import CaptureRun, read_capture_run
+from jobs._reasoning import DEVICE_FIELD, CaptureRun, read_capture_run
 from jobs.activation_capture import encode_items, token_limit
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Settings(StrictModel):
     sae: TrainingConfig = Field(default_factory=TrainingConfig, description="the SAE and its training")
     ce_items: int = Field(32, ge=0, description="benchmark items on which the CE loss recovered is measured "
                           "(0: not measured)")
+    device: str = DEVICE_FIELD
 
 
 # ---------------------------------------------------------------- plan
@@ -112,7 +113,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         if unit.id not in pending:
             continue
         entry, layer = capture.models[unit.payload["model"]], unit.payload["layer"]
-        device = input_device(entry.model)
+        device = input_device(entry.placed(s.device))
         with h5py.File(capture.merged, "r") as merged:
             activations = torch.from_numpy(merged[f"models/{entry.name}/L{layer}"][()])
         trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
@@ -120,7 +121,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
         if s.ce_items and entry.name not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[entry.name] = _model_at_hand(entry)
+            loaded[entry.name] = _model_at_hand(entry.placed(s.device), entry.name)
         if s.ce_items and loaded[entry.name] is not None:
             model, tokenizer = loaded[entry.name]
             batches = _ce_batches(capture, model, tokenizer, s.ce_items, device)
@@ -136,12 +137,12 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 group.create_dataset(f"curves/{name}", data=np.asarray(values))
 
 
-def _model_at_hand(entry) -> tuple | None:
+def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:
     """The model and tokenizer for the CE loss recovered, or None (logged) when they cannot be loaded here."""
     try:
-        return load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
+        return load_model(spec, attn_implementation=None), load_tokenizer(spec)
     except (UserError, OSError) as error:
-        log.warning("%s: the CE loss recovered is not measured, the model cannot be loaded here (%s)", entry.name, error)
+        log.warning("%s: the CE loss recovered is not measured, the model cannot be loaded here (%s)", name, error)
         return None
 
 

@@ -18,6 +18,16 @@ from common.rundir import RunDir
 from tests.helpers import REPO, run_all, write_manifest_file
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` compare CUDA with the CPU: without a GPU they are skipped, saying so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch sees none): run `python -m pytest -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def seed_everything() -> None:
     random.seed(0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from common.generation import prompt_prefix, sample
+from common.generation import prompt_prefix, row_key, sample, uniform_noise
 from common.organism import synthetic
 from common.organism.files import Organism
 
@@ -66,3 +66,24 @@ def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
     assert shared == sample(model, tokenizer, [prompt] * 10, seeds, 1.0, 20, CPU)
     with pytest.raises(ValueError, match="a prefix cache serves rows that all have the prompt it was made of"):
         sample(model, tokenizer, ["Slot Machine Game\n\nChoice: "] * 10, seeds, 1.0, 5, CPU, prefix=prefix)
+
+
+def _mix32_reference(x: int) -> int:
+    """MurmurHash3's finaliser in Python integers (an independent check of the tensor version)."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_noise_is_exact_integer_hashing_and_uniform():
+    keys = torch.tensor([row_key(seed) for seed in (0, 7, 10**15)], dtype=torch.int64)
+    uniform = uniform_noise(keys, step=3, vocab=70_000)
+    step_key = _mix32_reference((3 * 0x9E3779B9) & 0xFFFFFFFF)
+    for r in range(3):
+        for v in (0, 1, 4_095, 69_999):
+            hashed = _mix32_reference(_mix32_reference(int(keys[r]) ^ step_key) ^ _mix32_reference(v))
+            assert uniform[r, v].item() == ((hashed >> 9) + 0.5) / 2**23
+    assert stats.kstest(uniform.flatten().numpy(), "uniform").pvalue > 1e-3
+    assert not torch.equal(uniform, uniform_noise(keys, step=4, vocab=70_000))

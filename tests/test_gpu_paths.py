@@ -1,0 +1,199 @@
+"""Every job on CUDA against the same work on the CPU, and the launcher handing tasks a GPU.
+
+Run on a machine with a GPU: `python -m pytest -m gpu`. Without one these tests are skipped with
+the reason (conftest.py). Each test runs a demo shard of the organism twice, once with
+`model.device: cuda:0` in a task that asked for a GPU and once on the CPU, and compares what the
+shards hold. Tolerances, per dataset:
+
+- token ids, offsets, spans, chosen features, item and trial indices: identical;
+- float outputs: within the rtol / atol stated beside each comparison (float32 models on both
+  sides; float16 storage adds its own rounding), where sparse SAE codes may also differ on a few
+  entries that sit at a TopK or JumpReLU boundary (`outliers`, the fraction allowed);
+- generated text: greedy answers identical, sampled answers identical as well (the sampling noise
+  is an integer hash, the same on both devices: common/generation.py), in both cases on at least
+  `AGREEMENT` of the rows, the rest being near-ties of the logits that CUDA rounds otherwise.
+
+feature_contrast does no model work (it reads the games' features from HDF5), so it has no CUDA
+path to compare.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from common.cli import main
+from common.generation import uniform_noise
+from common.launcher import prepare_run, reduce_task, run_shard_task
+from common.manifest import load_manifest
+from common.rundir import RunDir
+from common.sparse import read_csr
+from tests.helpers import REPO, write_manifest_file
+
+pytestmark = pytest.mark.gpu
+
+DEMO = REPO / "manifests" / "demo"
+AGREEMENT = 0.98  # share of generated answers that must be identical on CUDA and CPU
+DEVICES = {"cpu": {"gpus_per_task": 0}, "cuda:0": {"gpus_per_task": 1}}
+
+
+def shard_on(device: str, folder: Path, demo: str, settings: dict, shards: int | None = None) -> RunDir:
+    """Shard 0 of demo manifest `demo` with `settings` merged into its job section, run in this
+    process on `device` (a task that asked for a GPU when it is CUDA); returns the run."""
+    job = yaml.safe_load((DEMO / demo).read_text())["job"]
+    overrides = {"cluster": DEVICES[device], job: settings} | ({"run": {"shards": shards}} if shards else {})
+    (folder / device).mkdir(parents=True, exist_ok=True)
+    run = prepare_run(load_manifest(write_manifest_file(folder / device, overrides, base=DEMO / demo, name=demo)))
+    run_shard_task(str(run.path), 0)
+    return run
+
+
+def on_both(folder: Path, demo: str, settings_for) -> tuple[h5py.File, h5py.File]:
+    """Shard 0 on the CPU and on CUDA (settings_for(device) is the job section), opened."""
+    runs = {device: shard_on(device, folder, demo, settings_for(device)) for device in DEVICES}
+    return h5py.File(runs["cpu"].shard_path(0)), h5py.File(runs["cuda:0"].shard_path(0))
+
+
+def assert_close(cpu: np.ndarray, gpu: np.ndarray, rtol: float, atol: float, outliers: float = 0.0, name: str = ""):
+    """gpu within rtol/atol of cpu everywhere but at most `outliers` of the entries."""
+    assert cpu.shape == gpu.shape, name
+    off = ~np.isclose(gpu, cpu, rtol=rtol, atol=atol)
+    assert off.mean() <= outliers, (f"{name}: {off.sum()} of {off.size} entries differ beyond rtol {rtol}, atol "
+                                    f"{atol}; largest difference {np.abs(gpu - cpu).max():.3g}")
+
+
+def assert_agree(cpu, gpu, name: str, share: float = AGREEMENT) -> None:
+    cpu, gpu = list(cpu), list(gpu)
+    assert len(cpu) == len(gpu), name
+    same = np.mean([a == b for a, b in zip(cpu, gpu)])
+    assert same >= share, f"{name}: {same:.1%} identical on CUDA and CPU, below {share:.0%}"
+
+
+def dense(group: h5py.Group) -> np.ndarray:
+    return read_csr(group).toarray()
+
+
+def test_sampling_noise_is_the_same_on_cuda():
+    keys = torch.tensor([0, 123456789, 2**32 - 1], dtype=torch.int64)
+    on_cpu = uniform_noise(keys, 7, 128_256)
+    assert torch.equal(uniform_noise(keys.cuda(), 7, 128_256).cpu(), on_cpu)
+
+
+def test_token_tracking(tmp_path):
+    cpu, gpu = on_both(tmp_path, "token_tracking.yaml", lambda device: {"model": {"device": device}})
+    assert sorted(cpu["units"]) == sorted(gpu["units"])
+    for scenario in cpu["units"]:
+        a, b = cpu["units"][scenario], gpu["units"][scenario]
+        for name in ("token_ids", "offsets"):
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=f"{scenario}/{name}")
+        for span in a["key_positions"]:
+            np.testing.assert_array_equal(a["key_positions"][span][()], b["key_positions"][span][()])
+        for layer in a["attention"]:  # float16 probabilities
+            assert_close(a["attention"][layer][()], b["attention"][layer][()], 0, 2e-3, name=f"{scenario} attention {layer}")
+        for layer in a["features"]:
+            assert_close(dense(a["features"][layer]), dense(b["features"][layer]), 1e-3, 1e-3, outliers=1e-3,
+                         name=f"{scenario} features {layer}")
+
+
+def test_feature_correlation_graph(tmp_path):
+    """The merged graph (one shard, so that the reduce runs): r within 1e-4, the same edges."""
+    merged = {}
+    for device in DEVICES:
+        run = shard_on(device, tmp_path, "feature_correlation.yaml",
+                       {"model": {"device": device}, "corpus": {"tokens": 8192}, "features": {"selection_tokens": 4096}},
+                       shards=1)
+        reduce_task(str(run.path))
+        merged[device] = h5py.File(run.merged_path)
+    cpu, gpu = merged["cpu"], merged["cuda:0"]
+    for layer in cpu["layers"]:
+        np.testing.assert_array_equal(cpu["layers"][layer]["features"][()], gpu["layers"][layer]["features"][()])
+        assert_close(cpu["layers"][layer]["mean"][()], gpu["layers"][layer]["mean"][()], 1e-4, 1e-6, name=layer)
+    for block in cpu["blocks"]:
+        assert_close(cpu["blocks"][block]["r"][()], gpu["blocks"][block]["r"][()], 0, 1e-4, name=f"{block} r")
+        assert_close(cpu["blocks"][block]["coactive"][()], gpu["blocks"][block]["coactive"][()], 0, 2, outliers=1e-3,
+                     name=f"{block} coactive")
+    edges = [set(zip(*(f["edges"][c][()] for c in ("layer_a", "feature_a", "layer_b", "feature_b")))) for f in (cpu, gpu)]
+    assert len(edges[0] ^ edges[1]) <= 0.01 * len(edges[0]), "the edge sets differ beyond 1%"
+
+
+def test_gambling_games(tmp_path):
+    cpu, gpu = on_both(tmp_path, "gambling_1_games.yaml", lambda device: {"model": {"device": device}})
+    games = sorted(cpu["units"])
+    histories = [np.array_equal(cpu["units"][g]["history"][()], gpu["units"][g]["history"][()]) for g in games]
+    assert np.mean(histories) >= AGREEMENT - 0.05, f"{np.mean(histories):.1%} of games replay identically"
+    for game, same in zip(games, histories):
+        if not same:
+            continue
+        a, b = cpu["units"][game], gpu["units"][game]
+        assert list(a["decisions/response"][()]) == list(b["decisions/response"][()])
+        for layer in a["features"]:
+            assert_close(dense(a["features"][layer]), dense(b["features"][layer]), 1e-3, 1e-3, outliers=1e-2,
+                         name=f"{game} features {layer}")
+
+
+def test_population_patching(tmp_path, gambling_chain):
+    cpu, gpu = on_both(tmp_path, "gambling_3_patching.yaml",
+                       lambda device: {"model": {"device": device}, "features": str(gambling_chain.contrast.path),
+                                       "trials": 40})
+    for unit in cpu["units"]:
+        a, b = cpu["units"][unit], gpu["units"][unit]
+        for name in ("condition", "prompt", "trial", "value"):
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=f"{unit}/{name}")
+        assert_agree(a["response"][()], b["response"][()], f"{unit} responses")
+
+
+def test_activation_capture(tmp_path):
+    cpu, gpu = on_both(tmp_path, "reasoning_1_capture.yaml", lambda device: {
+        "models": [{"name": "organism", "model": {"id": "builtin:organism", "device": device}, "layers": [1, 2]}]})
+    for unit in cpu["units"]:
+        a, b = cpu["units"][unit], gpu["units"][unit]
+        for name in ("item", "position"):
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=f"{unit}/{name}")
+        for layer in ("L1", "L2"):  # float16: a rounding step apart at most, on the residual's scale
+            values = a[layer][()].astype(np.float32)
+            assert_close(values, b[layer][()].astype(np.float32), 2e-3, 1e-3 * np.abs(values).max(), name=f"{unit} {layer}")
+
+
+def test_sae_training_reaches_the_same_sae(tmp_path, reasoning_chain):
+    cpu, gpu = on_both(tmp_path, "reasoning_2_training.yaml",
+                       lambda device: {"activations": str(reasoning_chain.capture.path), "device": device})
+    for unit in cpu["units"]:
+        a, b = cpu["units"][unit].attrs, gpu["units"][unit].attrs
+        assert abs(a["explained_variance"] - b["explained_variance"]) < 0.01, unit
+        assert abs(a["l0"] - b["l0"]) <= 0.05 * a["l0"], unit
+        assert abs(a["dead_fraction"] - b["dead_fraction"]) <= 0.02, unit
+        decoder = [f["units"][unit]["weights/W_dec"][()] for f in (cpu, gpu)]
+        cosines = (decoder[0] * decoder[1]).sum(1) / (np.linalg.norm(decoder[0], axis=1) * np.linalg.norm(decoder[1], axis=1))
+        assert np.median(cosines) > 0.95, f"{unit}: decoder rows trained on CUDA point elsewhere"
+
+
+def test_feature_ablation(tmp_path, reasoning_chain):
+    cpu, gpu = on_both(tmp_path, "reasoning_3_ablation.yaml",
+                       lambda device: {"saes": str(reasoning_chain.training.path), "device": device})
+    for unit in cpu["units"]:
+        a, b = cpu["units"][unit], gpu["units"][unit]
+        for layer in a["attribution"]:
+            values = a["attribution"][layer][()]
+            assert_close(values, b["attribution"][layer][()], 1e-3, 1e-4 * np.abs(values).max(), name=f"{unit} {layer}")
+        for name in ("top/layer", "top/feature", "item"):
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=f"{unit}/{name}")
+        for condition in ("baseline", "ablated", "control"):  # greedy
+            assert_agree(a[f"{condition}/text"][()], b[f"{condition}/text"][()], f"{unit} {condition} answers")
+
+
+def test_submit_local_gives_the_task_a_gpu(tmp_path, capsys):
+    """Through submitit's local executor with gpus_per_task: 1 and device: auto, to merged.h5."""
+    path = write_manifest_file(tmp_path, {"cluster": {"gpus_per_task": 1}, "token_tracking": {"model": {"device": "auto"}}},
+                               base=DEMO / "token_tracking.yaml")
+    assert main(["submit", str(path), "--executor", "local"]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    assert run.merged_path.is_file()
+    for shard in range(2):
+        with h5py.File(run.shard_path(shard)) as file:
+            devices = file.attrs["devices"]
+        assert devices.startswith(torch.cuda.get_device_name(0)) and "CUDA_VISIBLE_DEVICES=" in devices
