@@ -36,18 +36,19 @@ PROBLEMS, K, BATCH = 96, 10, 32
 CPU = torch.device("cpu")
 
 
-def one_at_a_time(model, tokenizer, bench, items, saes, ablations) -> dict[str, list[str]]:
+def one_at_a_time(model, tokenizer, bench, items, saes, ablations, device: torch.device = CPU) -> dict[str, list[str]]:
+    """The seeds' loop: one greedy `generate` call per problem and condition, its ablation hooked in."""
     texts = {"baseline": [], **{name: [] for name in ablations}}
     for item in items:
-        encoded = tokenizer(bench.prompt(item), return_tensors="pt")
+        encoded = tokenizer(bench.prompt(item), return_tensors="pt").to(device)
         for condition in texts:
             with ExitStack() as stack:
                 if condition != "baseline":
                     for layer, sae in saes.items():
-                        chosen = torch.zeros(1, sae.cfg.d_sae, dtype=torch.bool)
+                        chosen = torch.zeros(1, sae.cfg.d_sae, dtype=torch.bool, device=device)
                         features = ablations[condition]
                         chosen[0, features[features[:, 0] == layer, 1]] = True
-                        keep = torch.ones(encoded.input_ids.shape, dtype=torch.bool)
+                        keep = torch.ones(encoded.input_ids.shape, dtype=torch.bool, device=device)
                         keep[0, 0] = False  # <bos>, as the job leaves special tokens alone
                         stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen, keep)))
                 output = model.generate(**encoded, max_new_tokens=bench.spec.max_new_tokens, do_sample=False,

@@ -45,6 +45,14 @@ def machine() -> str:
     return f"{cpu}, {cores} cores, CPU"
 
 
+def gpu_machine() -> str:
+    """The GPU this process computes on, then the host's CPU (for rows measured on a GPU)."""
+    import torch
+
+    gpu = torch.cuda.get_device_properties(0)
+    return f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), " + machine().removesuffix(", CPU")
+
+
 def command_line() -> str:
     """The command that is running, with paths inside the repository made relative to it."""
 

@@ -33,6 +33,11 @@ class ModelSpec(StrictModel):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="weights dtype")
     device: str = Field("auto", pattern=DEVICE_PATTERN,
                         description="'auto' (all visible GPUs, else CPU), 'cpu', 'cuda', 'cuda:1'...")
+    random_weights: bool = Field(
+        False, description="build the architecture with random weights (seed 0) instead of loading its weights: "
+        "dry runs and benchmarks at paper shapes, nothing downloaded, every output noise. Without the model's "
+        "tokenizer at hand the organism's stands in"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,6 +113,8 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedTokenizerFast:
     """A fast tokenizer (character offsets are needed to map text spans to tokens)."""
+    if spec.random_weights and not spec.is_organism:
+        return _stand_in_tokenizer(spec)
     if spec.is_organism:
         tokenizer = shipped().tokenizer()
     else:
@@ -115,7 +122,7 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
             tokenizer = AutoTokenizer.from_pretrained(
                 spec._source(), revision=spec.revision, local_files_only=local_only
             )
-        except OSError as error:
+        except (OSError, ValueError) as error:  # ValueError: a folder with a config but no tokenizer files
             raise UserError(f"model {spec.name!r}: cannot load its tokenizer ({error})") from None
     if not tokenizer.is_fast:
         raise UserError(f"model {spec.name!r}: needs a fast tokenizer (tokenizer.json) for offsets")
@@ -125,10 +132,20 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     return tokenizer
 
 
+def _stand_in_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast:
+    """A random-weights model's own tokenizer when it is at hand, else the organism's (about two
+    characters a token: prompts come out about twice as long as a 128k-vocabulary tokenizer's)."""
+    try:
+        return load_tokenizer(spec.model_copy(update={"random_weights": False}), local_only=True)
+    except (UserError, OSError):
+        log.info("%s has random weights and no tokenizer here: the organism's tokenizer stands in", spec.name)
+        return load_tokenizer(ModelSpec(id=ORGANISM))
+
+
 def local_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast | None:
     """The tokenizer if it is on this machine (folder or HF cache), else None (as on a bare login
     node); the organism's always, so that a damaged organism is reported at planning."""
-    if spec.is_organism:
+    if spec.is_organism or spec.random_weights:
         return load_tokenizer(spec)
     try:
         return load_tokenizer(spec, local_only=True)
@@ -141,7 +158,9 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> to
     lets transformers choose the fastest the architecture supports."""
     if spec.device == "auto" and not torch.cuda.is_available():
         log.warning("no GPU is visible: %s runs on the CPU (set model.device to silence this)", spec.name)
-    if spec.is_organism:
+    if spec.random_weights:
+        model = _random_model(spec, attn_implementation)
+    elif spec.is_organism:
         model = shipped().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
     else:
         device_map = "auto" if spec.device == "auto" and torch.cuda.is_available() else {"": str(input_device(spec))}
@@ -153,6 +172,17 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> to
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _random_model(spec: ModelSpec, attn_implementation: str | None) -> torch.nn.Module:
+    """The architecture of `spec` with seeded random weights, initialised on its device (an 8B model
+    takes seconds on a GPU, nothing is read from disk)."""
+    config, source = load_config(spec)
+    device = input_device(spec)
+    log.info("building %s with random weights (%s, architecture from %s) on %s", spec.name, spec.dtype, source, device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype, attn_implementation=attn_implementation)
 
 
 def parameter_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:

@@ -1,0 +1,402 @@
+"""Every job's own shard code at the seeds' shapes on one GPU, with random weights.
+
+    python benchmarks/gpu_paper_scale.py                  # a machine with a CUDA GPU: about 5 minutes on an H200
+    python benchmarks/gpu_paper_scale.py --only population_patching,feature_ablation
+    python benchmarks/gpu_paper_scale.py --smoke          # the same code at toy widths on the CPU; records nothing
+
+Models are the seeds' architectures (`common/model_configs/`, `model.random_weights: true`) and the
+SAEs random TopK SAEs at the releases' widths: LlamaScope 32k for Llama-3.1-8B, Gemma Scope 16k
+for Gemma-2-2B, 8x (32k) trained by sae_training for Meta-Llama-3-8B. Nothing is downloaded; the
+organism's tokenizer stands in for the models' own (about two characters a token, so prompts are
+about twice as long as Llama's tokenizer makes them). Random weights never end an answer early:
+every answer runs to `max_new_tokens`, the worst case, which is what these figures measure.
+
+Each job runs through the launcher (`run_shard_task` on shard 0 of a manifest derived from the
+paper manifest), so the time includes building the model, loading the SAEs and writing the shard.
+A row per job goes to benchmarks/RESULTS.md: throughput, peak GPU memory, the GPU-hours of the
+seed's full run projected from it, and, where the seed had a method of its own, its speed
+re-implemented (one generate call per trial or problem, one position at a time) on a slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ablation_batching import one_at_a_time  # noqa: E402
+from patching_throughput import seeds_way  # noqa: E402
+from results import Row, gpu_machine, machine, record  # noqa: E402
+from token_tracking_storage import run_seed_baseline  # noqa: E402
+
+from common.launcher import prepare_run, reduce_task, run_shard_task  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
+from common.manifest import load_manifest  # noqa: E402
+from common.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
+from common.problems import BenchmarkSpec, load_benchmark  # noqa: E402
+from common.rundir import RunDir  # noqa: E402
+from common.saes import SaeSpec, load_sae  # noqa: E402
+from jobs.population_patching import Row as Trial  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K = REPO / "manifests" / "data" / "gsm8k" / "test.jsonl"
+LLAMA31, LLAMA3, GEMMA2 = "meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3-8B", "google/gemma-2-2b"
+SMOKE_WIDTHS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16}
+log = logging.getLogger("gpu_paper_scale")
+
+
+@dataclass
+class Bench:
+    """Where the runs go and at which scale: the seeds' widths on a GPU, toy widths (--smoke) on the CPU."""
+
+    root: Path
+    smoke: bool
+
+    @property
+    def device(self) -> str:
+        return "cpu" if self.smoke else "cuda:0"
+
+    def model(self, hf_id: str, dtype: str = "bfloat16") -> dict:
+        """A random-weights model spec: the shipped architecture, or in --smoke the same depth at toy width."""
+        spec = {"random_weights": True, "dtype": "float32" if self.smoke else dtype, "device": self.device}
+        if not self.smoke:
+            return spec | {"id": hf_id}
+        folder = self.root / "configs" / hf_id.replace("/", "--")
+        if not folder.exists():
+            shipped = json.loads((REPO / "common" / "model_configs" / f"{hf_id.replace('/', '--')}.json").read_text())
+            folder.mkdir(parents=True)
+            (folder / "config.json").write_text(json.dumps(shipped | SMOKE_WIDTHS))
+        return spec | {"path": str(folder)}
+
+    def sae(self, d_sae: int, k: int) -> dict:
+        return {"random": {"architecture": "topk", "d_sae": 256 if self.smoke else d_sae, "k": 8 if self.smoke else k}}
+
+    def cluster(self) -> dict:
+        return {"gpus_per_task": 0 if self.smoke else 1, "mem_gb": 512, "reduce_mem_gb": 512}
+
+    def manifest(self, name: str, job: str, settings: dict, shards: int = 1) -> Path:
+        path = self.root / f"{name}.yaml"
+        data = {"job": job, "run": {"root": str(self.root / "runs"), "shards": shards}, "cluster": self.cluster(),
+                job: settings}
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def sync(self) -> None:
+        if not self.smoke:
+            torch.cuda.synchronize()
+
+
+@dataclass
+class Measured:
+    run: RunDir
+    seconds: float
+    peak_bytes: int
+
+    def peak(self) -> str:
+        return f"{self.peak_bytes / 2**30:.1f} GiB" if self.peak_bytes else "-"
+
+
+def run_shard(bench: Bench, manifest: Path) -> Measured:
+    """Shard 0 of the manifest's run through the launcher, timed, with the GPU's peak memory."""
+    free_memory()
+    run = prepare_run(load_manifest(manifest))
+    if not bench.smoke:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    run_shard_task(str(run.path), 0)
+    bench.sync()
+    seconds = time.perf_counter() - started
+    return Measured(run, seconds, 0 if bench.smoke else torch.cuda.max_memory_allocated())
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gpu_hours(seconds_per_item: float, items: float) -> str:
+    seconds = seconds_per_item * items
+    return f"{seconds / 3600:.2f} GPU-h" if seconds >= 360 else f"{seconds:.0f} GPU-s"
+
+
+# ---------------------------------------------------------------- seed 001: token tracking
+
+
+def token_tracking(bench: Bench) -> list[Row]:
+    """10 scenarios, all 32 layers of Llama-3.1-8B, eager attention and 32k-wide SAE features."""
+    settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64), "layers": "all",
+                "mode": "features_and_attention", "batch_size": 10}
+    measured = run_shard(bench, bench.manifest("token_tracking", "token_tracking", settings))
+    scenarios = load_manifest(measured.run.manifest_path).settings.scenarios
+    with h5py.File(measured.run.shard_path(0)) as shard:
+        tokens = sum(len(shard["units"][name]["token_ids"]) for name in shard["units"])
+    rate = len(scenarios) / measured.seconds
+
+    slice_ = [scenario.model_dump() for scenario in scenarios[:2]]  # the seed's loop on two scenarios
+    baseline_manifest = bench.manifest("token_tracking_seed", "token_tracking", settings | {"scenarios": slice_})
+    free_memory()
+    seed = run_seed_baseline(baseline_manifest, bench.root / "seed_token_tracking")
+    seed_rate = len(slice_) / seed.total_s
+    return [Row(f"GPU paper scale, token_tracking: Llama-3.1-8B shapes (random weights, bf16), 32 layers, "
+                f"attention + random TopK SAEs 32,768 wide (k 64), the seed's 10 scenarios ({tokens} tokens)",
+                ours=f"{rate:.2f} scenarios/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "
+                     f"seed's full run (10 scenarios): {gpu_hours(1 / rate, 10)}",
+                baseline=f"{seed_rate:.2f} scenarios/s (the seed's method on 2 scenarios: one position at a time, "
+                         f"dense features to npz; {seed.total_s:.1f} s, model built in it)",
+                ratio=f"{rate / seed_rate:.1f}x")]
+
+
+# ---------------------------------------------------------------- seed 002: the correlation graph
+
+
+def feature_correlation(bench: Bench) -> list[Row]:
+    """Gemma-2-2B, all 26 layers with 16k-wide SAEs, a measured slice projected to 1M tokens."""
+    slice_tokens, top = (4_096, 32) if bench.smoke else (65_536, 256)
+    settings = {"model": bench.model(GEMMA2), "sae": bench.sae(16_384, 64), "layers": "all",
+                "corpus": {"builtin": "organism", "window": 1024, "tokens": slice_tokens},
+                "features": {"top": top, "min_support": 1, "selection_tokens": slice_tokens // 4},
+                "tokens_per_unit": slice_tokens // 2, "batch_size": 8}
+    measured = run_shard(bench, bench.manifest("feature_correlation", "feature_correlation", settings))
+    rate = slice_tokens / measured.seconds
+    return [Row(f"GPU paper scale, feature_correlation: Gemma-2-2B shapes (random weights, bf16), all 26 layers with "
+                f"random TopK SAEs 16,384 wide (k 64), top {top} features per layer ({26 * top:,} in the graph), "
+                f"{slice_tokens:,} tokens measured",
+                ours=f"{rate:,.0f} tokens/s ({measured.seconds:.1f} s, with its first pass over "
+                     f"{slice_tokens // 4:,} tokens and the model built); peak {measured.peak()}; 1M tokens: "
+                     f"{gpu_hours(1 / rate, 1e6)}",
+                baseline="-", ratio="-")]
+
+
+# ---------------------------------------------------------------- seed 000: games, patching
+
+
+def gambling_games(bench: Bench) -> list[Row]:
+    """64 games advancing together, Llama-3.1-8B, SAE features of layers 25-31 at every decision."""
+    settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64), "layers": list(range(25, 32)),
+                "components": "GMRWP", "repetitions": 2, "max_new_tokens": 50, "retries": 3, "batch_size": 64}
+    measured = run_shard(bench, bench.manifest("gambling_games", "gambling_games", settings, shards=4))
+    with h5py.File(measured.run.shard_path(0)) as shard:
+        games = len(shard["units"])
+        answers = sum(len(shard["units"][game]["decisions/response"]) for game in shard["units"])
+    rate = answers / measured.seconds
+    full_games = 2**5 * 2 * 2 * 50
+    return [Row(f"GPU paper scale, gambling_games: Llama-3.1-8B shapes (random weights, bf16), {games} games x "
+                f"{answers // games} answers of 50 tokens (random answers are unreadable: asked again 3 times), "
+                "random TopK SAEs 32,768 wide at layers 25-31",
+                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "
+                     f"seed's full run ({full_games:,} games): {gpu_hours(1 / rate, full_games * 10)} at 10 answers "
+                     f"a game, {gpu_hours(1 / rate, full_games * 100)} if every game played 100 rounds",
+                baseline="-", ratio="-")]
+
+
+def population_patching(bench: Bench) -> list[Row]:
+    """32 features of layers 25-31 x 2 conditions x 2 prompts x 50 trials, batched 512 answers a call."""
+    features = 4 if bench.smoke else 32
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"layer": np.arange(features) % 7 + 25, "feature": rng.choice(256 if bench.smoke else 32_768,
+                          features, replace=False), "mean_safe": rng.uniform(0.5, 3, features),
+                          "mean_bankrupt": rng.uniform(0.5, 3, features), "selected": True,
+                          "cohens_d": rng.normal(0, 1, features)})
+    table.to_csv(bench.root / "patching_features.csv", index=False)
+    settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64),
+                "feature_table": str(bench.root / "patching_features.csv"), "trials": 50, "max_new_tokens": 50,
+                "batch_size": 512}
+    measured = run_shard(bench, bench.manifest("population_patching", "population_patching", settings))
+    trials = features * 2 * 2 * 50 + 2 * 50
+    rate = trials / measured.seconds
+    full = 1_340 * 2 * 2 * 50 + 2 * 50
+
+    free_memory()
+    spec = ModelSpec(**settings["model"])
+    model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
+    saes = {layer: load_sae(SaeSpec(**settings["sae"]), layer, model.config.hidden_size, torch.device(bench.device))
+            for layer in sorted(set(table.layer))}
+    rows = [Trial(f"L{r.layer}_F{r.feature}", condition, prompt, trial, layer=int(r.layer), feature=int(r.feature),
+                  value=float(getattr(r, f"mean_{condition}")))
+            for r in table.itertuples() for condition in ("safe", "bankrupt") for prompt in range(2) for trial in range(2)]
+    rows = rows[:16]
+    seed_seconds = seeds_way(model, tokenizer, saes, rows, torch.device(bench.device), new_tokens=50)
+    seed_rate = len(rows) / seed_seconds
+    del model, saes
+    return [Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
+                f"features of layers 25-31 x 2 conditions x 2 prompts x 50 trials + the shared baseline ({trials:,} "
+                "answers of 50 tokens), 512 answers a call, random TopK SAEs 32,768 wide",
+                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "
+                     f"seed's full run (1,340 features, {full:,} answers): {gpu_hours(1 / rate, full)}",
+                baseline=f"{seed_rate:.2f} answers/s (the seed's method on {len(rows)} answers: one generate call per "
+                         f"trial, 50 tokens); the full run at that rate: {gpu_hours(1 / seed_rate, full)} (the seed "
+                         "itself estimated 78 GPU-h at 0.7 s a trial)",
+                ratio=f"{rate / seed_rate:.1f}x")]
+
+
+# ---------------------------------------------------------------- seed 003: capture, training, ablation
+
+
+@dataclass
+class ReasoningRuns:
+    """The reasoning chain's runs, each step reading the one before (filled as they finish)."""
+
+    capture: RunDir | None = None
+    training: RunDir | None = None
+
+
+REASONING = ReasoningRuns()
+ITEMS = 64  # GSM8K problems captured (and, after 32 for attribution, the 32 answered under ablation)
+
+
+def gsm8k(bench: Bench, n: int, max_new_tokens: int = 256) -> dict:
+    return {"name": "gsm8k", "format": "gsm8k", "path": str(GSM8K), "few_shot": 4, "n": n,
+            "max_new_tokens": 16 if bench.smoke else max_new_tokens}
+
+
+def activation_capture(bench: Bench) -> list[Row]:
+    """Meta-Llama-3-8B (the largest of the seed's five models) at layers 8, 16, 24 on GSM8K, 4-shot."""
+    settings = {"models": [{"name": "llama-3-8b", "model": bench.model(LLAMA3), "layers": [8, 16, 24]}],
+                "benchmarks": [gsm8k(bench, ITEMS)], "text": "prompt_and_solution", "items_per_unit": ITEMS,
+                "batch_size": 8, "max_tokens": 1024}
+    measured = run_shard(bench, bench.manifest("activation_capture", "activation_capture", settings))
+    reduce_task(str(measured.run.path))
+    REASONING.capture = measured.run
+    with h5py.File(measured.run.merged_path) as merged:
+        tokens = merged["models/llama-3-8b/L8"].shape[0]
+    rate = ITEMS / measured.seconds
+    full_items = 5 * (532 + 132 + 204)
+    return [Row(f"GPU paper scale, activation_capture: Meta-Llama-3-8B shapes (random weights, bf16), layers 8/16/24, "
+                f"{ITEMS} GSM8K problems 4-shot, batch 8 ({tokens:,} question and solution tokens kept)",
+                ours=f"{rate:.1f} problems/s, {tokens / measured.seconds:,.0f} kept tokens/s ({measured.seconds:.1f} s, "
+                     f"model built in it); peak {measured.peak()}; the seed's 5 models x 868 problems at this "
+                     f"(the largest model's) rate: {gpu_hours(1 / rate, full_items)}",
+                baseline="-", ratio="-")]
+
+
+def sae_training(bench: Bench) -> list[Row]:
+    """An 8x SAE (32,768 features on d_model 4,096) per captured layer, the seed's settings."""
+    if REASONING.capture is None:
+        raise RuntimeError("sae_training reads activation_capture's run: list that job before it in --only")
+    settings = {"activations": str(REASONING.capture.path), "device": bench.device, "ce_items": 0,
+                "sae": {"activation": "none", "expansion_factor": 8, "l1_coefficient": 1e-4, "decorrelation": 0.01,
+                        "epochs": 20, "lr": 1e-3, "batch_size": 4096}}
+    measured = run_shard(bench, bench.manifest("sae_training", "sae_training", settings))
+    with h5py.File(measured.run.shard_path(0)) as shard:
+        rates = [shard["units"][unit].attrs["tokens_per_second"] for unit in shard["units"]]
+        tokens = int(sum(shard["units"][unit].attrs["tokens"] for unit in shard["units"]))
+    reduce_task(str(measured.run.path))
+    REASONING.training = measured.run
+    with h5py.File(REASONING.capture.merged_path) as merged:
+        tokens_per_item = merged["models/llama-3-8b/L8"].shape[0] / ITEMS
+    rate = float(np.mean(rates))
+    full_tokens = 5 * 3 * 868 * tokens_per_item * 20  # models x layers x problems x tokens x epochs
+    return [Row(f"GPU paper scale, sae_training: 8x SAE on Meta-Llama-3-8B shapes (d_in 4,096, 32,768 features, "
+                f"linear as the seed's, decorrelation 0.01, batch 4,096, 20 epochs), layers 8/16/24: {tokens:,} tokens in all",
+                ours=f"{rate:,.0f} training tokens/s, every epoch counted ({measured.seconds:.1f} s for 3 SAEs); peak {measured.peak()}; "
+                     f"the seed's 15 SAEs (5 models x 3 layers, 868 problems, 20 epochs) at this rate: "
+                     f"{gpu_hours(1 / rate, full_tokens)}",
+                baseline="-", ratio="-")]
+
+
+def feature_ablation(bench: Bench) -> list[Row]:
+    """Top 10 features zero-ablated against 10 random ones, 3 rows per GSM8K problem, 256 greedy tokens."""
+    if REASONING.training is None:
+        raise RuntimeError("feature_ablation reads sae_training's run: list that job before it in --only")
+    settings = {"saes": str(REASONING.training.path), "device": bench.device, "k": 10, "attribution_items": 32,
+                "batch_size": 16, "benchmarks": [gsm8k(bench, ITEMS)]}
+    measured = run_shard(bench, bench.manifest("feature_ablation", "feature_ablation", settings))
+    answers = (ITEMS - 32) * 3
+    rate = answers / measured.seconds
+    full = 5 * (532 + 132 + 204 - 3 * 32) * 3
+
+    free_memory()
+    with h5py.File(measured.run.shard_path(0)) as shard:
+        unit = shard["units"][next(iter(shard["units"]))]
+        top = np.stack([unit["top/layer"][()], unit["top/feature"][()]], axis=1)
+        random = np.stack([unit["random/layer"][()], unit["random/feature"][()]], axis=1)
+    spec = ModelSpec(**bench.model(LLAMA3))
+    model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
+    device = torch.device(bench.device)
+    saes = {layer: load_sae(SaeSpec(path=str(REASONING.training.path / "saes" / "llama-3-8b" / "L{layer}")), layer,
+                            model.config.hidden_size, device) for layer in (8, 16, 24)}
+    problems = load_benchmark(BenchmarkSpec(**gsm8k(bench, ITEMS)))
+    started = time.perf_counter()
+    one_at_a_time(model, tokenizer, problems, problems.items[32:33], saes, {"ablated": top, "control": random}, device)
+    bench.sync()
+    seed_rate = 3 / (time.perf_counter() - started)
+    del model, saes
+    return [Row(f"GPU paper scale, feature_ablation: Meta-Llama-3-8B shapes (random weights, bf16) with its 8x SAEs at "
+                f"layers 8/16/24, {ITEMS - 32} GSM8K problems 4-shot x 3 conditions (unchanged, top 10, 10 random), "
+                "256 greedy tokens, 16 problems a call, attribution on 32 problems",
+                ours=f"{rate:.2f} answers/s ({measured.seconds:.1f} s, attribution and model build in it); peak "
+                     f"{measured.peak()}; the seed's 5 models x 3 benchmarks at this rate: {gpu_hours(1 / rate, full)}",
+                baseline=f"{seed_rate:.2f} answers/s (one generate call per problem and condition, 1 problem x 3)",
+                ratio=f"{rate / seed_rate:.1f}x")]
+
+
+JOBS: dict[str, Callable[[Bench], list[Row]]] = {
+    "token_tracking": token_tracking, "feature_correlation": feature_correlation, "gambling_games": gambling_games,
+    "population_patching": population_patching, "activation_capture": activation_capture,
+    "sae_training": sae_training, "feature_ablation": feature_ablation,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated jobs (default all): {', '.join(JOBS)}")
+    parser.add_argument("--smoke", action="store_true", help="toy widths on the CPU, to check the script; records nothing")
+    parser.add_argument("--keep", help="folder for the runs (default: a temporary folder, removed)")
+    args = parser.parse_args()
+    chosen = args.only.split(",") if args.only else list(JOBS)
+    unknown = [name for name in chosen if name not in JOBS]
+    if unknown:
+        parser.error(f"--only: unknown job(s) {unknown}; choose from {', '.join(JOBS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA GPU is visible (torch sees none): this benchmark measures GPUs and records nothing here. "
+              "Run it on a GPU machine, or with --smoke to check the script on the CPU.", file=sys.stderr)
+        return 2
+    setup_logging()
+    on = "the CPU (--smoke: toy widths)" if args.smoke else gpu_machine()
+    print(f"gpu_paper_scale on {on}: {', '.join(chosen)}")
+    rows, failed = [], []
+    with tempfile.TemporaryDirectory(prefix="gpu_paper_scale-") as scratch:
+        bench = Bench(Path(args.keep or scratch).absolute(), args.smoke)
+        bench.root.mkdir(parents=True, exist_ok=True)
+        for name in chosen:
+            started = time.perf_counter()
+            try:
+                new = JOBS[name](bench)
+            except Exception:  # one job's failure must not cost the others' figures
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            for row in new:
+                row.machine = machine() if args.smoke else gpu_machine()
+                print(f"\n{row.benchmark}\n  ours: {row.ours}\n  baseline: {row.baseline}\n  ratio: {row.ratio}")
+            print(f"[{name}: {time.perf_counter() - started:.0f} s]", flush=True)
+            rows += new
+    if rows and not args.smoke:
+        record(rows)
+        print(f"\n{len(rows)} row(s) written to benchmarks/RESULTS.md")
+    if failed:
+        print(f"failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
