@@ -367,8 +367,8 @@ def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
     outcome = np.concatenate([valid[c]["bet"].to_numpy() for c in CONDITIONS])
     safe, bankrupt = valid["safe"], valid["bankrupt"]
     with np.errstate(invalid="ignore"):
-        rho, p_spearman = stats.spearmanr(order, outcome) if np.ptp(outcome) > 0 else (np.nan, np.nan)
-    if len(safe) and len(bankrupt) and np.ptp(np.r_[safe["bet"], bankrupt["bet"]]) > 0:
+        rho, p_spearman = stats.spearmanr(order, outcome) if _varies(outcome) else (np.nan, np.nan)
+    if len(safe) and len(bankrupt) and _varies(np.r_[safe["bet"], bankrupt["bet"]]):
         p_bets = stats.mannwhitneyu(bankrupt["bet"], safe["bet"], alternative="two-sided").pvalue
     else:
         p_bets = np.nan
@@ -385,6 +385,12 @@ def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
             "bet_effect": bet_effect, "bet_effect_low": bet_ci[0], "bet_effect_high": bet_ci[1],
             "stop_effect": stop_safe - stop_bankrupt, "stop_effect_low": stop_safe - stop_bankrupt - 1.96 * stop_se,
             "stop_effect_high": stop_safe - stop_bankrupt + 1.96 * stop_se}
+
+
+def _varies(values: np.ndarray) -> bool:
+    """Whether a rank test can say anything: at least two values, not all equal (none when every
+    answer of a condition was unreadable)."""
+    return len(values) > 1 and np.ptp(values) > 0
 
 
 def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
@@ -423,6 +429,14 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         f"effect > {s.effects.stop_effect:g} with Fisher's exact test, {s.effects.correction} p < {s.effects.alpha} "
         "over the features of a prompt. Data: `merged.h5` (trials/, features/), `features.csv`."
     )
+    unreadable = results[[f"n_{c}" for c in CONDITIONS]].to_numpy() * (
+        1 - results[[f"invalid_{c}" for c in CONDITIONS]].to_numpy()) == 0
+    if unreadable.any():
+        pairs = results[unreadable.any(axis=1)]
+        listed = ", ".join(f"L{r.layer} F{r.feature} ({r.prompt})" for r in pairs.head(10).itertuples())
+        report.text(f"**{len(pairs)} feature-prompt pair(s) have no readable answer in some condition**, so their "
+                    f"tests are not computable (empty p-values, never causal): {listed}"
+                    + (" ..." if len(pairs) > 10 else "") + ".")
     report.heading("Features by class, layer and prompt")
     counts = results.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
     for kind in ("safe", "risky", "none"):

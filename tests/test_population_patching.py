@@ -198,3 +198,31 @@ def test_the_edit_reaches_generated_tokens_only_when_asked(every_token, edited_f
         model.generate(**tokenizer(PROMPTS[0].text, return_tensors="pt"), do_sample=False, max_new_tokens=5,
                        min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
     assert len(calls) == edited_forwards  # the prompt, then (if asked) each of the 4 later forwards
+
+
+def _answers(unit: str, condition: str, prompt: str, actions: list[str], layer: int = 1, feature: int = 7) -> pd.DataFrame:
+    return pd.DataFrame({"unit": unit, "condition": condition, "prompt_name": prompt, "trial": range(len(actions)),
+                         "layer": layer, "feature": feature, "mean_safe": 1.0, "mean_bankrupt": 2.0, "action": actions,
+                         "bet": [0.0 if a == "stop" else 10.0 if a == "bet" else np.nan for a in actions]})
+
+
+def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_path):
+    """Every answer on one prompt unreadable (the unpatched ones too): its tests are not computable
+    (NaN, never causal), the other prompt is tested as usual, and the report says so."""
+    settings = patching.Settings(model="organism", sae="organism", feature_table=str(tmp_path / "table.csv"))
+    readable, unreadable = ["stop", "bet"] * 10, ["invalid"] * 20
+    trials = pd.concat([
+        _answers("baseline", "none", "risky", unreadable, layer=-1, feature=-1),
+        _answers("baseline", "none", "safe", readable, layer=-1, feature=-1),
+        _answers("L1_F7", "safe", "risky", unreadable), _answers("L1_F7", "bankrupt", "risky", unreadable),
+        _answers("L1_F7", "safe", "safe", ["stop"] * 18 + ["bet"] * 2), _answers("L1_F7", "bankrupt", "safe", readable),
+    ], ignore_index=True)
+    results = feature_effects(trials, settings).set_index("prompt")
+    risky, safe = results.loc["risky"], results.loc["safe"]
+    assert risky["invalid_safe"] == 1.0 and np.isnan(risky["p_stops"]) and np.isnan(risky["p_bets"])
+    assert np.isnan(risky["spearman_rho"]) and np.isnan(risky["stop_rate_safe"])
+    assert not risky["causal"] and risky["effect_class"] == "none"
+    assert safe["p_stops"] == pytest.approx(stats.fisher_exact([[18, 2], [10, 10]])[1])
+    patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text
