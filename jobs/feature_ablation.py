@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import torch
 from pydantic import Field
-from scipy import stats
 from tqdm import tqdm
 
 from common.edits import edit_block_output, zero_features
@@ -52,6 +51,7 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
+from common.paired import mcnemar
 from common.plan import Estimate, WorkUnit
 from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.report import Report
@@ -350,12 +350,6 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             out.create_dataset(f"summary/{column}", data=values.astype("S") if values.dtype == object else values)
     _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
             pd.concat(features, ignore_index=True), items)
-
-
-def mcnemar(before: np.ndarray, after: np.ndarray) -> float:
-    """Exact McNemar p-value (two-sided binomial test on the discordant pairs)."""
-    lost, gained = int((before & ~after).sum()), int((~before & after).sum())
-    return 1.0 if lost + gained == 0 else float(stats.binomtest(lost, lost + gained, 0.5).pvalue)
 
 
 def summarise(items: pd.DataFrame, s: Settings, by: list[str]) -> pd.DataFrame:

@@ -11,8 +11,9 @@ each with its own edit; a call's rows share their prompt, whose cache is compute
 (common random numbers), so conditions differ by the edit alone. Shards hold the raw answers;
 reduce parses them (jobs._gambling, versioned), so a newer parser needs no GPU, and tests each
 feature: Spearman between the condition order (safe, none, bankrupt) and the outcome over all
-trials, Mann-Whitney for bets, Fisher's exact test for stopping, with Bonferroni and
-Benjamini-Hochberg across features.
+trials; on the trials paired by their shared noise, Wilcoxon's signed-rank test for bets and
+McNemar's exact test for stopping (unpaired Mann-Whitney and Fisher kept as columns), with
+Bonferroni and Benjamini-Hochberg across features.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
+from common.paired import mcnemar, signed_rank
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.saes import SaeSpec, check_saes, load_sae
@@ -375,13 +377,19 @@ def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
     stops = [[int((safe["action"] == "stop").sum()), int((safe["action"] == "bet").sum())],
              [int((bankrupt["action"] == "stop").sum()), int((bankrupt["action"] == "bet").sum())]]
     p_stops = stats.fisher_exact(stops)[1] if len(safe) and len(bankrupt) else np.nan
+    # Trial t draws the same noise under both patches: pair them (both answers readable).
+    pairs = safe[["trial", "action", "bet"]].merge(bankrupt[["trial", "action", "bet"]], on="trial",
+                                                    suffixes=("_safe", "_bankrupt"))
+    p_stops_paired = mcnemar(pairs["action_safe"] == "stop", pairs["action_bankrupt"] == "stop") if len(pairs) else np.nan
+    p_bets_paired = signed_rank(pairs["bet_bankrupt"] - pairs["bet_safe"]) if len(pairs) else np.nan
     bet_effect = bankrupt["bet"].mean() - safe["bet"].mean()
     stop_safe, stop_bankrupt = (safe["action"] == "stop").mean(), (bankrupt["action"] == "stop").mean()
     stop_se = np.sqrt(stop_safe * (1 - stop_safe) / max(len(safe), 1) + stop_bankrupt * (1 - stop_bankrupt) / max(len(bankrupt), 1))
     varied = min(len(safe), len(bankrupt)) >= 2 and safe["bet"].var() > 0 and bankrupt["bet"].var() > 0
     bet_ci = (stats.ttest_ind(bankrupt["bet"], safe["bet"], equal_var=False).confidence_interval()
               if varied else (np.nan, np.nan))  # Welch's interval; none for a constant group
-    return {"spearman_rho": rho, "p_spearman": p_spearman, "p_bets": p_bets, "p_stops": p_stops,
+    return {"spearman_rho": rho, "p_spearman": p_spearman, "paired_trials": len(pairs), "p_bets": p_bets_paired,
+            "p_stops": p_stops_paired, "p_bets_unpaired": p_bets, "p_stops_unpaired": p_stops,
             "bet_effect": bet_effect, "bet_effect_low": bet_ci[0], "bet_effect_high": bet_ci[1],
             "stop_effect": stop_safe - stop_bankrupt, "stop_effect_low": stop_safe - stop_bankrupt - 1.96 * stop_se,
             "stop_effect_high": stop_safe - stop_bankrupt + 1.96 * stop_se}
@@ -399,7 +407,7 @@ def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
     parts = []
     for _, part in results.groupby("prompt", sort=False):
         part = part.copy()
-        for test in ("p_bets", "p_stops", "p_spearman"):
+        for test in ("p_bets", "p_stops", "p_spearman", "p_bets_unpaired", "p_stops_unpaired"):
             p = part[test].to_numpy()
             tested = ~np.isnan(p)
             corrected = np.full(len(p), np.nan)
@@ -425,9 +433,11 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         f"per condition (safe mean, bankrupt mean; the unpatched answers shared), temperature {s.temperature}, "
         f"edit at the last prompt token{' and every generated token' if s.patch_generated else ''}, SAE error "
         f"term kept. Answers parsed by parser v{task.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
-        f"rates; stops count as $0 bets). Causal: bet effect > ${s.effects.bet_effect:g} with Mann-Whitney, or stop "
-        f"effect > {s.effects.stop_effect:g} with Fisher's exact test, {s.effects.correction} p < {s.effects.alpha} "
-        "over the features of a prompt. Data: `merged.h5` (trials/, features/), `features.csv`."
+        f"rates; stops count as $0 bets). Trial t draws the same sampling noise under every patch, so the tests pair the "
+        f"safe-mean and bankrupt-mean answers of a trial. Causal: bet effect > ${s.effects.bet_effect:g} with Wilcoxon's "
+        f"signed-rank test, or stop effect > {s.effects.stop_effect:g} with McNemar's exact test, {s.effects.correction} "
+        f"p < {s.effects.alpha} over the features of a prompt; the unpaired tests (Mann-Whitney, Fisher's exact) are "
+        "the columns `p_bets_unpaired` and `p_stops_unpaired`. Data: `merged.h5` (trials/, features/), `features.csv`."
     )
     unreadable = results[[f"n_{c}" for c in CONDITIONS]].to_numpy() * (
         1 - results[[f"invalid_{c}" for c in CONDITIONS]].to_numpy()) == 0

@@ -81,10 +81,10 @@ def trials_of(answers: dict[str, list[str]]) -> pd.DataFrame:
     rows = []
     for condition, replies in answers.items():
         unit = "baseline" if condition == "none" else "L3_F7"
-        for reply in replies:
+        for trial, reply in enumerate(replies):
             decision = parse(reply, "variable")
             rows.append({"unit": unit, "layer": 3 if unit != "baseline" else -1, "feature": 7 if unit != "baseline" else -1,
-                         "mean_safe": 0.5, "mean_bankrupt": 2.0, "condition": condition, "prompt_name": "risky",
+                         "mean_safe": 0.5, "mean_bankrupt": 2.0, "condition": condition, "prompt_name": "risky", "trial": trial,
                          "action": decision.action, "bet": float(decision.bet) if decision.bet is not None else np.nan})
     return pd.DataFrame(rows)
 
@@ -98,8 +98,14 @@ def test_the_tests_per_feature_against_scipy_and_the_class_rules():
     assert row.stop_rate_safe == 0.6 and row.stop_rate_bankrupt == pytest.approx(2 / 19)
     assert row.invalid_bankrupt == pytest.approx(1 / 20) and row.avg_bet_none == 14.0
     safe_bets, bankrupt_bets = np.r_[[0] * 12, [10] * 8], np.r_[[0] * 2, [40] * 17]
-    assert row.p_bets == pytest.approx(stats.mannwhitneyu(bankrupt_bets, safe_bets, alternative="two-sided").pvalue)
-    assert row.p_stops == pytest.approx(stats.fisher_exact([[12, 8], [2, 17]])[1])
+    unpaired = stats.mannwhitneyu(bankrupt_bets, safe_bets, alternative="two-sided").pvalue
+    assert row.p_bets_unpaired == pytest.approx(unpaired)
+    assert row.p_stops_unpaired == pytest.approx(stats.fisher_exact([[12, 8], [2, 17]])[1])
+    # paired by trial (the bankrupt patch's last answer is unreadable: 19 pairs): 10 trials stop under the
+    # safe patch and bet under the bankrupt one, none the other way round
+    assert row.paired_trials == 19 and row.p_stops == pytest.approx(2 / 2**10)
+    differences = np.r_[[0] * 2, [40] * 10, [30] * 7]
+    assert row.p_bets == pytest.approx(stats.wilcoxon(differences).pvalue)
     order = np.r_[[0] * 20, [1] * 20, [2] * 19]
     outcome = np.r_[safe_bets, [0] * 6 + [20] * 14, bankrupt_bets]
     assert row.spearman_rho == pytest.approx(stats.spearmanr(order, outcome).statistic)
@@ -222,7 +228,8 @@ def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_pat
     assert risky["invalid_safe"] == 1.0 and np.isnan(risky["p_stops"]) and np.isnan(risky["p_bets"])
     assert np.isnan(risky["spearman_rho"]) and np.isnan(risky["stop_rate_safe"])
     assert not risky["causal"] and risky["effect_class"] == "none"
-    assert safe["p_stops"] == pytest.approx(stats.fisher_exact([[18, 2], [10, 10]])[1])
+    assert safe["p_stops_unpaired"] == pytest.approx(stats.fisher_exact([[18, 2], [10, 10]])[1])
+    assert safe["p_stops"] == pytest.approx(stats.binomtest(9, 10).pvalue)  # odd trials to 17 against trial 18
     patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text

@@ -22,7 +22,8 @@ from common.organism.files import Organism
 from common.problems import BenchmarkSpec, load_benchmark
 from common.rundir import RunDir
 from common.sae_quality import evaluate
-from jobs.feature_ablation import attribution, control_features, mcnemar, top_features
+from common.paired import mcnemar
+from jobs.feature_ablation import attribution, control_features, top_features
 from tests.helpers import REPO
 
 DEMO = REPO / "manifests" / "demo"
