@@ -17,6 +17,8 @@ import string
 from dataclasses import dataclass
 from typing import Literal
 
+from common.models import ORGANISM
+from common.organism.files import shipped
 from common.organism.synthetic import COMPONENTS as COMPONENTS_AND_PULLS
 from common.organism.synthetic import (
     DECISION_CUE,
@@ -28,6 +30,17 @@ from common.organism.synthetic import (
 )
 
 MAX_ROUNDS, MIN_BET, MAX_BET = 100, 5, 100
+GROUND_TRUTH = "Ground truth: the organism's planted cause"
+
+
+def planted_cause(model: str) -> tuple[int, int] | None:
+    """(layer, feature) of the SAE feature planted in the built-in organism to set its stop rate and
+    bet size (common/organism/README.md), when `model` is the organism; None for any other model."""
+    if model != ORGANISM:
+        return None
+    planted = shipped().record["planted"]
+    return int(planted["layer"]), int(planted["feature"]["index"])
+
 COMPONENTS = {letter: COMPONENTS_AND_PULLS[letter][0] for letter in "GMRWP"}  # the published five
 BetType = Literal["fixed", "variable"]
 

@@ -29,6 +29,7 @@ from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.shards import LIBVER, ShardWriter
 from common.sparse import read_csr
+from jobs import _gambling as task
 
 log = logging.getLogger(__name__)
 FIELD = "feature_contrast"
@@ -172,7 +173,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     s.selection)
     table = table[list(COLUMNS)]
     _write_merged(out_dir / "merged.h5", table, s, sizes)
-    _report(Report(out_dir / "report", "Features of bankrupt against stopped games"), table, s, sizes)
+    with _open_games(s) as games:
+        planted = task.planted_cause(str(games.attrs["model"]))
+    _report(Report(out_dir / "report", "Features of bankrupt against stopped games"), table, s, sizes, planted)
 
 
 def correct(table: pd.DataFrame, selection: Selection) -> pd.DataFrame:
@@ -198,7 +201,7 @@ def _write_merged(path: Path, table: pd.DataFrame, s: Settings, sizes: dict) -> 
             out.create_dataset(f"features/{column}", data=table[column].to_numpy())
 
 
-def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict) -> None:
+def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict, planted: tuple[int, int] | None) -> None:
     n_bankrupt, n_safe = next(iter(sizes.values()))
     corrected = "q_bh" if s.selection.correction == "bh" else "p_bonferroni"
     report.text(
@@ -218,8 +221,29 @@ def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict) -> No
     report.heading("Strongest selected features")
     strongest = table[table["selected"]].assign(abs_d=table["cohens_d"].abs()).sort_values("abs_d", ascending=False)
     report.table(table, "features", shown=strongest.groupby("layer").head(s.top_features).drop(columns="abs_d"))
+    if planted is not None:
+        _ground_truth(report, table, *planted)
     _volcano(report, table, corrected, s.selection)
     report.write()
+
+
+def _ground_truth(report: Report, table: pd.DataFrame, layer: int, feature: int) -> None:
+    """Where the organism's planted feature ranks by |d| among its layer's features (and the selected ones)."""
+    report.heading(task.GROUND_TRUTH)
+    in_layer = table[table["layer"] == layer].assign(rank=lambda t: t["cohens_d"].abs().rank(ascending=False, method="min"))
+    row = in_layer[in_layer["feature"] == feature]
+    if row.empty:
+        report.text(f"The planted feature {feature} of layer {layer} was not contrasted (layer {layer} is not in this run).")
+        return
+    row = row.iloc[0]
+    chosen = in_layer[in_layer["selected"]]
+    selected_rank = int((chosen["cohens_d"].abs() > abs(row["cohens_d"])).sum()) + 1 if row["selected"] else None
+    report.text(
+        f"The organism's planted cause is feature {feature} of layer {layer}. Here its d is {row['cohens_d']:.2f} "
+        f"(Welch p {row['p']:.2g}), it ranks {int(row['rank'])} of {len(in_layer)} layer-{layer} features by |d|, and it "
+        + (f"is selected, {selected_rank} of the layer's {len(chosen)} selected features." if row["selected"]
+           else "is not selected.")
+    )
 
 
 def _volcano(report: Report, table: pd.DataFrame, corrected: str, selection: Selection) -> None:

@@ -459,8 +459,37 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
          "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]]
     report.table(results, "features", shown=shown)
+    planted = task.planted_cause(s.model.name)
+    if planted is not None:
+        _ground_truth(report, results, *planted)
     _plot(report, results, s)
     report.write()
+
+
+def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: int) -> None:
+    """The organism's planted feature per prompt: its effects and its rank among its layer's patched features."""
+    report.heading(task.GROUND_TRUTH)
+    in_layer = results[results["layer"] == layer]
+    if not (in_layer["feature"] == feature).any():
+        report.text(f"The planted feature {feature} of layer {layer} was not patched (not among the features chosen).")
+        return
+    rows = []
+    for prompt, part in in_layer.groupby("prompt", sort=False):
+        row = part[part["feature"] == feature].iloc[0]
+        rows.append({"prompt": prompt, "stop_effect": row["stop_effect"], "stop_rank": planted_rank(part, feature, "stop_effect"),
+                     "bet_effect": row["bet_effect"], "bet_rank": planted_rank(part, feature, "bet_effect", absolute=True),
+                     "features_in_layer": len(part), "p_stops_corrected": row["p_stops_corrected"],
+                     "p_bets_corrected": row["p_bets_corrected"], "causal": row["causal"], "class": row["effect_class"]})
+    report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
+                "stop less and bet more (common/organism/README.md). Its effects and ranks among the layer's patched "
+                "features (1: the largest stop effect, or the largest |bet effect|):")
+    report.table(pd.DataFrame(rows), "ground_truth")
+
+
+def planted_rank(part: pd.DataFrame, feature: int, column: str, absolute: bool = False) -> int:
+    """1 + how many features of `part` have a larger `column` (|column|) than `feature`."""
+    values = part[column].abs() if absolute else part[column]
+    return int((values > values[part["feature"] == feature].iloc[0]).sum()) + 1
 
 
 def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:

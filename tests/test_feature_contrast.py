@@ -56,6 +56,13 @@ def test_the_chain_finds_the_organisms_planted_feature(gambling_chain):
     table = pd.read_csv(contrast_run.report_dir / "features.csv")
     planted = table[(table.layer == 1) & (table.feature == 402)].iloc[0]
     assert planted.selected and planted.cohens_d > 0.8  # higher where the model went on to bet
+    layer = table[table.layer == 1]
+    rank = int((layer.cohens_d.abs() > abs(planted.cohens_d)).sum()) + 1
+    selected_rank = int((layer[layer.selected].cohens_d.abs() > abs(planted.cohens_d)).sum()) + 1
+    report = (contrast_run.report_dir / "report.md").read_text()
+    assert "## Ground truth: the organism's planted cause" in report
+    assert (f"ranks {rank} of {len(layer)} layer-1 features by |d|, and it is selected, {selected_rank} of the "
+            f"layer's {int(layer.selected.sum())} selected features") in report
     with h5py.File(games.merged_path) as merged:
         outcomes = [g.attrs["outcome"] for g in merged["units"].values()]
         finals = {name: g["features/L1/data"].size for name, g in merged["units"].items()}

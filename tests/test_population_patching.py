@@ -28,6 +28,10 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     assert planted.causal and planted.effect_class == "risky"  # higher in bankrupt games, and it makes the model bet
     assert planted.stop_effect > 0.15 and planted.p_stops_corrected < 0.05
     assert planted.stop_rate_safe > planted.stop_rate_none - 0.1 > planted.stop_rate_bankrupt - 0.2
+    layer = results[(results.layer == 1) & (results.prompt == "safe")]
+    assert patching.planted_rank(layer, 402, "stop_effect") == 1  # the largest stop effect of its layer
+    truth = pd.read_csv(gambling_chain.patching.report_dir / "ground_truth.csv").set_index("prompt")
+    assert truth.loc["safe", "stop_rank"] == 1 and truth.loc["safe", "stop_effect"] == pytest.approx(planted.stop_effect)
     report = (gambling_chain.patching.report_dir / "report.md").read_text()
     assert "parser v1" in report and "| safe     |       1 |      0 |       1 |" in report
     with h5py.File(gambling_chain.patching.merged_path) as merged:
