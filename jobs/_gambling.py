@@ -61,6 +61,7 @@ Choose:
 
 Choice: """
 TEMPLATE_FIELDS = {"history", "balance", "round", "components", "bet_option"}
+OPTION_LABELS = {"bet": "1", "stop": "2"}  # how an answer to the prompt above starts, for each option
 
 # ---------------------------------------------------------------- the game
 

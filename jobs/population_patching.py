@@ -33,6 +33,7 @@ from pydantic import Field, model_validator
 from scipy import stats
 from tqdm import tqdm
 
+from common.choices import OptionReader
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
 from common.generation import prompt_prefix, sample
@@ -119,6 +120,9 @@ class Settings(StrictModel):
     patch_generated: bool = Field(False, description="also set the feature at every generated token")
     seed: int = Field(0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
     batch_size: int = Field(128, ge=1, description="answers generated together")
+    decisions: Literal["sampled", "both"] = Field(
+        "both", description="sampled: answers sampled and parsed; both: also each option's exact probability "
+        "at the cue, from one forward per feature, condition and prompt (common/choices.py)")
     effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
 
     @model_validator(mode="after")
@@ -226,11 +230,12 @@ class Row:
     value: float = 0.0
 
 
-def rows_of(unit: WorkUnit, s: Settings) -> list[Row]:
+def rows_of(unit: WorkUnit, s: Settings, trials: int | None = None) -> list[Row]:
+    """The unit's answers to generate: each condition x prompt x trial (`trials`: s.trials)."""
     conditions = ["none"] if unit.id == BASELINE else ["safe", "bankrupt"]
     return [Row(unit.id, condition, prompt, trial, unit.payload.get("layer", -1), unit.payload.get("feature", -1),
                 unit.payload.get(condition, 0.0))
-            for condition in conditions for prompt in range(len(s.prompts)) for trial in range(s.trials)]
+            for condition in conditions for prompt in range(len(s.prompts)) for trial in range(trials or s.trials)]
 
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
@@ -247,6 +252,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
                     bet_types=[prompt.bet_type for prompt in s.prompts])
     pending = set(shard.pending())
+    exact = (exact_choices(model, tokenizer, saes, [unit for unit in units if unit.id in pending], s, device)
+             if s.decisions == "both" else {})
     to_answer = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
     answers: dict[str, list[tuple[Row, str]]] = {unit.id: [] for unit in units if unit.id in pending}
     expected = {unit.id: len(rows_of(unit, s)) for unit in units if unit.id in pending}
@@ -265,8 +272,30 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 for row, reply in zip(batch, replies, strict=True):
                     answers[row.unit].append((row, reply))
                     if len(answers[row.unit]) == expected[row.unit]:
-                        _write(shard, row.unit, answers.pop(row.unit))
+                        _write(shard, row.unit, answers.pop(row.unit), exact.get(row.unit, []))
                 progress.update(len(batch))
+
+
+@torch.no_grad()
+def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settings,
+                  device: torch.device) -> dict[str, list[tuple[Row, dict[str, float]]]]:
+    """Per unit, each condition and prompt with the options' probabilities at the cue, at the
+    sampling temperature: one forward of the prompt per row, its edit at the last token."""
+    reader = OptionReader(tokenizer, task.OPTION_LABELS)
+    rows = [row for unit in units for row in rows_of(unit, s, trials=1)]
+    exact: dict[str, list[tuple[Row, dict[str, float]]]] = {unit.id: [] for unit in units}
+    for prompt in range(len(s.prompts)):
+        of_prompt = [row for row in rows if row.prompt == prompt]
+        for start in tqdm(range(0, len(of_prompt), s.batch_size), desc=f"exact probabilities, prompt {prompt}",
+                          unit="batch", disable=not of_prompt):
+            batch = of_prompt[start : start + s.batch_size]
+            encoded = tokenizer([s.prompts[prompt].text] * len(batch), return_tensors="pt").to(device)
+            with row_edits(model, saes, batch, every_token=False):
+                logits = model(**encoded, use_cache=False).logits[:, -1]
+            read = reader(logits, s.temperature)
+            for i, row in enumerate(batch):
+                exact[row.unit].append((row, {name: float(values[i]) for name, values in read.items()}))
+    return exact
 
 
 @contextmanager
@@ -284,7 +313,8 @@ def row_edits(model, saes: dict, batch: list[Row], every_token: bool) -> Iterato
         yield
 
 
-def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]]) -> None:
+def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],
+           exact: list[tuple[Row, dict[str, float]]]) -> None:
     with shard.unit(unit_id) as group:
         first = answers[0][0]
         means = {row.condition: row.value for row, _ in answers}
@@ -295,6 +325,12 @@ def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]]) -> 
             group.create_dataset(name, data=values if name != "condition" else np.array(values, dtype=object),
                                  dtype=h5py.string_dtype() if name == "condition" else None)
         group.create_dataset("response", data=[reply for _, reply in answers], dtype=h5py.string_dtype())
+        if exact:
+            group.create_dataset("exact/condition", data=[row.condition for row, _ in exact], dtype=h5py.string_dtype())
+            group.create_dataset("exact/prompt", data=[row.prompt for row, _ in exact])
+            for name in (*task.OPTION_LABELS, "coverage"):
+                group.create_dataset(f"exact/p_{name}" if name != "coverage" else "exact/coverage",
+                                     data=[probabilities[name] for _, probabilities in exact])
 
 
 # ---------------------------------------------------------------- reduce
@@ -304,6 +340,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     s = manifest.settings
     trials = parsed_trials(shard_paths, s)
     results = feature_effects(trials, s)
+    exact = exact_table(shard_paths, s) if s.decisions == "both" else None
+    if exact is not None:
+        results = results.merge(exact_effects(exact), on=["unit", "prompt"], how="left")
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=task.PARSER_VERSION,
                          parser_rules=task.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
@@ -312,10 +351,11 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             values = trials[column].to_numpy()
             out.create_dataset(f"trials/{column}", data=values.astype(object) if values.dtype == object else values,
                                dtype=h5py.string_dtype() if values.dtype == object else None)
-        for column in results.columns:
-            values = results[column].to_numpy()
-            out.create_dataset(f"features/{column}", data=values.astype(object) if values.dtype == object else values,
-                               dtype=h5py.string_dtype() if values.dtype == object else None)
+        for group, table in {"features": results, "exact": exact}.items():
+            for column in [] if table is None else table.columns:
+                values = table[column].to_numpy()
+                out.create_dataset(f"{group}/{column}", data=values.astype(object) if values.dtype == object else values,
+                                   dtype=h5py.string_dtype() if values.dtype == object else None)
     _report(Report(out_dir / "report", "Population-mean patching"), trials, results, s)
 
 
@@ -340,6 +380,34 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
     trials["bet"] = [float(d.bet) if d.action != "invalid" else np.nan for d in decisions]  # a stop bets $0
     trials["rule"] = [d.rule for d in decisions]
     return trials
+
+
+def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
+    """The options' exact probabilities: a row per unit, condition and prompt."""
+    frames = []
+    for path in shard_paths:
+        with h5py.File(path, "r") as shard:
+            for unit_id, group in shard["units"].items():
+                exact = group["exact"]
+                frames.append(pd.DataFrame({
+                    "unit": unit_id, "condition": [c.decode() if isinstance(c, bytes) else c for c in exact["condition"][()]],
+                    "prompt": [s.prompts[p].name for p in exact["prompt"][()]],
+                    **{name: exact[name][()] for name in ("p_bet", "p_stop", "coverage")}}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def exact_effects(exact: pd.DataFrame) -> pd.DataFrame:
+    """Per feature and prompt: P(stop) under each condition (the unpatched one shared), the exact
+    stop shift (safe-mean minus bankrupt-mean patch, as `stop_effect`) and the lowest coverage."""
+    baseline = exact[exact["unit"] == BASELINE].set_index("prompt")
+    rows = []
+    for (unit, prompt), part in exact[exact["unit"] != BASELINE].groupby(["unit", "prompt"], sort=False):
+        p_stop = part.set_index("condition")["p_stop"]
+        rows.append({"unit": unit, "prompt": prompt, "p_stop_exact_safe": p_stop["safe"],
+                     "p_stop_exact_none": baseline.loc[prompt, "p_stop"], "p_stop_exact_bankrupt": p_stop["bankrupt"],
+                     "stop_shift_exact": p_stop["safe"] - p_stop["bankrupt"],
+                     "coverage_min": min(part["coverage"].min(), baseline.loc[prompt, "coverage"])})
+    return pd.DataFrame(rows)
 
 
 def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
@@ -459,11 +527,43 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
          "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]]
     report.table(results, "features", shown=shown)
+    if "stop_shift_exact" in results:
+        _exact_section(report, results, s)
     planted = task.planted_cause(s.model.name)
     if planted is not None:
         _ground_truth(report, results, *planted)
     _plot(report, results, s)
     report.write()
+
+
+def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
+    import matplotlib.pyplot as plt
+
+    report.heading("Exact choice probabilities beside the sampled answers")
+    report.text(
+        f"P(stop) at the decision cue from one forward per feature, condition and prompt, at temperature "
+        f"{s.temperature}: the next-token mass on tokens that start option 2 (\"Stop\") against option 1 (\"Bet\"), "
+        "leading whitespace ignored, renormalised over the two options; `coverage_min` is the smallest share of the "
+        "mass on the two options (the rest: answers that start with words, which sampling may still read). No "
+        "sampling noise and no parser: `stop_shift_exact` is what `stop_effect` estimates from sampled answers."
+    )
+    shown = results.assign(size=results["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
+        ["prompt", "layer", "feature", "p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt",
+         "stop_shift_exact", "stop_effect", "stop_effect_low", "stop_effect_high", "coverage_min"]]
+    report.table(shown, "exact_strongest")
+    prompts = list(dict.fromkeys(results["prompt"]))
+    fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4.2), squeeze=False)
+    for ax, prompt in zip(axes[0], prompts, strict=True):
+        part = results[results["prompt"] == prompt]
+        errors = np.abs(np.stack([part["stop_effect"] - part["stop_effect_low"], part["stop_effect_high"] - part["stop_effect"]]))
+        ax.errorbar(part["stop_shift_exact"], part["stop_effect"], yerr=errors, fmt="o", ms=3, lw=0.6, alpha=0.7)
+        low, high = ax.get_xlim()
+        ax.plot([low, high], [low, high], color="black", lw=0.6, ls="--")
+        ax.set_xlabel("exact P(stop) shift")
+        ax.set_title(f"prompt {prompt}")
+    axes[0][0].set_ylabel("sampled stop effect (95% interval)")
+    fig.tight_layout()
+    report.figure(fig, "exact_vs_sampled", "Each feature's exact P(stop) shift against its sampled stop effect; dashed: equal")
 
 
 def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: int) -> None:
@@ -479,7 +579,8 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
         rows.append({"prompt": prompt, "stop_effect": row["stop_effect"], "stop_rank": planted_rank(part, feature, "stop_effect"),
                      "bet_effect": row["bet_effect"], "bet_rank": planted_rank(part, feature, "bet_effect", absolute=True),
                      "features_in_layer": len(part), "p_stops_corrected": row["p_stops_corrected"],
-                     "p_bets_corrected": row["p_bets_corrected"], "causal": row["causal"], "class": row["effect_class"]})
+                     "p_bets_corrected": row["p_bets_corrected"], "causal": row["causal"], "class": row["effect_class"]}
+                    | ({"stop_shift_exact": row["stop_shift_exact"]} if "stop_shift_exact" in row else {}))
     report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
                 "stop less and bet more (common/organism/README.md). Its effects and ranks among the layer's patched "
                 "features (1: the largest stop effect, or the largest |bet effect|):")

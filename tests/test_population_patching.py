@@ -32,7 +32,12 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     assert patching.planted_rank(layer, 402, "stop_effect") == 1  # the largest stop effect of its layer
     truth = pd.read_csv(gambling_chain.patching.report_dir / "ground_truth.csv").set_index("prompt")
     assert truth.loc["safe", "stop_rank"] == 1 and truth.loc["safe", "stop_effect"] == pytest.approx(planted.stop_effect)
+    # the exact P(stop) shift, from one forward per condition, lies within the sampled effect's interval
+    for row in results[(results.layer == 1) & (results.feature == 402)].itertuples():
+        assert row.stop_effect_low <= row.stop_shift_exact <= row.stop_effect_high, row.prompt
+        assert row.coverage_min > 0.9  # the organism answers with an option's label
     report = (gambling_chain.patching.report_dir / "report.md").read_text()
+    assert "## Exact choice probabilities beside the sampled answers" in report
     assert "parser v1" in report and "| safe     |       1 |      0 |       1 |" in report
     with h5py.File(gambling_chain.patching.merged_path) as merged:
         conditions = [c.decode() for c in merged["trials/condition"][()]]
