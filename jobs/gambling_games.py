@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
+from common.choices import OptionReader
 from common.errors import UserError
 from common.generation import left_padded, sample
 from common.layers import CONVENTION, capture_residuals, resolve_layers
@@ -157,11 +158,13 @@ class Player:
         """The sampling noise of this game's current question (round and attempt)."""
         return (self.unit.payload["seed"] * 1_000 + self.game.round) * 10 + self.attempts
 
-    def decide(self, prompt: str, answer: str, retries: int) -> None:
+    def decide(self, prompt: str, answer: str, retries: int, exact: dict[str, float]) -> None:
+        """Record the sampled answer (and the options' exact probabilities) and play what it says."""
         decision = task.parse(answer, self.game.condition.bet_type)
         self.decisions.append({"round": self.game.round, "balance": self.game.balance, "attempt": self.attempts,
                                "prompt": prompt, "response": answer, "action": decision.action,
-                               "bet": -1 if decision.bet is None else decision.bet, "rule": decision.rule})
+                               "bet": -1 if decision.bet is None else decision.bet, "rule": decision.rule,
+                               **{f"p_{name}" if name != "coverage" else name: value for name, value in exact.items()}})
         if decision.action == "invalid":
             self.attempts += 1
             if self.attempts > retries:
@@ -186,12 +189,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     features_shape="CSR (decisions, d_sae): SAE features at the last prompt token of each decision")
     pending = set(shard.pending())
     to_play = [unit for unit in units if unit.id in pending]
+    reader = OptionReader(tokenizer, task.OPTION_LABELS)
     with tqdm(total=len(to_play), desc=f"shard {shard.shard_index}", unit="game") as progress:
         for start in range(0, len(to_play), s.batch_size):
             players = [Player(unit, s.max_rounds) for unit in to_play[start : start + s.batch_size]]
             while any(player.running for player in players):
                 running = [player for player in players if player.running]
-                _play_round(s, model, tokenizer, saes, device, running)
+                _play_round(s, model, tokenizer, saes, reader, device, running)
                 for player in running:
                     if not player.running:
                         _write(shard, player, s.layers)
@@ -199,21 +203,23 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 
 
 @torch.no_grad()
-def _play_round(s: Settings, model, tokenizer, saes: dict, device: torch.device, players: list[Player]) -> None:
-    """One question to every running game: features at the prompt's last token, then a sampled answer."""
+def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader, device: torch.device,
+                players: list[Player]) -> None:
+    """One question to every running game: the options' exact probabilities and the SAE features at
+    the prompt's last token (one forward), then a sampled answer."""
     prompts = [player.prompt(s.prompt_template) for player in players]
-    if saes:
-        encoded = left_padded(tokenizer, prompts, device)
-        with capture_residuals(model, sorted(saes), stop=True) as residuals:
-            model(**encoded, use_cache=False)
-        for layer, sae in saes.items():
-            features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype))
-            for player, row in zip(players, features, strict=True):
-                player.features.setdefault(layer, []).append(row)
+    encoded = left_padded(tokenizer, prompts, device)
+    with capture_residuals(model, sorted(saes)) as residuals:
+        logits = model(**encoded, use_cache=False).logits[:, -1]
+    exact = reader(logits, s.temperature)
+    for layer, sae in saes.items():
+        features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype))
+        for player, row in zip(players, features, strict=True):
+            player.features.setdefault(layer, []).append(row)
     answers = sample(model, tokenizer, prompts, [player.noise_seed() for player in players], s.temperature,
                      s.max_new_tokens, device, first_line_only=True)
-    for player, prompt, answer in zip(players, prompts, answers, strict=True):
-        player.decide(prompt, answer, s.retries)
+    for i, (player, prompt, answer) in enumerate(zip(players, prompts, answers, strict=True)):
+        player.decide(prompt, answer, s.retries, {name: float(values[i]) for name, values in exact.items()})
 
 
 def _write(shard: ShardWriter, player: Player, layers: list[int]) -> None:
@@ -230,6 +236,8 @@ def _write(shard: ShardWriter, player: Player, layers: list[int]) -> None:
             decisions.create_dataset(column, data=np.array([d[column] for d in player.decisions], dtype=np.int64))
         for column in ("prompt", "response", "action", "rule"):
             decisions.create_dataset(column, data=[d[column] for d in player.decisions], dtype=h5py.string_dtype())
+        for column in ("p_bet", "p_stop", "coverage"):  # exact, at the cue (common/choices.py)
+            decisions.create_dataset(column, data=np.array([d[column] for d in player.decisions], dtype=np.float64))
         for layer in layers:
             write_csr(group.require_group("features"), f"L{layer}", to_csr(torch.stack(player.features[layer])))
 
@@ -251,6 +259,14 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
         f"(rules in `merged.h5` attributes); {invalid:,} of {games['decisions'].sum():,} answers were unreadable "
         f"and asked again (at most {s.retries} times). Data: `merged.h5` (one group per game under `units/`)."
     )
+    readable = games["readable"].sum()
+    report.text(
+        f"At every decision the options' exact probabilities at the cue are recorded too (`decisions/p_stop`, "
+        f"`p_bet`, `coverage`: the next-token mass at temperature {s.temperature} on tokens that start \"2\" or "
+        f"\"1\", common/choices.py). Over all decisions the mean exact P(stop) is "
+        f"{games['exact_stop_mass'].sum() / games['decisions'].sum():.3f}; the sampled answers stopped in "
+        f"{games['stops'].sum() / max(readable, 1):.3f} of the {readable:,} readable ones."
+    )
     report.heading("Outcomes")
     by_bet = _outcome_shares(games, ["bet_type"])
     report.table(_outcome_shares(games, ["condition"]), "outcomes_by_condition", shown=by_bet)
@@ -270,7 +286,9 @@ def game_table(data: h5py.File) -> pd.DataFrame:
         rows.append({"game": unit_id, **{key: _plain(group.attrs[key]) for key in (
             "condition", "components", "bet_type", "first_round", "outcome", "final_balance", "rounds")},
             "decisions": len(actions), "invalid_answers": actions.count("invalid"),
-            "mean_bet": float(bets.mean()) if len(bets) else np.nan})
+            "mean_bet": float(bets.mean()) if len(bets) else np.nan,
+            "stops": actions.count("stop"), "readable": len(actions) - actions.count("invalid"),
+            "exact_stop_mass": float(decisions["p_stop"][()].sum()) if "p_stop" in decisions else np.nan})
     return pd.DataFrame(rows)
 
 

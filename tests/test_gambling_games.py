@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
+from common.choices import OptionReader
 from common.cli import main
 from common.manifest import load_manifest
 from common.organism import synthetic
@@ -91,8 +92,9 @@ def test_a_game_replays_from_its_seed_in_any_batch(demo):
         unit = WorkUnit(name, {"components": attrs["components"], "bet_type": attrs["bet_type"],
                                "first_round": attrs["first_round"], "seed": int(attrs["seed"])})
         player = gambling_games.Player(unit, s.max_rounds)
+        reader = OptionReader(tokenizer, task.OPTION_LABELS)
         while player.running:  # alone in its batch this time
-            gambling_games._play_round(s, model, tokenizer, {}, torch.device("cpu"), [player])
+            gambling_games._play_round(s, model, tokenizer, {}, reader, torch.device("cpu"), [player])
         assert [d["response"] for d in player.decisions] == [d["response"] for d in decisions]
         assert player.game.outcome == attrs["outcome"]
 
@@ -149,3 +151,27 @@ def test_paper_manifest_validates_and_plans(capsys):
     out = capsys.readouterr().out
     assert "6400 work units in 25 shard(s)" in out
     assert "saebatch's copy of meta-llama/Llama-3.1-8B's architecture" in out
+
+
+def test_every_decision_records_the_options_exact_probabilities(demo):
+    """P(stop) at each decision equals an independent forward of its prompt, and the sampled answers
+    stop as often as those probabilities predict (a Poisson-binomial z-score over all decisions)."""
+    run, manifest = demo
+    organism = Organism()
+    model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
+    reader = OptionReader(tokenizer, task.OPTION_LABELS)
+    predicted, variance, observed, checked = 0.0, 0.0, 0, 0
+    with h5py.File(run.merged_path) as merged:
+        for group in merged["units"].values():
+            decisions = decisions_of(group)
+            p_stop, coverage = group["decisions/p_stop"][()], group["decisions/coverage"][()]
+            if checked < 5:
+                with torch.no_grad():
+                    logits = model(**tokenizer(decisions[0]["prompt"], return_tensors="pt")).logits[:, -1]
+                assert reader(logits, manifest.settings.temperature)["stop"][0] == pytest.approx(p_stop[0], abs=1e-5)
+                checked += 1
+            starts_stop = p_stop * coverage  # the chance that the sampled answer starts with "2"
+            predicted += starts_stop.sum()
+            variance += (starts_stop * (1 - starts_stop)).sum()
+            observed += sum(d["response"].lstrip().startswith("2") for d in decisions)
+    assert abs(observed - predicted) / np.sqrt(variance) < 4
