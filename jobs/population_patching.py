@@ -58,6 +58,7 @@ from jobs import _gambling as task
 log = logging.getLogger(__name__)
 FIELD = "population_patching"
 NEEDED_COLUMNS = ("layer", "feature", "mean_safe", "mean_bankrupt")
+FREQUENCY_COLUMNS = ("active_bankrupt", "active_safe")  # shares of games in which a feature is active
 CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
 BASELINE = "baseline"  # the unit of unpatched answers
 
@@ -120,6 +121,9 @@ class Settings(StrictModel):
     patch_generated: bool = Field(False, description="also set the feature at every generated token")
     seed: int = Field(0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
     batch_size: int = Field(128, ge=1, description="answers generated together")
+    controls: int = Field(0, ge=0, description="per patched layer, random live features of similar activation "
+                          "frequency patched exactly as the chosen ones: the null distribution of effects")
+    control_seed: int = Field(0, description="seed of the control features' draw")
     decisions: Literal["sampled", "both"] = Field(
         "both", description="sampled: answers sampled and parsed; both: also each option's exact probability "
         "at the cue, from one forward per feature, condition and prompt (common/choices.py)")
@@ -138,8 +142,9 @@ class Settings(StrictModel):
 # ---------------------------------------------------------------- plan
 
 
-def read_table(s: Settings) -> pd.DataFrame:
-    """The features to patch, checked for the columns this step needs."""
+def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
+    """The features to patch (with `chosen_only` False: every row, before selection), checked for
+    the columns this step needs."""
     if s.features is not None:
         merged = s.features / "merged.h5"
         if not merged.is_file():
@@ -158,6 +163,11 @@ def read_table(s: Settings) -> pd.DataFrame:
     if missing:
         raise UserError(f"{FIELD}: the feature table {where} lacks the column(s) {missing}; it needs "
                         f"{list(NEEDED_COLUMNS)} (feature_contrast writes them)")
+    if s.controls and not set(FREQUENCY_COLUMNS) <= set(table):
+        raise UserError(f"{FIELD}.controls: the feature table {where} lacks {list(FREQUENCY_COLUMNS)}, the activation "
+                        "frequencies controls are matched on (feature_contrast writes them); add them or set controls: 0")
+    if not chosen_only:
+        return table
     if s.only_selected:
         if "selected" not in table:
             raise UserError(f"{FIELD}: the feature table {where} has no `selected` column; add it, or set "
@@ -188,11 +198,30 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae")
     for layer, info in infos.items():
         _check_ids(table[table["layer"] == layer]["feature"], layer, info.d_sae)
+    controls = control_features(read_table(s, chosen_only=False), table, s.controls, s.control_seed)
     units = [WorkUnit(BASELINE, {})]
     units += [WorkUnit(f"L{int(row.layer)}_F{int(row.feature)}", {
         "layer": int(row.layer), "feature": int(row.feature), "safe": float(row.mean_safe),
-        "bankrupt": float(row.mean_bankrupt)}) for row in table.itertuples()]
+        "bankrupt": float(row.mean_bankrupt), "control": control})
+        for rows, control in ((table, False), (controls, True)) for row in rows.itertuples()]
     return units
+
+
+def control_features(every: pd.DataFrame, chosen: pd.DataFrame, per_layer: int, seed: int) -> pd.DataFrame:
+    """Per layer of `chosen`, `per_layer` other live features drawn at random from the 4 x per_layer
+    whose activation frequency (log, both groups' mean) is nearest the chosen features' median."""
+    if not per_layer:
+        return every.iloc[:0]
+    rng = np.random.default_rng(seed)
+    frequency = np.log(every[list(FREQUENCY_COLUMNS)].mean(axis=1).clip(lower=1e-12))
+    drawn = []
+    for layer in sorted(chosen["layer"].unique()):
+        in_layer = every["layer"] == layer
+        target = frequency[in_layer & every["feature"].isin(chosen[chosen["layer"] == layer]["feature"])].median()
+        live = in_layer & ~every["feature"].isin(chosen[chosen["layer"] == layer]["feature"]) & (frequency > np.log(1e-12))
+        nearest = (frequency[live] - target).abs().sort_values(kind="stable").index[: 4 * per_layer]
+        drawn.append(every.loc[rng.choice(nearest, size=min(per_layer, len(nearest)), replace=False)])
+    return pd.concat(drawn).sort_values(["layer", "feature"])
 
 
 def _check_ids(features: pd.Series, layer: int, width: int | None) -> None:
@@ -228,13 +257,14 @@ class Row:
     layer: int = -1
     feature: int = -1
     value: float = 0.0
+    control: bool = False
 
 
 def rows_of(unit: WorkUnit, s: Settings, trials: int | None = None) -> list[Row]:
     """The unit's answers to generate: each condition x prompt x trial (`trials`: s.trials)."""
     conditions = ["none"] if unit.id == BASELINE else ["safe", "bankrupt"]
     return [Row(unit.id, condition, prompt, trial, unit.payload.get("layer", -1), unit.payload.get("feature", -1),
-                unit.payload.get(condition, 0.0))
+                unit.payload.get(condition, 0.0), unit.payload.get("control", False))
             for condition in conditions for prompt in range(len(s.prompts)) for trial in range(trials or s.trials)]
 
 
@@ -319,7 +349,7 @@ def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],
         first = answers[0][0]
         means = {row.condition: row.value for row, _ in answers}
         group.attrs.update(layer=first.layer, feature=first.feature, mean_safe=means.get("safe", np.nan),
-                           mean_bankrupt=means.get("bankrupt", np.nan))
+                           mean_bankrupt=means.get("bankrupt", np.nan), control=first.control)
         for name in ("condition", "prompt", "trial", "value"):
             values = [getattr(row, name) for row, _ in answers]
             group.create_dataset(name, data=values if name != "condition" else np.array(values, dtype=object),
@@ -343,6 +373,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     exact = exact_table(shard_paths, s) if s.decisions == "both" else None
     if exact is not None:
         results = results.merge(exact_effects(exact), on=["unit", "prompt"], how="left")
+    results = null_p_values(results)
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=task.PARSER_VERSION,
                          parser_rules=task.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
@@ -367,6 +398,7 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
             for unit_id, group in shard["units"].items():
                 frame = pd.DataFrame({name: group[name][()] for name in ("condition", "prompt", "trial", "response")})
                 frame = frame.assign(unit=unit_id, layer=int(group.attrs["layer"]), feature=int(group.attrs["feature"]),
+                                     control=bool(group.attrs.get("control", False)),
                                      mean_safe=float(group.attrs["mean_safe"]),
                                      mean_bankrupt=float(group.attrs["mean_bankrupt"]))
                 frames.append(frame)
@@ -418,6 +450,7 @@ def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
         shared = baseline[baseline["prompt_name"] == prompt]
         first = part.iloc[0]
         row = {"unit": unit, "layer": int(first["layer"]), "feature": int(first["feature"]), "prompt": prompt,
+               "control": bool(first["control"]),
                "mean_safe": first["mean_safe"], "mean_bankrupt": first["mean_bankrupt"]}
         by_condition = {"none": shared, "safe": part[part["condition"] == "safe"],
                         "bankrupt": part[part["condition"] == "bankrupt"]}
@@ -477,7 +510,7 @@ def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
         part = part.copy()
         for test in ("p_bets", "p_stops", "p_spearman", "p_bets_unpaired", "p_stops_unpaired"):
             p = part[test].to_numpy()
-            tested = ~np.isnan(p)
+            tested = ~np.isnan(p) & ~part["control"].to_numpy(bool)  # controls are the null, not candidates
             corrected = np.full(len(p), np.nan)
             if tested.any():
                 corrected[tested] = (np.minimum(p[tested] * tested.sum(), 1.0) if effects.correction == "bonferroni"
@@ -487,8 +520,27 @@ def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
             causal = ((part["bet_effect"] > effects.bet_effect) & (part["p_bets_corrected"] < effects.alpha)) | (
                 (part["stop_effect"] > effects.stop_effect) & (part["p_stops_corrected"] < effects.alpha))
         kind = np.where(part["mean_safe"] > part["mean_bankrupt"], "safe", "risky")
-        parts.append(part.assign(causal=causal, effect_class=np.where(causal, kind, "none")))
+        parts.append(part.assign(causal=causal, effect_class=np.where(part["control"], "control",
+                                                                      np.where(causal, kind, "none"))))
     return pd.concat(parts, ignore_index=True)
+
+
+def null_p_values(results: pd.DataFrame) -> pd.DataFrame:
+    """Where each chosen feature's effect falls among its layer's controls on the same prompt:
+    (1 + controls at least as large in |effect|) / (1 + controls), per effect; NaN without controls."""
+    effects = [c for c in ("stop_effect", "bet_effect", "stop_shift_exact") if c in results]
+    columns = {f"null_p_{effect}": np.full(len(results), np.nan) for effect in effects}
+    counts = np.zeros(len(results), dtype=int)
+    for i, row in enumerate(results.itertuples(index=False)):
+        null = results[results["control"] & (results["layer"] == row.layer) & (results["prompt"] == row.prompt)]
+        counts[i] = 0 if row.control else len(null)
+        if row.control or null.empty:
+            continue
+        for effect in effects:
+            value = abs(getattr(row, effect))
+            if not np.isnan(value):
+                columns[f"null_p_{effect}"][i] = (1 + int((null[effect].abs() >= value).sum())) / (1 + len(null))
+    return results.assign(controls_in_layer=counts, **columns)
 
 
 # ---------------------------------------------------------------- report
@@ -496,8 +548,9 @@ def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
 
 def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Settings) -> None:
     invalid = trials["action"].eq("invalid").mean()
+    chosen, controls = results[~results["control"]], results[results["control"]]
     report.text(
-        f"Model `{s.model.name}`. {results['unit'].nunique():,} features x {len(s.prompts)} prompts x {s.trials} trials "
+        f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts x {s.trials} trials "
         f"per condition (safe mean, bankrupt mean; the unpatched answers shared), temperature {s.temperature}, "
         f"edit at the last prompt token{' and every generated token' if s.patch_generated else ''}, SAE error "
         f"term kept. Answers parsed by parser v{task.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
@@ -507,6 +560,14 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         f"p < {s.effects.alpha} over the features of a prompt; the unpaired tests (Mann-Whitney, Fisher's exact) are "
         "the columns `p_bets_unpaired` and `p_stops_unpaired`. Data: `merged.h5` (trials/, features/), `features.csv`."
     )
+    if not controls.empty:
+        report.text(
+            f"Null controls: {controls['unit'].nunique()} random live features ({s.controls} per patched layer, drawn "
+            f"among those whose activation frequency is nearest the chosen features'), patched exactly as the chosen "
+            "ones from their own means. `null_p_<effect>` is where a chosen feature's |effect| falls among its layer's "
+            "controls on the same prompt: (1 + controls at least as large) / (1 + controls). Controls are never "
+            "corrected for or called causal; the plot shows them as grey crosses."
+        )
     unreadable = results[[f"n_{c}" for c in CONDITIONS]].to_numpy() * (
         1 - results[[f"invalid_{c}" for c in CONDITIONS]].to_numpy()) == 0
     if unreadable.any():
@@ -516,22 +577,23 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
                     f"tests are not computable (empty p-values, never causal): {listed}"
                     + (" ..." if len(pairs) > 10 else "") + ".")
     report.heading("Features by class, layer and prompt")
-    counts = results.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
+    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
     for kind in ("safe", "risky", "none"):
         if kind not in counts:
             counts[kind] = 0
     report.table(counts[["safe", "risky", "none"]].reset_index(), "counts")
     report.heading("Strongest effects")
-    shown = results.assign(size=results["stop_effect"].abs() + results["bet_effect"].abs() / 100)
+    shown = chosen.assign(size=chosen["stop_effect"].abs() + chosen["bet_effect"].abs() / 100)
     shown = shown.sort_values(["causal", "size"], ascending=False).head(15)[
         ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
-         "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]]
+         "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]
+        + (["null_p_stop_effect", "null_p_bet_effect"] if not controls.empty else [])]
     report.table(results, "features", shown=shown)
     if "stop_shift_exact" in results:
-        _exact_section(report, results, s)
+        _exact_section(report, chosen, s)
     planted = task.planted_cause(s.model.name)
     if planted is not None:
-        _ground_truth(report, results, *planted)
+        _ground_truth(report, chosen, *planted)
     _plot(report, results, s)
     report.write()
 
@@ -580,7 +642,8 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
                      "bet_effect": row["bet_effect"], "bet_rank": planted_rank(part, feature, "bet_effect", absolute=True),
                      "features_in_layer": len(part), "p_stops_corrected": row["p_stops_corrected"],
                      "p_bets_corrected": row["p_bets_corrected"], "causal": row["causal"], "class": row["effect_class"]}
-                    | ({"stop_shift_exact": row["stop_shift_exact"]} if "stop_shift_exact" in row else {}))
+                    | {column: row[column] for column in ("stop_shift_exact", "null_p_stop_effect", "null_p_stop_shift_exact",
+                                                          "controls_in_layer") if column in row})
     report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
                 "stop less and bet more (common/organism/README.md). Its effects and ranks among the layer's patched "
                 "features (1: the largest stop effect, or the largest |bet effect|):")
@@ -598,12 +661,15 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
 
     prompts = list(dict.fromkeys(results["prompt"]))
     fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
-    colours = {"safe": "tab:blue", "risky": "tab:red", "none": "lightgrey"}
+    colours = {"safe": "tab:blue", "risky": "tab:red", "none": "dimgrey", "control": "darkgrey"}
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
         for kind, colour in colours.items():
             chosen = part[part["effect_class"] == kind]
-            ax.scatter(chosen["bet_effect"], chosen["stop_effect"], s=12, c=colour, label=f"{kind} ({len(chosen)})")
+            if kind != "control" or len(chosen):
+                ax.scatter(chosen["bet_effect"], chosen["stop_effect"], s=16 if kind == "control" else 12, c=colour,
+                           marker="x" if kind == "control" else "o",
+                           label=f"{'null controls' if kind == 'control' else kind} ({len(chosen)})")
         for row in part[part["causal"]].itertuples():
             ax.annotate(f"L{row.layer} F{row.feature}", (row.bet_effect, row.stop_effect), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
@@ -614,4 +680,5 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("stop effect: safe-mean minus bankrupt-mean patch")
     fig.tight_layout()
-    report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class; dashed: the thresholds")
+    report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class, with the null "
+                  "controls (grey crosses); dashed: the thresholds")

@@ -38,6 +38,10 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
         assert row.coverage_min > 0.9  # the organism answers with an option's label
     report = (gambling_chain.patching.report_dir / "report.md").read_text()
     assert "## Exact choice probabilities beside the sampled answers" in report
+    controls = results[results.control & (results.prompt == "safe")]
+    assert len(controls) == 8 and not controls.causal.any() and controls.p_stops_corrected.isna().all()
+    assert planted.null_p_stop_effect == pytest.approx(1 / 9)  # larger than every control's effect
+    assert "Null controls: 8 random live features" in report
     assert "parser v1" in report and "| safe     |       1 |      0 |       1 |" in report
     with h5py.File(gambling_chain.patching.merged_path) as merged:
         conditions = [c.decode() for c in merged["trials/condition"][()]]
@@ -94,6 +98,7 @@ def trials_of(answers: dict[str, list[str]]) -> pd.DataFrame:
             decision = parse(reply, "variable")
             rows.append({"unit": unit, "layer": 3 if unit != "baseline" else -1, "feature": 7 if unit != "baseline" else -1,
                          "mean_safe": 0.5, "mean_bankrupt": 2.0, "condition": condition, "prompt_name": "risky", "trial": trial,
+                         "control": False,
                          "action": decision.action, "bet": float(decision.bet) if decision.bet is not None else np.nan})
     return pd.DataFrame(rows)
 
@@ -155,7 +160,7 @@ def test_bad_settings_are_refused(tmp_path, capsys, settings, message):
 
 def test_bad_feature_tables_are_refused(tmp_path, capsys):
     def refused(path: str, message: str, **more) -> None:
-        assert main(["plan", write(tmp_path, {"features": None, "feature_table": path, **more})]) == 2
+        assert main(["plan", write(tmp_path, {"features": None, "feature_table": path, "controls": 0, **more})]) == 2
         assert message in capsys.readouterr().err
 
     without = tmp_path / "without.csv"
@@ -173,6 +178,8 @@ def test_bad_feature_tables_are_refused(tmp_path, capsys):
     saes = save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=(0,))
     refused(table(tmp_path), "no SAE for layer 1", sae={"path": saes})
     refused(table(tmp_path, selected=[False, False]), "no feature to patch")
+    refused(table(tmp_path), "lacks ['active_bankrupt', 'active_safe'], the activation frequencies controls are "
+            "matched on (feature_contrast writes them); add them or set controls: 0", controls=4)
     assert main(["plan", write(tmp_path, {"feature_table": table(tmp_path)})]) == 2
     assert "give exactly one of `features` (a feature_contrast run) and `feature_table`" in capsys.readouterr().err
 
@@ -218,6 +225,7 @@ def test_the_edit_reaches_generated_tokens_only_when_asked(every_token, edited_f
 def _answers(unit: str, condition: str, prompt: str, actions: list[str], layer: int = 1, feature: int = 7) -> pd.DataFrame:
     return pd.DataFrame({"unit": unit, "condition": condition, "prompt_name": prompt, "trial": range(len(actions)),
                          "layer": layer, "feature": feature, "mean_safe": 1.0, "mean_bankrupt": 2.0, "action": actions,
+                         "control": False,
                          "bet": [0.0 if a == "stop" else 10.0 if a == "bet" else np.nan for a in actions]})
 
 
@@ -242,3 +250,31 @@ def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_pat
     patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text
+
+
+def test_controls_are_live_unchosen_features_of_similar_frequency():
+    rng = np.random.default_rng(3)
+    every = pd.DataFrame({"layer": np.repeat([1, 2], 100), "feature": np.tile(np.arange(100), 2),
+                          "active_bankrupt": rng.uniform(0, 0.5, 200), "active_safe": rng.uniform(0, 0.5, 200),
+                          "mean_safe": 1.0, "mean_bankrupt": 2.0})
+    every.loc[every.feature % 10 == 0, ["active_bankrupt", "active_safe"]] = 0.0  # dead: never a control
+    chosen = every[(every.layer == 1) & every.feature.isin([3, 4, 5])]
+    controls = patching.control_features(every, chosen, 6, seed=0)
+    assert (controls.layer == 1).all() and len(controls) == 6  # only the patched layers
+    assert not controls.feature.isin([3, 4, 5]).any() and (controls.feature % 10 != 0).all()
+    frequency = np.log(every[["active_bankrupt", "active_safe"]].mean(axis=1))
+    target = frequency[chosen.index].median()
+    candidates = every[(every.layer == 1) & ~every.feature.isin([3, 4, 5]) & (every.feature % 10 != 0)]
+    pool = (frequency[candidates.index] - target).abs().sort_values().index[:24]
+    assert set(controls.index) <= set(pool)
+    assert controls.equals(patching.control_features(every, chosen, 6, seed=0))
+    assert not controls.equals(patching.control_features(every, chosen, 6, seed=1))
+
+
+def test_null_p_values_place_each_effect_among_its_layers_controls():
+    results = pd.DataFrame({"layer": [1, 1, 1, 1, 2], "prompt": "safe", "control": [False, True, True, True, False],
+                            "stop_effect": [0.3, 0.1, -0.35, 0.05, 0.2], "bet_effect": [1.0, 2.0, 3.0, 0.5, 1.0]})
+    out = patching.null_p_values(results)
+    assert out.null_p_stop_effect[0] == pytest.approx((1 + 1) / 4)  # |-0.35| >= 0.3
+    assert out.null_p_bet_effect[0] == pytest.approx((1 + 2) / 4)
+    assert np.isnan(out.null_p_stop_effect[4]) and out.controls_in_layer.tolist() == [3, 0, 0, 0, 0]
