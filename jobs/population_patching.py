@@ -220,6 +220,9 @@ def control_features(every: pd.DataFrame, chosen: pd.DataFrame, per_layer: int, 
         target = frequency[in_layer & every["feature"].isin(chosen[chosen["layer"] == layer]["feature"])].median()
         live = in_layer & ~every["feature"].isin(chosen[chosen["layer"] == layer]["feature"]) & (frequency > np.log(1e-12))
         nearest = (frequency[live] - target).abs().sort_values(kind="stable").index[: 4 * per_layer]
+        if len(nearest) < per_layer:
+            log.warning("layer %d has %d live features besides the chosen ones: %d controls instead of %d",
+                        layer, len(nearest), len(nearest), per_layer)
         drawn.append(every.loc[rng.choice(nearest, size=min(per_layer, len(nearest)), replace=False)])
     return pd.concat(drawn).sort_values(["layer", "feature"])
 

@@ -204,11 +204,13 @@ def test_paper_manifests_of_the_chain_validate_and_plan(tmp_path, monkeypatch, c
         layers = np.repeat(np.arange(25, 32), 200)
         for name, values in {"layer": layers, "feature": np.tile(np.arange(200), 7) * 100,
                              "mean_safe": rng.random(1400), "mean_bankrupt": rng.random(1400),
-                             "cohens_d": rng.normal(0, 1, 1400), "selected": np.arange(1400) < 1340}.items():
+                             "cohens_d": rng.normal(0, 1, 1400), "selected": np.arange(1400) < 1340,
+                             "active_bankrupt": rng.random(1400), "active_safe": rng.random(1400)}.items():
             merged.create_dataset(f"features/{name}", data=values)
     assert main(["plan", str(REPO / "manifests" / "population_patching_llama31_8b.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "1341 work units" in out and "268,100 answers" in out
+    # 1,340 features, the unpatched unit, and 20 controls from layer 31, the one layer with unchosen features
+    assert "1361 work units" in out and "272,100 answers" in out
 
 
 @pytest.mark.parametrize(("every_token", "edited_forwards"), [(False, 1), (True, 5)])
