@@ -453,8 +453,7 @@ def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
         shared = baseline[baseline["prompt_name"] == prompt]
         first = part.iloc[0]
         row = {"unit": unit, "layer": int(first["layer"]), "feature": int(first["feature"]), "prompt": prompt,
-               "control": bool(first["control"]),
-               "mean_safe": first["mean_safe"], "mean_bankrupt": first["mean_bankrupt"]}
+               "control": bool(first["control"]), "mean_safe": first["mean_safe"], "mean_bankrupt": first["mean_bankrupt"]}
         by_condition = {"none": shared, "safe": part[part["condition"] == "safe"],
                         "bankrupt": part[part["condition"] == "bankrupt"]}
         for condition, answers in by_condition.items():
@@ -462,6 +461,7 @@ def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
             row |= {f"n_{condition}": len(answers), f"invalid_{condition}": float((answers["action"] == "invalid").mean()),
                     f"stop_rate_{condition}": float((valid["action"] == "stop").mean()) if len(valid) else np.nan,
                     f"avg_bet_{condition}": float(valid["bet"].mean()) if len(valid) else np.nan}
+            row[f"bankruptcy_risk_{condition}"] = 1 - row[f"stop_rate_{condition}"]  # the seed's measure: going on
         row |= _tests(by_condition)
         rows.append(row)
     return _classify(pd.DataFrame(rows), s.effects)

@@ -110,6 +110,7 @@ def test_the_tests_per_feature_against_scipy_and_the_class_rules():
     settings = patching.Settings.model_construct(effects=Effects())
     row = feature_effects(trials_of(answers), settings).iloc[0]
     assert row.stop_rate_safe == 0.6 and row.stop_rate_bankrupt == pytest.approx(2 / 19)
+    assert row.bankruptcy_risk_safe == pytest.approx(0.4) and row.bankruptcy_risk_bankrupt == pytest.approx(17 / 19)
     assert row.invalid_bankrupt == pytest.approx(1 / 20) and row.avg_bet_none == 14.0
     safe_bets, bankrupt_bets = np.r_[[0] * 12, [10] * 8], np.r_[[0] * 2, [40] * 17]
     unpaired = stats.mannwhitneyu(bankrupt_bets, safe_bets, alternative="two-sided").pvalue
