@@ -192,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = sorted(demo_dir.glob("*.yaml"))  # name order: a chain's steps are numbered (gambling_1_games, ...)
     if not paths:
         raise UserError(f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
-    on_gpu = bool(visible_gpus()) and not args.cpu
+    on_gpu = not args.cpu and bool(visible_gpus())
     print(f"demo on {describe_devices()}: each task gets one GPU" if on_gpu else
           "demo on the CPU" + (" (--cpu)" if args.cpu else " (no GPU is visible)"))
     status = 0

@@ -29,7 +29,7 @@ from common.plan import Plan, WorkUnit
 FORMAT = "saebatch-shard/1"
 MERGED_FORMAT = "saebatch-merged/1"
 # Shard bookkeeping that does not describe the merged data.
-_SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host"}
+_SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host", "devices"}
 # Files written in one go (merged.h5) use HDF5 1.10 object headers: about 2.7 KB less per dataset
 # (readers need HDF5 >= 1.10). Partial shards keep the default format: a 1.10 file whose writer
 # was killed stays marked "open for write" and cannot be reopened to resume.

@@ -232,6 +232,9 @@ def _ground_truth(report: Report, table: pd.DataFrame, layer: int, feature: int)
     report.heading(task.GROUND_TRUTH)
     in_layer = table[table["layer"] == layer].assign(rank=lambda t: t["cohens_d"].abs().rank(ascending=False, method="min"))
     row = in_layer[in_layer["feature"] == feature]
+    if not row.empty and np.isnan(row.iloc[0]["cohens_d"]):
+        report.text(f"The planted feature {feature} of layer {layer} has no d here (it never varied over the games).")
+        return
     if row.empty:
         report.text(f"The planted feature {feature} of layer {layer} was not contrasted (layer {layer} is not in this run).")
         return

@@ -210,7 +210,7 @@ def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader,
     prompts = [player.prompt(s.prompt_template) for player in players]
     encoded = left_padded(tokenizer, prompts, device)
     with capture_residuals(model, sorted(saes)) as residuals:
-        logits = model(**encoded, use_cache=False).logits[:, -1]
+        logits = model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]  # not (batch, seq, vocab)
     exact = reader(logits, s.temperature)
     for layer, sae in saes.items():
         features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype))

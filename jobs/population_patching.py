@@ -209,7 +209,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 
 def control_features(every: pd.DataFrame, chosen: pd.DataFrame, per_layer: int, seed: int) -> pd.DataFrame:
     """Per layer of `chosen`, `per_layer` other live features drawn at random from the 4 x per_layer
-    whose activation frequency (log, both groups' mean) is nearest the chosen features' median."""
+    whose activation frequency (log, both groups' mean) is nearest the chosen features' median.
+    Features the table selects are never controls, patched or not (they may be real effects)."""
     if not per_layer:
         return every.iloc[:0]
     rng = np.random.default_rng(seed)
@@ -217,8 +218,10 @@ def control_features(every: pd.DataFrame, chosen: pd.DataFrame, per_layer: int, 
     drawn = []
     for layer in sorted(chosen["layer"].unique()):
         in_layer = every["layer"] == layer
-        target = frequency[in_layer & every["feature"].isin(chosen[chosen["layer"] == layer]["feature"])].median()
-        live = in_layer & ~every["feature"].isin(chosen[chosen["layer"] == layer]["feature"]) & (frequency > np.log(1e-12))
+        patched = in_layer & every["feature"].isin(chosen[chosen["layer"] == layer]["feature"])
+        selected = every["selected"].astype(bool) if "selected" in every else False
+        target = frequency[patched].median()
+        live = in_layer & ~patched & ~selected & (frequency > np.log(1e-12))
         nearest = (frequency[live] - target).abs().sort_values(kind="stable").index[: 4 * per_layer]
         if len(nearest) < per_layer:
             log.warning("layer %d has %d live features besides the chosen ones: %d controls instead of %d",
@@ -324,7 +327,7 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
             batch = of_prompt[start : start + s.batch_size]
             encoded = tokenizer([s.prompts[prompt].text] * len(batch), return_tensors="pt").to(device)
             with row_edits(model, saes, batch, every_token=False):
-                logits = model(**encoded, use_cache=False).logits[:, -1]
+                logits = model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]
             read = reader(logits, s.temperature)
             for i, row in enumerate(batch):
                 exact[row.unit].append((row, {name: float(values[i]) for name, values in read.items()}))
@@ -530,19 +533,20 @@ def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
 
 def null_p_values(results: pd.DataFrame) -> pd.DataFrame:
     """Where each chosen feature's effect falls among its layer's controls on the same prompt:
-    (1 + controls at least as large in |effect|) / (1 + controls), per effect; NaN without controls."""
+    (1 + controls at least as large in |effect|) / (1 + controls), per effect, over the controls whose
+    effect is computable; NaN without any."""
     effects = [c for c in ("stop_effect", "bet_effect", "stop_shift_exact") if c in results]
     columns = {f"null_p_{effect}": np.full(len(results), np.nan) for effect in effects}
     counts = np.zeros(len(results), dtype=int)
     for i, row in enumerate(results.itertuples(index=False)):
         null = results[results["control"] & (results["layer"] == row.layer) & (results["prompt"] == row.prompt)]
         counts[i] = 0 if row.control else len(null)
-        if row.control or null.empty:
+        if row.control:
             continue
         for effect in effects:
-            value = abs(getattr(row, effect))
-            if not np.isnan(value):
-                columns[f"null_p_{effect}"][i] = (1 + int((null[effect].abs() >= value).sum())) / (1 + len(null))
+            value, computable = abs(getattr(row, effect)), null[effect].dropna().abs()  # unreadable controls say nothing
+            if not np.isnan(value) and len(computable):
+                columns[f"null_p_{effect}"][i] = (1 + int((computable >= value).sum())) / (1 + len(computable))
     return results.assign(controls_in_layer=counts, **columns)
 
 

@@ -132,6 +132,7 @@ def test_gambling_games(tmp_path):
             continue
         a, b = cpu["units"][game], gpu["units"][game]
         assert list(a["decisions/response"][()]) == list(b["decisions/response"][()])
+        assert_close(a["decisions/p_stop"][()], b["decisions/p_stop"][()], 1e-4, 1e-5, name=f"{game} exact P(stop)")
         for layer in a["features"]:
             assert_close(dense(a["features"][layer]), dense(b["features"][layer]), 1e-3, 1e-3, outliers=1e-2,
                          name=f"{game} features {layer}")
@@ -143,8 +144,10 @@ def test_population_patching(tmp_path, gambling_chain):
                                        "trials": 40})
     for unit in cpu["units"]:
         a, b = cpu["units"][unit], gpu["units"][unit]
-        for name in ("condition", "prompt", "trial", "value"):
+        for name in ("condition", "prompt", "trial", "value", "exact/condition", "exact/prompt"):
             np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=f"{unit}/{name}")
+        for name in ("exact/p_stop", "exact/coverage"):  # float64 softmax of float32 logits
+            assert_close(a[name][()], b[name][()], 1e-4, 1e-5, name=f"{unit} {name}")
         assert_agree(a["response"][()], b["response"][()], f"{unit} responses")
 
 

@@ -261,13 +261,14 @@ def test_controls_are_live_unchosen_features_of_similar_frequency():
                           "active_bankrupt": rng.uniform(0, 0.5, 200), "active_safe": rng.uniform(0, 0.5, 200),
                           "mean_safe": 1.0, "mean_bankrupt": 2.0})
     every.loc[every.feature % 10 == 0, ["active_bankrupt", "active_safe"]] = 0.0  # dead: never a control
+    every["selected"] = every.feature.isin([3, 4, 5, 6, 7])  # 6 and 7 selected but not patched: never controls
     chosen = every[(every.layer == 1) & every.feature.isin([3, 4, 5])]
     controls = patching.control_features(every, chosen, 6, seed=0)
     assert (controls.layer == 1).all() and len(controls) == 6  # only the patched layers
-    assert not controls.feature.isin([3, 4, 5]).any() and (controls.feature % 10 != 0).all()
-    frequency = np.log(every[["active_bankrupt", "active_safe"]].mean(axis=1))
+    assert not controls.feature.isin([3, 4, 5, 6, 7]).any() and (controls.feature % 10 != 0).all()
+    frequency = np.log(every[["active_bankrupt", "active_safe"]].mean(axis=1).clip(lower=1e-12))
     target = frequency[chosen.index].median()
-    candidates = every[(every.layer == 1) & ~every.feature.isin([3, 4, 5]) & (every.feature % 10 != 0)]
+    candidates = every[(every.layer == 1) & ~every.feature.isin([3, 4, 5, 6, 7]) & (every.feature % 10 != 0)]
     pool = (frequency[candidates.index] - target).abs().sort_values().index[:24]
     assert set(controls.index) <= set(pool)
     assert controls.equals(patching.control_features(every, chosen, 6, seed=0))
@@ -275,9 +276,10 @@ def test_controls_are_live_unchosen_features_of_similar_frequency():
 
 
 def test_null_p_values_place_each_effect_among_its_layers_controls():
-    results = pd.DataFrame({"layer": [1, 1, 1, 1, 2], "prompt": "safe", "control": [False, True, True, True, False],
-                            "stop_effect": [0.3, 0.1, -0.35, 0.05, 0.2], "bet_effect": [1.0, 2.0, 3.0, 0.5, 1.0]})
+    results = pd.DataFrame({"layer": [1, 1, 1, 1, 1, 2], "prompt": "safe", "control": [False, True, True, True, True, False],
+                            "stop_effect": [0.3, 0.1, -0.35, 0.05, np.nan, 0.2],  # the last control: all unreadable
+                            "bet_effect": [1.0, 2.0, 3.0, 0.5, np.nan, 1.0]})
     out = patching.null_p_values(results)
-    assert out.null_p_stop_effect[0] == pytest.approx((1 + 1) / 4)  # |-0.35| >= 0.3
+    assert out.null_p_stop_effect[0] == pytest.approx((1 + 1) / 4)  # |-0.35| >= 0.3; the NaN control left out
     assert out.null_p_bet_effect[0] == pytest.approx((1 + 2) / 4)
-    assert np.isnan(out.null_p_stop_effect[4]) and out.controls_in_layer.tolist() == [3, 0, 0, 0, 0]
+    assert np.isnan(out.null_p_stop_effect[5]) and out.controls_in_layer.tolist() == [4, 0, 0, 0, 0, 0]
