@@ -30,7 +30,7 @@ from results import Row, record  # noqa: E402
 from common.edits import edit_block_output, zero_features  # noqa: E402
 from common.organism.files import Organism  # noqa: E402
 from common.problems import BenchmarkSpec, load_benchmark  # noqa: E402
-from jobs.feature_ablation import ablate_and_generate, attribution, control_features, top_features  # noqa: E402
+from jobs.feature_ablation import ablate_and_generate, attribution, control_sets, top_features  # noqa: E402
 
 PROBLEMS, K, BATCH = 96, 10, 32
 CPU = torch.device("cpu")
@@ -68,7 +68,7 @@ def main() -> None:
     ranking, items = bench.items[:32], bench.items[32:]
     scores, active = attribution(model, tokenizer, bench, ranking, saes, CPU)
     top = top_features(scores, K)
-    ablations = {"ablated": top, "control": control_features(active, top, K, seed=0, unit_id="benchmark")}
+    ablations = {"ablated": top, "control": control_sets(active, top, 1, seed=0, unit_id="benchmark")["control_00"]}
     answers = PROBLEMS * 3
 
     started = time.perf_counter()

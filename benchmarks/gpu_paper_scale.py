@@ -314,21 +314,21 @@ def sae_training(bench: Bench) -> list[Row]:
 
 
 def feature_ablation(bench: Bench) -> list[Row]:
-    """Top 10 features zero-ablated against 10 random ones, 3 rows per GSM8K problem, 256 greedy tokens."""
+    """Top 10 features zero-ablated against 20 matched random sets, 22 rows per GSM8K problem, 256 greedy tokens."""
     if REASONING.training is None:
         raise RuntimeError("feature_ablation reads sae_training's run: list that job before it in --only")
     settings = {"saes": str(REASONING.training.path), "device": bench.device, "k": 10, "attribution_items": 32,
-                "batch_size": 16, "benchmarks": [gsm8k(bench, ITEMS)]}
+                "control_sets": 20, "batch_size": 4, "benchmarks": [gsm8k(bench, ITEMS)]}
     measured = run_shard(bench, bench.manifest("feature_ablation", "feature_ablation", settings))
-    answers = (ITEMS - 32) * 3
+    answers = (ITEMS - 32) * 22  # unchanged, top 10, 20 control sets
     rate = answers / measured.seconds
-    full = 5 * (532 + 132 + 204 - 3 * 32) * 3
+    full = 5 * (532 + 132 + 204 - 3 * 32) * 22
 
     free_memory()
     with h5py.File(measured.run.shard_path(0)) as shard:
         unit = shard["units"][next(iter(shard["units"]))]
         top = np.stack([unit["top/layer"][()], unit["top/feature"][()]], axis=1)
-        random = np.stack([unit["random/layer"][()], unit["random/feature"][()]], axis=1)
+        random = np.stack([unit["control_00/layer"][()], unit["control_00/feature"][()]], axis=1)
     spec = ModelSpec(**bench.model(LLAMA3))
     model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
     device = torch.device(bench.device)
@@ -341,8 +341,8 @@ def feature_ablation(bench: Bench) -> list[Row]:
     seed_rate = 3 / (time.perf_counter() - started)
     del model, saes
     return [Row(f"GPU paper scale, feature_ablation: Meta-Llama-3-8B shapes (random weights, bf16) with its 8x SAEs at "
-                f"layers 8/16/24, {ITEMS - 32} GSM8K problems 4-shot x 3 conditions (unchanged, top 10, 10 random), "
-                "256 greedy tokens, 16 problems a call, attribution on 32 problems",
+                f"layers 8/16/24, {ITEMS - 32} GSM8K problems 4-shot x 22 conditions (unchanged, top 10, 20 matched "
+                "random sets of 10), 256 greedy tokens, 4 problems (88 rows) a call, attribution on 32 problems",
                 ours=f"{rate:.2f} answers/s ({measured.seconds:.1f} s, attribution and model build in it); peak "
                      f"{measured.peak()}; the seed's 5 models x 3 benchmarks at this rate: {gpu_hours(1 / rate, full)}",
                 baseline=f"{seed_rate:.2f} answers/s (one generate call per problem and condition, 1 problem x 3)",

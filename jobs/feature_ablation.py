@@ -12,15 +12,17 @@ benchmarks). A work unit is one model on one benchmark:
    log-probability lost if the feature were zeroed. Gradients are taken at the block outputs, so
    the SAE's error term stays in the model: d/df_i = W_dec[i] . d/dx.
 2. Ablation. On the other items (so that the ranking is not judged on the items it was fit to),
-   greedy generation three ways in one batch: unchanged, with the top-k features (over all the
-   model's SAE layers) zero-ablated at every position, and with k random features zero-ablated
-   (the control: drawn among the features active on the attribution items, top-k excluded).
+   greedy generation in one batch: unchanged, with the top-k features (over all the model's SAE
+   layers) zero-ablated at every position, and with each of `control_sets` random sets of k
+   features zero-ablated (the null: each set matched to the top set, a feature of the same layer
+   and a similar activation frequency on the attribution items for each top feature).
    Ablation keeps the error term: x - sum_i f_i(x) W_dec[i].
 3. Scoring with common/problems.py; McNemar's exact test pairs each item's outcomes.
 
 Reduce writes the aggregate report: per model and benchmark the baseline, ablated and control
-accuracy, the drops, the p-values and the SAE quality, and whether the seed's success criterion
-holds (a drop of more than `success_drop` and more than the control's).
+accuracy (the mean over the sets), the drops, where the top set's drop falls among the control
+sets' (an empirical p-value), McNemar's p-values, the SAE quality, and whether the seed's success
+criterion holds (a drop of more than `success_drop` and more than the control sets' mean).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from jobs.sae_training import sae_path_template
 
 log = logging.getLogger(__name__)
 FIELD = "feature_ablation"
-CONDITIONS = ("baseline", "ablated", "control")
+CONDITIONS = ("baseline", "ablated", "control")  # control: the mean over the control sets
 
 
 class Settings(StrictModel):
@@ -83,8 +85,10 @@ class Settings(StrictModel):
     k: int = Field(10, ge=1, description="features ablated, over all of a model's SAE layers")
     attribution_items: int = Field(32, ge=1, description="first items of each benchmark, used to rank features "
                                    "(not evaluated)")
-    control_seed: int = Field(0, description="seed of the random control features")
-    batch_size: int = Field(16, ge=1, description="items per generate call (each runs as 3 rows)")
+    control_sets: int = Field(20, ge=1, description="random feature sets matched to the top set (per layer, "
+                              "activation frequency): the null distribution of the drop")
+    control_seed: int = Field(0, description="seed of the control sets")
+    batch_size: int = Field(16, ge=1, description="items per generate call (each runs as 2 + control_sets rows)")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level in the report")
     success_drop: float = Field(0.05, ge=0, le=1, description="the seed's criterion: accuracy drop above this "
                                 "(and above the control's)")
@@ -147,8 +151,8 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
         full_config = load_config(entry.model)[0]
         config, widths = text_config(full_config), _check_saes(s, entry)
-        out += len(load_benchmark(spec).items) * len(CONDITIONS) * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
-        rows = s.batch_size * len(CONDITIONS)
+        out += len(load_benchmark(spec).items) * (2 + s.control_sets) * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
+        rows = s.batch_size * (2 + s.control_sets)
         memory = max(memory, parameter_bytes(full_config, entry.model.torch_dtype)
                      + sum(2 * config.hidden_size * width * 4 for width in widths)
                      + kv_cache_bytes(config, entry.model.torch_dtype, rows, 1024 + spec.max_new_tokens)
@@ -183,14 +187,14 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             ranking, evaluated = bench.items[: s.attribution_items], bench.items[s.attribution_items :]
             scores, active = attribution(model, tokenizer, bench, ranking, saes, device)
             top = top_features(scores, s.k)
-            control = control_features(active, top, s.k, s.control_seed, unit.id)
-            outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top,
-                                           "control": control}, s.batch_size, device, desc=unit.id)
+            controls = control_sets(active, top, s.control_sets, s.control_seed, unit.id)
+            outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top, **controls},
+                                           s.batch_size, device, desc=unit.id)
             with shard.unit(unit.id) as group:
                 group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind)
                 group.create_dataset("item", data=np.asarray([item.index for item in evaluated]))
                 group.create_dataset("target", data=[item.target for item in evaluated])
-                for name, chosen in {"top": top, "random": control}.items():
+                for name, chosen in {"top": top, **controls}.items():
                     group.create_dataset(f"{name}/layer", data=chosen[:, 0])
                     group.create_dataset(f"{name}/feature", data=chosen[:, 1])
                     group.create_dataset(f"{name}/score", data=[scores[layer][f] for layer, f in chosen])
@@ -208,9 +212,9 @@ def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
                 device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Per layer, each feature's activation x gradient of the reference solution's log-probability,
     summed over the positions the ablation acts on (all but special tokens) and averaged over
-    items; and which features were active at all."""
+    items; and on how many positions each feature was active."""
     scores = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for layer, sae in saes.items()}
-    active = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.bool) for layer, sae in saes.items()}
+    active = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for layer, sae in saes.items()}
     d_model = text_config(model.config).hidden_size
     for start in range(0, len(items), 4):
         ids, mask, solution, positions = teacher_forced(tokenizer, bench, items[start : start + 4], device)
@@ -228,7 +232,7 @@ def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
                 features = sae.encode(outputs[layer].to(sae.dtype)) * positions[..., None]
                 gradient = deltas[layer].grad.to(sae.dtype) @ sae.W_dec.T
                 scores[layer] += (features * gradient).sum((0, 1)).double().cpu()
-                active[layer] |= (features != 0).flatten(0, 1).any(0).cpu()
+                active[layer] += (features != 0).flatten(0, 1).sum(0).cpu()
     return ({layer: (values / len(items)).numpy() for layer, values in scores.items()},
             {layer: values.numpy() for layer, values in active.items()})
 
@@ -272,18 +276,28 @@ def top_features(scores: dict[int, np.ndarray], k: int) -> np.ndarray:
     return np.asarray([pairs[i] for i in order], dtype=np.int64)
 
 
-def control_features(active: dict[int, np.ndarray], top: np.ndarray, k: int, seed: int, unit_id: str) -> np.ndarray:
-    """k random [layer, feature] among those active on the attribution items, the top ones excluded
-    (all features if too few were active); seeded by `seed` and the unit."""
-    taken = {tuple(pair) for pair in top.tolist()}
-    candidates = [(layer, int(f)) for layer in sorted(active) for f in np.flatnonzero(active[layer])
-                  if (layer, int(f)) not in taken]
-    if len(candidates) < k:
-        candidates = [(layer, f) for layer in sorted(active) for f in range(len(active[layer]))
-                      if (layer, f) not in taken]
+def control_sets(active: dict[int, np.ndarray], top: np.ndarray, sets: int, seed: int,
+                 unit_id: str) -> dict[str, np.ndarray]:
+    """`sets` random sets of [layer, feature] matched to `top`: for each top feature, one of the
+    max(4, sets) other features of its layer whose activation count on the attribution items is
+    nearest its own (log scale; active ones first), no feature twice in a set; seeded by `seed`
+    and the unit. Named control_00, control_01, ..."""
     rng = np.random.default_rng([seed, zlib.crc32(unit_id.encode())])
-    chosen = rng.choice(len(candidates), size=k, replace=False)
-    return np.asarray([candidates[i] for i in sorted(chosen)], dtype=np.int64)
+    taken = {tuple(pair) for pair in top.tolist()}
+    pools = []
+    for layer, feature in top.tolist():
+        others = np.asarray([f for f in range(len(active[layer])) if (layer, f) not in taken])
+        distance = np.abs(np.log1p(active[layer][others]) - np.log1p(active[layer][feature]))
+        order = np.lexsort((distance, active[layer][others] == 0))  # active features first, then the nearest
+        pools.append([(layer, int(f)) for f in others[order][: max(4, sets, len(top))]])
+    drawn = {}
+    for index in range(sets):
+        chosen: list[tuple[int, int]] = []
+        for pool in pools:
+            free = [pair for pair in pool if pair not in chosen]
+            chosen.append(free[rng.integers(len(free))])
+        drawn[f"control_{index:02d}"] = np.asarray(sorted(chosen), dtype=np.int64)
+    return drawn
 
 
 @torch.no_grad()
@@ -334,9 +348,11 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                 for unit_id, group in shard["units"].items():
                     shard.copy(group, out, name=f"units/{unit_id}")
                     model, bench = str(group.attrs["model"]), str(group.attrs["benchmark"])
+                    controls = sorted(name for name in group if name.startswith("control_"))
                     outcomes.append(pd.DataFrame({"model": model, "benchmark": bench, "item": group["item"][()],
-                                                  **{c: group[f"{c}/correct"][()] for c in CONDITIONS}}))
-                    for kind in ("top", "random"):
+                                                  **{c: group[f"{c}/correct"][()] for c in ("baseline", "ablated",
+                                                                                            *controls)}}))
+                    for kind in ("top", *controls):
                         features.append(pd.DataFrame({"model": model, "benchmark": bench, "set": kind,
                                                       **{n: group[f"{kind}/{n}"][()] for n in ("layer", "feature",
                                                                                                 "score")}}))
@@ -353,17 +369,27 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
 
 
 def summarise(items: pd.DataFrame, s: Settings, by: list[str]) -> pd.DataFrame:
-    """Accuracies, drops, McNemar p-values and the seed's criterion per group of items."""
+    """Per group of items: accuracies, drops, the top set's drop among the control sets' (the null),
+    McNemar p-values and the seed's criterion. `control` and `control_drop` are the sets' means;
+    the McNemar test against the control pairs the ablated answers with the control set that cost
+    the most (the most conservative choice)."""
     rows = []
     for keys, group in items.groupby(by, sort=True):
-        base, ablated, control = (group[c].to_numpy(bool) for c in CONDITIONS)
-        drop, control_drop = base.mean() - ablated.mean(), base.mean() - control.mean()
-        p_ablated, p_control, p_vs_control = mcnemar(base, ablated), mcnemar(base, control), mcnemar(control, ablated)
+        controls = sorted(column for column in group if column.startswith("control_"))
+        base, ablated = group["baseline"].to_numpy(bool), group["ablated"].to_numpy(bool)
+        drop = base.mean() - ablated.mean()
+        control_drops = np.asarray([base.mean() - group[c].mean() for c in controls])
+        strongest = group[controls[int(np.argmax(control_drops))]].to_numpy(bool)
+        p_vs_control = mcnemar(strongest, ablated)
+        null_p = (1 + int((control_drops >= drop).sum())) / (1 + len(controls))
         rows.append({**dict(zip(by, keys, strict=True)), "items": len(group), "baseline": base.mean(),
-                     "ablated": ablated.mean(), "control": control.mean(), "drop": drop, "control_drop": control_drop,
-                     "p_ablated": p_ablated, "p_control": p_control, "p_ablated_vs_control": p_vs_control,
-                     "criterion_met": bool(drop > s.success_drop and drop > control_drop),
-                     "beats_control_significantly": bool(drop > control_drop and p_vs_control < s.alpha)})
+                     "ablated": ablated.mean(), "control": float(np.mean([group[c].mean() for c in controls])),
+                     "drop": drop, "control_drop": control_drops.mean(), "control_drop_max": control_drops.max(),
+                     "control_sets": len(controls), "null_p_drop": null_p, "p_ablated": mcnemar(base, ablated),
+                     "p_control": float(np.median([mcnemar(base, group[c].to_numpy(bool)) for c in controls])),
+                     "p_ablated_vs_control": p_vs_control,
+                     "criterion_met": bool(drop > s.success_drop and drop > control_drops.mean()),
+                     "beats_control_significantly": bool(null_p < s.alpha and p_vs_control < s.alpha)})
     return pd.DataFrame(rows)
 
 
@@ -382,17 +408,22 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame, features: pd.Dat
         f"SAEs: `{s.saes}`. Per model and benchmark: the first {s.attribution_items} items rank the SAE features by "
         "activation x gradient of the reference solution's log-probability (error term kept); on the other items "
         f"the model answers greedily as it is, with the top {s.k} features zero-ablated at every position, and with "
-        f"{s.k} random active features zero-ablated (control). Drops are in accuracy (fractions); p-values are "
-        f"McNemar's exact test on paired items. The seed's criterion: a drop of more than {s.success_drop:.0%} and "
-        f"more than the control's. `all` pools a model's benchmarks."
+        f"each of {s.control_sets} control sets zero-ablated: {s.k} random features matched to the top set (for each "
+        "top feature one of its layer with a similar activation count on the attribution items). `control` and "
+        "`control_drop` are the sets' means; `null_p_drop` is where the top set's drop falls among the sets' drops, "
+        "(1 + sets that cost at least as much) / (1 + sets). Drops are in accuracy (fractions); p-values are "
+        "McNemar's exact test on paired items, against the control set that cost the most. The seed's criterion: a "
+        f"drop of more than {s.success_drop:.0%} and more than the control sets' mean. `all` pools a model's "
+        "benchmarks."
     )
     report.heading("Accuracy under ablation")
     report.table(summary, "summary")
     verdicts = summary[summary["benchmark"] == "all"]
     report.heading("The seed's success criterion per model")
     report.text("\n".join(
-        f"- **{row.model}**: drop {row.drop:+.1%} against control {row.control_drop:+.1%} over {row.items} items "
-        f"(p vs control {row.p_ablated_vs_control:.2g}): criterion {'met' if row.criterion_met else 'NOT met'}"
+        f"- **{row.model}**: drop {row.drop:+.1%} against the control sets' {row.control_drop:+.1%} (at most "
+        f"{row.control_drop_max:+.1%}; null p {row.null_p_drop:.2g}) over {row.items} items (McNemar p vs the "
+        f"strongest control {row.p_ablated_vs_control:.2g}): criterion {'met' if row.criterion_met else 'NOT met'}"
         for row in verdicts.itertuples()))
     report.heading("Ablated and control features")
     report.table(features, "features")
@@ -415,5 +446,5 @@ def _figure(report: Report, summary: pd.DataFrame) -> None:
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    report.figure(fig, "accuracy", "Accuracy unchanged, with the top-k features ablated, and with k random features "
-                  "ablated (95% intervals)")
+    report.figure(fig, "accuracy", "Accuracy unchanged, with the top-k features ablated, and with k matched random "
+                  "features ablated (the control sets' mean; 95% intervals)")
