@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -193,9 +194,15 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
     executor = make_executor(executor_kind, run, manifest.cluster, name)
     shard_jobs: dict[int, Any] = {}
     array_ids: list[str] = []
-    if shards and slots is not None:
-        shard_jobs = dict(zip(shards, run_in_gpu_slots(executor, run_shard_task, [(str(run.path), k) for k in shards], slots)))
-    elif shards:
+    if shards and slots is not None:  # recorded as each task starts: `status` sees the waves as they run
+        submission = Submission(executor_kind, shard_jobs, None)
+        _record(run, submission)
+        calls = [(str(run.path), k) for k in shards]
+        for shard, job in zip(shards, run_in_gpu_slots(executor, run_shard_task, calls, slots), strict=True):
+            shard_jobs[shard] = job
+            _record(run, submission, update_last=True)
+        return submission
+    if shards:
         limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
         for start in range(0, len(shards), limit):
             chunk = shards[start : start + limit]
@@ -220,11 +227,10 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
 
 
 def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[int]],
-                     poll_seconds: float = 1.0) -> list[Any]:
+                     poll_seconds: float = 1.0) -> Iterator[Any]:
     """Start `function(*call)` for each call on the local executor, each with a slot of GPUs to
     itself (its CUDA_VISIBLE_DEVICES): as many at once as there are slots, the next one as soon
-    as a slot is free. Returns the submitit jobs, in the order of `calls`, once all have started."""
-    jobs: list[Any] = []
+    as a slot is free. Yields the submitit jobs in the order of `calls` as they start."""
     running: dict[int, Any] = {}  # slot index -> the job holding it
     for call in calls:
         free = [k for k in range(len(slots)) if k not in running or running[k].done()]
@@ -235,8 +241,7 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[in
         executor.update_parameters(gpus_per_node=len(slots[slot]), visible_gpus=slots[slot])
         running[slot] = executor.submit(function, *call)
         log.info("local task %s runs on GPU(s) %s", running[slot].job_id, ",".join(map(str, slots[slot])))
-        jobs.append(running[slot])
-    return jobs
+        yield running[slot]
 
 
 def wait(run: RunDir, submission: Submission) -> bool:
@@ -283,7 +288,7 @@ def _record(run: RunDir, submission: Submission, update_last: bool = False) -> N
     entry = {"time": now(), "executor": submission.executor, "reduce": reduce_id,
              "shards": {str(k): job.job_id for k, job in submission.shard_jobs.items()}}
     if update_last and history:
-        history[-1]["reduce"] = reduce_id
+        history[-1] |= {"reduce": reduce_id, "shards": entry["shards"]}
     else:
         history.append(entry)
     write_text_atomic(run.jobs_path, json.dumps(history, indent=1))

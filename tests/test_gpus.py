@@ -78,7 +78,7 @@ def test_local_tasks_take_turns_on_gpu_slots(tmp_path):
     executor = submitit.LocalExecutor(folder=tmp_path / "logs")
     executor.update_parameters(timeout_min=2)
     outs = [str(tmp_path / f"task{k}.json") for k in range(3)]
-    jobs = run_in_gpu_slots(executor, _record_visible_gpus, [(out, 2.0) for out in outs], [[3], [5]], poll_seconds=0.2)
+    jobs = list(run_in_gpu_slots(executor, _record_visible_gpus, [(out, 2.0) for out in outs], [[3], [5]], poll_seconds=0.2))
     for job in jobs:
         job.result()
     records = [json.loads(open(out).read()) for out in outs]
