@@ -208,15 +208,22 @@ def gambling_games(bench: Bench) -> list[Row]:
                 baseline="-", ratio="-")]
 
 
-def population_patching(bench: Bench) -> list[Row]:
-    """32 features of layers 25-31 x 2 conditions x 2 prompts x 50 trials, batched 512 answers a call."""
-    features = 4 if bench.smoke else 32
+def feature_table(bench: Bench, features: int, name: str) -> Path:
+    """Random features of layers 25-31 with random safe and bankrupt means, as feature_contrast writes them."""
     rng = np.random.default_rng(0)
     table = pd.DataFrame({"layer": np.arange(features) % 7 + 25, "feature": rng.choice(256 if bench.smoke else 32_768,
                           features, replace=False), "mean_safe": rng.uniform(0.5, 3, features),
                           "mean_bankrupt": rng.uniform(0.5, 3, features), "selected": True,
                           "cohens_d": rng.normal(0, 1, features)})
-    table.to_csv(bench.root / "patching_features.csv", index=False)
+    table.to_csv(bench.root / name, index=False)
+    return bench.root / name
+
+
+def population_patching(bench: Bench) -> list[Row]:
+    """32 features of layers 25-31 x 2 conditions x 2 prompts x 50 trials, batched 512 answers a call;
+    then the seed's whole run (1,340 features) with exact decisions alone."""
+    features = 4 if bench.smoke else 32
+    table = pd.read_csv(feature_table(bench, features, "patching_features.csv"))
     settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64),
                 "feature_table": str(bench.root / "patching_features.csv"), "trials": 50, "max_new_tokens": 50,
                 "batch_size": 512}
@@ -237,7 +244,19 @@ def population_patching(bench: Bench) -> list[Row]:
     seed_seconds = seeds_way(model, tokenizer, saes, rows, torch.device(bench.device), new_tokens=50)
     seed_rate = len(rows) / seed_seconds
     del model, saes
-    return [Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
+
+    full_features = 40 if bench.smoke else 1_340
+    exact_settings = settings | {"feature_table": str(feature_table(bench, full_features, "patching_all.csv")),
+                                 "decisions": "exact"}
+    exact = run_shard(bench, bench.manifest("population_patching_exact", "population_patching", exact_settings))
+    exact_row = Row(f"GPU paper scale, population_patching with exact decisions alone: the seed's whole run at "
+                    f"Llama-3.1-8B shapes (random weights, bf16), {full_features:,} features of layers 25-31 x 2 "
+                    "conditions x 2 prompts, one forward each (P(stop) at the cue), random TopK SAEs 32,768 wide",
+                    ours=f"{exact.seconds:.1f} s for the whole run ({exact.seconds / 3600:.3f} GPU-h, the model built in "
+                         f"it); peak {exact.peak()}",
+                    baseline=f"{gpu_hours(1 / rate, full)} sampling 50 trials per condition and prompt (the row above)",
+                    ratio=f"{full / rate / exact.seconds:.0f}x")
+    return [exact_row, Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
                 f"features of layers 25-31 x 2 conditions x 2 prompts x 50 trials + the shared baseline ({trials:,} "
                 "answers of 50 tokens), 512 answers a call, random TopK SAEs 32,768 wide",
                 ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "

@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 FIELD = "population_patching"
 NEEDED_COLUMNS = ("layer", "feature", "mean_safe", "mean_bankrupt")
 FREQUENCY_COLUMNS = ("active_bankrupt", "active_safe")  # shares of games in which a feature is active
+UNIT_ATTRS = ("layer", "feature", "control", "mean_safe", "mean_bankrupt")  # what a unit's shard group records
+EXACT_COLUMNS = ("p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt", "stop_shift_exact", "coverage_min")
 CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
 BASELINE = "baseline"  # the unit of unpatched answers
 
@@ -124,9 +126,9 @@ class Settings(StrictModel):
     controls: int = Field(0, ge=0, description="per patched layer, random live features of similar activation "
                           "frequency patched exactly as the chosen ones: the null distribution of effects")
     control_seed: int = Field(0, description="seed of the control features' draw")
-    decisions: Literal["sampled", "both"] = Field(
-        "both", description="sampled: answers sampled and parsed; both: also each option's exact probability "
-        "at the cue, from one forward per feature, condition and prompt (common/choices.py)")
+    decisions: Literal["sampled", "exact", "both"] = Field(
+        "both", description="sampled: answers sampled and parsed; exact: each option's exact probability at the "
+        "cue, from one forward per feature, condition and prompt (common/choices.py), no sampling; both")
     effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
 
     @model_validator(mode="after")
@@ -289,7 +291,11 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     bet_types=[prompt.bet_type for prompt in s.prompts])
     pending = set(shard.pending())
     exact = (exact_choices(model, tokenizer, saes, [unit for unit in units if unit.id in pending], s, device)
-             if s.decisions == "both" else {})
+             if s.decisions != "sampled" else {})
+    if s.decisions == "exact":
+        for unit_id, rows in exact.items():
+            _write(shard, unit_id, [], rows)
+        return
     to_answer = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
     answers: dict[str, list[tuple[Row, str]]] = {unit.id: [] for unit in units if unit.id in pending}
     expected = {unit.id: len(rows_of(unit, s)) for unit in units if unit.id in pending}
@@ -352,15 +358,16 @@ def row_edits(model, saes: dict, batch: list[Row], every_token: bool) -> Iterato
 def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],
            exact: list[tuple[Row, dict[str, float]]]) -> None:
     with shard.unit(unit_id) as group:
-        first = answers[0][0]
-        means = {row.condition: row.value for row, _ in answers}
+        rows = [row for row, _ in answers or exact]
+        first, means = rows[0], {row.condition: row.value for row in rows}
         group.attrs.update(layer=first.layer, feature=first.feature, mean_safe=means.get("safe", np.nan),
                            mean_bankrupt=means.get("bankrupt", np.nan), control=first.control)
-        for name in ("condition", "prompt", "trial", "value"):
+        for name in ("condition", "prompt", "trial", "value") if answers else ():
             values = [getattr(row, name) for row, _ in answers]
             group.create_dataset(name, data=values if name != "condition" else np.array(values, dtype=object),
                                  dtype=h5py.string_dtype() if name == "condition" else None)
-        group.create_dataset("response", data=[reply for _, reply in answers], dtype=h5py.string_dtype())
+        if answers:
+            group.create_dataset("response", data=[reply for _, reply in answers], dtype=h5py.string_dtype())
         if exact:
             group.create_dataset("exact/condition", data=[row.condition for row, _ in exact], dtype=h5py.string_dtype())
             group.create_dataset("exact/prompt", data=[row.prompt for row, _ in exact])
@@ -374,17 +381,21 @@ def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
-    trials = parsed_trials(shard_paths, s)
-    results = feature_effects(trials, s)
-    exact = exact_table(shard_paths, s) if s.decisions == "both" else None
-    if exact is not None:
-        results = results.merge(exact_effects(exact), on=["unit", "prompt"], how="left")
+    exact = exact_table(shard_paths, s) if s.decisions != "sampled" else None
+    if s.decisions == "exact":
+        trials, results = None, classify_exact(exact_effects(exact), s.effects)
+    else:
+        trials = parsed_trials(shard_paths, s)
+        results = feature_effects(trials, s)
+        if exact is not None:
+            shifts = exact_effects(exact)
+            results = results.merge(shifts[["unit", "prompt", *EXACT_COLUMNS]], on=["unit", "prompt"], how="left")
     results = null_p_values(results)
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=task.PARSER_VERSION,
                          parser_rules=task.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
                          prompts=[p.text for p in s.prompts])
-        for column in trials.columns:
+        for column in [] if trials is None else trials.columns:
             values = trials[column].to_numpy()
             out.create_dataset(f"trials/{column}", data=values.astype(object) if values.dtype == object else values,
                                dtype=h5py.string_dtype() if values.dtype == object else None)
@@ -393,7 +404,11 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                 values = table[column].to_numpy()
                 out.create_dataset(f"{group}/{column}", data=values.astype(object) if values.dtype == object else values,
                                    dtype=h5py.string_dtype() if values.dtype == object else None)
-    _report(Report(out_dir / "report", "Population-mean patching"), trials, results, s)
+    report = Report(out_dir / "report", "Population-mean patching")
+    if trials is None:
+        _report_exact(report, results, s)
+    else:
+        _report(report, trials, results, s)
 
 
 def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
@@ -428,7 +443,8 @@ def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
             for unit_id, group in shard["units"].items():
                 exact = group["exact"]
                 frames.append(pd.DataFrame({
-                    "unit": unit_id, "condition": [c.decode() if isinstance(c, bytes) else c for c in exact["condition"][()]],
+                    "unit": unit_id, **{name: group.attrs[name] for name in UNIT_ATTRS},
+                    "condition": [c.decode() if isinstance(c, bytes) else c for c in exact["condition"][()]],
                     "prompt": [s.prompts[p].name for p in exact["prompt"][()]],
                     **{name: exact[name][()] for name in ("p_bet", "p_stop", "coverage")}}))
     return pd.concat(frames, ignore_index=True)
@@ -441,11 +457,21 @@ def exact_effects(exact: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (unit, prompt), part in exact[exact["unit"] != BASELINE].groupby(["unit", "prompt"], sort=False):
         p_stop = part.set_index("condition")["p_stop"]
-        rows.append({"unit": unit, "prompt": prompt, "p_stop_exact_safe": p_stop["safe"],
+        rows.append({"unit": unit, "prompt": prompt, **part.iloc[0][list(UNIT_ATTRS)].to_dict(),
+                     "p_stop_exact_safe": p_stop["safe"],
                      "p_stop_exact_none": baseline.loc[prompt, "p_stop"], "p_stop_exact_bankrupt": p_stop["bankrupt"],
                      "stop_shift_exact": p_stop["safe"] - p_stop["bankrupt"],
                      "coverage_min": min(part["coverage"].min(), baseline.loc[prompt, "coverage"])})
     return pd.DataFrame(rows)
+
+
+def classify_exact(shifts: pd.DataFrame, effects: Effects) -> pd.DataFrame:
+    """Without sampling there is no noise to test against: a chosen feature is causal when its exact
+    P(stop) shift exceeds `effects.stop_effect` (the null controls say how unusual that is)."""
+    causal = ~shifts["control"].astype(bool) & (shifts["stop_shift_exact"] > effects.stop_effect)
+    kind = np.where(shifts["mean_safe"] > shifts["mean_bankrupt"], "safe", "risky")
+    return shifts.assign(control=shifts["control"].astype(bool), causal=causal,
+                         effect_class=np.where(shifts["control"].astype(bool), "control", np.where(causal, kind, "none")))
 
 
 def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
@@ -605,6 +631,52 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
     report.write()
 
 
+def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
+    """The report of `decisions: exact`: no sampled answers, the exact P(stop) shifts alone."""
+    import matplotlib.pyplot as plt
+
+    chosen, controls = results[~results["control"]], results[results["control"]]
+    report.text(
+        f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts, exact decisions only "
+        f"(`decisions: exact`): P(stop) at the cue from one forward per feature, condition and prompt at temperature "
+        f"{s.temperature}, the next-token mass on tokens that start option 2 against option 1 (common/choices.py), "
+        "edit at the last prompt token, SAE error term kept. There is no sampling noise, so no test: a feature is "
+        f"causal when its exact stop shift (safe-mean minus bankrupt-mean patch) exceeds {s.effects.stop_effect:g}. "
+        "Bet sizes are not estimated in this mode."
+        + (f" Null controls: {controls['unit'].nunique()} random live features of similar activation frequency; "
+           "`null_p_stop_shift_exact` places each shift among its layer's controls." if not controls.empty else "")
+    )
+    report.heading("Features by class, layer and prompt")
+    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
+    report.table(counts.reindex(columns=["safe", "risky", "none"], fill_value=0).reset_index(), "counts")
+    report.heading("Strongest exact effects")
+    shown = chosen.assign(size=chosen["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
+        ["prompt", "layer", "feature", "effect_class", *EXACT_COLUMNS]
+        + (["null_p_stop_shift_exact"] if not controls.empty else [])]
+    report.table(results, "features", shown=shown)
+    planted = task.planted_cause(s.model.name)
+    if planted is not None:
+        _ground_truth(report, chosen, *planted)
+    prompts = list(dict.fromkeys(results["prompt"]))
+    fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4), squeeze=False, sharey=True)
+    for ax, prompt in zip(axes[0], prompts, strict=True):
+        part = results[results["prompt"] == prompt]
+        for kind, colour in {"none": "dimgrey", "safe": "tab:blue", "risky": "tab:red", "control": "darkgrey"}.items():
+            rows = part[part["effect_class"] == kind]
+            ax.scatter(rows["layer"] + np.linspace(-0.25, 0.25, len(rows)) if len(rows) > 1 else rows["layer"],
+                       rows["stop_shift_exact"], s=14, c=colour, marker="x" if kind == "control" else "o",
+                       label=f"{'null controls' if kind == 'control' else kind} ({len(rows)})")
+        ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
+        ax.set_xlabel("layer")
+        ax.set_title(f"prompt {prompt}")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("exact P(stop) shift: safe-mean minus bankrupt-mean patch")
+    fig.tight_layout()
+    report.figure(fig, "exact_effects", "Each feature's exact stop shift by layer, with the null controls (crosses); "
+                  "dashed: the causal threshold")
+    report.write()
+
+
 def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
     import matplotlib.pyplot as plt
 
@@ -642,15 +714,15 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
     if not (in_layer["feature"] == feature).any():
         report.text(f"The planted feature {feature} of layer {layer} was not patched (not among the features chosen).")
         return
+    effects = [column for column in ("stop_effect", "bet_effect", "stop_shift_exact") if column in results]
     rows = []
     for prompt, part in in_layer.groupby("prompt", sort=False):
         row = part[part["feature"] == feature].iloc[0]
-        rows.append({"prompt": prompt, "stop_effect": row["stop_effect"], "stop_rank": planted_rank(part, feature, "stop_effect"),
-                     "bet_effect": row["bet_effect"], "bet_rank": planted_rank(part, feature, "bet_effect", absolute=True),
-                     "features_in_layer": len(part), "p_stops_corrected": row["p_stops_corrected"],
-                     "p_bets_corrected": row["p_bets_corrected"], "causal": row["causal"], "class": row["effect_class"]}
-                    | {column: row[column] for column in ("stop_shift_exact", "null_p_stop_effect", "null_p_stop_shift_exact",
-                                                          "controls_in_layer") if column in row})
+        ranks = {f"{effect}_rank": planted_rank(part, feature, effect, absolute=effect == "bet_effect") for effect in effects}
+        rows.append({"prompt": prompt, **{effect: row[effect] for effect in effects}, **ranks,
+                     "features_in_layer": len(part), "causal": row["causal"], "class": row["effect_class"]}
+                    | {column: row[column] for column in ("p_stops_corrected", "p_bets_corrected", "null_p_stop_effect",
+                                                          "null_p_stop_shift_exact", "controls_in_layer") if column in row})
     report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
                 "stop less and bet more (common/organism/README.md). Its effects and ranks among the layer's patched "
                 "features (1: the largest stop effect, or the largest |bet effect|):")

@@ -17,7 +17,7 @@ from common.rundir import RunDir
 from jobs import population_patching as patching
 from jobs._gambling import parse
 from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
-from tests.helpers import REPO, save_random_sae
+from tests.helpers import REPO, run_all, save_random_sae, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_3_patching.yaml"
 
@@ -31,7 +31,7 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     layer = results[(results.layer == 1) & (results.prompt == "safe")]
     assert patching.planted_rank(layer, 402, "stop_effect") == 1  # the largest stop effect of its layer
     truth = pd.read_csv(gambling_chain.patching.report_dir / "ground_truth.csv").set_index("prompt")
-    assert truth.loc["safe", "stop_rank"] == 1 and truth.loc["safe", "stop_effect"] == pytest.approx(planted.stop_effect)
+    assert truth.loc["safe", "stop_effect_rank"] == 1 and truth.loc["safe", "stop_effect"] == pytest.approx(planted.stop_effect)
     # the exact P(stop) shift, from one forward per condition, lies within the sampled effect's interval
     for row in results[(results.layer == 1) & (results.feature == 402)].itertuples():
         assert row.stop_effect_low <= row.stop_shift_exact <= row.stop_effect_high, row.prompt
@@ -283,3 +283,25 @@ def test_null_p_values_place_each_effect_among_its_layers_controls():
     assert out.null_p_stop_effect[0] == pytest.approx((1 + 1) / 4)  # |-0.35| >= 0.3; the NaN control left out
     assert out.null_p_bet_effect[0] == pytest.approx((1 + 2) / 4)
     assert np.isnan(out.null_p_stop_effect[5]) and out.controls_in_layer.tolist() == [4, 0, 0, 0, 0, 0]
+
+
+def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, tmp_path):
+    """`decisions: exact` skips sampling; its shifts equal those the default run computed beside its
+    samples, and on the organism the planted feature is causal with the largest shift of its layer."""
+    path = write_manifest_file(tmp_path, {"population_patching": {
+        "features": str(gambling_chain.contrast.path), "decisions": "exact"}}, base=DEMO)
+    run = run_all(path)
+    exact = pd.read_csv(run.report_dir / "features.csv")
+    both = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
+    merged = exact.merge(both, on=["unit", "prompt"], suffixes=("", "_both"))
+    assert len(merged) == len(both) == len(exact)
+    np.testing.assert_allclose(merged["stop_shift_exact"], merged["stop_shift_exact_both"], rtol=1e-6, atol=1e-9)
+    assert "stop_effect" not in exact and "p_stops" not in exact  # nothing sampled, nothing tested
+    with h5py.File(run.merged_path) as file:
+        assert "trials" not in file and "exact/p_stop" in file
+    safe = exact[(exact.layer == 1) & (exact.prompt == "safe") & ~exact.control]
+    planted = safe[safe.feature == 402].iloc[0]
+    assert planted.causal and planted.effect_class == "risky" and patching.planted_rank(safe, 402, "stop_shift_exact") == 1
+    assert planted.null_p_stop_shift_exact == pytest.approx(1 / 9)
+    report = (run.report_dir / "report.md").read_text()
+    assert "exact decisions only" in report and "## Ground truth: the organism's planted cause" in report
