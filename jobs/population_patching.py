@@ -609,12 +609,7 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         report.text(f"**{len(pairs)} feature-prompt pair(s) have no readable answer in some condition**, so their "
                     f"tests are not computable (empty p-values, never causal): {listed}"
                     + (" ..." if len(pairs) > 10 else "") + ".")
-    report.heading("Features by class, layer and prompt")
-    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
-    for kind in ("safe", "risky", "none"):
-        if kind not in counts:
-            counts[kind] = 0
-    report.table(counts[["safe", "risky", "none"]].reset_index(), "counts")
+    _class_counts(report, chosen)
     report.heading("Strongest effects")
     shown = chosen.assign(size=chosen["stop_effect"].abs() + chosen["bet_effect"].abs() / 100)
     shown = shown.sort_values(["causal", "size"], ascending=False).head(15)[
@@ -646,9 +641,7 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
         + (f" Null controls: {controls['unit'].nunique()} random live features of similar activation frequency; "
            "`null_p_stop_shift_exact` places each shift among its layer's controls." if not controls.empty else "")
     )
-    report.heading("Features by class, layer and prompt")
-    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
-    report.table(counts.reindex(columns=["safe", "risky", "none"], fill_value=0).reset_index(), "counts")
+    _class_counts(report, chosen)
     report.heading("Strongest exact effects")
     shown = chosen.assign(size=chosen["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
         ["prompt", "layer", "feature", "effect_class", *EXACT_COLUMNS]
@@ -661,11 +654,8 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
     fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4), squeeze=False, sharey=True)
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
-        for kind, colour in {"none": "dimgrey", "safe": "tab:blue", "risky": "tab:red", "control": "darkgrey"}.items():
-            rows = part[part["effect_class"] == kind]
-            ax.scatter(rows["layer"] + np.linspace(-0.25, 0.25, len(rows)) if len(rows) > 1 else rows["layer"],
-                       rows["stop_shift_exact"], s=14, c=colour, marker="x" if kind == "control" else "o",
-                       label=f"{'null controls' if kind == 'control' else kind} ({len(rows)})")
+        spread = part.groupby("effect_class")["layer"].transform(lambda x: x + np.linspace(-0.25, 0.25, len(x)))
+        _scatter_classes(ax, part.assign(layer_spread=spread), "layer_spread", "stop_shift_exact")
         ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
         ax.set_xlabel("layer")
         ax.set_title(f"prompt {prompt}")
@@ -675,6 +665,25 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
     report.figure(fig, "exact_effects", "Each feature's exact stop shift by layer, with the null controls (crosses); "
                   "dashed: the causal threshold")
     report.write()
+
+
+def _class_counts(report: Report, chosen: pd.DataFrame) -> None:
+    report.heading("Features by class, layer and prompt")
+    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
+    report.table(counts.reindex(columns=["safe", "risky", "none"], fill_value=0).reset_index(), "counts")
+
+
+CLASS_COLOURS = {"safe": "tab:blue", "risky": "tab:red", "none": "dimgrey", "control": "darkgrey"}
+
+
+def _scatter_classes(ax, part: pd.DataFrame, x: str, y: str) -> None:
+    """One point per feature, coloured by its class; the null controls as grey crosses (if any)."""
+    for kind, colour in CLASS_COLOURS.items():
+        rows = part[part["effect_class"] == kind]
+        if kind != "control" or len(rows):
+            ax.scatter(rows[x], rows[y], s=16 if kind == "control" else 12, c=colour,
+                       marker="x" if kind == "control" else "o",
+                       label=f"{'null controls' if kind == 'control' else kind} ({len(rows)})")
 
 
 def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
@@ -740,15 +749,9 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
 
     prompts = list(dict.fromkeys(results["prompt"]))
     fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
-    colours = {"safe": "tab:blue", "risky": "tab:red", "none": "dimgrey", "control": "darkgrey"}
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
-        for kind, colour in colours.items():
-            chosen = part[part["effect_class"] == kind]
-            if kind != "control" or len(chosen):
-                ax.scatter(chosen["bet_effect"], chosen["stop_effect"], s=16 if kind == "control" else 12, c=colour,
-                           marker="x" if kind == "control" else "o",
-                           label=f"{'null controls' if kind == 'control' else kind} ({len(chosen)})")
+        _scatter_classes(ax, part, "bet_effect", "stop_effect")
         for row in part[part["causal"]].itertuples():
             ax.annotate(f"L{row.layer} F{row.feature}", (row.bet_effect, row.stop_effect), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
