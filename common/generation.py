@@ -15,7 +15,6 @@ forward is then the prompt's last token alone.
 from __future__ import annotations
 
 import hashlib
-import re
 
 import torch
 from transformers import (
@@ -23,8 +22,6 @@ from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
 )
 
 
@@ -75,17 +72,6 @@ class SeededNoise(LogitsProcessor):
         return scores.float() / self.temperature - torch.log(-torch.log(uniform))
 
 
-class FirstLineWritten(StoppingCriteria):
-    """A row is done once it has written a non-empty line and the line break after it."""
-
-    def __init__(self, tokenizer, prompt_length: int):
-        self.tokenizer, self.prompt_length = tokenizer, prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
-        return torch.tensor([bool(re.search(r"\S[^\n]*\n", text)) for text in texts], device=input_ids.device)
-
-
 def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """The prompts tokenized with padding on the left, so that every prompt ends in the last column."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -97,9 +83,10 @@ def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
-           device: torch.device, first_line_only: bool = False, prefix: DynamicCache | None = None) -> list[str]:
-    """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i];
-    `prefix` is `prompt_prefix` of the one prompt every row has."""
+           device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | None = None) -> list[str]:
+    """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]
+    until the end of text, `max_new_tokens` or one of `stop_strings` (kept in the text); `prefix`
+    is `prompt_prefix` of the one prompt every row has."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     encoded = left_padded(tokenizer, prompts, device)
@@ -108,10 +95,9 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: 
         if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:
             raise ValueError("a prefix cache serves rows that all have the prompt it was made of")
         encoded["past_key_values"] = prefix
-    stopping = StoppingCriteriaList([FirstLineWritten(tokenizer, length)] if first_line_only else [])
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
-    output = model.generate(**encoded, generation_config=config, stopping_criteria=stopping,
+                              eos_token_id=tokenizer.eos_token_id, stop_strings=list(stop_strings) or None)
+    output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer,
                             logits_processor=LogitsProcessorList([SeededNoise(seeds, temperature, device)]))
     return tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
 

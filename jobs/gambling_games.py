@@ -48,6 +48,7 @@ from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import ShardWriter, merge_shards
 from common.sparse import to_csr, write_csr
 from jobs import _gambling as task
+from jobs import _gambling_parser as parser
 
 log = logging.getLogger(__name__)
 FIELD = "gambling_games"
@@ -160,7 +161,7 @@ class Player:
 
     def decide(self, prompt: str, answer: str, retries: int, exact: dict[str, float]) -> None:
         """Record the sampled answer (and the options' exact probabilities) and play what it says."""
-        decision = task.parse(answer, self.game.condition.bet_type)
+        decision = parser.parse(answer, self.game.condition.bet_type)
         self.decisions.append({"round": self.game.round, "balance": self.game.balance, "attempt": self.attempts,
                                "prompt": prompt, "response": answer, "action": decision.action,
                                "bet": -1 if decision.bet is None else decision.bet, "rule": decision.rule,
@@ -184,7 +185,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     device = input_device(s.model)
     saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in s.layers}
     shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
-                    parser_version=task.PARSER_VERSION, parser_rules=task.PARSER_RULES, temperature=s.temperature,
+                    parser_version=parser.PARSER_VERSION, parser_rules=parser.PARSER_RULES, temperature=s.temperature,
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in s.layers} if s.sae else {}),
                     features_shape="CSR (decisions, d_sae): SAE features at the last prompt token of each decision")
     pending = set(shard.pending())
@@ -217,7 +218,7 @@ def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader,
         for player, row in zip(players, features, strict=True):
             player.features.setdefault(layer, []).append(row)
     answers = sample(model, tokenizer, prompts, [player.noise_seed() for player in players], s.temperature,
-                     s.max_new_tokens, device, first_line_only=True)
+                     s.max_new_tokens, device, stop_strings=task.ANSWER_ENDS)
     for i, (player, prompt, answer) in enumerate(zip(players, prompts, answers, strict=True)):
         player.decide(prompt, answer, s.retries, {name: float(values[i]) for name, values in exact.items()})
 
@@ -251,12 +252,15 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     merge_shards(shard_paths, merged)
     with h5py.File(merged, "r") as data:
         games = game_table(data)
+        played_with = int(data.attrs.get("parser_version", 1))
+        answers = [(_plain(response), _plain(group.attrs["bet_type"])) for group in data["units"].values()
+                   for response in group["decisions/response"][()]]
     report = Report(out_dir / "report", "Slot-machine games: outcomes by condition")
     invalid = games["invalid_answers"].sum()
     report.text(
         f"Model `{s.model.name}`, {len(games):,} games ({s.repetitions} per condition), temperature "
-        f"{s.temperature}, at most {s.max_rounds} rounds. Answers parsed by parser v{task.PARSER_VERSION} "
-        f"(rules in `merged.h5` attributes); {invalid:,} of {games['decisions'].sum():,} answers were unreadable "
+        f"{s.temperature}, at most {s.max_rounds} rounds. Played with parser v{played_with} reading the answers "
+        f"(its rules in `merged.h5` attributes); {invalid:,} of {games['decisions'].sum():,} answers were unreadable "
         f"and asked again (at most {s.retries} times). Data: `merged.h5` (one group per game under `units/`)."
     )
     readable = games["readable"].sum()
@@ -273,6 +277,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     report.heading("Bankruptcy with and without each prompt component")
     report.table(_component_effects(games, s.components), "components")
     _plot(report, games, s.components)
+    parser.report_versions(report, [response for response, _ in answers], [bet for _, bet in answers], "answers")
     report.write()
 
 

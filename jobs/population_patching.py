@@ -54,6 +54,7 @@ from common.report import Report
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs import _gambling as task
+from jobs import _gambling_parser as parser
 
 log = logging.getLogger(__name__)
 FIELD = "population_patching"
@@ -310,7 +311,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 prefix = prompt_prefix(model, tokenizer, text, len(batch), device)
                 with row_edits(model, saes, batch, s.patch_generated):
                     replies = sample(model, tokenizer, [text] * len(batch), seeds, s.temperature, s.max_new_tokens,
-                                     device, first_line_only=True, prefix=prefix)
+                                     device, stop_strings=task.ANSWER_ENDS, prefix=prefix)
                 for row, reply in zip(batch, replies, strict=True):
                     answers[row.unit].append((row, reply))
                     if len(answers[row.unit]) == expected[row.unit]:
@@ -392,8 +393,8 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             results = results.merge(shifts[["unit", "prompt", *EXACT_COLUMNS]], on=["unit", "prompt"], how="left")
     results = null_p_values(results)
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
-        out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=task.PARSER_VERSION,
-                         parser_rules=task.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
+        out.attrs.update(format="saebatch-patching/1", job="population_patching", parser_version=parser.PARSER_VERSION,
+                         parser_rules=parser.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
                          prompts=[p.text for p in s.prompts])
         for column in [] if trials is None else trials.columns:
             values = trials[column].to_numpy()
@@ -426,7 +427,7 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
     trials = pd.concat(frames, ignore_index=True)
     for column in ("condition", "response"):
         trials[column] = trials[column].map(lambda v: v.decode() if isinstance(v, bytes) else v)
-    decisions = [task.parse(reply, s.prompts[prompt].bet_type) for reply, prompt in zip(trials["response"],
+    decisions = [parser.parse(reply, s.prompts[prompt].bet_type) for reply, prompt in zip(trials["response"],
                                                                                       trials["prompt"], strict=True)]
     trials["prompt_name"] = [s.prompts[p].name for p in trials["prompt"]]
     trials["action"] = [d.action for d in decisions]
@@ -586,7 +587,7 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts x {s.trials} trials "
         f"per condition (safe mean, bankrupt mean; the unpatched answers shared), temperature {s.temperature}, "
         f"edit at the last prompt token{' and every generated token' if s.patch_generated else ''}, SAE error "
-        f"term kept. Answers parsed by parser v{task.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
+        f"term kept. Answers parsed by parser v{parser.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
         f"rates; stops count as $0 bets). Trial t draws the same sampling noise under every patch, so the tests pair the "
         f"safe-mean and bankrupt-mean answers of a trial. Causal: bet effect > ${s.effects.bet_effect:g} with Wilcoxon's "
         f"signed-rank test, or stop effect > {s.effects.stop_effect:g} with McNemar's exact test, {s.effects.correction} "
@@ -623,6 +624,9 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
     if planted is not None:
         _ground_truth(report, chosen, *planted)
     _plot(report, results, s)
+    bet_types = {prompt.name: prompt.bet_type for prompt in s.prompts}
+    parser.report_versions(report, list(trials["response"]), [bet_types[name] for name in trials["prompt_name"]],
+                           "answers")
     report.write()
 
 

@@ -1,5 +1,7 @@
 """The gambling_games job on the built-in model organism, against its rule and independent replays."""
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -124,7 +126,9 @@ def test_the_report_counts_the_games(demo):
     table = (run.report_dir / "outcomes_by_condition.csv").read_text().splitlines()
     assert len(table) == 1 + 32 and table[0].startswith("condition,games,mean_rounds")
     report = (run.report_dir / "report.md").read_text()
-    assert "128 games (4 per condition)" in report and "parser v1" in report
+    assert "128 games (4 per condition)" in report and "Played with parser v2" in report
+    # the organism answers "1) Bet $N" or "2) Stop": both parser versions read every answer alike
+    assert re.search(r"by v1: they read 0 of [\d,]+ answers differently", report)
     assert (run.report_dir / "bankruptcy.png").stat().st_size > 10_000
 
 

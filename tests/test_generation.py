@@ -45,14 +45,14 @@ def test_a_rows_text_depends_on_its_seed_not_its_batch(organism):
     assert other_seeds != together
 
 
-def test_first_line_only_stops_each_row_after_its_first_line(organism):
+def test_a_stop_string_ends_each_row_where_it_writes_it(organism):
     model, tokenizer = organism
     rng = random.Random(1)
     prompts = [synthetic.problem_prompt(synthetic.problem(rng).question) for _ in range(4)]
     whole = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU)
-    first = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU, first_line_only=True)
+    cut = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU, stop_strings=("####",))
     assert all("####" in text and len(text.strip().splitlines()) == 2 for text in whole)  # working, then answer
-    assert first == [text.split("\n")[0] + "\n" for text in whole]
+    assert cut == [text[: text.index("####") + 4] for text in whole]
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample(model, tokenizer, ["a", "b"], [0], 1.0, 5, CPU)
 

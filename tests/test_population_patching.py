@@ -1,5 +1,7 @@
 """population_patching: the edit, shared noise, the tests per feature, and the organism's planted cause."""
 
+import re
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -15,7 +17,7 @@ from common.manifest import load_manifest
 from common.organism.files import Organism
 from common.rundir import RunDir
 from jobs import population_patching as patching
-from jobs._gambling import parse
+from jobs._gambling_parser import parse
 from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
 from tests.helpers import REPO, run_all, save_random_sae, write_manifest_file
 
@@ -42,11 +44,12 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     assert len(controls) == 8 and not controls.causal.any() and controls.p_stops_corrected.isna().all()
     assert planted.null_p_stop_effect == pytest.approx(1 / 9)  # larger than every control's effect
     assert "Null controls: 8 random live features" in report
-    assert "parser v1" in report and "| safe     |       1 |      0 |       1 |" in report
+    assert "parser v2" in report and "| safe     |       1 |      0 |       1 |" in report
+    assert re.search(r"by v1: they read 0 of [\d,]+ answers differently", report)
     with h5py.File(gambling_chain.patching.merged_path) as merged:
         conditions = [c.decode() for c in merged["trials/condition"][()]]
         assert conditions.count("none") == 2 * 150  # generated once per prompt, shared by every feature
-        assert merged.attrs["parser_version"] == 1
+        assert merged.attrs["parser_version"] == 2
 
 
 def test_the_edit_sets_one_feature_at_the_last_prompt_token_and_keeps_the_error():
@@ -85,8 +88,8 @@ def test_a_no_op_edit_answers_like_the_unpatched_trials():
     rows = [Row("L1_F402", "safe", 1, trial, layer=1, feature=402, value=current) for trial in range(12)]
     seeds = list(range(12))
     with row_edits(model, {1: sae}, rows, every_token=False):
-        edited = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"), first_line_only=True)
-    plain = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"), first_line_only=True)
+        edited = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"))
+    plain = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"))
     assert edited == plain and len(set(plain)) > 1
 
 
@@ -229,7 +232,8 @@ def _answers(unit: str, condition: str, prompt: str, actions: list[str], layer: 
     return pd.DataFrame({"unit": unit, "condition": condition, "prompt_name": prompt, "trial": range(len(actions)),
                          "layer": layer, "feature": feature, "mean_safe": 1.0, "mean_bankrupt": 2.0, "action": actions,
                          "control": False,
-                         "bet": [0.0 if a == "stop" else 10.0 if a == "bet" else np.nan for a in actions]})
+                         "bet": [0.0 if a == "stop" else 10.0 if a == "bet" else np.nan for a in actions],
+                         "response": [{"stop": "2) Stop", "bet": "1) Bet $10"}.get(a, "I can't say.") for a in actions]})
 
 
 def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_path):
@@ -253,6 +257,7 @@ def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_pat
     patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text
+    assert "Unreadable to v2: 60 invalid (no decision)." in text
 
 
 def test_controls_are_live_unchosen_features_of_similar_frequency():
