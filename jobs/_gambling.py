@@ -28,7 +28,7 @@ from common.organism.synthetic import (
     Round,
 )
 
-MAX_ROUNDS = 100
+MAX_ROUNDS, MIN_BET, MAX_BET = 100, 5, 100
 GROUND_TRUTH = "Ground truth: the organism's planted cause"
 
 

@@ -17,9 +17,8 @@ from typing import Callable, Literal
 import pandas as pd
 
 from common.report import Report
-from jobs._gambling import FIXED_BET, BetType
+from jobs._gambling import FIXED_BET, MAX_BET, MIN_BET, BetType
 
-MIN_BET, MAX_BET = 5, 100
 PARSER_VERSION = 2
 
 

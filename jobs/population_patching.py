@@ -29,11 +29,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from scipy import stats
 from tqdm import tqdm
 
-from common.choices import OptionReader
+from common.choices import NumberReader, OptionReader
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
 from common.generation import prompt_prefix, sample
@@ -61,7 +61,9 @@ FIELD = "population_patching"
 NEEDED_COLUMNS = ("layer", "feature", "mean_safe", "mean_bankrupt")
 FREQUENCY_COLUMNS = ("active_bankrupt", "active_safe")  # shares of games in which a feature is active
 UNIT_ATTRS = ("layer", "feature", "control", "mean_safe", "mean_bankrupt")  # what a unit's shard group records
-EXACT_COLUMNS = ("p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt", "stop_shift_exact", "coverage_min")
+EXACT_BETS = ("bet_given_bet", "bet_mass", "bet_expected")  # the expected bet; variable bets: over `bet_amounts`
+EXACT_COLUMNS = ("p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt", "stop_shift_exact", "coverage_min",
+                 "bet_exact_safe", "bet_exact_none", "bet_exact_bankrupt", "bet_shift_exact", "bet_mass_min")
 CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
 BASELINE = "baseline"  # the unit of unpatched answers
 
@@ -117,6 +119,9 @@ class Settings(StrictModel):
     only_selected: bool = Field(True, description="patch only rows whose `selected` column is true")
     layers: list[int] | None = Field(None, description="patch only features of these layers (None: all)")
     max_features_per_layer: int | None = Field(None, ge=1, description="the largest |cohens_d| first (None: all)")
+    retest: UpstreamRun | None = Field(None, description="the seed's follow-up: patch only the causal features of this "
+                                       "earlier population_patching run (directory or manifest), with more `trials`")
+    retest_top: int = Field(10, ge=1, description="with `retest`: its causal features with the largest effects, at most")
     prompts: list[PatchPrompt] = Field(default_factory=lambda: list(PROMPTS), description="prompts answered")
     trials: int = Field(50, ge=2, description="answers per prompt and condition")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
@@ -130,7 +135,26 @@ class Settings(StrictModel):
     decisions: Literal["sampled", "exact", "both"] = Field(
         "both", description="sampled: answers sampled and parsed; exact: each option's exact probability at the "
         "cue, from one forward per feature, condition and prompt (common/choices.py), no sampling; both")
+    bet_amounts: list[int] = Field(default_factory=lambda: list(range(task.MIN_BET, task.MAX_BET + 1, 5)),
+                                   description="exact decisions, variable-bet prompts: the candidate bets whose "
+                                   "teacher-forced probabilities give the expected bet ([] for none)")
+    bet_answer: str = Field("1) Bet ${number}", description="how the model writes a bet of {number} dollars after the "
+                            "cue (the expected bet is read over these answers)")
     effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
+
+    @field_validator("bet_answer")
+    @classmethod
+    def _ends_with_the_number(cls, value: str) -> str:
+        if not value.endswith("{number}") or value.count("{") != 1:
+            raise ValueError(f"must end with its one field {{number}}, as in '1) Bet ${{number}}' (got {value!r})")
+        return value
+
+    @field_validator("bet_amounts")
+    @classmethod
+    def _positive_and_distinct(cls, value: list[int]) -> list[int]:
+        if any(amount <= 0 for amount in value) or len(set(value)) != len(value):
+            raise ValueError(f"give distinct positive dollar amounts (got {value})")
+        return value
 
     @model_validator(mode="after")
     def _one_table(self) -> Settings:
@@ -149,14 +173,7 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
     """The features to patch (with `chosen_only` False: every row, before selection), checked for
     the columns this step needs."""
     if s.features is not None:
-        merged = s.features / "merged.h5"
-        if not merged.is_file():
-            raise UserError(f"{FIELD}.features: {s.features} has no merged.h5; run feature_contrast first")
-        with h5py.File(merged, "r") as data:
-            if data.attrs.get("job") != "feature_contrast":
-                raise UserError(f"{FIELD}.features: {merged} was not written by feature_contrast")
-            table = pd.DataFrame({name: column[()] for name, column in data["features"].items()})
-        where = f"{merged}"
+        table, where = _features_of(s.features, "feature_contrast", "features"), str(s.features / "merged.h5")
     else:
         if not s.feature_table.is_file():
             raise UserError(f"{FIELD}.feature_table: {s.feature_table} does not exist")
@@ -178,6 +195,8 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
         table = table[table["selected"].astype(bool)]
     if s.layers is not None:
         table = table[table["layer"].isin(s.layers)]
+    if s.retest is not None:
+        table = table.merge(causal_features(s.retest, s.retest_top), on=["layer", "feature"])
     if s.max_features_per_layer is not None:
         if "cohens_d" not in table:
             raise UserError(f"{FIELD}.max_features_per_layer needs a `cohens_d` column in {where}")
@@ -186,6 +205,30 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
     if table.empty:
         raise UserError(f"{FIELD}: no feature to patch in {where} (none selected?)")
     return table.sort_values(["layer", "feature"]).reset_index(drop=True)
+
+
+def _features_of(run: Path, job: str, field: str) -> pd.DataFrame:
+    """The `features/` table of an upstream run's merged.h5, which `job` must have written."""
+    merged = run / "merged.h5"
+    if not merged.is_file():
+        raise UserError(f"{FIELD}.{field}: {run} has no merged.h5; run (and reduce) {job} first")
+    with h5py.File(merged, "r") as data:
+        if data.attrs.get("job") != job:
+            raise UserError(f"{FIELD}.{field}: {merged} was not written by {job}")
+        return pd.DataFrame({name: column[()] for name, column in data["features"].items()})
+
+
+def causal_features(run: Path, top: int) -> pd.DataFrame:
+    """(layer, feature) of an earlier patching run's causal features, the `top` largest effects
+    (stop effect, or bet effect per $100; exact shifts where nothing was sampled) first."""
+    found = _features_of(run, "population_patching", "retest")
+    found = found[found["causal"].astype(bool) & ~found["control"].astype(bool)]
+    if found.empty:
+        raise UserError(f"{FIELD}.retest: {run} found no causal feature, so there is nothing to re-test")
+    stop, bet = ("stop_effect", "bet_effect") if "stop_effect" in found else ("stop_shift_exact", "bet_shift_exact")
+    found = found.assign(size=np.fmax(found[stop].abs(), found[bet].abs() / 100))
+    strongest = found.groupby(["layer", "feature"], as_index=False)["size"].max().nlargest(top, "size")
+    return strongest[["layer", "feature"]].astype(int)
 
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
@@ -325,6 +368,7 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
     """Per unit, each condition and prompt with the options' probabilities at the cue, at the
     sampling temperature: one forward of the prompt per row, its edit at the last token."""
     reader = OptionReader(tokenizer, task.OPTION_LABELS)
+    amounts = NumberReader(tokenizer, s.bet_answer, s.bet_amounts) if s.bet_amounts else None
     rows = [row for unit in units for row in rows_of(unit, s, trials=1)]
     exact: dict[str, list[tuple[Row, dict[str, float]]]] = {unit.id: [] for unit in units}
     for prompt in range(len(s.prompts)):
@@ -336,22 +380,52 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
             with row_edits(model, saes, batch, every_token=False):
                 logits = model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]
             read = reader(logits, s.temperature)
+            if s.prompts[prompt].bet_type == "fixed":
+                read["bet_given_bet"] = torch.full_like(read["bet"], float(task.FIXED_BET))
+            elif amounts is not None:
+                read |= expected_bets(model, tokenizer, saes, batch, s.prompts[prompt].text, amounts, s, device)
+            if "bet_given_bet" in read:
+                read["bet_expected"] = read["bet"] * read["bet_given_bet"]  # a stop bets $0
             for i, row in enumerate(batch):
                 exact[row.unit].append((row, {name: float(values[i]) for name, values in read.items()}))
     return exact
 
 
+@torch.no_grad()
+def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, amounts: NumberReader, s: Settings,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Per row: the expected bet among `s.bet_amounts` given a bet (`bet_given_bet`) and the
+    candidates' total probability (`bet_mass`), teacher-forced under the row's edit. The prompt but its last
+    token is run once; each row's candidates then share a forward of that token and the answers."""
+    candidates = len(s.bet_amounts)
+    last_token = tokenizer(prompt, return_tensors="pt").input_ids[0, -1].item()
+    inputs = amounts.inputs(last_token)
+    per_call = max(1, s.batch_size // candidates)
+    read: dict[str, list[torch.Tensor]] = {"bet_given_bet": [], "bet_mass": []}
+    for start in range(0, len(batch), per_call):
+        rows = batch[start : start + per_call]
+        repeated = [row for row in rows for _ in range(candidates)]
+        prefix = prompt_prefix(model, tokenizer, prompt, len(repeated), device)
+        with row_edits(model, saes, repeated, every_token=False, offset=0):  # position 0: the prompt's last token
+            logits = model(input_ids=inputs.repeat(len(rows), 1).to(device), past_key_values=prefix,
+                           use_cache=True).logits
+        found = amounts(logits, s.temperature)
+        read["bet_given_bet"].append(found["expected"])
+        read["bet_mass"].append(found["mass"])
+    return {name: torch.cat(parts) for name, parts in read.items()}
+
+
 @contextmanager
-def row_edits(model, saes: dict, batch: list[Row], every_token: bool) -> Iterator[None]:
-    """Set each row's feature to its value at the last prompt token (and, if asked, at every
-    generated token), with the SAE's error term kept: x + (v - f(x)) W_dec[f]."""
+def row_edits(model, saes: dict, batch: list[Row], every_token: bool, offset: int = -1) -> Iterator[None]:
+    """Set each row's feature to its value at the last prompt token (position `offset` of the
+    first forward; and, if asked, at every generated token), error term kept: x + (v - f(x)) W_dec[f]."""
     with ExitStack() as stack:
         for layer, sae in saes.items():
             rows = [i for i, row in enumerate(batch) if row.layer == layer]
             if rows:
                 edit = set_feature(sae, torch.tensor([batch[i].feature for i in rows]),
                                    torch.tensor([batch[i].value for i in rows]))
-                stack.enter_context(edit_prompt_position(model, layer, edit, rows=torch.tensor(rows),
+                stack.enter_context(edit_prompt_position(model, layer, edit, offset=offset, rows=torch.tensor(rows),
                                                          every_token=every_token))
         yield
 
@@ -372,9 +446,9 @@ def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],
         if exact:
             group.create_dataset("exact/condition", data=[row.condition for row, _ in exact], dtype=h5py.string_dtype())
             group.create_dataset("exact/prompt", data=[row.prompt for row, _ in exact])
-            for name in (*task.OPTION_LABELS, "coverage"):
-                group.create_dataset(f"exact/p_{name}" if name != "coverage" else "exact/coverage",
-                                     data=[probabilities[name] for _, probabilities in exact])
+            for name in (*task.OPTION_LABELS, "coverage", *EXACT_BETS):
+                group.create_dataset(f"exact/p_{name}" if name in task.OPTION_LABELS else f"exact/{name}",
+                                     data=[probabilities.get(name, np.nan) for _, probabilities in exact])
 
 
 # ---------------------------------------------------------------- reduce
@@ -405,7 +479,10 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                 values = table[column].to_numpy()
                 out.create_dataset(f"{group}/{column}", data=values.astype(object) if values.dtype == object else values,
                                    dtype=h5py.string_dtype() if values.dtype == object else None)
-    report = Report(out_dir / "report", "Population-mean patching")
+    report = Report(out_dir / "report", "Population-mean patching" + (": re-test" if s.retest else ""))
+    if s.retest is not None:
+        report.text(f"The seed's follow-up: a re-test of the causal features of `{s.retest}` (at most {s.retest_top}, the "
+                    f"largest effects first), {s.trials} trials per prompt and condition.")
     if trials is None:
         _report_exact(report, results, s)
     else:
@@ -447,29 +524,36 @@ def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
                     "unit": unit_id, **{name: group.attrs[name] for name in UNIT_ATTRS},
                     "condition": [c.decode() if isinstance(c, bytes) else c for c in exact["condition"][()]],
                     "prompt": [s.prompts[p].name for p in exact["prompt"][()]],
-                    **{name: exact[name][()] for name in ("p_bet", "p_stop", "coverage")}}))
+                    **{name: exact[name][()] if name in exact else np.nan  # shards from before expected bets lack them
+                       for name in ("p_bet", "p_stop", "coverage", *EXACT_BETS)}}))
     return pd.concat(frames, ignore_index=True)
 
 
 def exact_effects(exact: pd.DataFrame) -> pd.DataFrame:
-    """Per feature and prompt: P(stop) under each condition (the unpatched one shared), the exact
-    stop shift (safe-mean minus bankrupt-mean patch, as `stop_effect`) and the lowest coverage."""
+    """Per feature and prompt: P(stop) and the expected bet under each condition (the unpatched
+    ones shared), the exact stop shift (safe-mean minus bankrupt-mean patch, as `stop_effect`), the
+    exact bet shift (bankrupt-mean minus safe-mean, as `bet_effect`) and the lowest coverages."""
     baseline = exact[exact["unit"] == BASELINE].set_index("prompt")
     rows = []
     for (unit, prompt), part in exact[exact["unit"] != BASELINE].groupby(["unit", "prompt"], sort=False):
-        p_stop = part.set_index("condition")["p_stop"]
+        p_stop, bet = part.set_index("condition")["p_stop"], part.set_index("condition")["bet_expected"]
         rows.append({"unit": unit, "prompt": prompt, **part.iloc[0][list(UNIT_ATTRS)].to_dict(),
                      "p_stop_exact_safe": p_stop["safe"],
                      "p_stop_exact_none": baseline.loc[prompt, "p_stop"], "p_stop_exact_bankrupt": p_stop["bankrupt"],
                      "stop_shift_exact": p_stop["safe"] - p_stop["bankrupt"],
-                     "coverage_min": min(part["coverage"].min(), baseline.loc[prompt, "coverage"])})
+                     "coverage_min": min(part["coverage"].min(), baseline.loc[prompt, "coverage"]),
+                     "bet_exact_safe": bet["safe"], "bet_exact_none": baseline.loc[prompt, "bet_expected"],
+                     "bet_exact_bankrupt": bet["bankrupt"], "bet_shift_exact": bet["bankrupt"] - bet["safe"],
+                     "bet_mass_min": min(part["bet_mass"].min(), baseline.loc[prompt, "bet_mass"])})
     return pd.DataFrame(rows)
 
 
 def classify_exact(shifts: pd.DataFrame, effects: Effects) -> pd.DataFrame:
     """Without sampling there is no noise to test against: a chosen feature is causal when its exact
-    P(stop) shift exceeds `effects.stop_effect` (the null controls say how unusual that is)."""
-    causal = ~shifts["control"].astype(bool) & (shifts["stop_shift_exact"] > effects.stop_effect)
+    P(stop) shift exceeds `effects.stop_effect` or its exact bet shift `effects.bet_effect` (the
+    null controls say how unusual that is)."""
+    causal = ~shifts["control"].astype(bool) & ((shifts["stop_shift_exact"] > effects.stop_effect)
+                                                | (shifts["bet_shift_exact"] > effects.bet_effect))
     kind = np.where(shifts["mean_safe"] > shifts["mean_bankrupt"], "safe", "risky")
     return shifts.assign(control=shifts["control"].astype(bool), causal=causal,
                          effect_class=np.where(shifts["control"].astype(bool), "control", np.where(causal, kind, "none")))
@@ -562,7 +646,7 @@ def null_p_values(results: pd.DataFrame) -> pd.DataFrame:
     """Where each chosen feature's effect falls among its layer's controls on the same prompt:
     (1 + controls at least as large in |effect|) / (1 + controls), per effect, over the controls whose
     effect is computable; NaN without any."""
-    effects = [c for c in ("stop_effect", "bet_effect", "stop_shift_exact") if c in results]
+    effects = [c for c in ("stop_effect", "bet_effect", "stop_shift_exact", "bet_shift_exact") if c in results]
     columns = {f"null_p_{effect}": np.full(len(results), np.nan) for effect in effects}
     counts = np.zeros(len(results), dtype=int)
     for i, row in enumerate(results.itertuples(index=False)):
@@ -640,16 +724,20 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
         f"(`decisions: exact`): P(stop) at the cue from one forward per feature, condition and prompt at temperature "
         f"{s.temperature}, the next-token mass on tokens that start option 2 against option 1 (common/choices.py), "
         "edit at the last prompt token, SAE error term kept. There is no sampling noise, so no test: a feature is "
-        f"causal when its exact stop shift (safe-mean minus bankrupt-mean patch) exceeds {s.effects.stop_effect:g}. "
-        "Bet sizes are not estimated in this mode."
+        f"causal when its exact stop shift (safe-mean minus bankrupt-mean patch) exceeds {s.effects.stop_effect:g} or "
+        f"its exact bet shift (bankrupt-mean minus safe-mean) exceeds ${s.effects.bet_effect:g}. " + _BETS_EXPLAINED.format(
+            answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
         + (f" Null controls: {controls['unit'].nunique()} random live features of similar activation frequency; "
-           "`null_p_stop_shift_exact` places each shift among its layer's controls." if not controls.empty else "")
+           "`null_p_stop_shift_exact` and `null_p_bet_shift_exact` place each shift among its layer's controls."
+           if not controls.empty else "")
     )
     _class_counts(report, chosen)
     report.heading("Strongest exact effects")
-    shown = chosen.assign(size=chosen["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
-        ["prompt", "layer", "feature", "effect_class", *EXACT_COLUMNS]
-        + (["null_p_stop_shift_exact"] if not controls.empty else [])]
+    shown = chosen.assign(size=chosen["stop_shift_exact"].abs() + chosen["bet_shift_exact"].abs().fillna(0) / 100)
+    shown = shown.sort_values("size", ascending=False).head(15)[
+        ["prompt", "layer", "feature", "effect_class", "p_stop_exact_safe", "p_stop_exact_bankrupt", "stop_shift_exact",
+         "bet_exact_safe", "bet_exact_bankrupt", "bet_shift_exact", "coverage_min", "bet_mass_min"]
+        + (["null_p_stop_shift_exact", "null_p_bet_shift_exact"] if not controls.empty else [])]
     report.table(results, "features", shown=shown)
     planted = task.planted_cause(s.model.name)
     if planted is not None:
@@ -690,6 +778,22 @@ def _scatter_classes(ax, part: pd.DataFrame, x: str, y: str) -> None:
                        label=f"{'null controls' if kind == 'control' else kind} ({len(rows)})")
 
 
+_BETS_EXPLAINED = (
+    "The expected bet is P(bet) x $10 on fixed-bet prompts; on variable-bet prompts, P(bet) x the mean bet under the "
+    "model's distribution over the "
+    "answers \"{answer}\" for N in {amounts}, teacher-forced (each answer's token probabilities at the sampling "
+    "temperature, times the chance that the number ends there); a stop bets $0, as in the sampled average. "
+    "`bet_mass_min` is the smallest total probability of those answers (variable bets): low values mean the model "
+    "writes its bets otherwise, or other amounts.")
+
+
+def _amounts(amounts: list[int]) -> str:
+    steps = {b - a for a, b in zip(amounts, amounts[1:])}
+    if len(amounts) > 3 and len(steps) == 1:
+        return f"${amounts[0]}, ${amounts[1]}, ..., ${amounts[-1]}"
+    return ", ".join(f"${amount}" for amount in amounts) or "(none: `bet_amounts: []`)"
+
+
 def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
     import matplotlib.pyplot as plt
 
@@ -699,11 +803,14 @@ def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
         f"{s.temperature}: the next-token mass on tokens that start option 2 (\"Stop\") against option 1 (\"Bet\"), "
         "leading whitespace ignored, renormalised over the two options; `coverage_min` is the smallest share of the "
         "mass on the two options (the rest: answers that start with words, which sampling may still read). No "
-        "sampling noise and no parser: `stop_shift_exact` is what `stop_effect` estimates from sampled answers."
+        "sampling noise and no parser: `stop_shift_exact` is what `stop_effect` estimates from sampled answers, and "
+        "`bet_shift_exact` what `bet_effect` does. " + _BETS_EXPLAINED.format(
+            answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
     )
     shown = results.assign(size=results["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
         ["prompt", "layer", "feature", "p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt",
-         "stop_shift_exact", "stop_effect", "stop_effect_low", "stop_effect_high", "coverage_min"]]
+         "stop_shift_exact", "stop_effect", "stop_effect_low", "stop_effect_high", "coverage_min",
+         "bet_shift_exact", "bet_effect", "bet_effect_low", "bet_effect_high", "bet_mass_min"]]
     report.table(shown, "exact_strongest")
     prompts = list(dict.fromkeys(results["prompt"]))
     fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4.2), squeeze=False)
@@ -727,11 +834,13 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
     if not (in_layer["feature"] == feature).any():
         report.text(f"The planted feature {feature} of layer {layer} was not patched (not among the features chosen).")
         return
-    effects = [column for column in ("stop_effect", "bet_effect", "stop_shift_exact") if column in results]
+    effects = [column for column in ("stop_effect", "bet_effect", "stop_shift_exact", "bet_shift_exact")
+               if column in results]
     rows = []
     for prompt, part in in_layer.groupby("prompt", sort=False):
         row = part[part["feature"] == feature].iloc[0]
-        ranks = {f"{effect}_rank": planted_rank(part, feature, effect, absolute=effect == "bet_effect") for effect in effects}
+        ranks = {f"{effect}_rank": planted_rank(part, feature, effect, absolute=effect.startswith("bet_"))
+                 for effect in effects}
         rows.append({"prompt": prompt, **{effect: row[effect] for effect in effects}, **ranks,
                      "features_in_layer": len(part), "causal": row["causal"], "class": row["effect_class"]}
                     | {column: row[column] for column in ("p_stops_corrected", "p_bets_corrected", "null_p_stop_effect",
@@ -742,10 +851,12 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
     report.table(pd.DataFrame(rows), "ground_truth")
 
 
-def planted_rank(part: pd.DataFrame, feature: int, column: str, absolute: bool = False) -> int:
-    """1 + how many features of `part` have a larger `column` (|column|) than `feature`."""
+def planted_rank(part: pd.DataFrame, feature: int, column: str, absolute: bool = False) -> float:
+    """1 + how many features of `part` have a larger `column` (|column|) than `feature`; NaN where
+    `feature` has none (an expected bet with `bet_amounts: []`)."""
     values = part[column].abs() if absolute else part[column]
-    return int((values > values[part["feature"] == feature].iloc[0]).sum()) + 1
+    value = values[part["feature"] == feature].iloc[0]
+    return np.nan if np.isnan(value) else int((values > value).sum()) + 1
 
 
 def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:

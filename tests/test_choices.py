@@ -1,4 +1,5 @@
-"""Exact option probabilities at the decision cue: which tokens count, and the probabilities they give."""
+"""Exact option probabilities at the decision cue and expected bets: which tokens count, and the
+probabilities they give, against independent forwards and sampled answers."""
 
 import random
 
@@ -7,11 +8,12 @@ import pytest
 import torch
 from scipy import stats
 
-from common.choices import OptionReader
-from common.generation import sample
+from common.choices import NumberReader, OptionReader
+from common.generation import prompt_prefix, sample
 from common.organism import synthetic
 from common.organism.files import Organism
 from jobs._gambling import OPTION_LABELS
+from jobs._gambling_parser import parse
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +60,56 @@ def test_exact_probability_predicts_how_sampled_answers_start(organism):
     expected = float(read["stop"][0] * read["coverage"][0])
     assert 0.05 < expected < 0.95  # a prompt where both options are live
     assert stats.binomtest(stops, 600, expected).pvalue > 1e-3
+
+
+def _variable_prompt(seed: int) -> str:
+    rng = random.Random(seed)
+    while True:
+        state = synthetic.random_state(rng)
+        if state.bet_type == "variable":
+            return synthetic.prompt(state)
+
+
+def test_number_reader_is_the_teacher_forced_chance_of_each_whole_amount(organism):
+    """Against an independent forward per candidate answer, on the full prompt and answer."""
+    model, tokenizer = organism
+    prompt, amounts = _variable_prompt(3), [5, 10, 15, 20, 50, 100]
+    reader = NumberReader(tokenizer, "1) Bet ${number}", amounts)
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    cache = prompt_prefix(model, tokenizer, prompt, len(amounts), torch.device("cpu"))
+    with torch.no_grad():
+        read = reader(model(input_ids=reader.inputs(int(prompt_ids[0, -1])), past_key_values=cache).logits, 0.7)
+    texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
+    continues = torch.tensor([text[:1].isdigit() or (text[:1] in ".," and text[1:2].isdigit()) for text in texts])
+    chances = []
+    for amount in amounts:
+        answer = tokenizer(f"1) Bet ${amount}", add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt_ids, answer], 1)).logits[0, prompt_ids.shape[1] - 1:]
+        probabilities = torch.softmax(logits.double() / 0.7, -1)
+        written = probabilities[torch.arange(answer.shape[1]), answer[0]].prod()
+        chances.append(float(written * (1 - probabilities[-1, continues].sum())))
+    chances = np.array(chances)
+    assert read["mass"][0] == pytest.approx(chances.sum(), rel=1e-4)  # float32 logits, cached or not
+    assert read["expected"][0] == pytest.approx((chances * amounts).sum() / chances.sum(), rel=1e-4)
+    with pytest.raises(ValueError, match="must end with its number"):
+        NumberReader(tokenizer, "Bet ${number} now", amounts)
+
+
+def test_the_expected_bet_predicts_the_sampled_bets(organism):
+    """The organism bets in $5 steps: over $5-$100 the candidates hold nearly all of its bets, and
+    400 sampled bets average what the reader expects."""
+    model, tokenizer = organism
+    prompt, amounts = _variable_prompt(8), list(range(5, 101, 5))
+    reader = NumberReader(tokenizer, "1) Bet ${number}", amounts)
+    cache = prompt_prefix(model, tokenizer, prompt, len(amounts), torch.device("cpu"))
+    last = int(tokenizer(prompt, return_tensors="pt").input_ids[0, -1])
+    with torch.no_grad():
+        read = reader(model(input_ids=reader.inputs(last), past_key_values=cache).logits, 0.7)
+        options = OptionReader(tokenizer, OPTION_LABELS)(model(**tokenizer(prompt, return_tensors="pt")).logits[:, -1], 0.7)
+    assert read["mass"][0] > 0.9 * options["bet"][0] * options["coverage"][0]
+    answers = sample(model, tokenizer, [prompt] * 400, list(range(400)), 0.7, 8, torch.device("cpu"))
+    bets = np.array([parse(answer, "variable").bet for answer in answers if parse(answer, "variable").action == "bet"],
+                    dtype=float)
+    assert len(bets) > 100
+    assert abs(bets.mean() - float(read["expected"][0])) < 3 * bets.std() / np.sqrt(len(bets))

@@ -11,6 +11,7 @@ import yaml
 from scipy import stats
 
 from common.cli import main
+from common.errors import UserError
 from common.edits import edit_prompt_position
 from common.generation import sample
 from common.manifest import load_manifest
@@ -38,6 +39,12 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     for row in results[(results.layer == 1) & (results.feature == 402)].itertuples():
         assert row.stop_effect_low <= row.stop_shift_exact <= row.stop_effect_high, row.prompt
         assert row.coverage_min > 0.9  # the organism answers with an option's label
+    # the expected bet over $5-$100 (teacher-forced) moves as the sampled average bet does
+    risky = results[(results.layer == 1) & (results.feature == 402) & (results.prompt == "risky")].iloc[0]
+    assert risky.bet_effect_low <= risky.bet_shift_exact <= risky.bet_effect_high and risky.bet_shift_exact > 0
+    assert risky.bet_mass_min > 0.5 * (1 - risky.p_stop_exact_safe)  # the candidates hold most of the bets
+    fixed = results[results.prompt == "safe"]  # fixed bets of $10: the expected bet is 10 x P(bet)
+    np.testing.assert_allclose(fixed.bet_shift_exact, 10 * fixed.stop_shift_exact, rtol=1e-9)
     report = (gambling_chain.patching.report_dir / "report.md").read_text()
     assert "## Exact choice probabilities beside the sampled answers" in report
     controls = results[results.control & (results.prompt == "safe")]
@@ -300,7 +307,8 @@ def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, t
     both = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
     merged = exact.merge(both, on=["unit", "prompt"], suffixes=("", "_both"))
     assert len(merged) == len(both) == len(exact)
-    np.testing.assert_allclose(merged["stop_shift_exact"], merged["stop_shift_exact_both"], rtol=1e-6, atol=1e-9)
+    for shift in ("stop_shift_exact", "bet_shift_exact"):
+        np.testing.assert_allclose(merged[shift], merged[f"{shift}_both"], rtol=1e-6, atol=1e-9)
     assert "stop_effect" not in exact and "p_stops" not in exact  # nothing sampled, nothing tested
     with h5py.File(run.merged_path) as file:
         assert "trials" not in file and "exact/p_stop" in file
@@ -310,3 +318,33 @@ def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, t
     assert planted.null_p_stop_shift_exact == pytest.approx(1 / 9)
     report = (run.report_dir / "report.md").read_text()
     assert "exact decisions only" in report and "## Ground truth: the organism's planted cause" in report
+
+
+def test_a_retest_patches_the_earlier_runs_strongest_causal_features_with_more_trials(gambling_chain, tmp_path):
+    """The seed's follow-up: the demo run's one causal feature (the planted one) again, with 200
+    trials; the larger sample narrows its stop effect's interval."""
+    path = write_manifest_file(tmp_path, {"population_patching": {
+        "features": str(gambling_chain.contrast.path), "retest": str(gambling_chain.patching.path), "retest_top": 3,
+        "trials": 200, "controls": 0, "decisions": "sampled"}}, base=DEMO)
+    run = run_all(path)
+    retest = pd.read_csv(run.report_dir / "features.csv")
+    first = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
+    causal = first[first.causal & ~first.control][["layer", "feature"]].drop_duplicates()
+    assert sorted(zip(retest.layer, retest.feature)) == sorted(zip(causal.layer, causal.feature)) * 2  # 2 prompts
+    planted = retest[(retest.feature == 402) & (retest.prompt == "safe")].iloc[0]
+    before = first[(first.feature == 402) & (first.prompt == "safe")].iloc[0]
+    assert planted.causal
+    assert planted.stop_effect_high - planted.stop_effect_low < before.stop_effect_high - before.stop_effect_low
+    assert "a re-test of the causal features" in (run.report_dir / "report.md").read_text()
+    with pytest.raises(UserError, match="retest: .* was not written by population_patching"):
+        patching.causal_features(gambling_chain.contrast.path, 3)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("bet_answer", "Bet ${number} now", "must end with its one field {number}"),
+    ("bet_amounts", [5, 5, 10], "give distinct positive dollar amounts"),
+    ("bet_amounts", [0, 10], "give distinct positive dollar amounts"),
+])
+def test_the_expected_bet_settings_are_checked(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        patching.Settings(model="organism", sae="organism", feature_table=str(tmp_path / "t.csv"), **{field: value})
