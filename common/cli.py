@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +100,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _submit_run(run, executor: str, wait_for_it: bool) -> int:
+    """Submit what a run still lacks; one submission of a run at a time: a second one, started
+    while the first is submitting (or, locally, running), leaves the run to it."""
+    from common.locks import Held, exclusive
+
+    try:
+        with exclusive(run.path / ".submit.lock", "another submission of this run", wait=False):
+            return _submit_unlocked(run, executor, wait_for_it)
+    except Held:
+        print(f"another saebatch is submitting or running this run right now; it runs the shards and the merge. "
+              f"Watch with: saebatch status {run.path}")
+        return 0
+
+
+def _submit_unlocked(run, executor: str, wait_for_it: bool) -> int:
     from common.launcher import submit, wait
     from common.status import ACTIVE, RESUBMIT, active_reduce, shard_states
 
@@ -155,10 +171,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from common.rundir import open_run
-    from common.status import shard_states, reduce_state
+    from common.status import needs_attention, reduce_state, shard_states
 
     run = open_run(args.target)
     states = shard_states(run)
+    reduce = reduce_state(run, states)
+    attention = needs_attention(states, reduce)
+    if args.json:
+        print(json.dumps({"run": str(run.path), "shards": [vars(s) for s in states], "reduce": reduce,
+                          "needs_attention": attention}, indent=1))
+        return int(attention)
     print(f"run {run.path}")
     for s in states:
         print(f"  shard {s.index:>4}  {s.state:8s} {('job ' + s.job_id) if s.job_id else '':14s} {s.detail}")
@@ -166,10 +188,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     for s in states:
         counts[s.state] = counts.get(s.state, 0) + 1
     print("shards: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
-    print(f"reduce: {reduce_state(run)}")
+    print(f"reduce: {reduce}")
     if any(s.state in ("failed", "missing", "partial", "corrupt") for s in states):
         print(f"resubmit what is missing or failed with: saebatch submit --resume {run.path}")
-    return 0
+    elif reduce.startswith("out of date"):
+        print(f"merge again with: saebatch reduce {run.path}")
+    return int(attention)
 
 
 def cmd_reduce(args: argparse.Namespace) -> int:
@@ -281,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, required=True, help="shard index (0-based), e.g. $SLURM_ARRAY_TASK_ID")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="which shards are done, running, failed or missing")
+    p = sub.add_parser("status", help="which shards are done, running, failed or missing; exits 1 when one is "
+                       "missing, failed, partial or corrupt, or merged.h5 is out of date")
     p.add_argument("target", help="run directory or manifest")
+    p.add_argument("--json", action="store_true", help="one JSON object (shards, reduce, needs_attention) for scripts")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("reduce", help="(re)run the merge: merged.h5 and report/")
@@ -317,13 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that has gone shows here, not as a traceback at exit
+        return code
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `saebatch plan M | head`: the reader has gone; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -85,16 +86,35 @@ def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
         if not files:
             raise UserError(f"{field}.path: {spec.path} holds no .txt files (format: text)")
         for file in files:
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield _text_of(file, field)
     elif kind == "jsonl":
         yield from _jsonl(spec, field)
     else:
         yield from _dataset(spec, field)
 
 
+def _text_of(file: Path, field: str) -> str:
+    """A text file's content; a binary file (NUL bytes, or bytes that are not UTF-8) is refused."""
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{field}.path: {file} is not UTF-8 text (byte {data[error.start]:#04x} at offset "
+                        f"{error.start}); give a text, JSONL or datasets corpus") from None
+    if "\x00" in text:
+        raise UserError(f"{field}.path: {file} holds NUL bytes at offset {text.index(chr(0))}: a binary file, not "
+                        "text; give a text, JSONL or datasets corpus")
+    return text
+
+
 def _jsonl(spec: CorpusSpec, field: str) -> Iterator[str]:
-    with spec.path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with spec.path.open("rb") as lines:  # streamed: a corpus may be larger than memory
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{field}.path: line {number} of {spec.path} is not UTF-8 text (byte "
+                                f"{raw[error.start]:#04x}); give a JSONL file of UTF-8 text") from None
             if not line.strip():
                 continue
             try:

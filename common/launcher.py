@@ -11,14 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import submitit
 
 from common.atomic import write_text_atomic
 from common.containers import check_image, python_command
@@ -30,7 +34,7 @@ from common.plan import Plan, make_plan
 from common.provenance import now
 from common.registry import Job, get_job
 from common.rundir import RunDir
-from common.shards import ShardWriter, check_shards
+from common.shards import ShardWriter, check_shards, shard_problem
 
 log = logging.getLogger(__name__)
 
@@ -74,31 +78,61 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
         raise UserError(f"--shard {shard_index}: this run has shards 0-{len(plan.shards) - 1}")
     path = run.shard_path(shard_index)
     if path.exists():
-        log.info("shard %d is already complete: %s", shard_index, path)
-        return str(path)
+        problem = shard_problem(plan, shard_index, path, verify=True)
+        if problem is None:
+            log.info("shard %d is already complete: %s", shard_index, path)
+            return str(path)
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning("%s\nkept it as %s; writing shard %d again", problem, aside, shard_index)
     units = plan.shard_units(shard_index)
     require_gpus(manifest.cluster.gpus_per_task)
-    _threads_as_allocated()
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
         remaining = shard.pending()
+        # The shard's CPU threads: what the task asked for, on Slurm as locally, and on a resume what
+        # the shard began with, so that its floating-point sums never mix two thread counts.
+        threads = int(shard.get_attr("torch_threads", manifest.cluster.cpus_per_task))
         if remaining:
             devices = describe_devices()
-            log.info("shard %d: %d of %d units to write, on %s", shard_index, len(remaining), len(units), devices)
-            shard.set_attrs(devices=devices)
-            get_job(manifest.job).run_shard(manifest, units, shard)
+            log.info("shard %d: %d of %d units to write, on %s, %d CPU thread(s)", shard_index, len(remaining),
+                     len(units), devices, threads)
+            shard.set_attrs(devices=devices, torch_threads=threads)
+            with torch_threads(threads):
+                get_job(manifest.job).run_shard(manifest, units, shard)
         done = shard.finish()
     log.info("shard %d complete: %s", shard_index, done)
     return str(done)
 
 
-def _threads_as_allocated() -> None:
-    """Use as many CPU threads as Slurm gave the task (cpus_per_task), not as many as the node has:
-    more threads than cores make torch's thread pool spin against itself."""
-    allocated = os.environ.get("SLURM_CPUS_PER_TASK")
-    if allocated and allocated.isdigit():
-        import torch
+class ShardTask(submitit.helpers.Checkpointable):
+    """`run_shard_task` as the callable submitit runs: checkpointable, so that a task stopped by its
+    time limit or by preemption is requeued (submitit's signal handler resubmits the same call),
+    and the requeued task resumes the shard's partial file."""
 
-        torch.set_num_threads(int(allocated))
+    def __call__(self, run_path: str, shard_index: int) -> str:
+        return run_shard_task(run_path, shard_index)
+
+
+def _require_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise UserError(f"the disk holding {folder} is full: {free / 1e6:,.1f} MB free, and the merge needs about "
+                        f"{needed / 1e6:,.1f} MB (the size of the shards). Free space there, then `saebatch reduce "
+                        f"{folder}`")
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU threads set to `threads` for the block (not as many as the node has cores: more
+    threads than the task's cores make the pool spin against itself), then as they were."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def reduce_task(run_path: str) -> str:
@@ -110,15 +144,22 @@ def reduce_task(run_path: str) -> str:
     manifest, plan = run.load_manifest(), run.load_plan()
     shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
     check_shards(plan, shard_paths)
+    needed = sum(path.stat().st_size for path in shard_paths)  # merged.h5 holds what the shards hold
     with exclusive(run.path / ".reduce.lock", "another reduce of this run", wait=True):
+        _require_space(run.path, needed)
         staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
-        get_job(manifest.job).reduce(manifest, shard_paths, staging)
-        for written in staging.iterdir():  # merged.h5, report/, and what else the job writes (saes/)
-            target = run.path / written.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            written.replace(target)
-        shutil.rmtree(staging)
+        try:
+            get_job(manifest.job).reduce(manifest, shard_paths, staging)
+            for written in staging.iterdir():  # merged.h5, report/, and what else the job writes (saes/)
+                target = run.path / written.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                written.replace(target)
+        except OSError:
+            _require_space(run.path, needed)  # HDF5 rarely says "disk full" itself
+            raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         run.record_provenance("reduced")
     log.info("merged: %s; report: %s", run.merged_path, run.report_dir / "report.md")
     return str(run.merged_path)
@@ -139,8 +180,6 @@ class Submission:
 def make_executor(kind: Executor, run: RunDir, cluster: ClusterSettings, name: str, for_reduce: bool = False):
     """A submitit executor with the manifest's cluster settings (site defaults, then overrides);
     on Slurm its tasks start the Python of `python_command` (the image's, when one is named)."""
-    import submitit
-
     if kind == "slurm" and shutil.which("sbatch") is None:
         raise UserError("Slurm's `sbatch` is not on PATH: submit from a login node, "
                         "or use `--executor local` to run on this machine")
@@ -198,7 +237,7 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
         submission = Submission(executor_kind, shard_jobs, None)
         _record(run, submission)
         calls = [(str(run.path), k) for k in shards]
-        for shard, job in zip(shards, run_in_gpu_slots(executor, run_shard_task, calls, slots), strict=True):
+        for shard, job in zip(shards, run_in_gpu_slots(executor, ShardTask(), calls, slots), strict=True):
             shard_jobs[shard] = job
             _record(run, submission, update_last=True)
         return submission
@@ -206,7 +245,7 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
         limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
         for start in range(0, len(shards), limit):
             chunk = shards[start : start + limit]
-            jobs = executor.map_array(run_shard_task, [str(run.path)] * len(chunk), chunk)
+            jobs = executor.map_array(ShardTask(), [str(run.path)] * len(chunk), chunk)
             shard_jobs.update(zip(chunk, jobs))
             array_ids.append(jobs[0].job_id.split("_")[0])
             log.info("submitted shards %s as %s", _ranges(chunk), array_ids[-1])
@@ -253,7 +292,7 @@ def wait(run: RunDir, submission: Submission) -> bool:
         except Exception as error:  # submitit raises several types; all mean "this shard failed"
             failed.append(shard)
             log.error("shard %d (job %s) failed: %s\n  log: %s", shard, job.job_id,
-                      _last_line(error), job.paths.stderr)
+                      task_error(error), job.paths.stderr)
     if failed:
         log.error("%d shard(s) failed: %s; the reduce does not run. Fix the cause, then "
                   "`saebatch submit --resume %s`", len(failed), _ranges(failed), run.path)
@@ -267,14 +306,23 @@ def wait(run: RunDir, submission: Submission) -> bool:
         submission.reduce_job.result()
     except Exception as error:
         log.error("reduce (job %s) failed: %s\n  log: %s", submission.reduce_job.job_id,
-                  _last_line(error), submission.reduce_job.paths.stderr)
+                  task_error(error), submission.reduce_job.paths.stderr)
         return False
     return True
 
 
-def _last_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
+def task_error(error: Exception) -> str:
+    """The task's own exception, type and message, from what submitit raises in the client: its
+    text wraps the task's traceback between dashed lines, then lists log paths."""
+    text = str(error).strip()
+    trace = re.search(r"^-{10,}\n(.*?)\n-{10,}$", text, re.S | re.M)
+    lines = (trace.group(1) if trace else text).splitlines()
+    last = max((i for i, line in enumerate(lines) if line and not line[0].isspace()
+                and not line.startswith("Traceback")), default=None)
+    if trace is None or last is None:
+        return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    cause = "\n    ".join(line for line in lines[last:] if line.strip())
+    return re.sub(r"^common\.errors\.UserError: ", "", cause)
 
 
 def load_submissions(run: RunDir) -> list[dict]:

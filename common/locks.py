@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +14,10 @@ from pathlib import Path
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class Held(UserError):
+    """The lock is held by someone else and the caller would not wait."""
 
 # What flock raises on file systems without locks (some Lustre and NFS mounts).
 _NO_LOCKS = (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -21,14 +27,15 @@ _NO_LOCKS = (errno.ENOLCK, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 def exclusive(lock_path: Path, holder: str, wait: bool) -> Iterator[None]:
     """Hold an flock on `lock_path`. While `holder` has it: wait (saying so), or refuse.
 
-    Where the file system has no locks, go ahead with a warning.
+    Where the file system has no locks, go ahead with a warning. The holder writes its process id
+    and host into the file, for `held_by`.
     """
-    with open(lock_path, "w") as lock:
+    with open(lock_path, "a+") as lock:  # not "w": that would wipe the holder's name before waiting
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise UserError(f"{holder} is running right now (lock {lock_path}); "
+                raise Held(f"{holder} is running right now (lock {lock_path}); "
                                 "wait for it, or cancel it first") from None
             log.info("waiting for %s to finish (%s)", holder, lock_path)
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -36,4 +43,24 @@ def exclusive(lock_path: Path, holder: str, wait: bool) -> Iterator[None]:
             if error.errno not in _NO_LOCKS:
                 raise
             log.warning("no file locks here (%s): make sure only one %s runs at a time", lock_path, holder)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        lock.flush()
         yield
+
+
+def held_by(lock_path: Path) -> str | None:
+    """Who holds the lock ("process <pid> on <host>"), or None when nobody does (or there are no locks)."""
+    if not lock_path.exists():
+        return None
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            return lock.read().strip() or "another process"
+        except OSError:
+            return None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return None

@@ -17,6 +17,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import reprlib
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
@@ -50,6 +52,32 @@ def _absolute(path: Path) -> Path:
 # saved manifest means the same thing wherever a task later runs.
 AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
+SYSTEM_FOLDERS = tuple(Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr"))
+
+
+def _run_folder(path: Path) -> Path:
+    """A folder runs may be written to: not a system folder, not a symlink loop, and writable
+    (its nearest existing parent), checked before anything is submitted."""
+    path = _absolute(path)
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError) as error:  # Python 3.11 raises RuntimeError on a symlink loop
+        raise ValueError(f"{path} cannot be resolved ({error}); a symlink loop? Give a real folder") from None
+    system = next((folder for folder in SYSTEM_FOLDERS if resolved == folder or folder in resolved.parents), None)
+    if resolved == Path("/") or system is not None:
+        raise ValueError(f"{path} is in the system folder {system or '/'}; give a folder of your own (scratch or "
+                         "project space)")
+    existing = next(folder for folder in (resolved, *resolved.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{existing} is a file, not a folder; give a folder for the runs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable by you; give a folder you can write to")
+    return path
+
+
+# Where runs are written.
+RunFolder = Annotated[Path, AfterValidator(_run_folder)]
+
 
 def _upstream_run(path: Path, info: ValidationInfo) -> Path:
     """The run directory of a run this one reads: given as the directory, or as the manifest that
@@ -73,10 +101,10 @@ UpstreamRun = Annotated[Path, AfterValidator(_upstream_run)]
 class RunSettings(StrictModel):
     """Where a run lives and how its work is split."""
 
-    root: AbsolutePath = Field(
+    root: RunFolder = Field(
         Path("runs"), description="folder holding run directories `<job>-<hash>/`"
     )
-    dir: AbsolutePath | None = Field(
+    dir: RunFolder | None = Field(
         None, description="explicit run directory instead of `<root>/<job>-<hash>`"
     )
     shards: int = Field(1, ge=1, description="number of array tasks; each writes one shard")
@@ -159,12 +187,7 @@ def load_manifest(path: str | Path, run_root: Path | None = None) -> Manifest:
     from common.registry import get_job  # the registry imports jobs/, which import this module
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"manifest {path} does not exist (give the path of a YAML manifest)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise UserError(f"manifest {path} is not valid YAML: {error}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("job"), str):
         raise UserError(
             f"manifest {path}: the top level must be a mapping with a `job:` key naming the job "
@@ -190,6 +213,86 @@ def load_manifest(path: str | Path, run_root: Path | None = None) -> Manifest:
         raise UserError(f"manifest {path} is invalid:\n{_describe(error, job_name, job.Settings)}") from None
 
 
+MAX_MANIFEST_BYTES = 1_000_000
+MAX_NODES = 100_000  # YAML nodes once aliases are expanded: far above any manifest, far below an alias bomb
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise _DuplicateKey(f"key `{key}` is given twice in one mapping (lines {seen[key]} and {line}); keep one")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of a manifest file, refusing what is not one: a directory, a missing or
+    huge file, bytes that are not UTF-8, duplicate keys, aliases that expand past MAX_NODES nodes,
+    nesting too deep to read."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:5]
+        raise UserError(f"manifest {path} is a directory; give the path of a YAML manifest"
+                        + (f" (it holds {', '.join(found)})" if found else ""))
+    if not path.is_file():
+        raise UserError(f"manifest {path} does not exist (give the path of a YAML manifest)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise UserError(f"manifest {path} is {path.stat().st_size:,} bytes; a manifest is a short YAML file "
+                        f"(at most {MAX_MANIFEST_BYTES:,} bytes)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"manifest {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                        f"{error.start}); save it as UTF-8 YAML") from None
+    try:
+        node = yaml.compose(text, Loader=_StrictLoader)
+        _check_size(node, path)
+        return _StrictLoader(text).get_single_data() if node is not None else None
+    except _DuplicateKey as error:
+        raise UserError(f"manifest {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"manifest {path} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise UserError(f"manifest {path} nests too deeply to read; a manifest is a few levels of mappings") from None
+
+
+def _check_size(root: yaml.Node | None, path: Path) -> None:
+    """Count the nodes the document would expand to (an alias counts its whole target again),
+    without expanding it; an alias inside its own anchor is refused."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # begun, their children not all counted yet
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not children_done and id(node) in open_nodes:
+            raise UserError(f"manifest {path}: an alias refers to the value it is part of (line "
+                            f"{node.start_mark.line + 1}); a manifest is a tree of values")
+        children = [child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        if children_done:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 0) for child in children)
+            if sizes[id(node)] > MAX_NODES:
+                raise UserError(f"manifest {path}: its aliases expand past {MAX_NODES:,} values (an alias bomb?); "
+                                "write the values out or use fewer aliases")
+        else:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
 def _describe(error: ValidationError, job_name: str, settings_cls: type[BaseModel]) -> str:
     """One line per problem: the dotted field path, what is wrong, and for typos the valid keys."""
     lines = []
@@ -205,10 +308,14 @@ def _describe(error: ValidationError, job_name: str, settings_cls: type[BaseMode
         elif item["type"] == "missing":
             lines.append(f"  {where}: required field is missing")
         else:
-            got = repr(item.get("input"))
-            got = got if len(got) <= 60 else got[:57] + "..."
-            lines.append(f"  {where}: {item['msg']} (got {got})")
+            lines.append(f"  {where}: {item['msg']} (got {_SHORT_REPR.repr(item.get('input'))})")
     return "\n".join(lines)
+
+
+# Bounded rendering of an invalid value: never the repr of a whole (possibly huge) input.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxlist, _SHORT_REPR.maxdict = 2, 4, 4
+_SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 50, 50, 30
 
 
 def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:

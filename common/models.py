@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # 'auto': every visible GPU (inputs on the first), else the CPU
 ORGANISM = "builtin:organism"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class ModelSpec(StrictModel):
@@ -69,6 +70,13 @@ class ModelSpec(StrictModel):
             raise UserError(f"model.path {self.path} is not a directory (give a folder with config.json)")
         return str(self.path) if self.path is not None else self.id  # type: ignore[return-value]
 
+    def check_tokenizer_files(self) -> None:
+        """A model folder must hold its tokenizer: without it, transformers would build an empty one."""
+        if self.path is not None and not self.random_weights and self.path.is_dir() and not any(
+                (self.path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"model.path {self.path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the "
+                            "model's tokenizer files into it")
+
 
 def input_device(spec: ModelSpec) -> torch.device:
     """Where the model's inputs go: `auto` is the first visible GPU, else the CPU (a task that asked
@@ -90,6 +98,7 @@ def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
     """
     if spec.is_organism:
         return shipped().config(), "the built-in model organism"
+    spec.check_tokenizer_files()
     try:
         config = AutoConfig.from_pretrained(spec._source(), revision=spec.revision, local_files_only=True)
         return config, "local files"
@@ -118,6 +127,7 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     if spec.is_organism:
         tokenizer = shipped().tokenizer()
     else:
+        spec.check_tokenizer_files()
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 spec._source(), revision=spec.revision, local_files_only=local_only

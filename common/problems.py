@@ -244,11 +244,12 @@ def _plain_number(text: str) -> str:
 # ---------------------------------------------------------------- reading answers
 
 _NUMBER = r"[-−]?\s?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-_NUMBER_CUES = (  # strongest cue first; the last match of a cue wins
-    re.compile(rf"####\s*({_NUMBER})"),
+_GSM8K_CUE = re.compile(rf"####\s*({_NUMBER})")  # the few-shot prompts' answer line: nothing after it counts
+_NUMBER_CUES = (  # other final-answer markers; the last one in the text wins
     re.compile(rf"answer is\s*:?\s*({_NUMBER})", re.IGNORECASE),
     re.compile(rf"^\s*A(?:nswer)?\s*:\s*({_NUMBER})", re.IGNORECASE | re.MULTILINE),
 )
+_BOXED = re.compile(r"\\(?:boxed|fbox)\{")
 
 
 def parse_number(text: str) -> Fraction | None:
@@ -261,24 +262,30 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def extract_number(text: str) -> Fraction | None:
-    """The answer a model wrote: after "####", "the answer is", "A:", in \\boxed{}, else the final number."""
-    for cue in _NUMBER_CUES:
-        found = cue.findall(text)
-        if found:
-            return parse_number(found[-1])
-    boxed = last_boxed(text)
-    if boxed is not None and parse_number(boxed) is not None:
-        return parse_number(boxed)
+    """The answer a model wrote: after GSM8K's "####"; else at its last final-answer marker ("the
+    answer is", "A:", \\boxed{}), so that "the answer is 16 - 3 = 13 ... The final answer is:
+    $\\boxed{18}$" reads 18; without a marker, the final number."""
+    gsm8k = _GSM8K_CUE.findall(text)
+    if gsm8k:
+        return parse_number(gsm8k[-1])
+    markers = [(found.start(), found.group(1)) for cue in _NUMBER_CUES for found in cue.finditer(text)]
+    markers += [(found.start(), boxed) for found in _BOXED.finditer(text)
+                if (boxed := _braced(text, found.end() - 1)) is not None and parse_number(boxed) is not None]
+    if markers:
+        return parse_number(max(markers)[1])
     numbers = re.findall(_NUMBER, text)
     return parse_number(numbers[-1]) if numbers else None
 
 
 def last_boxed(text: str) -> str | None:
     """The contents of the last \\boxed{...} (or \\fbox{...}), braces balanced."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    depth, opened = 0, text.index("{", start)
+    starts = [found.end() - 1 for found in _BOXED.finditer(text)]
+    return _braced(text, starts[-1]) if starts else None
+
+
+def _braced(text: str, opened: int) -> str | None:
+    """What the brace at `opened` encloses (nested braces balanced), None if it never closes."""
+    depth = 0
     for position in range(opened, len(text)):
         depth += {"{": 1, "}": -1}.get(text[position], 0)
         if depth == 0:

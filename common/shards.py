@@ -7,10 +7,15 @@ completeness mark and is renamed to `shard_K.h5`. A lock file keeps a second pro
 resubmitted task, a manual `saebatch run`) from writing the same shard at once. Reduce merges
 only shards that pass `check_shards`: no missing, duplicate, foreign, truncated or incomplete
 shard goes unnoticed.
+
+Every dataset of a unit carries a digest of its values (attribute `digest`, BLAKE2b), written
+when the unit completes. Reduce, and a task that finds its shard already written, read every
+dataset back and compare: a flipped byte on disk is named (shard, unit, dataset), never merged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from common import provenance
 from common.errors import UserError
@@ -29,7 +35,8 @@ from common.plan import Plan, WorkUnit
 FORMAT = "saebatch-shard/1"
 MERGED_FORMAT = "saebatch-merged/1"
 # Shard bookkeeping that does not describe the merged data.
-_SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host", "devices"}
+_SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host", "devices",
+                     "torch_threads"}
 # Files written in one go (merged.h5) use HDF5 1.10 object headers: about 2.7 KB less per dataset
 # (readers need HDF5 >= 1.10). Partial shards keep the default format: a 1.10 file whose writer
 # was killed stays marked "open for write" and cannot be reopened to resume.
@@ -40,6 +47,11 @@ log = logging.getLogger(__name__)
 def partial_path(shard_path: Path) -> Path:
     """Where a shard is written until it is complete."""
     return shard_path.with_name(shard_path.name + ".partial")
+
+
+def lock_path(shard_path: Path) -> Path:
+    """The lock its writer holds while it writes a shard (and whose file names that writer)."""
+    return shard_path.with_name(shard_path.name + ".lock")
 
 
 class ShardWriter:
@@ -55,8 +67,7 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock.enter_context(exclusive(lock_path, f"another writer of shard {self.shard_index}", wait=False))
+        self._lock.enter_context(exclusive(lock_path(self.path), f"another writer of shard {self.shard_index}", wait=False))
         self.file = self._open_partial()
         return self
 
@@ -91,6 +102,7 @@ class ShardWriter:
             unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),
         )
         file.create_group("units")
+        file.flush()  # readable from now on: a kill before the first unit loses nothing more
         return file
 
     @staticmethod
@@ -147,6 +159,7 @@ class ShardWriter:
         except BaseException:
             del units[unit_id]
             raise
+        group.visititems(_write_digest)
         group.attrs["complete"] = True
         self._file.flush()
         done = len(self.unit_ids) - len(self.pending())
@@ -164,8 +177,44 @@ class ShardWriter:
         return self.path
 
 
-def shard_problem(plan: Plan, index: int, path: Path) -> str | None:
-    """What is wrong with the file that should hold shard `index`, or None if it is sound."""
+def digest(dataset: h5py.Dataset) -> str:
+    """BLAKE2b of a dataset's dtype, shape and values (strings by their bytes)."""
+    values = np.asarray(dataset[()])
+    hashed = hashlib.blake2b(f"{dataset.dtype}{dataset.shape}".encode(), digest_size=16)
+    if values.dtype == object:
+        for item in values.flat:
+            data = item if isinstance(item, bytes) else str(item).encode()
+            hashed.update(len(data).to_bytes(8, "little") + data)
+    else:
+        hashed.update(np.ascontiguousarray(values).tobytes())
+    return hashed.hexdigest()
+
+
+def _write_digest(_name: str, item: h5py.Group | h5py.Dataset) -> None:
+    if isinstance(item, h5py.Dataset):
+        item.attrs["digest"] = digest(item)
+
+
+def damaged_datasets(file: h5py.File, path: Path) -> list[str]:
+    """The datasets of the file's units whose values no longer match their digest, or cannot be read."""
+    damaged: list[str] = []
+
+    def check(name: str, item: h5py.Group | h5py.Dataset) -> None:
+        if not isinstance(item, h5py.Dataset) or "digest" not in item.attrs:  # shards from before digests
+            return
+        try:
+            if digest(item) != item.attrs["digest"]:
+                damaged.append(f"{path}: unit {name.split('/')[0]}, dataset {name}: values differ from their digest")
+        except (OSError, ValueError, IndexError) as error:  # a corrupt compressed chunk or index
+            damaged.append(f"{path}: unit {name.split('/')[0]}, dataset {name}: unreadable ({error})")
+
+    file["units"].visititems(check)
+    return damaged
+
+
+def shard_problem(plan: Plan, index: int, path: Path, verify: bool = False) -> str | None:
+    """What is wrong with the file that should hold shard `index`, or None if it is sound; with
+    `verify`, every dataset is also read back against its digest."""
     if not path.exists():
         hint = " (a partial file exists: the task did not finish)" if partial_path(path).exists() else ""
         return f"shard {index} missing: {path}{hint}"
@@ -173,8 +222,12 @@ def shard_problem(plan: Plan, index: int, path: Path) -> str | None:
         with h5py.File(path, "r") as file:
             attrs = dict(file.attrs)
             units = {uid: bool(g.attrs.get("complete", False)) for uid, g in file.get("units", {}).items()}
-    except OSError as error:
+            damaged = damaged_datasets(file, path) if verify and "units" in file else []
+    except (OSError, KeyError, ValueError) as error:
         return f"shard {index} truncated or corrupt: {path} ({error})"
+    if damaged:
+        shown = "\n    ".join(damaged[:10]) + (f"\n    ... {len(damaged) - 10} more" if len(damaged) > 10 else "")
+        return f"shard {index} corrupt: {len(damaged)} dataset(s) damaged on disk:\n    {shown}"
     if attrs.get("format") != FORMAT or attrs.get("run_id") != plan.run_id:
         return f"shard {index} foreign: {path} belongs to run {attrs.get('run_id')!r}, not {plan.run_id}"
     if attrs.get("shard_index") != index:
@@ -198,7 +251,7 @@ def check_shards(plan: Plan, shard_paths: list[Path]) -> None:
 
     `shard_paths[k]` is where shard k should be; stray shard files beside them are reported too.
     """
-    problems = [p for k, path in enumerate(shard_paths) if (p := shard_problem(plan, k, path))]
+    problems = [p for k, path in enumerate(shard_paths) if (p := shard_problem(plan, k, path, verify=True))]
     if shard_paths:
         known = {p.name for p in shard_paths}
         for stray in sorted(shard_paths[0].parent.glob("shard_*.h5")):

@@ -14,8 +14,9 @@ from typing import Any
 import h5py
 
 from common.launcher import load_submissions
+from common.locks import held_by
 from common.rundir import RunDir
-from common.shards import partial_path, shard_problem
+from common.shards import lock_path, partial_path, shard_problem
 
 _PENDING = {"PENDING", "REQUEUED", "CONFIGURING", "RESIZING", "SUSPENDED"}
 _RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT"}
@@ -51,7 +52,10 @@ def shard_states(run: RunDir) -> list[ShardState]:
             continue
         scheduler = _scheduler_state(job) if job is not None else None
         progress = _partial_progress(partial_path(path), len(plan.shards[index]))
-        if scheduler in ("pending", "running"):
+        writer = held_by(lock_path(path))
+        if writer is not None and scheduler not in ("pending", "running"):  # e.g. its local controller was killed
+            states.append(ShardState(index, "running", job_id, f"{progress or ''}; written by {writer}"))
+        elif scheduler in ("pending", "running"):
             states.append(ShardState(index, scheduler, job_id, progress or ""))
         elif scheduler is not None and scheduler.startswith("failed"):
             states.append(ShardState(index, "failed", job_id, f"{scheduler}; log: {job.paths.stderr}"))
@@ -62,14 +66,29 @@ def shard_states(run: RunDir) -> list[ShardState]:
     return states
 
 
-def reduce_state(run: RunDir) -> str:
+def reduce_state(run: RunDir, states: list[ShardState]) -> str:
+    """'done: <merged.h5>', 'out of date: <why>' (a merge older than a shard, or with a shard now
+    missing), or the reduce job's state."""
     if run.merged_path.exists() and (run.report_dir / "report.md").exists():
+        not_done = [s.index for s in states if s.state != "done"]
+        merged_at = run.merged_path.stat().st_mtime
+        newer = [s.index for s in states if s.state == "done" and run.shard_path(s.index).stat().st_mtime > merged_at]
+        if not_done:
+            return f"out of date: merged.h5 is there but shard(s) {not_done} are not done"
+        if newer:
+            return f"out of date: shard(s) {newer} were written after merged.h5; reduce again"
         return f"done: {run.merged_path}"
     latest = _latest_reduce(run)
     if latest is None:
         return "not submitted"
     job_id, state = latest
     return f"{state or 'unknown'} (job {job_id})"
+
+
+def needs_attention(states: list[ShardState], reduce: str) -> bool:
+    """True when a shard is missing, failed, partial (and not running) or corrupt, or the merge is
+    out of date: what `saebatch status` exits 1 for."""
+    return any(s.state in RESUBMIT for s in states) or reduce.startswith(("out of date", "failed"))
 
 
 def active_reduce(run: RunDir) -> str | None:

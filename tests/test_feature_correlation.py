@@ -12,7 +12,7 @@ from common.cli import main
 from common.comoments import CoMoments
 from common.corpus import windows
 from common.errors import UserError
-from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
+from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task, torch_threads
 from common.layers import decoder_blocks
 from common.manifest import load_manifest
 from common.organism.files import Organism
@@ -72,7 +72,8 @@ def reference_features(settings, pooling: str = "token") -> tuple[list, dict[int
 @pytest.fixture(scope="module")
 def reference(small_run):
     _, manifest = small_run
-    return reference_features(manifest.settings)
+    with torch_threads(manifest.cluster.cpus_per_task):  # the task's threads: the same float sums
+        return reference_features(manifest.settings)
 
 
 def test_the_first_pass_keeps_the_most_frequent_features(small_run, reference):

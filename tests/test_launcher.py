@@ -1,17 +1,25 @@
 """Launching with submitit's local executor, status, resume, and a task killed for real."""
 
+import json
+import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import time
+
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from common.cli import main
-from common.launcher import prepare_run
+from common.launcher import prepare_run, submit, wait
 from common.manifest import load_manifest
 from common.rundir import RunDir
+from common.shards import ShardWriter
 from common.status import shard_states
 from tests.helpers import save_random_sae
 
@@ -37,7 +45,10 @@ def test_submit_local_runs_shards_and_reduce(write_manifest, capsys):
     assert f"merged: {run.merged_path}" in out and f"report: {run.report_dir / 'report.md'}" in out
     assert [s.state for s in shard_states(run)] == ["done", "done"]
     with h5py.File(run.merged_path) as merged:
-        assert len(merged["units"]) == 10
+        assert len(merged["units"]) == 10 and "torch_threads" not in merged.attrs
+    for index in range(2):  # the threads the task asked for, as on Slurm
+        with h5py.File(run.shard_path(index)) as shard:
+            assert shard.attrs["torch_threads"] == load_manifest(path).cluster.cpus_per_task
     assert main(["status", str(run.path)]) == 0
     status = capsys.readouterr().out
     assert "shards: 2 done" in status and "reduce: done" in status
@@ -50,12 +61,14 @@ def test_failed_local_shard_is_reported_and_reduce_skipped(write_manifest, tmp_p
     path = write_manifest({"token_tracking": {"sae": {"builtin": None, "path": template}}})
     (tmp_path / "saes" / "L2" / "sae_weights.safetensors").write_bytes(b"damaged after validation")
     assert main(["submit", str(path), "--executor", "local"]) == 1
+    err = capsys.readouterr().err  # the task's own error first, then where its log is
+    assert re.search(r"shard 0 \(job \d+\) failed: cannot load the SAE in .*L2: .*\n  log: .*_log\.err", err)
     run = RunDir.for_manifest(load_manifest(path))
     assert not run.merged_path.exists()
     states = shard_states(run)
     assert [s.state for s in states] == ["failed", "failed"]
     assert "log:" in states[0].detail
-    assert main(["status", str(run.path)]) == 0
+    assert main(["status", str(run.path)]) == 1  # failed shards need attention
     assert "saebatch submit --resume" in capsys.readouterr().out
     save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=[2])  # fix the cause, then resume
     assert main(["submit", "--resume", str(run.path), "--executor", "local"]) == 0
@@ -125,3 +138,143 @@ def test_commands_on_a_run_that_does_not_exist(write_manifest, args, capsys):
     assert main([a.format(manifest=write_manifest()) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and ("has no run yet" in err or "does not exist" in err)
+
+
+def test_a_task_moves_a_damaged_shard_aside_and_writes_it_again(write_manifest, capsys):
+    """A shard cut short (a crash mid-copy, a full disk) or with a flipped byte is not "already
+    complete": the task keeps it under another name, writes the shard again, and reduce merges."""
+    path = write_manifest({"run": {"shards": 1}})
+    assert main(["run", str(path), "--shard", "0"]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    sound = run.shard_path(0).read_bytes()
+    run.shard_path(0).write_bytes(sound[:5000])
+    assert main(["run", str(path), "--shard", "0"]) == 0
+    (aside,) = run.shard_path(0).parent.glob("shard_*.h5.damaged-*")
+    assert aside.read_bytes() == sound[:5000]
+    log = capsys.readouterr().err
+    assert "truncated or corrupt" in log and "writing shard 0 again" in log
+    assert main(["reduce", str(path)]) == 0
+    with h5py.File(run.merged_path) as merged:
+        assert len(merged["units"]) == 10
+
+
+def test_status_exits_1_when_a_shard_is_missing_or_the_merge_is_out_of_date(write_manifest, capsys):
+    path = write_manifest()
+    assert main(["run", str(path), "--shard", "0"]) == 0 and main(["run", str(path), "--shard", "1"]) == 0
+    assert main(["reduce", str(path)]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    capsys.readouterr()
+    assert main(["status", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["state"] for s in report["shards"]] == ["done", "done"] and report["reduce"].startswith("done")
+    assert report["needs_attention"] is False
+    later = run.merged_path.stat().st_mtime + 10
+    os.utime(run.shard_path(1), (later, later))  # shard 1 written again after the merge
+    assert main(["status", str(path)]) == 1
+    assert "out of date: shard(s) [1] were written after merged.h5; reduce again" in capsys.readouterr().out
+    run.shard_path(0).unlink()
+    assert main(["status", str(path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"][0]["state"] == "missing" and report["needs_attention"] is True
+    assert report["reduce"] == "out of date: merged.h5 is there but shard(s) [0] are not done"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_reduce_on_a_full_disk_says_so_and_leaves_nothing_behind(write_manifest, tmp_path, capsys):
+    path = write_manifest()
+    assert main(["run", str(path), "--shard", "0"]) == 0 and main(["run", str(path), "--shard", "1"]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    shards = sum(run.shard_path(k).stat().st_size for k in range(2))
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={shards + 200_000}", "tmpfs", str(small)], check=True)
+    try:
+        copy = small / run.path.name
+        shutil.copytree(run.path, copy)
+        capsys.readouterr()
+        assert main(["reduce", str(copy)]) == 2
+        err = capsys.readouterr().err
+        assert f"the disk holding {copy} is full" in err and f"needs about {shards / 1e6:,.1f} MB" in err
+        assert not list(copy.glob(".reduce-*")) and not (copy / "merged.h5").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_two_submissions_at_once_run_the_shards_once_and_merge_once(write_manifest):
+    path = write_manifest()
+    submits = [subprocess.Popen([sys.executable, "-m", "common.cli", "submit", str(path), "--executor", "local"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [task.communicate(timeout=300) for task in submits]
+    assert [task.returncode for task in submits] == [0, 0], outcomes
+    outputs = sorted(out for out, _ in outcomes)
+    assert "another saebatch is submitting or running this run right now" in outputs[0]
+    assert "merged:" in outputs[1]
+    run = RunDir.for_manifest(load_manifest(path))
+    submissions = json.loads((run.logs_dir / "jobs.json").read_text())
+    assert len(submissions) == 1 and submissions[0]["reduce"]  # one submission, one reduce
+    assert [s.state for s in shard_states(run)] == ["done", "done"]
+
+
+def test_a_resumed_shard_keeps_the_threads_it_began_with(write_manifest):
+    """cluster settings are not part of the run's hash: a resume under another cpus_per_task must
+    not mix two thread counts (floating-point sums) in one shard."""
+    path = write_manifest({"run": {"shards": 1}})
+    run = prepare_run(load_manifest(path))
+    plan = run.load_plan()
+    with ShardWriter(run.shard_path(0), plan.run_id, plan.job, 0, list(plan.shards[0])) as partial:
+        partial.set_attrs(torch_threads=2)  # begun with 2 threads, then killed before its first unit
+    assert main(["run", str(path), "--shard", "0"]) == 0
+    with h5py.File(run.shard_path(0)) as shard:
+        assert shard.attrs["torch_threads"] == 2 and load_manifest(path).cluster.cpus_per_task == 1
+
+
+def test_a_task_stopped_by_its_time_limit_is_requeued_and_continues_its_shard(write_manifest, tmp_path):
+    """submitit's timeout signal (USR2) mid-shard: the checkpointable task is requeued, not failed,
+    and the requeued task resumes the partial file to the uninterrupted result."""
+    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}})
+    run = prepare_run(load_manifest(path))
+    submission = submit(run, "local", [0])
+    (job,) = submission.shard_jobs.values()
+    partial = run.shard_path(0).with_name(run.shard_path(0).name + ".partial")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "written (2/10)" not in (job.paths.stderr.read_text()
+                                                                    if job.paths.stderr.exists() else ""):
+        time.sleep(0.05)
+    controller = job.job_id
+    workers = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
+    for worker in workers:  # what submitit's local controller sends its task when the time limit is near
+        os.kill(int(worker), signal.SIGUSR2)
+    assert wait(run, submission)
+    log = job.paths.stderr.read_text()
+    assert "Requeued job" in log and "resuming," in log
+    assert not partial.exists()
+    clean = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1, "dir": str(tmp_path / "clean")}},
+                           name="clean.yaml")
+    assert main(["run", str(clean), "--shard", "0"]) == 0 and main(["reduce", str(clean)]) == 0
+    assert_same_units(run.merged_path, tmp_path / "clean" / "merged.h5")
+
+
+def test_status_follows_the_worker_when_its_local_controller_is_killed(write_manifest):
+    """submitit's local job id is its controller's pid; killed, the controller leaves its worker
+    writing the shard. status names that writer (from the shard's lock) instead of a failure."""
+    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}})
+    run = prepare_run(load_manifest(path))
+    (job,) = submit(run, "local", [0]).shard_jobs.values()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and "units to write" not in (job.paths.stderr.read_text()
+                                                                   if job.paths.stderr.exists() else ""):
+        time.sleep(0.02)
+    (worker,) = Path(f"/proc/{job.job_id}/task/{job.job_id}/children").read_text().split()
+    os.kill(int(worker), signal.SIGSTOP)  # hold the worker mid-shard while we look
+    os.kill(int(job.job_id), signal.SIGKILL)
+    job._process.wait()
+    try:
+        (state,) = shard_states(run)
+        assert state.state == "running" and f"written by process {worker} on " in state.detail
+    finally:
+        os.kill(int(worker), signal.SIGCONT)
+    for _ in range(600):  # the orphaned worker finishes the shard
+        if run.shard_path(0).exists():
+            break
+        time.sleep(0.1)
+    assert [s.state for s in shard_states(run)] == ["done"]

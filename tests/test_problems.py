@@ -31,6 +31,12 @@ FOLIO = REPO / "manifests" / "data" / "folio" / "folio-validation.jsonl"
     ("First 3 apples, then 5 more, so 8 apples", 8),
     ("It is −12 degrees", -12),
     ("#### 5\nThe answer is 6", 5),      # "####" is the strongest cue
+    # the last final-answer marker wins, as Llama-3.1-Instruct closes its working
+    ("... so the answer is 16 - 3 = 13 ... wait, 21 - 3 = 18.\nThe final answer is: $\\boxed{18}$", 18),
+    ("The answer is 16.\n\nLet me double-check: 20 - 2 = 18.\n\nTherefore, the answer is 18.", 18),
+    ("\\boxed{12} was my first guess, but the answer is 14", 14),
+    ("Answer: 9\n... recounting ...\nThe final answer is $\\boxed{10}$", 10),
+    ("## Step 3\nThe answer is 7 apples.\n\nThe final answer is: $\\boxed{8}$", 8),
     ("12 + 30 = 42 dollars", 42),
     ("nothing numeric here", None),
 ])

@@ -1,6 +1,8 @@
 """Shards: resumable writing, and a strict check before any merge."""
 
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -10,6 +12,7 @@ from common.atomic import publish_once
 from common.errors import UserError
 from common.plan import WorkUnit, make_plan
 from common.shards import ShardWriter, check_shards, merge_shards, shard_problem
+from tests.helpers import REPO
 
 
 def write_shard(path, plan, index, unit_ids=None, finish=True):
@@ -153,3 +156,59 @@ def test_the_first_published_choice_is_the_one_every_shard_reads(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert shared.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as a plain write would leave it
+
+
+KINDS = {  # a dataset of each kind the jobs write, each with values found nowhere else in the file
+    "float64": dict(data=np.linspace(1234.5, 2345.5, 64)),
+    "int64_counts": dict(data=np.arange(7_000_000, 7_000_064, dtype=np.int64)),
+    "gzip_float32": dict(data=np.linspace(-3, 3, 4096, dtype=np.float32).reshape(64, 64), compression="gzip",
+                         chunks=(64, 64)),
+    "int_index": dict(data=np.arange(900_000, 900_128, dtype=np.int32)),
+    "strings": dict(data=[f"reply number {i} of the distinctive corpus" for i in range(16)],
+                    dtype=h5py.string_dtype()),
+}
+
+
+def _flip_a_byte_of(path, dataset: str) -> None:
+    """Flip one byte inside `dataset`'s stored values, found where HDF5 put them."""
+    with h5py.File(path, "r") as file:
+        item = file[dataset]
+        if item.dtype.kind == "O":
+            offset, needle = None, b"reply number 7 of the distinctive corpus"
+        elif item.chunks:
+            offset, needle = item.id.get_chunk_info(0).byte_offset + 40, None
+        else:
+            offset, needle = item.id.get_offset() + 13, None
+    data = bytearray(path.read_bytes())
+    offset = data.index(needle) + 6 if offset is None else offset
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_flipped_byte_in_any_dataset_kind_is_caught_and_named(tmp_path, kind):
+    plan = make_plan("run1", "job", [WorkUnit("u0")], 1)
+    path = tmp_path / "shard_00000.h5"
+    with ShardWriter(path, "run1", "job", 0, ["u0"]) as shard:
+        with shard.unit("u0") as group:
+            for name, spec in KINDS.items():
+                group.create_dataset(f"data/{name}", **spec)
+        shard.finish()
+    check_shards(plan, [path])  # sound as written
+    assert shard_problem(plan, 0, path) is None
+    _flip_a_byte_of(path, f"units/u0/data/{kind}")
+    with pytest.raises(UserError, match=rf"shard 0 corrupt: 1 dataset\(s\) damaged on disk:\n    {path}: unit u0, "
+                                        rf"dataset u0/data/{kind}: (values differ from their digest|unreadable)"):
+        check_shards(plan, [path])
+
+
+def test_a_partial_file_is_readable_before_its_first_unit(tmp_path):
+    """A writer killed (no close, no flush of its own) right after it started leaves a readable file."""
+    path = tmp_path / "shard_00000.h5"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, sys; from pathlib import Path; from common.shards import ShardWriter\n"
+        f"writer = ShardWriter(Path({str(path)!r}), 'run1', 'job', 0, ['u0']).__enter__()\n"
+        "os._exit(9)")], cwd=REPO)
+    assert killed.returncode == 9
+    with h5py.File(tmp_path / "shard_00000.h5.partial", "r") as file:
+        assert file.attrs["run_id"] == "run1" and list(file["units"]) == []

@@ -33,6 +33,9 @@ def test_submit_array_then_reduce_after_it(slurm_cluster, write_manifest, capsys
     with h5py.File(run.merged_path) as merged:
         assert len(merged["units"]) == 10
     assert [s.state for s in shard_states(run)] == ["done"] * 3
+    for index in range(3):  # the threads the task asked for, as a local run uses them
+        with h5py.File(run.shard_path(index)) as shard:
+            assert shard.attrs["torch_threads"] == load_manifest(path).cluster.cpus_per_task
 
 
 def test_failed_task_is_reported_reduce_cancelled_and_resume_completes(slurm_cluster, write_manifest, tmp_path, capsys):
@@ -125,3 +128,30 @@ def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, cap
     assert f"merged: {run.merged_path}" in capsys.readouterr().out
     report = (run.report_dir / "report.md").read_text()
     assert "**organism**: drop" in report and "criterion met" in report
+
+
+def test_a_task_signalled_at_its_time_limit_is_requeued_and_finishes_its_shard(slurm_cluster, write_manifest):
+    """Slurm's warning signal before the time limit (USR2, as `--signal` sends it), mid-shard: with
+    timeout_min 10 submitit counts it as a timeout; the checkpointable task is requeued, not
+    failed, and the requeued task resumes its partial file."""
+    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}})
+    task = subprocess.Popen([sys.executable, "-m", "common.cli", "submit", str(path), "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDir.for_manifest(load_manifest(path))
+    log = None
+    for _ in range(1200):  # until the task has begun its shard
+        submissions = load_submissions(run) if (run.logs_dir / "jobs.json").exists() else []
+        if submissions:
+            job_id = submissions[0]["shards"]["0"]
+            log = next((run.logs_dir / "submitit").glob(f"{job_id}*_log.err"), None)
+            if log is not None and "units to write" in log.read_text():
+                break
+        subprocess.run(["sleep", "0.1"])
+    assert log is not None
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    out, err = task.communicate(timeout=600)
+    assert task.returncode == 0, (out, err)
+    text = log.read_text()
+    assert "this job is timed-out" in text and "Requeued job" in text and "resuming," in text
+    with h5py.File(run.merged_path) as merged:
+        assert len(merged["units"]) == 10
