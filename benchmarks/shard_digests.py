@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/shard_digests.py
 
 A shard of 40 units shaped like feature_correlation's (per unit: float64 co-moment blocks, int64
-counts, a gzip-compressed float32 matrix; 3.4 MB a unit, 136 MB in all) is written twice in one
+counts, a gzip-compressed float32 matrix; 3.4 MB a unit before compression) is written twice in one
 run: through `ShardWriter`, which digests every dataset as its unit completes, and with plain h5py
 (the same datasets, no digest: the baseline). Then `check_shards` is timed with the digests
 verified (what reduce does) and without (the structural check alone). Rows go to RESULTS.md.
