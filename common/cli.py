@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from common.errors import UserError
@@ -214,19 +215,41 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # manifests/ lies beside common/, in the source tree and in site-packages alike
     demo_dir = Path(__file__).resolve().parent.parent / "manifests" / "demo"
     paths = sorted(demo_dir.glob("*.yaml"))  # name order: a chain's steps are numbered (gambling_1_games, ...)
+    paths = [path for path in paths if not args.only or any(part in path.name for part in args.only)]
     if not paths:
-        raise UserError(f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
+        raise UserError(f"no demo manifest in {demo_dir} matches --only {args.only}" if args.only else
+                        f"no demo manifests in {demo_dir}: reinstall saebatch (pip install -e .)")
     on_gpu = not args.cpu and bool(visible_gpus())
     print(f"demo on {describe_devices()}: each task gets one GPU" if on_gpu else
           "demo on the CPU" + (" (--cpu)" if args.cpu else " (no GPU is visible)"))
-    status = 0
-    for path in paths:
-        manifest = load_manifest(path, run_root=Path(args.root).absolute())
-        manifest.cluster.gpus_per_task = 1 if on_gpu else 0  # cluster settings are not part of the run id
-        print(f"== demo: {manifest.job} ({path.name})")
-        run = prepare_run(manifest)
-        status |= _submit_run(run, "local", True)
-    return status
+    rows, failed = [], []
+    for path in paths:  # each manifest whose inputs exist runs, whatever happened to the others
+        began = time.monotonic()
+        print(f"== demo: {path.name}")
+        try:
+            manifest = load_manifest(path, run_root=Path(args.root).absolute())
+            manifest.cluster.gpus_per_task = 1 if on_gpu else 0  # cluster settings are not part of the run id
+            run = prepare_run(manifest)
+        except UserError as error:  # most often: an earlier step's run is missing
+            state = "skipped: inputs missing" if failed else "failed"
+            print(f"error: {error}", file=sys.stderr)
+            rows.append((path.name, state, time.monotonic() - began, str(error).splitlines()[0]))
+            failed.append(path.name)
+            continue
+        code = _submit_run(run, "local", True)
+        rows.append((path.name, "done" if code == 0 else "failed", time.monotonic() - began,
+                     str(run.report_dir / "report.md") if code == 0 else f"saebatch status {run.path}"))
+        if code:
+            failed.append(path.name)
+    print("\n" + _table(["manifest", "status", "time", "output"],
+                         [(name, state, f"{seconds:.0f} s", output) for name, state, seconds, output in rows]))
+    return 1 if failed else 0
+
+
+def _table(header: list[str], rows: list[tuple]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
 
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
@@ -318,9 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model",
                        description="Run every manifest of manifests/demo/ through the local executor on the "
                        "built-in model organism. Where this machine has a GPU, every task gets one and the "
-                       "model runs on it (model.device: auto); else everything runs on the CPU.")
+                       "model runs on it (model.device: auto); else everything runs on the CPU. A manifest that "
+                       "fails does not stop the others (those that read its run are skipped); a table of "
+                       "manifest, status, time and output ends the demo.")
     p.add_argument("--root", default="runs", help="folder for the demo's run directories (default ./runs)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is visible")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only the manifests whose file name contains one of "
+                   "these, e.g. --only reasoning token_tracking")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("organism", help="the built-in model organism: rebuild it or re-measure it")

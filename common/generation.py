@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from transformers import (
     DynamicCache,
@@ -44,15 +45,24 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_key(seed: int) -> int:
-    """A 32-bit key of any integer seed (seeds are built from game and trial numbers; they may be large)."""
-    return int.from_bytes(hashlib.blake2b(str(seed).encode(), digest_size=4).digest(), "little")
+def seed_of(*parts: int) -> int:
+    """One 64-bit seed of several non-negative integers (game, round, attempt...): distinct tuples
+    give distinct seeds, with no packing of one into the digits of another."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
+
+
+def row_key(seed: int) -> tuple[int, int]:
+    """A 64-bit key of any integer seed, as two 32-bit halves: a million rows' keys collide with a
+    chance of 3e-8 (32 bits would give about a hundred collisions)."""
+    digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
 def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(rows, vocab) uniforms in (0, 1): row r, token v at `step` is a hash of (keys[r], step, v)."""
+    """(rows, vocab) uniforms in (0, 1): row r, token v at `step` is a hash of (keys[r], step, v);
+    `keys` is (rows, 2), the halves of each row's 64-bit key."""
     step_key = mix32(torch.tensor((step * 0x9E3779B9) & MASK32, device=keys.device))
-    rows = mix32(keys ^ step_key)
+    rows = mix32(mix32(keys[:, 0] ^ step_key) ^ keys[:, 1])
     tokens = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))
     hashed = mix32(rows[:, None] ^ tokens[None, :])
     return ((hashed >> 9).float() + 0.5) * 2.0**-23  # 23 bits and the half: exact in float32, never 0 or 1
@@ -73,12 +83,16 @@ class SeededNoise(LogitsProcessor):
 
 
 def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    """The prompts tokenized with padding on the left, so that every prompt ends in the last column."""
+    """The prompts tokenized with padding on the left, so that every prompt ends in the last column,
+    with the position ids that count from each prompt's first real token: without them a model
+    with absolute positions (GPT-2) would read a padded prompt as shifted along."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
-        return dict(tokenizer(prompts, return_tensors="pt", padding=True).to(device))
+        encoded = dict(tokenizer(prompts, return_tensors="pt", padding=True).to(device))
     finally:
         tokenizer.padding_side = side
+    encoded["position_ids"] = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return encoded
 
 
 @torch.no_grad()
@@ -90,6 +104,7 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: 
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     encoded = left_padded(tokenizer, prompts, device)
+    encoded.pop("position_ids")  # generate derives them from the mask, step after step
     length = encoded["input_ids"].shape[1]
     if prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:

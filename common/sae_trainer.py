@@ -149,12 +149,14 @@ class TrainedSae:
     tokens_per_second: float
     scale: float                               # the activations' scaling constant
     validation: torch.Tensor = field(repr=False)  # the held-out raw activations
+    held_out_groups: list[int] = field(default_factory=list)  # with `groups`: the groups never trained on
 
 
 def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str, model_name: str,
-              device: torch.device, desc: str = "SAE") -> TrainedSae:
-    """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed."""
-    split = split_tokens(activations, config)
+              device: torch.device, desc: str = "SAE", groups: torch.Tensor | None = None) -> TrainedSae:
+    """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed,
+    whole groups at a time when `groups` (a group id per token: its item or document) is given."""
+    split = split_tokens(activations, config, groups)
     train = split.train.to(device)
     scale = activation_scale(train)
     weights = initial_weights(train, scale, config, split.generator, device)
@@ -187,7 +189,7 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
     sae = to_sae_lens(weights, scale, config, hook_name, model_name)
     metrics = evaluate(sae, split.validation, config.batch_size)
-    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation)
+    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation, split.held_out_groups)
 
 
 @dataclass
@@ -197,15 +199,30 @@ class Split:
     validation: torch.Tensor     # raw activations
     train: torch.Tensor          # raw activations
     generator: torch.Generator   # draws next the initial weights, then each epoch's batch order
+    held_out_groups: list[int] = field(default_factory=list)
 
 
-def split_tokens(activations: torch.Tensor, config: TrainingConfig) -> Split:
+def split_tokens(activations: torch.Tensor, config: TrainingConfig, groups: torch.Tensor | None = None) -> Split:
     """Held-out and training tokens drawn by the seed's generator, which the caller then hands to
-    `initial_weights` and `batch_rows`, in that order: the same seed, the same SAE."""
+    `initial_weights` and `batch_rows`, in that order: the same seed, the same SAE.
+
+    With `groups`, whole groups are held out (in the seed's order, until they hold
+    `validation_fraction` of the tokens): tokens of one item are alike, so a token split would
+    measure the SAE on items it was trained on."""
     generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(activations), generator=generator)
-    held_out = max(1, int(len(activations) * config.validation_fraction))
-    split = Split(activations[order[:held_out]], activations[order[held_out:]], generator)
+    if groups is None:
+        order = torch.randperm(len(activations), generator=generator)
+        held_out = max(1, int(len(activations) * config.validation_fraction))
+        split = Split(activations[order[:held_out]], activations[order[held_out:]], generator)
+    else:
+        names, counts = torch.unique(groups, return_counts=True)
+        if len(names) < 2:
+            raise ValueError(f"{len(names)} group(s) of tokens: holding whole groups out needs at least two")
+        order = torch.randperm(len(names), generator=generator)
+        enough = int(torch.searchsorted(counts[order].cumsum(0), len(activations) * config.validation_fraction)) + 1
+        held = names[order[:min(enough, len(names) - 1)]]
+        validation = torch.isin(groups, held)
+        split = Split(activations[validation], activations[~validation], generator, sorted(held.tolist()))
     if len(split.train) < config.batch_size:
         raise ValueError(f"{len(split.train)} training tokens, fewer than one batch of {config.batch_size}")
     return split

@@ -322,7 +322,8 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
                     features = ablations[name][ablations[name][:, 0] == layer, 1]
                     chosen_features[c :: len(conditions), torch.as_tensor(features, device=device)] = True
                 stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions)))
-            output = model.generate(**encoded, max_new_tokens=bench.spec.max_new_tokens, do_sample=False,
+            output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                                    max_new_tokens=bench.spec.max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id, stop_strings=bench.spec.stop_strings,
                                     tokenizer=tokenizer)
         texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -141,8 +141,9 @@ def final_features(games: h5py.File, layer: int) -> dict[str, np.ndarray]:
 
 
 def contrast(bankrupt: np.ndarray, safe: np.ndarray) -> dict[str, np.ndarray]:
-    """Per feature: group means, pooled SD, Cohen's d, Welch's t and its two-sided p (NaN if both
-    groups are constant: nothing to test)."""
+    """Per feature: group means, pooled SD, Cohen's d, Welch's t and its two-sided p. A feature
+    constant within each group separates them perfectly when the two constants differ (d and t
+    infinite, p 0) and says nothing when they are equal (NaN)."""
     n1, n2 = len(bankrupt), len(safe)
     var1, var2 = bankrupt.var(axis=0, ddof=1), safe.var(axis=0, ddof=1)
     pooled = np.sqrt(((n1 - 1) * var1 + (n2 - 1) * var2) / (n1 + n2 - 2))
@@ -150,8 +151,11 @@ def contrast(bankrupt: np.ndarray, safe: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         d = np.where(pooled > 0, difference / pooled, np.nan)
         t, p = stats.ttest_ind(bankrupt, safe, axis=0, equal_var=False)
-    untestable = (var1 == 0) & (var2 == 0)
-    t, p = np.where(untestable, np.nan, t), np.where(untestable, np.nan, p)
+    constant = (var1 == 0) & (var2 == 0)
+    separated = constant & (difference != 0)
+    d = np.where(separated, np.sign(difference) * np.inf, d)
+    t = np.where(separated, np.sign(difference) * np.inf, np.where(constant, np.nan, t))
+    p = np.where(separated, 0.0, np.where(constant, np.nan, p))
     return {"feature": np.arange(bankrupt.shape[1]), "mean_bankrupt": bankrupt.mean(axis=0),
             "mean_safe": safe.mean(axis=0), "sd_pooled": pooled, "cohens_d": d, "t": t, "p": p,
             "active_bankrupt": (bankrupt > 0).mean(axis=0), "active_safe": (safe > 0).mean(axis=0)}

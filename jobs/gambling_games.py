@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from common.choices import OptionReader
 from common.errors import UserError
-from common.generation import left_padded, sample
+from common.generation import left_padded, sample, seed_of
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.manifest import Manifest, StrictModel
 from common.models import (
@@ -66,7 +66,7 @@ class Settings(StrictModel):
     bet_types: list[task.BetType] = Field(["fixed", "variable"], description="bet types of the design")
     first_rounds: list[Literal["win", "loss"]] = Field(["win", "loss"], description="first round's outcomes")
     repetitions: int = Field(50, ge=0, description="games per condition")
-    seed: int = Field(0, description="seed of every game's slot machine and sampling noise")
+    seed: int = Field(0, ge=0, description="seed of every game's slot machine and sampling noise")
     prompt_template: str = Field(task.PROMPT_TEMPLATE, description=f"decision prompt with {sorted(task.TEMPLATE_FIELDS)}")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
     max_new_tokens: int = Field(50, ge=1, description="longest answer")
@@ -113,7 +113,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         for repetition in range(s.repetitions):
             units.append(WorkUnit(f"{condition.name}_{repetition:03d}", {
                 "components": "".join(condition.components), "bet_type": condition.bet_type,
-                "first_round": condition.first_round, "seed": s.seed * 1_000_003 + len(units)}))
+                "first_round": condition.first_round, "seed": seed_of(s.seed, len(units))}))
     return units
 
 
@@ -156,8 +156,9 @@ class Player:
                            game.condition.bet_type)
 
     def noise_seed(self) -> int:
-        """The sampling noise of this game's current question (round and attempt)."""
-        return (self.unit.payload["seed"] * 1_000 + self.game.round) * 10 + self.attempts
+        """The sampling noise of this game's current question: a 64-bit seed drawn from (game seed,
+        round, attempt), distinct for any number of rounds and retries."""
+        return seed_of(self.unit.payload["seed"], self.game.round, self.attempts)
 
     def decide(self, prompt: str, answer: str, retries: int, exact: dict[str, float]) -> None:
         """Record the sampled answer (and the options' exact probabilities) and play what it says."""

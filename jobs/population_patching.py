@@ -36,7 +36,7 @@ from tqdm import tqdm
 from common.choices import NumberReader, OptionReader
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
-from common.generation import prompt_prefix, sample
+from common.generation import prompt_prefix, sample, seed_of
 from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
 from common.models import (
     ModelSpec,
@@ -127,7 +127,7 @@ class Settings(StrictModel):
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
     max_new_tokens: int = Field(50, ge=1, description="longest answer")
     patch_generated: bool = Field(False, description="also set the feature at every generated token")
-    seed: int = Field(0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
+    seed: int = Field(0, ge=0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
     batch_size: int = Field(128, ge=1, description="answers generated together")
     controls: int = Field(0, ge=0, description="per patched layer, random live features of similar activation "
                           "frequency patched exactly as the chosen ones: the null distribution of effects")
@@ -349,7 +349,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 batch = [row for row in to_answer[start : start + s.batch_size] if row.prompt == prompt]
                 if not batch:
                     continue
-                seeds = [s.seed * 1_000_003 + row.prompt * 100_003 + row.trial for row in batch]
+                seeds = [seed_of(s.seed, row.prompt, row.trial) for row in batch]
                 text = s.prompts[prompt].text
                 prefix = prompt_prefix(model, tokenizer, text, len(batch), device)
                 with row_edits(model, saes, batch, s.patch_generated):

@@ -32,7 +32,7 @@ from common.plan import Estimate, WorkUnit
 from common.problems import load_benchmark
 from common.report import Report
 from common.sae_quality import ce_loss_recovered
-from common.sae_trainer import TrainingConfig, train_sae
+from common.sae_trainer import LinearSAE, TrainingConfig, train_sae
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import DEVICE_FIELD, CaptureRun, read_capture_run
 from jobs.activation_capture import encode_items, token_limit
@@ -40,6 +40,21 @@ from jobs.activation_capture import encode_items, token_limit
 log = logging.getLogger(__name__)
 FIELD = "sae_training"
 NOT_MEASURED = float("nan")
+LINEAR_LOADING = """# A linear autoencoder (`activation: none`), not a sparse SAE
+
+sae-lens has no architecture "linear", so plain `SAE.load_from_disk` refuses this folder. Either
+import saebatch's trainer first, which registers it:
+
+    import common.sae_trainer  # noqa: F401 (registers "linear" with sae-lens)
+    from sae_lens import SAE
+    sae = SAE.load_from_disk("<this folder>")
+
+or compute it from `sae_weights.safetensors` directly (safetensors.torch.load_file):
+
+    f = (x - b_dec) @ W_enc + b_enc        # no ReLU: every feature may be non-zero
+    x_hat = f @ W_dec + b_dec
+"""
+ITEMS_PER_BENCHMARK = 2**32  # group id of a captured token: benchmark index x this + item index
 METRICS = ("tokens", "l0", "explained_variance", "dead_fraction", "mse_per_token", "mean_squared_correlation",
            "ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered", "tokens_per_second")
 
@@ -115,26 +130,31 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         entry, layer = capture.models[unit.payload["model"]], unit.payload["layer"]
         device = input_device(entry.placed(s.device))
         with h5py.File(capture.merged, "r") as merged:
-            activations = torch.from_numpy(merged[f"models/{entry.name}/L{layer}"][()])
+            captured = merged[f"models/{entry.name}"]
+            activations = torch.from_numpy(captured[f"L{layer}"][()])
+            items = torch.from_numpy(captured["benchmark"][()].astype(np.int64) * ITEMS_PER_BENCHMARK
+                                     + captured["item"][()].astype(np.int64))
         trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
-                            desc=f"{entry.name} L{layer}")
+                            desc=f"{entry.name} L{layer}", groups=items)  # held out: whole items
         metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
         if s.ce_items and entry.name not in loaded:
             loaded.clear()  # one model in memory at a time
             loaded[entry.name] = _model_at_hand(entry.placed(s.device), entry.name)
         if s.ce_items and loaded[entry.name] is not None:
             model, tokenizer = loaded[entry.name]
-            batches = _ce_batches(capture, model, tokenizer, s.ce_items, device)
+            batches = _ce_batches(capture, model, tokenizer, s.ce_items, device, trained.held_out_groups)
             metrics |= ce_loss_recovered(model, batches, layer, trained.sae.to(device))
         else:
             metrics |= dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
         with shard.unit(unit.id) as group:
             group.attrs.update(model=entry.name, layer=layer, cfg=json.dumps(trained.sae.cfg.to_dict()),
-                               scale=trained.scale, **{name: float(metrics[name]) for name in METRICS})
+                               scale=trained.scale, **{name: float(metrics[name]) for name in METRICS},
+                               held_out_items=len(trained.held_out_groups), items=len(torch.unique(items)))
             for name, value in trained.sae.state_dict().items():
                 group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
             for name, values in trained.curves.items():
                 group.create_dataset(f"curves/{name}", data=np.asarray(values))
+            group.create_dataset("held_out_items", data=np.asarray(trained.held_out_groups, dtype=np.int64))
 
 
 def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:
@@ -146,14 +166,15 @@ def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:
         return None
 
 
-def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int,
-                device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """The first `n_items` items of each captured benchmark, tokenized as they were captured, with
-    the captured positions marked as those the SAE replaces."""
+def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int, device: torch.device,
+                held_out: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Up to `n_items` held-out items (never trained on) of each captured benchmark, tokenized as
+    they were captured, with the captured positions marked as those the SAE replaces."""
     batches = []
     for index, spec in enumerate(capture.settings.benchmarks):
         bench = load_benchmark(spec, f"{FIELD}: the capture's benchmarks[{index}]")
-        chosen = bench.items[:n_items]
+        mine = {group - index * ITEMS_PER_BENCHMARK for group in held_out if group // ITEMS_PER_BENCHMARK == index}
+        chosen = [item for item in bench.items if item.index in mine][:n_items]
         for start in range(0, len(chosen), capture.settings.batch_size):
             encoded, keep = encode_items(tokenizer, bench, chosen[start : start + capture.settings.batch_size],
                                          capture.settings.text, token_limit(capture.settings, model.config))
@@ -181,11 +202,16 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     sae.load_state_dict({name: torch.from_numpy(group[f"weights/{name}"][()])
                                          for name in group["weights"]})
                     sae.save_model(sae_dir(out_dir, model, layer))
+                    if isinstance(sae, LinearSAE):
+                        (sae_dir(out_dir, model, layer) / "LOADING.md").write_text(LINEAR_LOADING)
                     rows.append({"model": model, "layer": layer, "d_sae": sae.cfg.d_sae,
-                                 **{name: float(group.attrs[name]) for name in METRICS}})
+                                 **{name: float(group.attrs[name]) for name in METRICS},
+                                 **{name: int(group.attrs.get(name, -1)) for name in ("held_out_items", "items")}})
                     curves[(model, layer)] = {name: group[f"curves/{name}"][()] for name in group["curves"]}
                     for name, values in curves[(model, layer)].items():
                         out.create_dataset(f"curves/{unit_id}/{name}", data=values)
+                    if "held_out_items" in group:  # benchmark index x 2^32 + item index, never trained on
+                        out.create_dataset(f"held_out_items/{unit_id}", data=group["held_out_items"][()])
         table = pd.DataFrame(rows).sort_values(["model", "layer"], ignore_index=True)
         for column in table.columns:
             values = table[column].to_numpy()
@@ -213,8 +239,10 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
         "Loss per batch of activations scaled to mean squared norm d_in: mean ||x - x_hat||^2 + l1 * mean sum_i "
         "|f_i| ||W_dec_i|| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over "
         "the batch). "
-        f"Metrics on the {config.validation_fraction:.0%} held-out tokens; the CE loss recovered on {s.ce_items} "
-        "items per benchmark (NaN: not measured, the model could not be loaded). SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
+        f"Split by item, not by token: whole benchmark items holding about {config.validation_fraction:.0%} of the "
+        f"tokens are held out (`held_out_items` of `items` in the table) and never trained on; the metrics are "
+        f"measured on their tokens, and the CE loss recovered on up to {s.ce_items} of them per benchmark (NaN: not "
+        "measured, the model could not be loaded). SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
     )
     if not sparse:
         report.text("**Activation `none` is a linear autoencoder, not a sparse one**: every feature is non-zero on "

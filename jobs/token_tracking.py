@@ -358,7 +358,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
 
 
 def span_attention(data: h5py.File, names: list[str], layers: list[int]) -> pd.DataFrame:
-    """Attention of the final token to each key span: summed over the span, averaged over heads."""
+    """Attention of the final token to each key span, averaged over heads: summed over the span
+    (`attention`), per span token (`per_token`), and as a ratio to the uniform share, the span's
+    tokens over the positions attended (`vs_uniform`: 1 is what length alone gives)."""
     rows = []
     for name in names:
         unit = data["units"][name]
@@ -366,8 +368,10 @@ def span_attention(data: h5py.File, names: list[str], layers: list[int]) -> pd.D
         for layer in layers:
             final_row = unit[f"attention/L{layer}"][:, -1, :].astype(np.float64)  # (heads, seq)
             for span, positions in spans.items():
-                rows.append({"scenario": name, "layer": layer, "span": span,
-                             "attention": float(final_row[:, positions].sum(axis=1).mean())})
+                total = float(final_row[:, positions].sum(axis=1).mean())
+                rows.append({"scenario": name, "layer": layer, "span": span, "attention": total,
+                             "tokens": len(positions), "per_token": total / len(positions),
+                             "vs_uniform": total / (len(positions) / final_row.shape[1])})
     return pd.DataFrame(rows)
 
 
@@ -388,23 +392,28 @@ def _report_attention(report: Report, spans: pd.DataFrame, data: h5py.File, s: S
     from matplotlib.colors import PowerNorm
 
     report.heading("Attention of the decision token to the key spans")
-    report.text("Weight that the final prompt token puts on each key span's tokens (summed over the "
-                "span, mean over heads). Table: mean over scenarios; per-scenario values in the CSV.")
-    pivot = spans.groupby(["layer", "span"])["attention"].mean().unstack("span").reset_index()
+    report.text("Weight that the final prompt token puts on each key span's tokens, mean over heads, as a "
+                "ratio to the uniform share (`vs_uniform`: the span's tokens over the positions attended, so a "
+                "long span does not outrank a short one by its length alone; 1 is no preference). Table: mean "
+                "over scenarios, the spans sorted by it; per-scenario sums, per-token weights and ratios in the CSV.")
+    pivot = spans.groupby(["layer", "span"])["vs_uniform"].mean().unstack("span")
+    pivot = pivot[pivot.mean().sort_values(ascending=False).index].reset_index()
     report.table(spans, "span_attention", shown=pivot)
-    span_names = list(s.key_spans)
+    span_names = list(spans.groupby("span")["vs_uniform"].mean().sort_values(ascending=False).index)
     fig, axes = plt.subplots(1, len(span_names), figsize=(4 * len(span_names), 3.4), sharey=True, squeeze=False)
     for ax, span in zip(axes[0], span_names):
         part = spans[spans["span"] == span]
         for name, rows in part.groupby("scenario", sort=False):
-            ax.plot(rows["layer"], rows["attention"], lw=0.8, alpha=0.6, label=name)
-        mean = part.groupby("layer")["attention"].mean()
+            ax.plot(rows["layer"], rows["vs_uniform"], lw=0.8, alpha=0.6, label=name)
+        mean = part.groupby("layer")["vs_uniform"].mean()
         ax.plot(mean.index, mean.values, color="black", lw=2.2, label="mean")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(span)
         ax.set_xlabel("layer")
-    axes[0][0].set_ylabel("attention from final token")
+    axes[0][0].set_ylabel("attention / uniform share")
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
-    report.figure(fig, "span_attention", "Attention of the final token to each key span, by layer")
+    report.figure(fig, "span_attention", "Attention of the final token to each key span against the uniform share "
+                  "(dashed: 1), by layer; spans by their mean ratio")
 
     scenario = s.heatmap_scenario or s.scenarios[0].name
     chosen = s.heatmap_layers or sorted({layers[0], layers[len(layers) // 2], layers[-1]})

@@ -101,3 +101,19 @@ def test_missing_or_foreign_upstream_runs_and_small_groups_are_refused(gambling_
     with h5py.File(other / "merged.h5", "w") as foreign:
         foreign.attrs["job"] = "token_tracking"
     refused({"games": str(other)}, "was written by 'token_tracking', not gambling_games")
+
+
+def test_a_feature_constant_in_each_group_separates_them_perfectly():
+    """Constant 2.0 in bankrupt games and 0 in safe ones: d and t infinite, p 0, selected; the same
+    constant in both: nothing to test."""
+    rng = np.random.default_rng(0)
+    bankrupt, safe = rng.normal(0, 1, (30, 3)), rng.normal(0, 1, (40, 3))
+    bankrupt[:, 0], safe[:, 0] = 2.0, 0.0
+    bankrupt[:, 1], safe[:, 1] = 1.0, 1.0
+    table = pd.DataFrame(contrast(bankrupt, safe)).assign(layer=1)
+    assert np.isposinf(table.cohens_d[0]) and np.isposinf(table.t[0]) and table.p[0] == 0.0
+    assert table.loc[1, ["cohens_d", "t", "p"]].isna().all()
+    flipped = pd.DataFrame(contrast(safe, bankrupt))
+    assert np.isneginf(flipped.cohens_d[0])
+    chosen = correct(table, Selection(alpha=0.05, min_abs_d=0.5, correction="bh"))
+    assert chosen.selected[0] and not chosen.selected[1]

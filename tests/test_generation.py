@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from common.generation import prompt_prefix, row_key, sample, uniform_noise
+from common.generation import left_padded, prompt_prefix, row_key, sample, uniform_noise
 from common.organism import synthetic
 from common.organism.files import Organism
 
@@ -83,7 +83,30 @@ def test_noise_is_exact_integer_hashing_and_uniform():
     step_key = _mix32_reference((3 * 0x9E3779B9) & 0xFFFFFFFF)
     for r in range(3):
         for v in (0, 1, 4_095, 69_999):
-            hashed = _mix32_reference(_mix32_reference(int(keys[r]) ^ step_key) ^ _mix32_reference(v))
+            low, high = (int(half) for half in keys[r])
+            row = _mix32_reference(_mix32_reference(low ^ step_key) ^ high)
+            hashed = _mix32_reference(row ^ _mix32_reference(v))
             assert uniform[r, v].item() == ((hashed >> 9) + 0.5) / 2**23
     assert stats.kstest(uniform.flatten().numpy(), "uniform").pvalue > 1e-3
     assert not torch.equal(uniform, uniform_noise(keys, step=4, vocab=70_000))
+
+
+def test_a_left_padded_forward_reads_each_prompt_as_it_reads_it_alone():
+    """GPT-2 has absolute positions: a padded prompt must keep positions 0, 1, ... from its first
+    real token, or its last-token logits shift."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(Organism().tokenizer()),
+                                       n_positions=256)).eval()
+    tokenizer = Organism().tokenizer()
+    prompts = ["Slot Machine Game\n\nChoice: ", "Game history:\nRound 1: Bet $10, Loss, Balance $90\n\nChoice: "]
+    encoded = left_padded(tokenizer, prompts, CPU)
+    assert encoded["attention_mask"][0].min() == 0  # the short prompt is padded
+    with torch.no_grad():
+        together = model(**encoded).logits[:, -1]
+        alone = [model(**tokenizer(p, return_tensors="pt")).logits[0, -1] for p in prompts]
+        unpositioned = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits[:, -1]
+    for row, logits in enumerate(alone):
+        torch.testing.assert_close(together[row], logits, rtol=1e-5, atol=1e-5)
+    assert (unpositioned[0] - alone[0]).abs().max() > 1e-3  # what the gambling forward did before

@@ -80,7 +80,7 @@ def dense(group: h5py.Group) -> np.ndarray:
 
 
 def test_sampling_noise_is_the_same_on_cuda():
-    keys = torch.tensor([0, 123456789, 2**32 - 1], dtype=torch.int64)
+    keys = torch.tensor([[0, 0], [123456789, 987654321], [2**32 - 1, 2**32 - 1]], dtype=torch.int64)
     on_cpu = uniform_noise(keys, 7, 128_256)
     assert torch.equal(uniform_noise(keys.cuda(), 7, 128_256).cpu(), on_cpu)
 

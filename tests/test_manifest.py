@@ -13,7 +13,7 @@ def test_demo_manifest_loads_with_defaults(write_manifest):
     assert manifest.job == "token_tracking"
     assert len(manifest.settings.scenarios) == 10
     assert set(manifest.settings.key_spans) == {"balance", "goal", "probability", "choices"}
-    assert manifest.cluster.timeout_min == 10
+    assert manifest.cluster.timeout_min == 60
 
 
 def test_unknown_nested_key_lists_valid_keys_with_defaults(write_manifest):

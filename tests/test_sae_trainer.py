@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 import torch
 from sae_lens import SAE
+from safetensors.torch import load_file
 
 from common.sae_quality import decorrelation_penalty, evaluate
-from common.sae_trainer import DECODER_INIT_NORM, TrainingConfig, _JumpReLU, _loss_terms, initial_weights, train_sae
+from common.sae_trainer import (
+    DECODER_INIT_NORM,
+    TrainingConfig,
+    _JumpReLU,
+    _loss_terms,
+    initial_weights,
+    split_tokens,
+    train_sae,
+)
+from jobs.sae_training import LINEAR_LOADING
 from tests.sae_lens_reference import train_with_sae_lens
 
 
@@ -57,6 +67,12 @@ def test_saved_sae_reads_back_in_sae_lens_and_reconstructs(tmp_path, activation)
     if activation == "none":
         assert type(loaded).__name__ == "LinearSAE" and (features < 0).any()   # linear: not sparse
         assert trained.metrics["l0"] > 0.9 * 96
+        # the formula sae_training's LOADING.md gives for loading it without saebatch
+        weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+        by_hand = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
+        torch.testing.assert_close(by_hand, features, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(by_hand @ weights["W_dec"] + weights["b_dec"], loaded.decode(features))
+        assert "(x - b_dec) @ W_enc + b_enc" in LINEAR_LOADING and "x_hat = f @ W_dec + b_dec" in LINEAR_LOADING
     else:
         assert trained.metrics["l0"] < 0.3 * 96                                  # sparse
     curve = trained.curves["reconstruction"]
@@ -140,3 +156,19 @@ def test_evaluate_counts_dead_features():
     assert metrics["dead_fraction"] == pytest.approx(1 / 3)
     expected = 1 - (x[:, 2:] ** 2).sum() / (x - x.mean(0)).pow(2).sum()
     assert metrics["explained_variance"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_groups_are_held_out_whole():
+    """With a group (item) per token, validation holds whole groups, about the fraction asked, and
+    no token of a held-out group is trained on."""
+    data = torch.randn(3000, 8)
+    groups = torch.arange(3000) // 30  # 100 items of 30 tokens
+    split = split_tokens(data, config(validation_fraction=0.1), groups)
+    held = torch.tensor(split.held_out_groups)
+    assert 10 <= len(held) <= 11 and len(split.validation) == 30 * len(held)
+    assert len(split.train) + len(split.validation) == 3000
+    validation = torch.isin(groups, held)
+    torch.testing.assert_close(split.validation, data[validation])
+    torch.testing.assert_close(split.train, data[~validation])
+    with pytest.raises(ValueError, match="at least two"):
+        split_tokens(data, config(), torch.zeros(3000, dtype=torch.long))

@@ -134,7 +134,7 @@ def test_a_task_signalled_at_its_time_limit_is_requeued_and_finishes_its_shard(s
     """Slurm's warning signal before the time limit (USR2, as `--signal` sends it), mid-shard: with
     timeout_min 10 submitit counts it as a timeout; the checkpointable task is requeued, not
     failed, and the requeued task resumes its partial file."""
-    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}})
+    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}, "cluster": {"timeout_min": 10}})
     task = subprocess.Popen([sys.executable, "-m", "common.cli", "submit", str(path), "--wait"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = RunDir.for_manifest(load_manifest(path))

@@ -103,8 +103,11 @@ def test_report_numbers_equal_independent_computation(demo_run, reference):
                 positions = merged["units"][name]["key_positions"][span][()]
                 for layer in (0, 3):
                     expected = result.attentions[layer][0, :, -1, positions].sum(-1).mean().item()
-                    got = table.query("scenario == @name and layer == @layer and span == @span")["attention"].item()
-                    assert got == pytest.approx(expected, abs=2e-3)
+                    row = table.query("scenario == @name and layer == @layer and span == @span").iloc[0]
+                    assert row.attention == pytest.approx(expected, abs=2e-3)
+                    assert row.per_token == pytest.approx(expected / len(positions), abs=2e-3)
+                    uniform = len(positions) / result.attentions[layer].shape[-1]
+                    assert row.vs_uniform == pytest.approx(expected / uniform, rel=1e-2)
     top = pd.read_csv(run.report_dir / "top_features.csv")
     sae = load_sae(manifest.settings.sae, 1, D_MODEL, torch.device("cpu"))
     final = sae.encode(reference["Risky_40"][0].hidden_states[2][0, -1]).detach().numpy()
