@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import re
 
-import torch
+from common.lazy import lazy_import
+
+torch = lazy_import("torch")
+
 
 
 class OptionReader:

@@ -30,14 +30,6 @@ never writes into it. Layer L always means the output of transformer block L (0-
 """
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def _sbatch_options(partition: str | None, gpus: int, cpus: int, mem_gb: float, minutes: int) -> str:
     """The manifest's resources as sbatch options (for the templates in slurm/)."""
     options = [f"--partition={partition}"] if partition else []
@@ -56,36 +48,47 @@ def cmd_jobs(_: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from common.launcher import plan_manifest
-    from common.manifest import load_manifest
     from common.rundir import RunDir
+    from common.runtime import (
+        chain_report,
+        hours,
+        human_bytes,
+        runtime_lines,
+        size_manifest,
+    )
 
-    manifest = load_manifest(args.manifest)
-    job, plan = plan_manifest(manifest)
+    if args.chain:
+        print(chain_report([size_manifest(path) for path in args.manifests]))
+        return 0
+    if len(args.manifests) > 1:
+        raise UserError(f"plan takes one manifest, not {len(args.manifests)}; to size several steps together, give "
+                        f"--chain {' '.join(args.manifests)}")
+    path = args.manifests[0]
+    size = size_manifest(path)
+    manifest, plan = size.manifest, size.plan
     run = RunDir.for_manifest(manifest)
-    print(f"job {plan.job}, run {plan.run_id}: {len(plan.units)} work units in {len(plan.shards)} shard(s)")
+    print(f"job {plan.job}, run {plan.run_id}: {len(plan.units)} work units in {len(plan.shards)} shard(s)"
+          + (" (estimate: an input does not exist yet, see below)" if size.assumed else ""))
     print(f"run directory: {run.path} ({'exists' if run.exists() else 'not created yet'})")
     print("\nunits:")
     for unit in plan.units[: args.max_units]:
         print(f"  {unit.id}")
     if len(plan.units) > args.max_units:
         print(f"  ... and {len(plan.units) - args.max_units} more (--max-units to list them)")
-    print("\nshards:")
+    print("\nshards, with the estimated runtime of each:")
     for index, ids in enumerate(plan.shards[: args.max_units]):
-        print(f"  shard {index}: {len(ids)} units ({ids[0]} .. {ids[-1]})")
+        print(f"  shard {index}: {len(ids)} units ({ids[0]} .. {ids[-1]}), about {hours(size.shard_seconds[index])}")
     if len(plan.shards) > args.max_units:
         print(f"  ... and {len(plan.shards) - args.max_units} more")
-    # The first shard is the largest (the split puts the remainder first): it sets task memory.
-    total = job.estimate(manifest, list(plan.units))
-    largest = job.estimate(manifest, plan.shard_units(0))
-    print(f"\nestimated output: {_human_bytes(total.output_bytes)} in all; "
-          f"peak memory per task: {_human_bytes(largest.task_memory_bytes)}")
+    print(f"\nestimated output: {human_bytes(size.total.output_bytes)} in all; "
+          f"peak memory per task: {human_bytes(size.peak_memory)}")
     cluster = manifest.cluster
     print(f"requested per task: {cluster.gpus_per_task} GPU, {cluster.cpus_per_task} CPUs, "
           f"{cluster.mem_gb:g} GB, {cluster.timeout_min} min")
-    for note in total.notes:
+    for note in size.total.notes:
         print(f"  note: {note}")
-    print(f"\nsubmit:  saebatch submit {args.manifest}")
+    print("\n".join(runtime_lines(size)))
+    print(f"\nsubmit:  saebatch submit {path}")
     shard_opts = _sbatch_options(cluster.partition, cluster.gpus_per_task, cluster.cpus_per_task,
                                  cluster.mem_gb, cluster.timeout_min)
     reduce_opts = _sbatch_options(cluster.partition, 0, cluster.reduce_cpus, cluster.reduce_mem_gb,
@@ -94,9 +97,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         binds = ",".join(dict.fromkeys([str(run.path.parent), *cluster.bind]))
         print(f"with sbatch, in the image: export IMAGE={cluster.image} BIND={binds}")
     print(f"or with sbatch: ARRAY=$(sbatch --parsable {shard_opts} --array=0-{len(plan.shards) - 1} "
-          f"slurm/array.sbatch {args.manifest})")
+          f"slurm/array.sbatch {path})")
     print(f"                sbatch {reduce_opts} --dependency=afterok:$ARRAY --kill-on-invalid-dep=yes "
-          f"slurm/reduce.sbatch {args.manifest}")
+          f"slurm/reduce.sbatch {path}")
     return 0
 
 
@@ -207,6 +210,54 @@ def cmd_reduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    from common.logview import summary_report, task_report
+    from common.rundir import open_run
+
+    if args.tail is not None and args.tail < 0:
+        raise UserError(f"--tail {args.tail}: give a number of lines, 0 or more")
+    run = open_run(args.target)
+    if args.shard is not None or args.reduce:
+        print(task_report(run, None if args.reduce else args.shard, args.tail))
+    else:
+        print(summary_report(run, args.tail))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from common.cancel import cancel_run
+    from common.rundir import open_run
+
+    run = open_run(args.target)
+    stopped = cancel_run(run)
+    if not stopped:
+        print(f"nothing to cancel: no shard or reduce of {run.path} is pending or running")
+        return 0
+    print(f"cancelled in {run.path}:")
+    for item in stopped:
+        print(f"  {item.task:10s} {('job ' + item.job_id) if item.job_id else '':14s} {item.how}")
+    print(f"`saebatch status {run.path}` shows them failed (cancelled); "
+          f"`saebatch submit --resume {run.path}` runs them again, continuing their partial shards")
+    return 0 if all(item.ok for item in stopped) else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from common.runs import age, as_json, list_runs
+
+    lines = list_runs(Path(args.root))
+    if args.json:
+        print(as_json(lines))
+        return 0
+    if not lines:
+        print(f"no runs under {args.root} (a run is a folder with manifest.yaml and plan.json)")
+        return 0
+    now = time.time()
+    print(_table(["run", "job", "state", "shards", "age"],
+                 [(line.run, line.job, line.state, f"{line.shards_done}/{line.shards}", age(now - line.updated))
+                  for line in lines]))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from common.gpus import describe_devices, visible_gpus
     from common.launcher import prepare_run
@@ -306,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list the available jobs")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("plan", help="validate a manifest; print work units, shards and estimates (runs nothing)")
-    p.add_argument("manifest", help="YAML manifest")
+    p = sub.add_parser("plan", help="validate a manifest; print work units, shards and estimates (runs nothing)",
+                       description="Validate a manifest and print its work units, shards, output size, memory "
+                       "and runtime on one H200 per task. A step whose upstream run does not exist yet is "
+                       "planned from the upstream manifest, and the figures that rest on it are marked as "
+                       "estimates. --chain M1 M2 ... sums the steps of a chain.")
+    p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="YAML manifest (several with --chain)")
+    p.add_argument("--chain", action="store_true", help="size every manifest given, in order, and sum them: "
+                   "shards, runtime, GPU-hours, output")
     p.add_argument("--max-units", type=int, default=20, help="how many unit ids to list (default 20)")
     p.set_defaults(func=cmd_plan)
 
@@ -337,6 +394,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reduce", help="(re)run the merge: merged.h5 and report/")
     p.add_argument("target", help="run directory or manifest")
     p.set_defaults(func=cmd_reduce)
+
+    p = sub.add_parser("logs", help="a task's stdout, stderr and exception; without --shard, every task's last lines",
+                       description="Without --shard: each shard's state, job and log, the exception it raised and "
+                       "the last lines of its stderr (as a terminal shows them: a tqdm bar's latest state), then "
+                       "the reduce's. With --shard K (or --reduce): that task's stdout and stderr and its "
+                       "exception in full, from logs/submitit/.")
+    p.add_argument("target", help="run directory or manifest")
+    p.add_argument("--shard", type=int, metavar="K", help="one shard's logs in full")
+    p.add_argument("--reduce", action="store_true", help="the reduce's logs in full")
+    p.add_argument("--tail", type=int, metavar="N", help="lines of each log (default 3 per task in the summary, "
+                   "40 with --shard)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("cancel", help="cancel a run's pending and running shards and its reduce",
+                       description="scancel the array tasks and the reduce the run recorded (logs/jobs.json); "
+                       "for a local run, stop the task processes of submitit's local executor. The shards "
+                       "then show as failed (cancelled) in `saebatch status`, and `saebatch submit --resume` "
+                       "runs them again, continuing their partial files. A run with nothing active: says so, exit 0.")
+    p.add_argument("target", help="run directory or manifest")
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("runs", help="the runs under a folder: job, state, shards done, age (newest first)",
+                       description="One line per run directory under ROOT: its job, its state (merged; running: "
+                       "a task pending or running; failed; done: every shard done, not merged; incomplete: "
+                       "shards missing or partial, nothing running), shards done/total and the time since "
+                       "it last changed, the most recent first.")
+    p.add_argument("root", nargs="?", default="runs", help="folder holding run directories (default ./runs)")
+    p.add_argument("--json", action="store_true", help="a JSON list for scripts")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("demo", help="run every demo manifest locally on the built-in tiny model",
                        description="Run every manifest of manifests/demo/ through the local executor on the "

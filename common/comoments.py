@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
-import torch
 
+from common.lazy import lazy_import, no_grad
 from common.sparse import COMPRESSION
+
+torch = lazy_import("torch")
 
 # Features of a block: a range, or an array of indices.
 Index = slice | np.ndarray
@@ -149,7 +151,7 @@ class SparseSums:
         rows = torch.arange(self.features + 1)
         return self._packed(rows, rows).tolist()
 
-    @torch.no_grad()
+    @no_grad
     def add(self, rows: torch.Tensor) -> None:
         """Add rows (rows x F, mostly zeros); the cost grows with the non-zeros per row squared."""
         if rows.ndim != 2 or rows.shape[1] != self.features:

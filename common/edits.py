@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-
-import torch
-from sae_lens import SAE
-from torch import nn
+from typing import TYPE_CHECKING
 
 from common.layers import decoder_blocks
+from common.lazy import lazy_import
 
-Edit = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from torch import nn
+
+torch = lazy_import("torch")
+
+Edit = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 @contextmanager

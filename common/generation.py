@@ -15,15 +15,16 @@ forward is then the prompt's last token alone.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import (
-    DynamicCache,
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-)
+
+from common.lazy import lazy_import, no_grad
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+torch = lazy_import("torch")
 
 
 MASK32 = 0xFFFFFFFF
@@ -68,8 +69,9 @@ def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     return ((hashed >> 9).float() + 0.5) * 2.0**-23  # 23 bits and the half: exact in float32, never 0 or 1
 
 
-class SeededNoise(LogitsProcessor):
-    """Adds Gumbel noise seeded by row i's seed (and the step) to row i's logits / temperature."""
+class SeededNoise:
+    """Adds Gumbel noise seeded by row i's seed (and the step) to row i's logits / temperature
+    (a transformers logits processor: `generate` calls it with the ids so far and the scores)."""
 
     def __init__(self, seeds: list[int], temperature: float, device: torch.device):
         self.temperature = temperature
@@ -95,12 +97,14 @@ def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str
     return encoded
 
 
-@torch.no_grad()
+@no_grad
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
            device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | None = None) -> list[str]:
     """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]
     until the end of text, `max_new_tokens` or one of `stop_strings` (kept in the text); `prefix`
     is `prompt_prefix` of the one prompt every row has."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     encoded = left_padded(tokenizer, prompts, device)
@@ -109,7 +113,7 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: 
     if prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:
             raise ValueError("a prefix cache serves rows that all have the prompt it was made of")
-        encoded["past_key_values"] = prefix
+        encoded["cache"] = prefix  # transformers >= 5.24 calls it `cache` (`past_key_values` is deprecated)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, stop_strings=list(stop_strings) or None)
     output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer,
@@ -117,12 +121,14 @@ def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: 
     return tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
 
 
-@torch.no_grad()
+@no_grad
 def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device) -> DynamicCache:
     """The cache of `prompt`'s tokens but its last, repeated for `rows` rows (edits hooked on the
     model must not be active yet: this forward is not the prompt's end)."""
+    from transformers import DynamicCache
+
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
     cache.batch_repeat_interleave(rows)
     return cache

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from common.errors import UserError
+from common.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 CPU_FIX = "or set cluster.gpus_per_task: 0 and model.device: cpu to run on the CPU"
 

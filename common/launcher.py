@@ -13,16 +13,18 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from common.atomic import write_text_atomic
 from common.containers import check_image, python_command
@@ -31,10 +33,17 @@ from common.gpus import describe_devices, gpu_slots, require_gpus, visible_gpus
 from common.locks import exclusive
 from common.manifest import ClusterSettings, Manifest
 from common.plan import Plan, make_plan
+from common.progress import ProgressBoard
 from common.provenance import now
 from common.registry import Job, get_job
 from common.rundir import RunDir
-from common.shards import ShardWriter, check_shards, shard_problem
+from common.shards import (
+    ShardWriter,
+    check_shards,
+    shard_problem,
+    stop_before_next_unit,
+)
+from common.timeline import add_timeline, reduce_span
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +121,14 @@ class ShardTask(submitit.helpers.Checkpointable):
     def __call__(self, run_path: str, shard_index: int) -> str:
         return run_shard_task(run_path, shard_index)
 
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit's signal handler, which then requeues the task and exits. That exit
+        is lost when the signal lands in a garbage-collection callback (seen under load: the task
+        went on writing its shard), so the shard also stops before its next unit, with the exit
+        code that tells submitit's local controller to run the task again."""
+        stop_before_next_unit(LOCAL_REQUEUE_RETURN_CODE)
+        return super().checkpoint(*args, **kwargs)
+
 
 def _require_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
@@ -140,6 +157,7 @@ def reduce_task(run_path: str) -> str:
     from common.logs import setup_logging
 
     setup_logging()
+    began = now()
     run = RunDir(Path(run_path))
     manifest, plan = run.load_manifest(), run.load_plan()
     shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
@@ -150,6 +168,7 @@ def reduce_task(run_path: str) -> str:
         staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
         try:
             get_job(manifest.job).reduce(manifest, shard_paths, staging)
+            add_timeline(staging / "report", shard_paths, reduce_span(began))
             for written in staging.iterdir():  # merged.h5, report/, and what else the job writes (saes/)
                 target = run.path / written.name
                 if target.is_dir():
@@ -175,6 +194,7 @@ class Submission:
     executor: Executor
     shard_jobs: dict[int, Any]  # shard index -> submitit Job
     reduce_job: Any | None = None
+    board: ProgressBoard | None = None  # the live progress, when submitting already waits (GPU slots)
 
 
 def make_executor(kind: Executor, run: RunDir, cluster: ClusterSettings, name: str, for_reduce: bool = False):
@@ -234,13 +254,7 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
     shard_jobs: dict[int, Any] = {}
     array_ids: list[str] = []
     if shards and slots is not None:  # recorded as each task starts: `status` sees the waves as they run
-        submission = Submission(executor_kind, shard_jobs, None)
-        _record(run, submission)
-        calls = [(str(run.path), k) for k in shards]
-        for shard, job in zip(shards, run_in_gpu_slots(executor, ShardTask(), calls, slots), strict=True):
-            shard_jobs[shard] = job
-            _record(run, submission, update_last=True)
-        return submission
+        return _submit_in_gpu_slots(run, executor, shards, slots)
     if shards:
         limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
         for start in range(0, len(shards), limit):
@@ -265,17 +279,41 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[
     return submission
 
 
-def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[int]],
-                     poll_seconds: float = 1.0) -> Iterator[Any]:
+def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[list[int]]) -> Submission:
+    """Start the shards locally a GPU slot at a time, showing the progress of those started while
+    later ones wait; a `saebatch cancel` meanwhile stops the rest from starting."""
+    plan = run.load_plan()
+    submission = Submission("local", {}, None, board=ProgressBoard())
+    for k in shards:
+        submission.board.add(f"shard {k}", len(plan.shards[k]))
+    _record(run, submission)
+    calls = [(str(run.path), k) for k in shards]
+    started = run_in_gpu_slots(executor, ShardTask(), calls, slots, stop=lambda: was_cancelled(run),
+                               idle=lambda: submission.board.refresh(_named(submission.shard_jobs)))
+    for shard, job in zip(shards, started):
+        submission.shard_jobs[shard] = job
+        _record(run, submission, update_last=True)
+    if len(submission.shard_jobs) < len(shards):
+        log.warning("cancelled: shard(s) %s were not started", _ranges(shards[len(submission.shard_jobs):]))
+    return submission
+
+
+def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[int]], poll_seconds: float = 1.0,
+                     idle: Callable[[], None] | None = None, stop: Callable[[], bool] | None = None) -> Iterator[Any]:
     """Start `function(*call)` for each call on the local executor, each with a slot of GPUs to
     itself (its CUDA_VISIBLE_DEVICES): as many at once as there are slots, the next one as soon
-    as a slot is free. Yields the submitit jobs in the order of `calls` as they start."""
+    as a slot is free. Yields the submitit jobs in the order of `calls` as they start; calls
+    `idle()` while it waits for a slot, and starts no more once `stop()` is true."""
     running: dict[int, Any] = {}  # slot index -> the job holding it
     for call in calls:
         free = [k for k in range(len(slots)) if k not in running or running[k].done()]
         while not free:
+            if idle is not None:
+                idle()
             time.sleep(poll_seconds)
             free = [k for k in range(len(slots)) if running[k].done()]
+        if stop is not None and stop():
+            return
         slot = free[0]
         executor.update_parameters(gpus_per_node=len(slots[slot]), visible_gpus=slots[slot])
         running[slot] = executor.submit(function, *call)
@@ -283,25 +321,28 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[in
         yield running[slot]
 
 
-def wait(run: RunDir, submission: Submission) -> bool:
-    """Wait for a submission; name failed shards; run the local reduce. True when merged."""
-    failed = []
-    for shard, job in sorted(submission.shard_jobs.items()):
-        try:
-            job.result()
-        except Exception as error:  # submitit raises several types; all mean "this shard failed"
-            failed.append(shard)
-            log.error("shard %d (job %s) failed: %s\n  log: %s", shard, job.job_id,
-                      task_error(error), job.paths.stderr)
+def wait(run: RunDir, submission: Submission, poll_seconds: float = 1.0) -> bool:
+    """Wait for a submission, showing each task's progress live; name failed shards; run the
+    local reduce. True when merged."""
+    plan = run.load_plan()
+    board = submission.board or ProgressBoard()
+    with board:
+        for shard in sorted(submission.shard_jobs):
+            board.add(f"shard {shard}", len(plan.shards[shard]))
+        board.follow(_named(submission.shard_jobs), poll_seconds)
+        failed = [shard for shard, job in sorted(submission.shard_jobs.items())
+                  if board.views[f"shard {shard}"].state == "failed"]
+        if not failed:
+            if submission.executor == "local":
+                cluster = run.load_manifest().cluster
+                executor = make_executor("local", run, cluster, "reduce", for_reduce=True)
+                submission.reduce_job = executor.submit(reduce_task, str(run.path))
+                _record(run, submission, update_last=True)
+            board.add("reduce", None)
+            board.follow({"reduce": submission.reduce_job}, poll_seconds)
     if failed:
-        log.error("%d shard(s) failed: %s; the reduce does not run. Fix the cause, then "
-                  "`saebatch submit --resume %s`", len(failed), _ranges(failed), run.path)
+        _report_failed(run, submission, failed)
         return False
-    if submission.executor == "local":
-        cluster = run.load_manifest().cluster
-        executor = make_executor("local", run, cluster, "reduce", for_reduce=True)
-        submission.reduce_job = executor.submit(reduce_task, str(run.path))
-        _record(run, submission, update_last=True)
     try:
         submission.reduce_job.result()
     except Exception as error:
@@ -309,6 +350,29 @@ def wait(run: RunDir, submission: Submission) -> bool:
                   task_error(error), submission.reduce_job.paths.stderr)
         return False
     return True
+
+
+def _report_failed(run: RunDir, submission: Submission, failed: list[int]) -> None:
+    """Name each failed shard with its own error (or its cancellation) and its log."""
+    cancelled = cancelled_jobs(run)
+    for shard in failed:
+        job = submission.shard_jobs[shard]
+        if job.job_id in cancelled:
+            log.error("shard %d (job %s) was cancelled (saebatch cancel, %s)", shard, job.job_id, cancelled[job.job_id])
+            continue
+        try:
+            job.result()
+            why = "it ended without a result"
+        except Exception as error:  # submitit raises several types; all mean "this shard failed"
+            why = task_error(error)
+        log.error("shard %d (job %s) failed: %s\n  log: %s", shard, job.job_id, why, job.paths.stderr)
+    fix = "" if all(submission.shard_jobs[k].job_id in cancelled for k in failed) else "Fix the cause, then "
+    log.error("%d shard(s) failed: %s; the reduce does not run. %s`saebatch submit --resume %s`",
+              len(failed), _ranges(failed), fix, run.path)
+
+
+def _named(shard_jobs: dict[int, Any]) -> dict[str, Any]:
+    return {f"shard {k}": job for k, job in sorted(shard_jobs.items())}
 
 
 def task_error(error: Exception) -> str:
@@ -330,16 +394,47 @@ def load_submissions(run: RunDir) -> list[dict]:
 
 
 def _record(run: RunDir, submission: Submission, update_last: bool = False) -> None:
-    """Append the submission to logs/jobs.json, which `status` and `--resume` read."""
-    history = load_submissions(run)
+    """Append the submission to logs/jobs.json, which `status`, `--resume` and `cancel` read (local
+    job ids are process ids: the host says where they live)."""
     reduce_id = submission.reduce_job.job_id if submission.reduce_job is not None else None
-    entry = {"time": now(), "executor": submission.executor, "reduce": reduce_id,
+    entry = {"time": now(), "executor": submission.executor, "host": socket.gethostname(), "reduce": reduce_id,
              "shards": {str(k): job.job_id for k, job in submission.shard_jobs.items()}}
-    if update_last and history:
-        history[-1] |= {"reduce": reduce_id, "shards": entry["shards"]}
-    else:
-        history.append(entry)
-    write_text_atomic(run.jobs_path, json.dumps(history, indent=1))
+    with _jobs_file(run) as history:
+        if update_last and history:
+            history[-1] |= {"reduce": reduce_id, "shards": entry["shards"]}
+        else:
+            history.append(entry)
+
+
+def mark_cancelled(run: RunDir, job_ids: list[str]) -> None:
+    """Note in logs/jobs.json that `saebatch cancel` stopped these jobs, before it stops them: a
+    waiting submitter then starts nothing more, and `status` says cancelled, not why it failed."""
+    stamp = now()
+    with _jobs_file(run) as history:
+        for entry in history:
+            mine = {*entry["shards"].values(), entry.get("reduce")} & set(job_ids)
+            if mine:
+                entry["cancelled"] = entry.get("cancelled", {}) | dict.fromkeys(sorted(mine), stamp)
+
+
+def cancelled_jobs(run: RunDir) -> dict[str, str]:
+    """Job id -> when `saebatch cancel` stopped it, over every submission of the run."""
+    return {job: stamp for entry in load_submissions(run) for job, stamp in entry.get("cancelled", {}).items()}
+
+
+def was_cancelled(run: RunDir) -> bool:
+    """Whether the latest submission of the run has been cancelled."""
+    history = load_submissions(run)
+    return bool(history and history[-1].get("cancelled"))
+
+
+@contextmanager
+def _jobs_file(run: RunDir) -> Iterator[list[dict]]:
+    """logs/jobs.json to change in place, one process at a time (the submitter and `cancel`)."""
+    with exclusive(run.logs_dir / ".jobs.lock", "another update of jobs.json", wait=True):
+        history = load_submissions(run)
+        yield history
+        write_text_atomic(run.jobs_path, json.dumps(history, indent=1))
 
 
 def _ranges(indices: list[int]) -> str:

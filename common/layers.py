@@ -11,11 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from common.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy_import("torch")
 
 CONVENTION = (
     "layer L = output of transformer block L (0-based) = blocks.L.hook_resid_post; "
@@ -35,7 +39,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
         module: object = model
         for attr in path.split("."):
             module = getattr(module, attr, None)
-        if isinstance(module, nn.ModuleList):
+        if isinstance(module, torch.nn.ModuleList):
             return module
     raise UserError(
         f"cannot find the decoder blocks of {type(model).__name__} (looked at {', '.join(_BLOCK_PATHS)})"

@@ -36,6 +36,7 @@ from pydantic import (
 from pydantic_core import PydanticUndefined
 
 from common.errors import UserError
+from common.plan import only_estimating
 
 
 class StrictModel(BaseModel):
@@ -90,12 +91,53 @@ def _upstream_run(path: Path, info: ValidationInfo) -> Path:
     if path.is_file():
         from common.rundir import RunDir  # rundir imports this module
 
-        return RunDir.for_manifest(load_manifest(path, run_root=context.get("run_root"))).path
+        upstream = load_manifest(path, run_root=context.get("run_root"))
+        run = RunDir.for_manifest(upstream).path
+        _NAMED_RUNS[run] = (upstream, path)
+        return run
     return path.absolute()
 
 
 # The run of an earlier step (a directory, or its manifest), saved in the manifest as the directory.
 UpstreamRun = Annotated[Path, AfterValidator(_upstream_run)]
+
+def shown(path: Path) -> str:
+    """A path as a message shows it: relative to the working directory when it lies under it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# Run directory -> (manifest, its file) for every upstream run named by its manifest in this
+# process: what planning reads of a run that does not exist yet.
+_NAMED_RUNS: dict[Path, tuple[Manifest, Path]] = {}
+
+
+def upstream_manifest(run: Path, missing: UserError) -> tuple[Manifest, str]:
+    """The manifest of the upstream run at `run` and where it was read: the run directory's saved
+    manifest, or, before the run exists, the manifest file this process was given for it. Without
+    either, `missing` (what says the run is missing) is raised with how to plan anyway."""
+    saved = run / "manifest.yaml"
+    if saved.is_file():
+        from common.rundir import RunDir  # rundir imports this module
+
+        return RunDir(run).load_manifest(), shown(saved)
+    if run in _NAMED_RUNS:
+        manifest, path = _NAMED_RUNS[run]
+        return manifest, shown(path)
+    raise UserError(f"{missing} (to plan before that run exists, name it by its manifest file rather than its run "
+                    "directory)")
+
+
+def upstream_to_estimate(run: Path, job: str, field: str, missing: UserError) -> tuple[Manifest, str]:
+    """The manifest of an upstream run that does not exist yet (and where it was read), for a plan
+    that estimates in its place; outside planning, `missing` is raised (common.plan.only_estimating)."""
+    only_estimating(missing)
+    manifest, where = upstream_manifest(run, missing)
+    if manifest.job != job:
+        raise UserError(f"{field}: {where} is a {manifest.job} manifest, not {job}")
+    return manifest, where
 
 
 class RunSettings(StrictModel):
@@ -184,7 +226,9 @@ def load_manifest(path: str | Path, run_root: Path | None = None) -> Manifest:
 
     `run_root` replaces the manifest's run.root (and that of the runs it reads, given by manifest).
     """
-    from common.registry import get_job  # the registry imports jobs/, which import this module
+    from common.registry import (
+        get_job,  # the registry imports jobs/, which import this module
+    )
 
     path = Path(path)
     raw = read_yaml(path)

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+from dataclasses import dataclass
 from importlib import resources
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from common.errors import UserError
+from common.lazy import lazy_import
 from common.manifest import AbsolutePath, StrictModel
 from common.organism.files import shipped
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+torch = lazy_import("torch")
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # 'auto': every visible GPU (inputs on the first), else the CPU
 ORGANISM = "builtin:organism"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -63,7 +71,7 @@ class ModelSpec(StrictModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     def _source(self) -> str:
         if self.path is not None and not self.path.is_dir():
@@ -90,32 +98,99 @@ def input_device(spec: ModelSpec) -> torch.device:
     return device
 
 
-def load_config(spec: ModelSpec) -> tuple[PretrainedConfig, str]:
-    """The model's config without weights, and where it came from.
+# Names some architectures give the fields read here (GPT-2's n_layer, ...), as transformers maps them.
+_ALIASES = {"num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd",), "num_attention_heads": ("n_head",),
+            "max_position_embeddings": ("n_positions",)}
+# config.json entries that do not change the weights (left out of the parameter-count key)
+_NOT_ARCHITECTURE = ("_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version", "use_cache")
+_PARAMETER_COUNTS = "parameter_counts.json"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A model's decoder shape, read from its config.json without transformers (whose import loads
+    torch: seconds), for the checks and estimates that run before any GPU time. `raw` is the whole
+    config.json (a multimodal model's too)."""
+
+    model_type: str
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    raw: dict[str, Any]
+    folder: Path | None = None  # where config.json lies, with the weights where they are at hand
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], folder: Path | None = None) -> Architecture:
+        text = raw.get("text_config") or raw
+        found = {name: next((text[key] for key in (name, *_ALIASES.get(name, ())) if text.get(key) is not None), None)
+                 for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")}
+        if None in found.values():  # left to the class defaults: ask transformers (slow, exact)
+            config = hf_config(raw).get_text_config()
+            found = {name: getattr(config, name) for name in found}
+        heads = found["num_attention_heads"]
+        return cls(model_type=raw["model_type"], **found, raw=raw, folder=folder,
+                   num_key_value_heads=text.get("num_key_value_heads") or heads,  # GPT-2, NeoX: no GQA
+                   head_dim=text.get("head_dim") or found["hidden_size"] // heads)
+
+    def get_text_config(self) -> Architecture:
+        return self
+
+
+def hf_config(raw: dict[str, Any]) -> PretrainedConfig:
+    """The transformers config of a config.json's contents."""
+    from transformers import AutoConfig
+
+    data = dict(raw)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def load_config(spec: ModelSpec) -> tuple[Architecture, str]:
+    """The model's architecture without weights, and where it came from.
 
     Reads only local files (the HF cache, a directory, the built-ins); for planning on a machine
     without the cache it falls back to the architecture copies shipped in common/model_configs.
     """
-    if spec.is_organism:
-        return shipped().config(), "the built-in model organism"
+    local = shipped().config_path if spec.is_organism else _local_config(spec)
+    if local is not None:
+        try:
+            raw = json.loads(local.read_text())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise UserError(f"model {spec.name!r}: {local} cannot be read as JSON ({error}); "
+                            "download it again") from None
+        return (Architecture.from_raw(raw, local.parent),
+                "the built-in model organism" if spec.is_organism else "local files")
+    copy = resources.files("common") / "model_configs" / (spec.name.replace("/", "--") + ".json")
+    if spec.id and copy.is_file():
+        return (Architecture.from_raw(json.loads(copy.read_text())),
+                f"saebatch's copy of {spec.id}'s architecture (not in the local HF cache)")
+    raise UserError(
+        f"model {spec.name!r}: no config.json in the local HF cache or folder. On a machine "
+        f"with internet run `hf download {spec.name} config.json tokenizer.json` (or set "
+        "model.path to a local copy), then retry"
+    )
+
+
+def _local_config(spec: ModelSpec) -> Path | None:
+    """config.json of the model's folder, or of its id in the local HF cache."""
     spec.check_tokenizer_files()
-    try:
-        config = AutoConfig.from_pretrained(spec._source(), revision=spec.revision, local_files_only=True)
-        return config, "local files"
-    except OSError:
-        copy = resources.files("common") / "model_configs" / (spec.name.replace("/", "--") + ".json")
-        if spec.id and copy.is_file():
-            data = json.loads(copy.read_text())
-            config = AutoConfig.for_model(data.pop("model_type"), **data)
-            return config, f"saebatch's copy of {spec.id}'s architecture (not in the local HF cache)"
-        raise UserError(
-            f"model {spec.name!r}: no config.json in the local HF cache or folder. On a machine "
-            f"with internet run `hf download {spec.name} config.json tokenizer.json` (or set "
-            "model.path to a local copy), then retry"
-        ) from None
+    if spec.path is not None:
+        path = Path(spec._source()) / "config.json"
+        return path if path.is_file() else None
+    return _cached(spec, "config.json")
 
 
-def text_config(config: PretrainedConfig) -> PretrainedConfig:
+def _cached(spec: ModelSpec, file: str) -> Path | None:
+    """A file of the model's id in the local HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec._source(), file, revision=spec.revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def text_config(config: PretrainedConfig | Architecture) -> PretrainedConfig | Architecture:
     """The decoder's config (multimodal configs nest it)."""
     return config.get_text_config()
 
@@ -127,6 +202,8 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     if spec.is_organism:
         tokenizer = shipped().tokenizer()
     else:
+        from transformers import AutoTokenizer
+
         spec.check_tokenizer_files()
         try:
             tokenizer = AutoTokenizer.from_pretrained(
@@ -157,6 +234,8 @@ def local_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast | None:
     node); the organism's always, so that a damaged organism is reported at planning."""
     if spec.is_organism or spec.random_weights:
         return load_tokenizer(spec)
+    if spec.path is None and _cached(spec, "tokenizer_config.json") is None:
+        return None  # asked before importing transformers, which takes seconds
     try:
         return load_tokenizer(spec, local_only=True)
     except (UserError, OSError):
@@ -173,6 +252,8 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> to
     elif spec.is_organism:
         model = shipped().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
     else:
+        from transformers import AutoModelForCausalLM
+
         device_map = "auto" if spec.device == "auto" and torch.cuda.is_available() else {"": str(input_device(spec))}
         log.info("loading %s (%s) onto %s", spec.name, spec.dtype, device_map)
         model = AutoModelForCausalLM.from_pretrained(
@@ -187,25 +268,61 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> to
 def _random_model(spec: ModelSpec, attn_implementation: str | None) -> torch.nn.Module:
     """The architecture of `spec` with seeded random weights, initialised on its device (an 8B model
     takes seconds on a GPU, nothing is read from disk)."""
+    from transformers import AutoModelForCausalLM
+
     config, source = load_config(spec)
     device = input_device(spec)
     log.info("building %s with random weights (%s, architecture from %s) on %s", spec.name, spec.dtype, source, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, dtype=spec.torch_dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(hf_config(config.raw), dtype=spec.torch_dtype,
+                                                attn_implementation=attn_implementation)
 
 
-def parameter_bytes(config: PretrainedConfig, dtype: torch.dtype) -> int:
-    """Exact weight size, from a model built on the meta device (no memory, no download)."""
+def parameter_count(config: Architecture) -> int:
+    """The exact number of weights: looked up for the architectures saebatch ships (the table is
+    checked against `count_parameters` by the tests), else read from the shapes in the weight files
+    at hand, else counted on the meta device (seconds: torch and the model's code are imported)."""
+    known = json.loads((resources.files("common") / "model_configs" / _PARAMETER_COUNTS).read_text())
+    entry = known.get(architecture_key(config.raw))
+    if entry:
+        return entry["parameters"]
+    weights = sorted(config.folder.glob("*.safetensors")) if config.folder else []
+    return _stored_parameters(weights) if weights else count_parameters(config.raw)
+
+
+def _stored_parameters(files: list[Path]) -> int:
+    """The weights in safetensors files, from their headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(path, "numpy") as weights:
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return total
+
+
+def architecture_key(raw: dict[str, Any]) -> str:
+    """A digest of what in a config.json shapes the weights."""
+    shape = {key: value for key, value in raw.items() if key not in _NOT_ARCHITECTURE}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def count_parameters(raw: dict[str, Any]) -> int:
+    """The weights of a model built on the meta device (no memory, no download)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return sum(p.numel() for p in model.parameters()) * itemsize
+        model = AutoModelForCausalLM.from_config(hf_config(raw))
+    return sum(p.numel() for p in model.parameters())
 
 
-def kv_cache_bytes(config: PretrainedConfig, dtype: torch.dtype, rows: int, tokens: int) -> int:
+def parameter_bytes(config: Architecture, dtype: str) -> int:
+    """Exact weight size in `dtype` (a ModelSpec.dtype name)."""
+    return parameter_count(config) * DTYPE_BYTES[dtype]
+
+
+def kv_cache_bytes(config: Architecture, dtype: str, rows: int, tokens: int) -> int:
     """The keys and values a generation of `rows` sequences of `tokens` tokens caches."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-2, NeoX: no GQA
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return rows * tokens * config.num_hidden_layers * 2 * kv_heads * head_dim * itemsize
+    return (rows * tokens * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim
+            * DTYPE_BYTES[dtype])

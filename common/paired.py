@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+
+from common.lazy import lazy_import
+
+stats = lazy_import("scipy.stats")
 
 
 def mcnemar(before: np.ndarray, after: np.ndarray) -> float:

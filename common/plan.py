@@ -1,14 +1,26 @@
-"""Work units, their split into shards, and the plan file that fixes both for a run."""
+"""Work units, their split into shards, and the plan file that fixes both for a run.
+
+Planning may run ahead of the runs it reads: inside `estimating()` (what `saebatch plan` uses) a
+step whose upstream run does not exist yet is planned from the upstream manifest, and every
+assumption this takes is recorded, so the output can say which figures are estimates. Outside it
+(submitting, running) a missing upstream run is refused as before.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.atomic import write_text_atomic
 from common.errors import UserError
+
+if TYPE_CHECKING:
+    from common.runtime import Work
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,38 @@ class Estimate:
     output_bytes: int
     task_memory_bytes: int
     notes: tuple[str, ...] = ()
+    work: tuple[Work, ...] = ()  # what the units compute, device-independent; common.runtime times it
+
+
+_ASSUMED: ContextVar[list[str] | None] = ContextVar("assumed", default=None)
+
+
+@contextmanager
+def estimating() -> Iterator[list[str]]:
+    """Plan without the upstream runs: inside, a missing input is estimated instead of refused, and
+    the list yielded collects what was assumed in its place (each statement once, in order)."""
+    assumed: list[str] = []
+    token = _ASSUMED.set(assumed)
+    try:
+        yield assumed
+    finally:
+        _ASSUMED.reset(token)
+
+
+def only_estimating(missing: UserError) -> None:
+    """An input this step reads is missing: refuse with `missing` (submitting, running), unless
+    planning inside `estimating()`, where the caller goes on to estimate in its place."""
+    if _ASSUMED.get() is None:
+        raise missing
+
+
+def assume(statement: str) -> None:
+    """Record what a plan takes in place of a missing input, once (only inside `estimating()`)."""
+    assumed = _ASSUMED.get()
+    if assumed is None:
+        raise RuntimeError("assume() is for planning inside estimating(); call only_estimating() first")
+    if statement not in assumed:
+        assumed.append(statement)
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # reports are written on headless nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+
+from common.lazy import lazy_import
+
+pd = lazy_import("pandas")
+
+
+def format_number(value: object) -> str:
+    """One table cell as a reader wants it: integers (also integer-valued floats such as token
+    counts) without decimals, other floats to 4 significant figures, tiny ones in scientific notation
+    (p-values: 3.2e-07, never 0.0000), and missing values (NaN: not measured or not computable) as n/a."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return "n/a"
+    if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real):
+        return str(value)  # numpy booleans are not Real: True/False
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value) or abs(value) >= 1e15:
+        return f"{value:.4g}"
+    if value.is_integer():
+        return str(int(value))
+    if abs(value) >= 1e4:  # 12345.6: all integer digits, not 1.235e+04
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """`frame` as a Markdown table, each cell by `format_number`, numeric columns right-aligned."""
+    dtypes = frame.infer_objects().dtypes  # a column of numbers stored as objects is numeric too
+    align = ["right" if pd.api.types.is_numeric_dtype(t) and not pd.api.types.is_bool_dtype(t) else "left"
+             for t in dtypes]
+    # disable_numparse: tabulate would otherwise read "2174" back as a number and format it again
+    return frame.astype(object).map(format_number).to_markdown(index=False, disable_numparse=True, colalign=align)
 
 
 class Report:
@@ -29,11 +64,12 @@ class Report:
         """Save `frame` as `<name>.csv`; show `shown` (a summary of it) or its first 40 rows."""
         frame.to_csv(self.folder / f"{name}.csv", index=False)
         shown = frame.head(40) if shown is None else shown
-        # object dtype: tabulate then formats ints as ints and floats with 4 decimals
-        self.lines += [shown.astype(object).to_markdown(index=False, floatfmt=".4f"), ""]
+        self.lines += [markdown_table(shown), ""]
         self.lines += [f"(full table, {len(frame)} rows: [{name}.csv]({name}.csv))", ""]
 
-    def figure(self, fig: plt.Figure, name: str, caption: str) -> None:
+    def figure(self, fig: matplotlib.figure.Figure, name: str, caption: str) -> None:
+        import matplotlib.pyplot as plt
+
         fig.savefig(self.folder / f"{name}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         self.lines += [f"![{caption}]({name}.png)", "", f"*{caption}*", ""]

@@ -3,10 +3,15 @@ correlation) and inside the model (the next-token loss it recovers when spliced 
 
 from __future__ import annotations
 
-import torch
-from sae_lens import SAE
+from typing import TYPE_CHECKING
 
 from common.edits import edit_block_output
+from common.lazy import lazy_import, no_grad
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+torch = lazy_import("torch")
 
 
 def decorrelation_penalty(features: torch.Tensor) -> torch.Tensor:
@@ -20,7 +25,7 @@ def decorrelation_penalty(features: torch.Tensor) -> torch.Tensor:
     return (total - diagonal) / (width * (width - 1))
 
 
-@torch.no_grad()
+@no_grad
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Over tokens `x` (raw activations): L0 (non-zero features per token), explained variance
     1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, the fraction of features never non-zero, and
@@ -45,7 +50,7 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, flo
             "mean_squared_correlation": sum(correlations) / max(1, len(correlations))}
 
 
-@torch.no_grad()
+@no_grad
 def ce_loss_recovered(model, batches: list[dict[str, torch.Tensor]], layer: int, sae: SAE) -> dict[str, float]:
     """Next-token loss with the model untouched, with block `layer`'s output replaced by the SAE's
     reconstruction, and with it zeroed; recovered = (zeroed - spliced) / (zeroed - clean).

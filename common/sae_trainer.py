@@ -42,42 +42,19 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
 
-import torch
-from pydantic import Field
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
-from common.manifest import StrictModel
+from common.lazy import lazy_import, no_grad
 from common.sae_quality import decorrelation_penalty, evaluate
+from common.sae_settings import Activation, TrainingConfig
 
-Activation = Literal["relu", "jumprelu", "topk", "none"]
+torch = lazy_import("torch")
+
 DECODER_INIT_NORM = 0.1
 MAX_GRAD_NORM = 1.0
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
-
-
-class TrainingConfig(StrictModel):
-    """How one SAE is trained (the loss is defined in common/sae_trainer.py's docstring)."""
-
-    activation: Activation = Field("relu", description="relu, jumprelu, topk, or none (linear: not sparse)")
-    expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_in")
-    l1_coefficient: float = Field(1e-4, ge=0, description="weight of the L1 sparsity term (ignored by topk)")
-    decorrelation: float = Field(0.01, ge=0, description="weight of the mean squared feature correlation")
-    k: int = Field(32, ge=1, description="topk: active features per token")
-    jumprelu_init_threshold: float = Field(0.05, ge=0, description="jumprelu: initial threshold, in pre-activation "
-                                           "units (activations scaled to mean squared norm d_in)")
-    jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the STE kernel, same units")
-    epochs: int = Field(20, ge=1, description="passes over the training tokens")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate (1% warm-up, linear decay over the last 20%)")
-    batch_size: int = Field(4096, ge=2, description="tokens per step")
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
-    log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
-    seed: int = Field(0, description="seed of the initialisation, split and batch order")
-
-    def d_sae(self, d_in: int) -> int:
-        return self.expansion_factor * d_in
 
 
 class LinearSAEConfig(StandardSAEConfig):
@@ -280,7 +257,7 @@ def _lr_factor(step: int, total: int) -> float:
     return 1.0
 
 
-@torch.no_grad()
+@no_grad
 def to_sae_lens(w: Weights, scale: float, config: TrainingConfig, hook_name: str, model_name: str) -> SAE:
     """The sae-lens SAE of these weights on raw activations: x -> scale * x folded into W_enc,
     and the decoder's output divided by scale."""

@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import difflib
 import gc
+import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+import yaml
 from pydantic import Field, model_validator
 from safetensors import SafetensorError
-from sae_lens import SAE
-from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
+from common.atomic import write_text_atomic
 from common.errors import UserError
 from common.layers import hook_name
+from common.lazy import lazy_import
 from common.manifest import StrictModel
 from common.organism.files import shipped
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +100,14 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
     if spec.random is not None:
         return {layer: SaeInfo(spec.random.d_sae, None) for layer in layers}
     if spec.release is not None:
-        directory = get_pretrained_saes_directory()
+        directory = pretrained_releases()
         if spec.release not in directory:
             close = difflib.get_close_matches(spec.release, list(directory), n=3)
             raise UserError(f"{field}.release: sae-lens has no release {spec.release!r}"
                             + (f"; did you mean {', '.join(close)}?" if close else ""))
         lookup = directory[spec.release]
         ids = {layer: spec.id.format(layer=layer) for layer in layers}  # type: ignore[union-attr]
-        absent = [layer for layer, sae_id in ids.items() if sae_id not in lookup.saes_map]
+        absent = [layer for layer, sae_id in ids.items() if sae_id not in lookup.expected_l0]
         if absent:
             raise UserError(
                 f"{field}.id: release {spec.release} has no SAE for layer(s) {absent} "
@@ -114,6 +122,44 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
                    layer, d_model, spec.describe(layer))
         infos[layer] = SaeInfo(cfg.get("d_sae"), None)
     return infos
+
+
+@dataclass(frozen=True)
+class Release:
+    """One of sae-lens's pretrained releases: the model its SAEs were trained on, and each SAE id
+    with the L0 sae-lens records for it."""
+
+    model: str
+    expected_l0: dict[str, float | None]
+
+
+@cache
+def pretrained_releases() -> dict[str, Release]:
+    """sae-lens's directory of pretrained releases, read from the YAML file it ships without
+    importing sae-lens (seconds), and kept in the user's cache after the first read (parsing the
+    1.5 MB file takes a second): planning must answer at once."""
+    package = importlib.util.find_spec("sae_lens")
+    if package is None or not package.submodule_search_locations:
+        raise UserError("sae-lens is not installed: pip install saebatch's dependencies")
+    source = Path(package.submodule_search_locations[0]) / "pretrained_saes.yaml"
+    stat = source.stat()
+    cached = user_cache() / f"sae-lens-releases-{stat.st_size}-{stat.st_mtime_ns}.json"
+    try:
+        releases = json.loads(cached.read_text())
+    except (OSError, ValueError):
+        data = yaml.load(source.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        releases = {release: {"model": value["model"], "l0": {sae["id"]: sae.get("l0") for sae in value["saes"]}}
+                    for release, value in data.items()}
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cached, json.dumps(releases))
+        except OSError:  # a read-only home (some containers): read the YAML each time
+            pass
+    return {release: Release(value["model"], value["l0"]) for release, value in releases.items()}
+
+
+def user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "saebatch"
 
 
 def _check_release_model(release: str, release_model: str, d_model: int, field: str) -> None:
@@ -156,6 +202,8 @@ def _check_fit(d_in: int | None, hook: str | None, layer: int, d_model: int, whe
 
 def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> SAE:
     """Load (or build) the SAE of one layer onto `device`, checking that it fits the model."""
+    from sae_lens import SAE  # seconds to import: loaded where SAEs are
+
     if spec.random is not None:
         sae = _random_sae(spec.random, layer, d_model, spec.dtype)
     elif spec.release is not None:
@@ -174,6 +222,8 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
 
 
 def _random_sae(random: RandomSae, layer: int, d_model: int, dtype: str) -> SAE:
+    from sae_lens import SAE
+
     cfg = {"architecture": random.architecture, "d_in": d_model, "d_sae": random.d_sae,
            "dtype": dtype, "device": "cpu", "metadata": {"hook_name": hook_name(layer)}}
     if random.architecture == "topk":

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -36,12 +37,18 @@ FORMAT = "saebatch-shard/1"
 MERGED_FORMAT = "saebatch-merged/1"
 # Shard bookkeeping that does not describe the merged data.
 _SHARD_ONLY_ATTRS = {"format", "shard_index", "unit_ids", "complete", "started", "finished", "host", "devices",
-                     "torch_threads"}
+                     "torch_threads", "attempts"}
 # Files written in one go (merged.h5) use HDF5 1.10 object headers: about 2.7 KB less per dataset
 # (readers need HDF5 >= 1.10). Partial shards keep the default format: a 1.10 file whose writer
 # was killed stays marked "open for write" and cannot be reopened to resume.
 LIBVER = "v110"
 log = logging.getLogger(__name__)
+_exit_before_next_unit: list[int] = []  # an exit code, once the task has been told to stop
+
+
+def stop_before_next_unit(exit_code: int) -> None:
+    """Make the shard being written exit with `exit_code` before it starts another unit."""
+    _exit_before_next_unit.append(exit_code)
 
 
 def partial_path(shard_path: Path) -> Path:
@@ -90,6 +97,7 @@ class ShardWriter:
                         "shard %d: resuming, %d of %d units already written",
                         self.shard_index, len(self.done_units(file)), len(self.unit_ids),
                     )
+                    _add_attempt(file)
                     return file
                 file.close()
                 log.warning("shard %d: partial file belongs to another run; starting over", self.shard_index)
@@ -101,6 +109,7 @@ class ShardWriter:
             format=FORMAT, run_id=self.run_id, job=self.job, shard_index=self.shard_index,
             unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),
         )
+        _add_attempt(file)
         file.create_group("units")
         file.flush()  # readable from now on: a kill before the first unit loses nothing more
         return file
@@ -150,6 +159,9 @@ class ShardWriter:
         """A group to fill with one unit's data; it counts only if the block finishes."""
         if unit_id not in self.unit_ids:
             raise ValueError(f"unit {unit_id!r} is not planned for shard {self.shard_index}")
+        if _exit_before_next_unit:
+            log.info("shard %d: stopping before unit %s, as told", self.shard_index, unit_id)
+            raise SystemExit(_exit_before_next_unit[0])
         units = self._file["units"]
         if unit_id in units:
             del units[unit_id]
@@ -170,11 +182,19 @@ class ShardWriter:
         missing = self.pending()
         if missing:
             raise RuntimeError(f"shard {self.shard_index} cannot finish; units missing: {missing}")
-        self._file.attrs.update(complete=True, finished=provenance.now(), host=provenance.collect()["host"])
+        self._file.attrs.update(complete=True, finished=provenance.now(), host=socket.gethostname())
         self._file.close()
         self.file = None
         os.replace(self.partial_path, self.path)
         return self.path
+
+
+def _add_attempt(file: h5py.File) -> None:
+    """Record that a task (re)opened the shard, when and on which host: the run's timeline shows
+    a shard that was stopped and resumed, and where each part of it ran."""
+    attempts = json.loads(file.attrs.get("attempts", "[]"))
+    attempts.append({"start": provenance.now(), "host": socket.gethostname()})
+    file.attrs["attempts"] = json.dumps(attempts)
 
 
 def digest(dataset: h5py.Dataset) -> str:

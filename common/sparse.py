@@ -5,7 +5,10 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import scipy.sparse
-import torch
+
+from common.lazy import lazy_import
+
+torch = lazy_import("torch")
 
 # Shuffle + gzip: sorted column indices and small floats compress well byte-plane by byte-plane.
 COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}

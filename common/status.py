@@ -13,7 +13,7 @@ from typing import Any
 
 import h5py
 
-from common.launcher import load_submissions
+from common.launcher import cancelled_jobs, load_submissions
 from common.locks import held_by
 from common.rundir import RunDir
 from common.shards import lock_path, partial_path, shard_problem
@@ -41,6 +41,7 @@ def shard_states(run: RunDir) -> list[ShardState]:
     latest_ids = {int(shard): (submission["executor"], job_id)
                   for submission in load_submissions(run) for shard, job_id in submission["shards"].items()}
     latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id) in latest_ids.items()}
+    cancelled = cancelled_jobs(run)
     states = []
     for index in range(len(plan.shards)):
         path = run.shard_path(index)
@@ -50,7 +51,7 @@ def shard_states(run: RunDir) -> list[ShardState]:
             problem = shard_problem(plan, index, path)
             states.append(ShardState(index, "corrupt" if problem else "done", job_id, problem or str(path)))
             continue
-        scheduler = _scheduler_state(job) if job is not None else None
+        scheduler = _cancelled(_scheduler_state(job), job_id, cancelled) if job is not None else None
         progress = _partial_progress(partial_path(path), len(plan.shards[index]))
         writer = held_by(lock_path(path))
         if writer is not None and scheduler not in ("pending", "running"):  # e.g. its local controller was killed
@@ -102,7 +103,16 @@ def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
     if not submissions or not submissions[-1].get("reduce"):
         return None
     last = submissions[-1]
-    return last["reduce"], _scheduler_state(_job(run, last["executor"], last["reduce"]))
+    state = _scheduler_state(_job(run, last["executor"], last["reduce"]))
+    return last["reduce"], _cancelled(state, last["reduce"], cancelled_jobs(run))
+
+
+def _cancelled(state: str | None, job_id: str, cancelled: dict[str, str]) -> str | None:
+    """A job that `saebatch cancel` stopped reads as cancelled, not as whatever its end looked like
+    (a local task killed leaves no result; Slurm says CANCELLED)."""
+    if job_id in cancelled and (state is None or state.startswith("failed")):
+        return f"failed (cancelled by saebatch cancel at {cancelled[job_id]})"
+    return state
 
 
 def _partial_progress(partial: Path, n_units: int) -> str | None:

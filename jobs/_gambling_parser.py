@@ -14,10 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-import pandas as pd
-
+from common.lazy import lazy_import
 from common.report import Report
 from jobs._gambling import FIXED_BET, MAX_BET, MIN_BET, BetType
+
+pd = lazy_import("pandas")
 
 PARSER_VERSION = 2
 

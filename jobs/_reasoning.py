@@ -12,8 +12,9 @@ from pydantic import Field
 
 from common.errors import UserError
 from common.layers import resolve_layers
-from common.manifest import StrictModel
+from common.manifest import StrictModel, upstream_to_estimate
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
+from common.plan import assume
 from common.problems import Benchmark
 from common.rundir import open_run
 
@@ -66,14 +67,37 @@ def check_prompt_lengths(bench: Benchmark, tokenizer, config, model: str, field:
 
 @dataclass(frozen=True)
 class CaptureRun:
-    """A finished activation_capture run: its settings (models, benchmarks) and merged activations."""
+    """An activation_capture run: its settings (models, benchmarks) and merged activations; or,
+    while planning before it exists (`estimated`), what its manifest says it will capture."""
 
     path: Path
     settings: Any  # jobs.activation_capture.Settings
+    estimated: bool = False
 
     @property
     def merged(self) -> Path:
         return self.path / "merged.h5"
+
+    def shapes(self, field: str) -> dict[tuple[str, int], tuple[int, int]]:
+        """(tokens, d_model) captured per (model name, layer): as stored, or estimated from the
+        benchmarks' sizes (each item's own tokens, at most max_tokens) before the run exists."""
+        if not self.estimated:
+            with h5py.File(self.merged, "r") as merged:
+                return {(entry.name, layer): merged[f"models/{entry.name}/L{layer}"].shape
+                        for entry in self.settings.models for layer in entry.layers}
+        from jobs.activation_capture import benchmark_size  # it imports this module
+
+        sizes = [benchmark_size(spec, f"{field}: the capture's benchmarks[{index}]")
+                 for index, spec in enumerate(self.settings.benchmarks)]
+        shapes = {}
+        for entry in self.settings.models:
+            config = text_config(load_config(entry.model)[0])
+            limit = self.settings.max_tokens or config.max_position_embeddings
+            per_item = [size.own_tokens if self.settings.text == "prompt_and_solution" else
+                        size.own_tokens - size.solution_tokens for size in sizes]
+            tokens = int(sum(size.items * min(n, limit) for size, n in zip(sizes, per_item, strict=True)))
+            shapes |= {(entry.name, layer): (tokens, config.hidden_size) for layer in entry.layers}
+        return shapes
 
     @property
     def models(self) -> dict[str, ModelEntry]:
@@ -91,8 +115,16 @@ class CaptureRun:
 
 
 def read_capture_run(path: Path, field: str) -> CaptureRun:
-    read_upstream(path, "activation_capture", field)
-    return CaptureRun(path, open_run(path).load_manifest().settings)
+    """The capture run at `path`; while planning before it is merged, its manifest's plan."""
+    if (path / "merged.h5").is_file():
+        read_upstream(path, "activation_capture", field)
+        return CaptureRun(path, open_run(path).load_manifest().settings)
+    missing = UserError(f"{field}: {path} has no merged.h5; run activation_capture first (saebatch submit <its "
+                        "manifest>) and wait for its reduce")
+    manifest, where = upstream_to_estimate(path, "activation_capture", field, missing)
+    assume(f"{field}: run {path.name} does not exist yet; taken from {where}: its models, layers and benchmarks, "
+           "the tokens it will capture estimated from the benchmarks")
+    return CaptureRun(path, manifest.settings, estimated=True)
 
 
 def read_upstream(path: Path, job: str, field: str) -> Path:

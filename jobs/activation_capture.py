@@ -23,14 +23,13 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field
 from tqdm import tqdm
 
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals
-from common.manifest import Manifest, StrictModel
+from common.lazy import lazy_import, no_grad
+from common.manifest import Manifest, StrictModel, shown
 from common.models import (
     input_device,
     load_config,
@@ -39,15 +38,19 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
-from common.plan import Estimate, WorkUnit
+from common.plan import Estimate, WorkUnit, assume, only_estimating
 from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 from common.report import Report
+from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import ModelEntry, check_models
 
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+
 log = logging.getLogger(__name__)
 FIELD = "activation_capture"
-GUESSED_TOKENS_PER_ITEM = 256  # for estimates only
+GUESSED_TOKENS_PER_ITEM = 256  # planning only: an item of a benchmark whose file is not at hand
 
 
 class Settings(StrictModel):
@@ -66,6 +69,36 @@ class Settings(StrictModel):
 # ---------------------------------------------------------------- plan
 
 
+class BenchmarkSize(StrictModel):
+    """What planning needs of a benchmark: its items evaluated, and their tokens (mean per item),
+    counted from the texts at CHARS_PER_TOKEN where the file is at hand."""
+
+    items: int
+    prompt_tokens: float  # the few-shot examples and the question: what a model reads before answering
+    solution_tokens: float  # the reference solution after it
+    own_tokens: float  # the item's own question and solution, without the examples
+
+
+def benchmark_size(spec: BenchmarkSpec, field: str) -> BenchmarkSize:
+    """The benchmark's size; while planning, a missing file whose `n` is given is estimated."""
+    try:
+        bench = load_benchmark(spec, field)
+    except UserError as missing:
+        if spec.path is None or spec.path.exists() or spec.n is None:
+            raise
+        only_estimating(missing)
+        assume(f"benchmark {spec.name}: {shown(spec.path)} is not here; taken as n = {spec.n} items of about "
+               f"{GUESSED_TOKENS_PER_ITEM} tokens, with {spec.few_shot} example(s) as long")
+        guess = GUESSED_TOKENS_PER_ITEM
+        return BenchmarkSize(items=spec.n, prompt_tokens=(spec.few_shot + 1) * guess / 2, solution_tokens=guess / 2,
+                             own_tokens=guess)
+    count = len(bench.items)
+    prompts = sum(len(bench.prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    solutions = sum(len(bench.continuation(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    questions = sum(len(bench.question_prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    return BenchmarkSize(items=count, prompt_tokens=prompts, solution_tokens=solutions, own_tokens=questions + solutions)
+
+
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark, slice of items); checks models, layers and benchmark files."""
     s = manifest.settings
@@ -79,7 +112,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise UserError(f"{FIELD}.benchmarks: names must be unique; repeated: {', '.join(repeated)}")
-    sizes = {b.name: len(load_benchmark(b, f"{FIELD}.benchmarks[{i}]").items) for i, b in enumerate(s.benchmarks)}
+    sizes = {b.name: benchmark_size(b, f"{FIELD}.benchmarks[{i}]").items for i, b in enumerate(s.benchmarks)}
     units = []
     for entry in s.models:
         for bench_index, bench in enumerate(s.benchmarks):
@@ -93,16 +126,28 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     entries = {entry.name: entry for entry in s.models}
-    out, memory = 0, 0
+    sizes = [benchmark_size(spec, f"{FIELD}.benchmarks[{index}]") for index, spec in enumerate(s.benchmarks)]
+    solution = s.text == "prompt_and_solution"
+    out, memory, work = 0, 0, []
     for name in dict.fromkeys(unit.payload["model"] for unit in units):
         entry = entries[name]
         config = text_config(load_config(entry.model)[0])
-        items = sum(u.payload["items"][1] - u.payload["items"][0] for u in units if u.payload["model"] == name)
-        out += items * GUESSED_TOKENS_PER_ITEM * len(entry.layers) * config.hidden_size * 2
-        activations = s.batch_size * token_limit(s, config) * config.hidden_size * 4 * (len(entry.layers) + 4)
-        memory = max(memory, parameter_bytes(load_config(entry.model)[0], entry.model.torch_dtype) + activations)
-    return Estimate(output_bytes=out, task_memory_bytes=memory,
-                    notes=(f"output assumes {GUESSED_TOKENS_PER_ITEM} captured tokens per item, float16",))
+        limit = token_limit(s, config)
+        read = kept = 0.0  # tokens forwarded (with the few-shot examples), tokens captured
+        for unit in (u for u in units if u.payload["model"] == name):
+            size, (start, stop) = sizes[unit.payload["benchmark"]], unit.payload["items"]
+            read += (stop - start) * min(size.prompt_tokens + (size.solution_tokens if solution else 0), limit)
+            kept += (stop - start) * min(size.own_tokens - (0 if solution else size.solution_tokens), limit)
+        out += int(kept) * len(entry.layers) * config.hidden_size * 2
+        activations = s.batch_size * limit * config.hidden_size * 4 * (len(entry.layers) + 4)
+        memory = max(memory, parameter_bytes(config, entry.model.dtype) + activations)
+        model = model_size(entry.model)
+        depth = (max(entry.layers) + 1) / config.num_hidden_layers  # the forward stops after the last captured block
+        work += [Work("load", model.weight_bytes, label=name),
+                 Work("forward", read * depth, model, label=f"{name}: {read:,.0f} tokens through {depth:.0%} of the blocks")]
+    return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
+                    notes=(f"tokens counted from the benchmarks' texts at {CHARS_PER_TOKEN} characters a token; "
+                           "activations stored as float16"),)
 
 
 # ---------------------------------------------------------------- the work (GPU)
@@ -131,7 +176,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         del model
 
 
-@torch.no_grad()
+@no_grad
 def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: range,
                   s: Settings) -> dict[str, np.ndarray]:
     """{`L<layer>`: (tokens, d_model) float16, `item`, `position`} for the items' own tokens."""
@@ -234,6 +279,7 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame) -> None:
     report.heading("Tokens and mean activation norm")
     report.table(summary, "tokens")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(s.models), figsize=(4.5 * len(s.models), 3.5), squeeze=False)
     for ax, entry in zip(axes[0], s.models, strict=True):
@@ -241,6 +287,7 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame) -> None:
         for bench, rows in part.groupby("benchmark"):
             ax.plot(rows["layer"], rows["mean_norm"], marker="o", label=bench)
         ax.set_title(entry.name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         ax.set_xlabel("layer")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("mean residual norm")

@@ -34,15 +34,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field
 from tqdm import tqdm
 
 from common.edits import edit_block_output, zero_features
 from common.errors import UserError
 from common.generation import left_padded
-from common.manifest import Manifest, StrictModel, UpstreamRun
+from common.lazy import lazy_import, no_grad
+from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
 from common.models import (
     input_device,
     kv_cache_bytes,
@@ -54,10 +53,11 @@ from common.models import (
     text_config,
 )
 from common.paired import mcnemar
-from common.plan import Estimate, WorkUnit
+from common.plan import Estimate, WorkUnit, assume
 from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.report import Report
 from common.rundir import open_run
+from common.runtime import Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import (
@@ -70,9 +70,12 @@ from jobs._reasoning import (
 )
 from jobs.sae_training import sae_path_template
 
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+stats = lazy_import("scipy.stats")
+
 log = logging.getLogger(__name__)
 FIELD = "feature_ablation"
-CONDITIONS = ("baseline", "ablated", "control")  # control: the mean over the control sets
 
 
 class Settings(StrictModel):
@@ -100,18 +103,20 @@ class Settings(StrictModel):
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
+    from jobs.activation_capture import benchmark_size
+
     s = manifest.settings
-    capture = _capture(s)
+    capture, expansion, trained = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks
     for index, spec in enumerate(benchmarks):
-        bench = load_benchmark(spec, f"{FIELD}.benchmarks[{index}]")
-        if len(bench.items) <= s.attribution_items:
-            raise UserError(f"{FIELD}.attribution_items: {spec.name} has {len(bench.items)} items; ranking takes the "
+        items = benchmark_size(spec, f"{FIELD}.benchmarks[{index}]").items
+        if items <= s.attribution_items:
+            raise UserError(f"{FIELD}.attribution_items: {spec.name} has {items} items; ranking takes the "
                             f"first {s.attribution_items} and leaves none to evaluate. Lower attribution_items or "
                             "raise the benchmark's n")
     units = []
-    for entry in capture.select(s.models, f"{FIELD}.models"):
-        widths = _check_saes(s, entry)
+    for entry in capture.select(s.models or trained, f"{FIELD}.models"):
+        widths = _widths(s, entry, expansion)
         if s.k > sum(widths):
             raise UserError(f"{FIELD}.k: {s.k} is larger than the SAE width of {entry.name} ({sum(widths)} features "
                             f"over layers {entry.layers}); lower k")
@@ -119,16 +124,33 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         if tokenizer is not None:
             config = text_config(load_config(entry.model)[0])
             for index, spec in enumerate(benchmarks):
-                check_prompt_lengths(load_benchmark(spec), tokenizer, config, entry.name, f"{FIELD}.benchmarks[{index}]")
+                if spec.path is None or spec.path.exists():  # a file missing while planning is estimated
+                    check_prompt_lengths(load_benchmark(spec), tokenizer, config, entry.name,
+                                         f"{FIELD}.benchmarks[{index}]")
         units += [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
                   for index, spec in enumerate(benchmarks)]
     return units
 
 
 def _capture(s: Settings) -> CaptureRun:
-    read_upstream(s.saes, "sae_training", f"{FIELD}.saes")
-    training = open_run(s.saes).load_manifest().settings
-    return read_capture_run(training.activations, f"{FIELD}.saes (its activations)")
+    return _upstream(s)[0]
+
+
+def _upstream(s: Settings) -> tuple[CaptureRun, int | None, list[str] | None]:
+    """The capture run (read through the training run) and, while the training run does not exist
+    yet (planning only), the SAEs' expansion factor and the models it trains (None: every one)."""
+    if (s.saes / "merged.h5").is_file():
+        read_upstream(s.saes, "sae_training", f"{FIELD}.saes")
+        training = open_run(s.saes).load_manifest().settings
+        return read_capture_run(training.activations, f"{FIELD}.saes (its activations)"), None, None
+    missing = UserError(f"{FIELD}.saes: {s.saes} has no merged.h5; run sae_training first (saebatch submit "
+                        "<its manifest>) and wait for its reduce")
+    manifest, where = upstream_to_estimate(s.saes, "sae_training", f"{FIELD}.saes", missing)
+    training = manifest.settings
+    assume(f"{FIELD}.saes: run {s.saes.name} does not exist yet; taken from {where}: an SAE of "
+           f"{training.sae.expansion_factor} x d_model features at each captured layer")
+    capture = read_capture_run(training.activations, f"{FIELD}.saes (its activations)")
+    return capture, training.sae.expansion_factor, training.models
 
 
 def _sae_spec(s: Settings, entry: ModelEntry) -> SaeSpec:
@@ -142,24 +164,54 @@ def _check_saes(s: Settings, entry: ModelEntry) -> list[int]:
     return [info.d_sae for info in infos.values()]
 
 
+def _widths(s: Settings, entry: ModelEntry, expansion: int | None) -> list[int]:
+    """Each layer's SAE width: checked in the training run, or, before that run exists, the
+    training's `expansion` x d_model."""
+    if expansion is None:
+        return _check_saes(s, entry)
+    return [expansion * text_config(load_config(entry.model)[0]).hidden_size] * len(entry.layers)
+
+
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
+    from jobs.activation_capture import benchmark_size
+
     s = manifest.settings
-    capture = _capture(s)
+    capture, expansion, _ = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks
+    rows = 2 + s.control_sets  # per item: unchanged, top k ablated, each control set ablated
     out = memory = 0
+    work: list[Work] = []
+    for name in dict.fromkeys(unit.payload["model"] for unit in units):  # a shard loads each model once
+        entry = capture.models[name]
+        d_model = text_config(load_config(entry.model)[0]).hidden_size
+        sae_bytes = sum(2 * d_model * width * 4 for width in _widths(s, entry, expansion))
+        work.append(Work("load", model_size(entry.model).weight_bytes + sae_bytes, label=f"{name} and its SAEs"))
     for unit in units:
         entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
         full_config = load_config(entry.model)[0]
-        config, widths = text_config(full_config), _check_saes(s, entry)
-        out += len(load_benchmark(spec).items) * (2 + s.control_sets) * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
-        rows = s.batch_size * (2 + s.control_sets)
-        memory = max(memory, parameter_bytes(full_config, entry.model.torch_dtype)
+        config, widths = text_config(full_config), _widths(s, entry, expansion)
+        size = benchmark_size(spec, f"{FIELD}.benchmarks[{unit.payload['benchmark']}]")
+        out += size.items * rows * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
+        memory = max(memory, parameter_bytes(full_config, entry.model.dtype)
                      + sum(2 * config.hidden_size * width * 4 for width in widths)
-                     + kv_cache_bytes(config, entry.model.torch_dtype, rows, 1024 + spec.max_new_tokens)
-                     + rows * 1024 * max(widths) * 4)
-    return Estimate(output_bytes=out, task_memory_bytes=memory,
+                     + kv_cache_bytes(config, entry.model.dtype, s.batch_size * rows, 1024 + spec.max_new_tokens)
+                     + s.batch_size * rows * 1024 * max(widths) * 4)
+        work += _unit_work(s, unit.id, model_size(entry.model), size, spec.max_new_tokens)
+    return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=("memory: weights, the SAEs, the KV cache of 3 rows per item at 1,024 prompt tokens, "
                            "and one layer's features of a batch",))
+
+
+def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int) -> list:
+    """Attribution (a gradient through the prompt and solution of each ranking item), then every
+    evaluated item answered as 2 + control_sets rows, each reading its prompt and generating."""
+    rows = 2 + s.control_sets
+    ranked = min(s.attribution_items, size.items)
+    evaluated = size.items - ranked
+    return [Work("gradient", ranked * (size.prompt_tokens + size.solution_tokens), model, label=f"{unit_id}: attribution"),
+            Work("forward", evaluated * rows * size.prompt_tokens, model, label=f"{unit_id}: prompts"),
+            Work("decode", evaluated * rows * max_new_tokens, model, rows=max(1, min(evaluated, s.batch_size)) * rows,
+                 label=f"{unit_id}: {evaluated * rows:,} answers of up to {max_new_tokens} tokens")]
 
 
 # ---------------------------------------------------------------- the work (GPU)
@@ -300,7 +352,7 @@ def control_sets(active: dict[int, np.ndarray], top: np.ndarray, sets: int, seed
     return drawn
 
 
-@torch.no_grad()
+@no_grad
 def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: dict,
                         ablations: dict[str, np.ndarray], batch_size: int, device: torch.device,
                         desc: str = "") -> dict[str, tuple[list[str], list[str | None], list[bool]]]:
@@ -379,19 +431,30 @@ def summarise(items: pd.DataFrame, s: Settings, by: list[str]) -> pd.DataFrame:
         controls = sorted(column for column in group if column.startswith("control_"))
         base, ablated = group["baseline"].to_numpy(bool), group["ablated"].to_numpy(bool)
         drop = base.mean() - ablated.mean()
+        drop_low, drop_high = paired_interval(base.astype(float) - ablated)
         control_drops = np.asarray([base.mean() - group[c].mean() for c in controls])
         strongest = group[controls[int(np.argmax(control_drops))]].to_numpy(bool)
         p_vs_control = mcnemar(strongest, ablated)
         null_p = (1 + int((control_drops >= drop).sum())) / (1 + len(controls))
         rows.append({**dict(zip(by, keys, strict=True)), "items": len(group), "baseline": base.mean(),
                      "ablated": ablated.mean(), "control": float(np.mean([group[c].mean() for c in controls])),
-                     "drop": drop, "control_drop": control_drops.mean(), "control_drop_max": control_drops.max(),
+                     "drop": drop, "drop_low": drop_low, "drop_high": drop_high, "control_drop": control_drops.mean(), "control_drop_max": control_drops.max(),
                      "control_sets": len(controls), "null_p_drop": null_p, "p_ablated": mcnemar(base, ablated),
                      "p_control": float(np.median([mcnemar(base, group[c].to_numpy(bool)) for c in controls])),
                      "p_ablated_vs_control": p_vs_control,
                      "criterion_met": bool(drop > s.success_drop and drop > control_drops.mean()),
                      "beats_control_significantly": bool(null_p < s.alpha and p_vs_control < s.alpha)})
     return pd.DataFrame(rows)
+
+
+def paired_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of paired differences (one per item, both conditions on the
+    same item); NaN with fewer than two items."""
+    differences = np.asarray(differences, float)
+    if len(differences) < 2:
+        return np.nan, np.nan
+    half = stats.t.ppf(0.5 + level / 2, len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
+    return float(differences.mean() - half), float(differences.mean() + half)
 
 
 def _sae_quality(training_run: Path) -> pd.DataFrame:
@@ -412,40 +475,57 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame, features: pd.Dat
         f"each of {s.control_sets} control sets zero-ablated: {s.k} random features matched to the top set (for each "
         "top feature one of its layer with a similar activation count on the attribution items). `control` and "
         "`control_drop` are the sets' means; `null_p_drop` is where the top set's drop falls among the sets' drops, "
-        "(1 + sets that cost at least as much) / (1 + sets). Drops are in accuracy (fractions); p-values are "
+        "(1 + sets that cost at least as much) / (1 + sets). Drops are differences of accuracies (fractions: 0.05 is "
+        "5 percentage points), `drop_low`-`drop_high` the paired 95% t interval of the drop over items; p-values are "
         "McNemar's exact test on paired items, against the control set that cost the most. The seed's criterion: a "
-        f"drop of more than {s.success_drop:.0%} and more than the control sets' mean. `all` pools a model's "
-        "benchmarks."
+        f"drop of more than {100 * s.success_drop:g} percentage points and more than the control sets' mean. "
+        "`all` pools a model's benchmarks."
     )
     report.heading("Accuracy under ablation")
     report.table(summary, "summary")
     verdicts = summary[summary["benchmark"] == "all"]
     report.heading("The seed's success criterion per model")
     report.text("\n".join(
-        f"- **{row.model}**: drop {row.drop:+.1%} against the control sets' {row.control_drop:+.1%} (at most "
-        f"{row.control_drop_max:+.1%}; null p {row.null_p_drop:.2g}) over {row.items} items (McNemar p vs the "
+        f"- **{row.model}**: drop {_points(row.drop)} (95% interval {_points(row.drop_low)} to "
+        f"{_points(row.drop_high)}) against the control sets' {_points(row.control_drop)} (at most "
+        f"{_points(row.control_drop_max)}; null p {row.null_p_drop:.2g}) over {row.items} items (McNemar p vs the "
         f"strongest control {row.p_ablated_vs_control:.2g}): criterion {'met' if row.criterion_met else 'NOT met'}"
         for row in verdicts.itertuples()))
     report.heading("Ablated and control features")
     report.table(features, "features")
     items.to_csv(report.folder / "items.csv", index=False)
-    _figure(report, summary[summary["benchmark"] != "all"])
+    _figure(report, items)
     report.write()
 
 
-def _figure(report: Report, summary: pd.DataFrame) -> None:
+def _points(difference: float) -> str:
+    """A difference of two accuracies (fractions) in percentage points: 0.076 -> "+7.6 pp"."""
+    return f"{100 * difference:+.1f} pp"
+
+
+def _figure(report: Report, items: pd.DataFrame) -> None:
+    """Per model and benchmark, the paired accuracy change against the unablated model on the same
+    items: top-k ablated, the control sets' mean (per item), and each control set as a dot."""
     import matplotlib.pyplot as plt
 
-    labels = [f"{row.model}\n{row.benchmark}" for row in summary.itertuples()]
-    x = np.arange(len(summary))
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(summary) + 2), 3.8))
-    for offset, condition, colour in zip((-0.27, 0, 0.27), CONDITIONS, ("grey", "crimson", "steelblue"), strict=True):
-        accuracy = summary[condition].to_numpy()
-        error = 1.96 * np.sqrt(accuracy * (1 - accuracy) / summary["items"].to_numpy())
-        ax.bar(x + offset, accuracy, width=0.26, yerr=error, color=colour, label=condition, capsize=2)
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    groups = list(items.groupby(["model", "benchmark"], sort=True))
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(groups) + 2), 3.8))
+    for x, ((model, bench), group) in enumerate(groups):
+        base = group["baseline"].to_numpy(float)
+        controls = group[sorted(c for c in group if c.startswith("control_"))].to_numpy(float)
+        for offset, name, changed, colour in ((-0.2, "top-k ablated", group["ablated"].to_numpy(float), "crimson"),
+                                              (0.05, "control sets' mean", controls.mean(axis=1), "steelblue")):
+            mean, (low, high) = (changed - base).mean(), paired_interval(changed - base)
+            ax.errorbar(x + offset, 100 * mean, yerr=[[100 * (mean - low)], [100 * (high - mean)]], fmt="o",
+                        color=colour, capsize=3, label=name if x == 0 else None)
+        ax.scatter(np.full(controls.shape[1], x + 0.25), 100 * (controls.mean(axis=0) - base.mean()), s=10,
+                   color="grey", alpha=0.5, label="each control set" if x == 0 else None)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(range(len(groups)), [f"{model}\n{bench}\n({len(group)} items)" for (model, bench), group in groups],
+                  fontsize=8)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel("accuracy change (percentage points)\nablated minus baseline, same items")
     ax.legend(fontsize=8)
-    report.figure(fig, "accuracy", "Accuracy unchanged, with the top-k features ablated, and with k matched random "
-                  "features ablated (the control sets' mean; 95% intervals)")
+    report.figure(fig, "accuracy", "Paired change in accuracy against the unablated model (per item: ablated minus "
+                  "baseline), mean with its paired 95% t interval, for the top-k features ablated and for the control "
+                  "sets (k matched random features; per item the sets' mean); grey: each control set's change")

@@ -19,17 +19,20 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
 from pydantic import Field
-from scipy import stats
 
 from common.errors import UserError
-from common.manifest import Manifest, StrictModel, UpstreamRun
-from common.plan import Estimate, WorkUnit
+from common.lazy import lazy_import
+from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
+from common.plan import Estimate, WorkUnit, assume
 from common.report import Report
+from common.runtime import Work
 from common.shards import LIBVER, ShardWriter
 from common.sparse import read_csr
 from jobs import _gambling as task
+
+pd = lazy_import("pandas")
+stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_contrast"
@@ -67,16 +70,15 @@ class Settings(StrictModel):
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per layer; checks the games run, its layers and the group sizes first."""
     s = manifest.settings
-    with _open_games(s) as games:
-        recorded = [int(layer) for layer in games.attrs["layers"]]
-        layers = s.layers if s.layers is not None else recorded
-        missing = sorted(set(layers) - set(recorded))
-        if missing or not layers:
-            raise UserError(f"{FIELD}.layers: the games recorded SAE features at layers {recorded}, not at "
-                            f"{missing or layers}; choose among those")
-        counts = _group_sizes(games)
-    short = {group: n for group, n in counts.items() if n < s.min_games}
-    if short:
+    games = games_of(s)
+    recorded = games.layers
+    layers = s.layers if s.layers is not None else recorded
+    missing = sorted(set(layers) - set(recorded))
+    if missing or not layers:
+        raise UserError(f"{FIELD}.layers: the games recorded SAE features at layers {recorded}, not at "
+                        f"{missing or layers}; choose among those")
+    counts = games.counts
+    if counts is not None and any(n < s.min_games for n in counts.values()):
         raise UserError(f"{FIELD}: the games hold {counts['bankrupt']} bankrupt and {counts['safe']} stopped games; "
                         f"each group needs {s.min_games} (min_games). Play more games (gambling_games.repetitions)")
     return [WorkUnit(f"L{layer}", {"layer": layer}) for layer in layers]
@@ -100,13 +102,53 @@ def _group_sizes(games: h5py.File) -> dict[str, int]:
     return {group: outcomes.count(outcome) for group, outcome in GROUPS.items()}
 
 
+class Games(StrictModel):
+    """What planning needs of the games run: the layers with features, the games per outcome group
+    (None while the run does not exist), all games, the SAE width and the bytes a layer takes."""
+
+    layers: list[int]
+    counts: dict[str, int] | None
+    games: int
+    width: int
+    bytes_per_layer: int
+
+
+def games_of(s: Settings) -> Games:
+    """The games run as planning sees it: read from its merged.h5, or, before that exists (when
+    planning only), estimated from its manifest."""
+    merged = s.games / "merged.h5"
+    if not merged.is_file():
+        return _games_from_manifest(s)
+    with _open_games(s) as games:
+        recorded = [int(layer) for layer in games.attrs["layers"]]
+        first = next(iter(games["units"].values()), None)
+        width = int(first[f"features/L{recorded[0]}"].attrs["shape"][1]) if first is not None and recorded else 0
+        return Games(layers=recorded, counts=_group_sizes(games), games=len(games["units"]), width=width,
+                     bytes_per_layer=merged.stat().st_size // max(1, len(recorded)))
+
+
+def _games_from_manifest(s: Settings) -> Games:
+    from jobs import gambling_games
+
+    missing = UserError(f"{FIELD}.games: {s.games} has no merged.h5; run the games first "
+                        "(saebatch submit <its manifest>) and wait for its reduce")
+    manifest, where = upstream_to_estimate(s.games, "gambling_games", f"{FIELD}.games", missing)
+    units = gambling_games.plan(manifest)
+    width, assumed_width = gambling_games.sae_width(manifest.settings)
+    layers = manifest.settings.layers
+    stored = gambling_games.estimate(manifest, units).output_bytes
+    assume(f"{FIELD}.games: run {s.games.name} does not exist yet; taken from {where}: {len(units):,} games with "
+           f"features at layers {layers}, {width:,} per layer{' (assumed width)' if assumed_width else ''}, "
+           f"at least min_games of each outcome")
+    return Games(layers=layers, counts=None, games=len(units), width=width,
+                 bytes_per_layer=stored // max(1, len(layers)))
+
+
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
-    with _open_games(manifest.settings) as games:
-        n_games = len(games["units"])
-        layer = units[0].payload["layer"]
-        width = int(next(iter(games["units"].values()))[f"features/L{layer}"].attrs["shape"][1])
-    return Estimate(output_bytes=len(units) * width * 8 * 12, task_memory_bytes=n_games * width * 8 * 2,
-                    notes=(f"{n_games:,} games, {width:,} features per layer; no GPU needed",))
+    games = games_of(manifest.settings)
+    read = Work("cpu_read", games.bytes_per_layer * len(units), label=f"the games' features at {len(units)} layer(s)")
+    return Estimate(output_bytes=len(units) * games.width * 8 * 12, task_memory_bytes=games.games * games.width * 8 * 2,
+                    notes=(f"{games.games:,} games, {games.width:,} features per layer; no GPU needed",), work=(read,))
 
 
 # ---------------------------------------------------------------- the work (CPU)
@@ -153,8 +195,8 @@ def contrast(bankrupt: np.ndarray, safe: np.ndarray) -> dict[str, np.ndarray]:
         t, p = stats.ttest_ind(bankrupt, safe, axis=0, equal_var=False)
     constant = (var1 == 0) & (var2 == 0)
     separated = constant & (difference != 0)
-    d = np.where(separated, np.sign(difference) * np.inf, d)
-    t = np.where(separated, np.sign(difference) * np.inf, np.where(constant, np.nan, t))
+    d = np.where(separated, np.copysign(np.inf, difference), d)
+    t = np.where(separated, np.copysign(np.inf, difference), np.where(constant, np.nan, t))
     p = np.where(separated, 0.0, np.where(constant, np.nan, p))
     return {"feature": np.arange(bankrupt.shape[1]), "mean_bankrupt": bankrupt.mean(axis=0),
             "mean_safe": safe.mean(axis=0), "sd_pooled": pooled, "cohens_d": d, "t": t, "p": p,

@@ -32,8 +32,6 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
@@ -42,13 +40,28 @@ from common.comoments import CoMoments, SparseSums, mutual_information
 from common.corpus import CorpusSpec, Window, check_source, windows
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
-from common.manifest import Manifest, StrictModel
-from common.models import ModelSpec, input_device, load_config, load_model, load_tokenizer, local_tokenizer, parameter_bytes, text_config
-from common.plan import Estimate, WorkUnit
+from common.lazy import lazy_import, no_grad
+from common.manifest import Manifest, StrictModel, shown
+from common.models import (
+    DTYPE_BYTES,
+    ModelSpec,
+    input_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    local_tokenizer,
+    parameter_bytes,
+    text_config,
+)
+from common.plan import Estimate, WorkUnit, assume, only_estimating
 from common.report import Report
+from common.runtime import Work, model_size, sae_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.sparse import COMPRESSION
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +139,26 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         _check_widths(s.features.top, widths)
         _check_memory(manifest, _feature_counts(s.features.top, widths))
     tokenizer = local_tokenizer(s.model)
-    if tokenizer is not None:  # count what the corpus holds (refuses a short one unless allowed)
+    missing = s.corpus.path is not None and not s.corpus.path.exists()
+    if tokenizer is not None and not missing:  # count what the corpus holds (refuses a short one unless allowed)
         tokens = sum(w.content for w in windows(s.corpus, tokenizer, f"{FIELD}.corpus"))
     else:
-        check_source(s.corpus, f"{FIELD}.corpus")
+        try:
+            check_source(s.corpus, f"{FIELD}.corpus")
+        except UserError as error:
+            if not missing:
+                raise
+            _estimate_without_corpus(error, s)
         tokens = s.corpus.tokens
     digits = len(str(tokens))
     return [WorkUnit(f"tokens_{start:0{digits}d}", {"start": start, "stop": min(start + s.tokens_per_unit, tokens)})
             for start in range(0, tokens, s.tokens_per_unit)]
+
+
+def _estimate_without_corpus(missing: UserError, s: Settings) -> None:
+    """Planning only: a corpus file not at hand is taken to hold the tokens asked for."""
+    only_estimating(missing)
+    assume(f"{FIELD}.corpus: {shown(s.corpus.path)} is not here; taken to hold the {s.corpus.tokens:,} tokens asked for")
 
 
 def _check_widths(top: int | None, widths: dict[int, int | None]) -> None:
@@ -183,9 +208,9 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     notes.append(f"shard output is an upper bound (every pair co-active); merged.h5 about "
                  f"{_human(12 * features**2)}; reduce needs about {_human(REDUCE_BYTES_PER_PAIR * features**2)}")
     width = max(w or ASSUMED_WIDTH for w in widths.values())
-    itemsize = s.model.torch_dtype.itemsize
+    itemsize = DTYPE_BYTES[s.model.dtype]
     batch_tokens = s.batch_size * s.corpus.window
-    device_bytes = (parameter_bytes(config, s.model.torch_dtype)
+    device_bytes = (parameter_bytes(config, s.model.dtype)
                     + len(layers) * 2 * config.hidden_size * width * 4  # SAEs (encoder and decoder, float32)
                     + batch_tokens * (len(layers) * config.hidden_size * itemsize + 2 * width * 4)
                     + 8 * features**2)  # the pair sums: half of F x F, two float64 each
@@ -193,7 +218,23 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                  "the pair sums)")
     on_cpu = s.model.device == "cpu" or manifest.cluster.gpus_per_task == 0
     host = SHARD_BYTES_PER_PAIR * features**2 + (device_bytes if on_cpu else 0)
-    return Estimate(output_bytes=per_unit * len(units), task_memory_bytes=host, notes=tuple(notes))
+    notes.append("runtime counts the forwards and SAE encodings (and the first pass, once per shard), not the "
+                 "co-moment sums (about L0^2 products per row)")
+    return Estimate(output_bytes=per_unit * len(units), task_memory_bytes=host, notes=tuple(notes),
+                    work=_work(s, config, units, layers, width))
+
+
+def _work(s: Settings, config, units: list[WorkUnit], layers: list[int], width: int) -> tuple:
+    """The model and SAEs loaded, then every token forwarded up to the last chosen block and
+    encoded by each layer's SAE; with `features.top`, the first pass over its tokens as well."""
+    model, saes = model_size(s.model), sae_size(config.hidden_size, width, len(layers))
+    tokens = sum(unit.payload["stop"] - unit.payload["start"] for unit in units)
+    if s.features.top is not None:  # each shard may make the first pass before one publishes its choice
+        tokens += min(s.features.selection_tokens, s.corpus.tokens)
+    depth = (max(layers) + 1) / config.num_hidden_layers  # the forward stops after the last chosen block
+    return (Work("load", model.weight_bytes + saes.parameters * 2 * 4, label=f"{model.name} and {len(layers)} SAE(s)"),
+            Work("forward", tokens * depth, model, label=f"{tokens:,} tokens through {depth:.0%} of the blocks"),
+            Work("forward", tokens, saes, label=f"{tokens:,} tokens encoded by {len(layers)} SAE(s)"))
 
 
 def _human(n: float) -> str:
@@ -217,7 +258,7 @@ class Encoder:
     pad_id: int
     pooling: Pooling
 
-    @torch.no_grad()
+    @no_grad
     def features(self, batch: list[Window]) -> dict[int, torch.Tensor]:
         """Per layer, (rows, d_sae) features on the device: a row per content token, or per window."""
         length = max(len(w.ids) for w in batch)
@@ -519,11 +560,16 @@ def _report(report: Report, s: Settings, attrs: dict, layout: Layout, stats: CoM
     report.text(f"{summary['within_layer_total']:,} within-layer and {summary['cross_layer_total']:,} cross-layer "
                 "edges. `unsupported`: pairs above the threshold left out for lack of evidence.")
     report.table(counts, "edge_counts", shown=counts.drop(columns=["layer_a", "layer_b"]))
+    _edge_matrix(report, layout, counts)
     report.heading("Features per layer")
     report.table(_layer_table(layout, stats, edges), "layers")
     report.heading("Strongest edges")
     report.table(edges.head(s.top_pairs), "top_pairs", shown=edges.head(15))
     _heatmaps(report, s, layout, stats, edges)
+    report.heading("Strongest cross-layer edges")
+    cross_edges = edges[edges.layer_a != edges.layer_b]
+    report.table(cross_edges.head(s.top_pairs), "top_cross_layer_pairs", shown=cross_edges.head(15))
+    _cross_layer(report, s, layout, stats, edges)
     _degrees(report, layout, edges)
     report.write()
 
@@ -543,13 +589,13 @@ def _ends(edges: pd.DataFrame, layer: int) -> np.ndarray:
     return np.concatenate([edges.feature_a[edges.layer_a == layer], edges.feature_b[edges.layer_b == layer]])
 
 
+LABELLED = 48  # at most this many feature ids on a heatmap axis (8 pt); more rows: every n-th id
+
+
 def _heatmaps(report: Report, s: Settings, layout: Layout, stats: CoMoments, edges: pd.DataFrame) -> None:
     """Per layer, r among the features of its strongest within-layer edges, similar ones together."""
-    import matplotlib.pyplot as plt
-    from scipy.cluster.hierarchy import leaves_list, linkage
-
-    fig, axes = plt.subplots(1, len(layout.layers), figsize=(4.6 * len(layout.layers), 4.4), squeeze=False)
-    for ax, layer in zip(axes[0], layout.layers, strict=True):
+    fig, axes = _panels(len(layout.layers), min(s.heatmap_features, max(map(len, layout.features.values()))))
+    for ax, layer in zip(axes, layout.layers):
         block, ids = layout.block(layer), layout.features[layer]
         within = edges[(edges.layer_a == layer) & (edges.layer_b == layer)]
         strongest = pd.unique(within[["feature_a", "feature_b"]].to_numpy().ravel())  # strongest |r| first
@@ -557,16 +603,110 @@ def _heatmaps(report: Report, s: Settings, layout: Layout, stats: CoMoments, edg
             strongest = ids[np.argsort(-stats.active[block], kind="stable")]
         shown = block.start + np.searchsorted(ids, strongest[: s.heatmap_features])
         r = np.nan_to_num(stats.pearson(shown, shown))
-        # Features with similar rows of r side by side (average linkage of the rows as vectors).
-        order = leaves_list(linkage(r, "average")) if len(shown) > 2 else np.arange(len(shown))
-        image = ax.imshow(r[np.ix_(order, order)], cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+        order = _similar_together(r)
         labels = ids[shown - block.start][order]
-        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
-        ax.set_yticks(range(len(labels)), labels, fontsize=5)
-        ax.set_title(f"layer {layer}: {len(within)} edges")
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Pearson r")
-    report.figure(fig, "heatmaps", f"Pearson r among each layer's {s.heatmap_features} features with the "
+        image = _draw_r(ax, r[np.ix_(order, order)], labels, labels)
+        ax.set_xlabel(f"layer {layer} feature")
+        ax.set_ylabel(f"layer {layer} feature")
+        ax.set_title(f"layer {layer}: {len(within):,} edges")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="Pearson r")
+    report.figure(fig, "heatmaps", f"Pearson r among each layer's (up to) {s.heatmap_features} features with the "
                   "strongest within-layer edges (grouped by similarity; labels are SAE feature ids)")
+
+
+def _cross_layer(report: Report, s: Settings, layout: Layout, stats: CoMoments, edges: pd.DataFrame) -> None:
+    """For each pair of consecutive layers, r between the features of their strongest cross-layer
+    edges: rows the lower layer's, columns the upper's, ordered so matching features form a diagonal."""
+    pairs = [(a, b) for a, b in zip(layout.layers, layout.layers[1:])
+             if ((edges.layer_a == a) & (edges.layer_b == b)).any()]
+    if not pairs:
+        return
+    fig, axes = _panels(len(pairs), min(s.heatmap_features, max(map(len, layout.features.values()))))
+    for ax, (a, b) in zip(axes, pairs):
+        between = edges[(edges.layer_a == a) & (edges.layer_b == b)]
+        lower, upper = _edge_ends(between, s.heatmap_features)
+        rows = layout.block(a).start + np.searchsorted(layout.features[a], lower)
+        cols = layout.block(b).start + np.searchsorted(layout.features[b], upper)
+        r = np.nan_to_num(stats.pearson(rows, cols))
+        row_order = _similar_together(r)
+        # each column beside the row it correlates with most: matched features on the diagonal
+        col_order = np.lexsort((-r.max(axis=0), np.argsort(row_order)[np.argmax(r, axis=0)]))
+        image = _draw_r(ax, r[np.ix_(row_order, col_order)], layout.features[a][rows - layout.block(a).start][row_order],
+                        layout.features[b][cols - layout.block(b).start][col_order])
+        ax.set_ylabel(f"layer {a} feature")
+        ax.set_xlabel(f"layer {b} feature")
+        ax.set_title(f"layer {a} vs {b}: {len(between):,} edges")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="Pearson r")
+    report.figure(fig, "cross_layer", f"Cross-layer: Pearson r between the (up to) {s.heatmap_features} features of "
+                  "each pair of consecutive layers with the strongest edges between them (rows: the lower layer; labels "
+                  "are SAE feature ids); every layer pair's edge count is in the matrix above")
+
+
+def _edge_ends(between: pd.DataFrame, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The feature ids at both ends of the strongest edges (`between` is sorted by |r|), at most `most`
+    per side, taking an edge only when both its ends fit: every feature shown has a partner shown."""
+    lower: dict[int, None] = {}
+    upper: dict[int, None] = {}
+    for a, b in zip(between.feature_a.tolist(), between.feature_b.tolist(), strict=True):
+        if (a in lower or len(lower) < most) and (b in upper or len(upper) < most):
+            lower.setdefault(a)
+            upper.setdefault(b)
+    return np.fromiter(lower, dtype=np.int64), np.fromiter(upper, dtype=np.int64)
+
+
+def _edge_matrix(report: Report, layout: Layout, counts: pd.DataFrame) -> None:
+    """Edges of every layer and layer pair at a glance, as a share of the pairs that could have one."""
+    import matplotlib.pyplot as plt
+
+    n = len(layout.layers)
+    share, number = np.full((n, n), np.nan), np.zeros((n, n), dtype=int)
+    for row in counts.itertuples():
+        i, j = layout.layers.index(row.layer_a), layout.layers.index(row.layer_b)
+        share[i, j] = share[j, i] = row.edges / row.pairs if row.pairs else np.nan
+        number[i, j] = number[j, i] = row.edges
+    fig, ax = plt.subplots(figsize=(1.1 * n + 2.2, 1.1 * n + 1.2))
+    image = ax.imshow(100 * share, cmap="Blues", vmin=0)
+    for (i, j), edges_ij in np.ndenumerate(number):
+        dark = share[i, j] > 0.6 * np.nanmax(share)  # False for NaN (a layer of one feature has no pairs)
+        ax.text(j, i, f"{edges_ij:,}" + ("" if np.isnan(share[i, j]) else f"\n{100 * share[i, j]:.1f}%"),
+                ha="center", va="center", fontsize=9, color="white" if dark else "black")
+    ticks = [f"layer {layer}" for layer in layout.layers]
+    ax.set_xticks(range(n), ticks)
+    ax.set_yticks(range(n), ticks)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="edges, % of feature pairs")
+    report.figure(fig, "edge_matrix", "Edges within each layer (diagonal) and between each pair of layers: the count, "
+                  "and its share of the feature pairs of that block")
+
+
+def _panels(count: int, features: int) -> tuple:
+    """A figure with `count` square heatmap panels, two per row (three from five on), each large
+    enough for `features` rows of 8 pt labels (LABELLED of them at most); spare axes hidden."""
+    import matplotlib.pyplot as plt
+
+    columns = min(count, 2 if count <= 4 else 3)
+    rows = -(-count // columns)
+    side = max(3.5, 0.14 * min(features, LABELLED) + 1.2)
+    fig, axes = plt.subplots(rows, columns, figsize=(side * columns + 1.2, side * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.ravel()[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.ravel()[:count])
+
+
+def _similar_together(r: np.ndarray) -> np.ndarray:
+    """An order of the rows of `r` with similar rows side by side (average linkage of the rows as vectors)."""
+    from scipy.cluster.hierarchy import leaves_list, linkage
+
+    return leaves_list(linkage(r, "average")) if len(r) > 2 else np.arange(len(r))
+
+
+def _draw_r(ax, r: np.ndarray, row_labels: np.ndarray, col_labels: np.ndarray):
+    """r as a heatmap on a fixed -1..1 scale, the feature ids as 8 pt tick labels (every n-th beyond LABELLED)."""
+    image = ax.imshow(r, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
+    for set_ticks, labels, rotation in ((ax.set_xticks, col_labels, 90), (ax.set_yticks, row_labels, 0)):
+        step = -(-len(labels) // LABELLED)
+        set_ticks(range(0, len(labels), step), labels[::step], fontsize=8, rotation=rotation)
+    return image
 
 
 def _degrees(report: Report, layout: Layout, edges: pd.DataFrame) -> None:

@@ -22,8 +22,6 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
@@ -31,8 +29,10 @@ from common.choices import OptionReader
 from common.errors import UserError
 from common.generation import left_padded, sample, seed_of
 from common.layers import CONVENTION, capture_residuals, resolve_layers
+from common.lazy import lazy_import, no_grad
 from common.manifest import Manifest, StrictModel
 from common.models import (
+    DTYPE_BYTES,
     ModelSpec,
     input_device,
     kv_cache_bytes,
@@ -44,11 +44,15 @@ from common.models import (
 )
 from common.plan import Estimate, WorkUnit
 from common.report import Report
+from common.runtime import Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import ShardWriter, merge_shards
 from common.sparse import to_csr, write_csr
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "gambling_games"
@@ -117,18 +121,40 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     return units
 
 
+DECISIONS_PER_GAME = 10  # assumed: games of the published runs last a few rounds to a few dozen
+PROMPT_TOKENS = 400  # assumed: a decision prompt with its history of up to five rounds
+SAE_WIDTH = 32768  # assumed where the SAEs do not state it before loading (LlamaScope 8x of d_model 4096)
+
+
+def sae_width(s: Settings) -> tuple[int, bool]:
+    """The width of the games' SAEs, and whether it is assumed (a release states it only once loaded)."""
+    if s.sae is None or not s.layers:
+        return 0, False
+    infos = check_saes(s.sae, s.layers, text_config(load_config(s.model)[0]).hidden_size, f"{FIELD}.sae")
+    widths = [info.d_sae for info in infos.values() if info.d_sae]
+    return (max(widths), False) if widths else (SAE_WIDTH, True)
+
+
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     config, source = load_config(s.model)
     config = text_config(config)
-    decisions = len(units) * 10  # games of the published runs last a few rounds to a few dozen
-    notes = [f"model architecture from {source}", "output assumes 10 decisions per game, 100 active SAE "
-             "features per layer at each; memory assumes prompts of 400 tokens and SAEs 32768 wide"]
+    width, assumed_width = sae_width(s)
+    decisions = len(units) * DECISIONS_PER_GAME
+    notes = [f"model architecture from {source}",
+             f"output and runtime assume {DECISIONS_PER_GAME} decisions per game (a game may last up to "
+             f"{s.max_rounds} rounds), 100 active SAE features per layer at each; memory assumes prompts of "
+             f"{PROMPT_TOKENS} tokens" + (f" and SAEs {width} wide" if assumed_width else "")]
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
-    kv_cache = kv_cache_bytes(config, s.model.torch_dtype, s.batch_size, 400 + s.max_new_tokens)
-    saes = len(s.layers) * 2 * config.hidden_size * 32768 * 4  # every layer's SAE stays loaded (float32)
-    memory = parameter_bytes(config, s.model.torch_dtype) + kv_cache + saes
-    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes))
+    kv_cache = kv_cache_bytes(config, s.model.dtype, s.batch_size, PROMPT_TOKENS + s.max_new_tokens)
+    saes = len(s.layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype if s.sae else "float32"]
+    memory = parameter_bytes(config, s.model.dtype) + kv_cache + saes  # every layer's SAE stays loaded
+    model = model_size(s.model)
+    work = (Work("load", model.weight_bytes + saes, label=f"{model.name} and {len(s.layers)} SAE(s)"),
+            Work("forward", decisions * PROMPT_TOKENS, model, label=f"{decisions:,} decision prompts"),
+            Work("decode", decisions * s.max_new_tokens, model, rows=min(s.batch_size, len(units)),
+                 label=f"{decisions:,} answers of up to {s.max_new_tokens} tokens"))
+    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes), work=work)
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -204,7 +230,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                         progress.update()
 
 
-@torch.no_grad()
+@no_grad
 def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader, device: torch.device,
                 players: list[Player]) -> None:
     """One question to every running game: the options' exact probabilities and the SAE features at
@@ -326,12 +352,14 @@ def _component_effects(games: pd.DataFrame, components: str) -> pd.DataFrame:
 
 def _plot(report: Report, games: pd.DataFrame, components: str) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (by_count, by_letter) = plt.subplots(1, 2, figsize=(10, 3.8))
     count = games["components"].str.len()
     for bet_type, part in games.groupby("bet_type"):
         rate = (part["outcome"] == "bankrupt").groupby(count[part.index]).mean()
         by_count.plot(rate.index, rate.values, marker="o", label=f"{bet_type} bets")
+    by_count.xaxis.set_major_locator(MaxNLocator(integer=True))  # a count of components
     by_count.set_xlabel("prompt components present")
     by_count.set_ylabel("bankruptcy rate")
     by_count.legend()
@@ -343,4 +371,4 @@ def _plot(report: Report, games: pd.DataFrame, components: str) -> None:
     by_letter.set_ylabel("bankruptcy rate")
     by_letter.legend()
     report.figure(fig, "bankruptcy", "Bankruptcy rate by number of prompt components and bet type (left) and "
-                  "with or without each component (right)")
+                  "with or without each component (right; the letters are the components of the table above)")

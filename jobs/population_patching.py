@@ -27,18 +27,23 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field, field_validator, model_validator
-from scipy import stats
 from tqdm import tqdm
 
 from common.choices import NumberReader, OptionReader
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
 from common.generation import prompt_prefix, sample, seed_of
-from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
+from common.lazy import lazy_import, no_grad
+from common.manifest import (
+    AbsolutePath,
+    Manifest,
+    StrictModel,
+    UpstreamRun,
+    upstream_manifest,
+)
 from common.models import (
+    DTYPE_BYTES,
     ModelSpec,
     input_device,
     kv_cache_bytes,
@@ -49,12 +54,17 @@ from common.models import (
     text_config,
 )
 from common.paired import mcnemar, signed_rank
-from common.plan import Estimate, WorkUnit
+from common.plan import Estimate, WorkUnit, assume, only_estimating
 from common.report import Report
+from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
+stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "population_patching"
@@ -211,7 +221,7 @@ def _features_of(run: Path, job: str, field: str) -> pd.DataFrame:
     """The `features/` table of an upstream run's merged.h5, which `job` must have written."""
     merged = run / "merged.h5"
     if not merged.is_file():
-        raise UserError(f"{FIELD}.{field}: {run} has no merged.h5; run (and reduce) {job} first")
+        raise _missing(run, field, job)
     with h5py.File(merged, "r") as data:
         if data.attrs.get("job") != job:
             raise UserError(f"{FIELD}.{field}: {merged} was not written by {job}")
@@ -235,6 +245,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """The shared unpatched unit, then a unit per feature; checks layers, SAEs and feature ids."""
     s = manifest.settings
     config = text_config(load_config(s.model)[0])
+    if _not_run(s.features) or _not_run(s.retest):
+        return _estimated_units(s, config)
     table = read_table(s)
     layers = sorted(int(layer) for layer in table["layer"].unique())
     outside = [layer for layer in layers if not 0 <= layer < config.num_hidden_layers]
@@ -282,17 +294,102 @@ def _check_ids(features: pd.Series, layer: int, width: int | None) -> None:
                         f"beyond its SAE's {width} features; the table was made with another SAE?")
 
 
+# The seed's selection kept 1,340 of the 7 x 32,768 features it contrasted (p < 0.001 after FDR,
+# |d| > 0.8): the share planning assumes selected before the contrast has run.
+SELECTED_SHARE = 1340 / (7 * 32768)
+
+
+def _not_run(run: Path | None) -> bool:
+    """An upstream run is named but has not been merged yet."""
+    return run is not None and not (run / "merged.h5").is_file()
+
+
+def _missing(run: Path, field: str, job: str) -> UserError:
+    return UserError(f"{FIELD}.{field}: {run} has no merged.h5; run (and reduce) {job} first")
+
+
+def _estimated_units(s: Settings, config) -> list[WorkUnit]:
+    """Planning only, before the contrast (or the retested) run exists: the baseline, stand-in
+    features as many per layer as the upstream manifest leads one to expect, and the controls."""
+    for run, field, job in ((s.features, "features", "feature_contrast"), (s.retest, "retest", "population_patching")):
+        if _not_run(run):
+            only_estimating(_missing(run, field, job))
+    per_layer = _expected_features(s)
+    outside = [layer for layer in per_layer if not 0 <= layer < config.num_hidden_layers]
+    if outside:
+        raise UserError(f"{FIELD}: the features would come from layer(s) {outside}, outside the model's "
+                        f"{config.num_hidden_layers} blocks")
+    check_saes(s.sae, sorted(per_layer), config.hidden_size, f"{FIELD}.sae")
+    units = [WorkUnit(BASELINE, {})]
+    for control, counts in ((False, per_layer), (True, dict.fromkeys(per_layer, s.controls))):
+        units += [WorkUnit(f"L{layer}_{'control' if control else 'feature'}{index:05d}_estimated", {
+            "layer": layer, "feature": -1, "safe": 0.0, "bankrupt": 0.0, "control": control})
+            for layer, count in counts.items() for index in range(count)]
+    return units
+
+
+def _expected_features(s: Settings) -> dict[int, int]:
+    """Features to patch per layer: the table's where it exists, else what the contrast's manifest
+    leads one to expect (recorded as an assumption); at most the retested run's causal ones."""
+    from jobs import feature_contrast
+
+    if not _not_run(s.features):  # the table is at hand; only the retested run is not
+        table = read_table(s.model_copy(update={"retest": None}))
+        per_layer = {int(layer): int(n) for layer, n in table.groupby("layer").size().items()}
+    else:
+        contrast, where = upstream_manifest(s.features, _missing(s.features, "features", "feature_contrast"))
+        if contrast.job != "feature_contrast":
+            raise UserError(f"{FIELD}.features: {where} is a {contrast.job} manifest, not feature_contrast")
+        games = feature_contrast.games_of(contrast.settings)
+        layers = [layer for layer in contrast.settings.layers or games.layers if s.layers is None or layer in s.layers]
+        share = SELECTED_SHARE if s.only_selected else 1.0
+        count = min(round(share * games.width), s.max_features_per_layer or games.width)
+        per_layer = dict.fromkeys(layers, count)
+        assume(f"{FIELD}.features: run {s.features.name} does not exist yet; taken from {where}: layers {layers}, "
+               f"{count:,} features a layer patched ({share:.2%} of {games.width:,}" + (
+                   ", the share the seed's selection kept: 1,340 of 7 x 32,768)" if s.only_selected else ")"))
+    if s.retest is not None:
+        if _not_run(s.retest):
+            limit = s.retest_top
+            assume(f"{FIELD}.retest: run {s.retest.name} does not exist yet; taken to find {limit} causal features "
+                   "(retest_top) among those")
+        else:
+            limit = len(causal_features(s.retest, s.retest_top))
+        for layer in per_layer:
+            per_layer[layer], limit = min(per_layer[layer], limit), limit - min(per_layer[layer], limit)
+    return {layer: count for layer, count in per_layer.items() if count}
+
+
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     config, source = load_config(s.model)
     config = text_config(config)
-    answers = sum(len(s.prompts) * s.trials * (1 if unit.id == BASELINE else 2) for unit in units)
-    layers = {unit.payload["layer"] for unit in units if unit.id != BASELINE}
-    kv_cache = kv_cache_bytes(config, s.model.torch_dtype, s.batch_size, 400 + s.max_new_tokens)
-    memory = parameter_bytes(config, s.model.torch_dtype) + kv_cache + len(layers) * 2 * config.hidden_size * 32768 * 4
-    return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory,
-                    notes=(f"model architecture from {source}", f"{answers:,} answers; memory assumes prompts of 400 "
-                           "tokens and SAEs 32768 wide"))
+    conditions = sum(1 if unit.id == BASELINE else 2 for unit in units)  # per prompt
+    answers = conditions * len(s.prompts) * s.trials
+    layers = sorted({unit.payload["layer"] for unit in units if unit.id != BASELINE})
+    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae")
+    widths = [info.d_sae for info in infos.values() if info.d_sae]
+    width = max(widths) if widths else 32768
+    sae_bytes = len(layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype]
+    kv_cache = kv_cache_bytes(config, s.model.dtype, s.batch_size, 400 + s.max_new_tokens)
+    memory = parameter_bytes(config, s.model.dtype) + kv_cache + sae_bytes
+    model = model_size(s.model)
+    prompt_tokens = [len(prompt.text) / CHARS_PER_TOKEN for prompt in s.prompts]
+    work = [Work("load", model.weight_bytes + sae_bytes, label=f"{model.name} and {len(layers)} SAE(s)")]
+    if s.decisions != "exact":  # a batch of answers makes a call per prompt, each computing its prompt's cache once
+        batches = -(-answers // s.batch_size)  # ceiling
+        rows = max(1, min(s.batch_size, answers) // len(s.prompts))
+        work += [Work("forward", batches * sum(prompt_tokens), model, label="prompt caches, one per call"),
+                 Work("decode", answers * s.max_new_tokens, model, rows=rows,
+                      label=f"{answers:,} sampled answers of up to {s.max_new_tokens} tokens")]
+    if s.decisions != "sampled":  # a forward per condition and prompt; variable bets: each candidate amount too
+        variable = sum(prompt.bet_type == "variable" for prompt in s.prompts)
+        tokens = conditions * (sum(prompt_tokens) + variable * len(s.bet_amounts) * 4)
+        work.append(Work("forward", tokens, model, label="exact decisions"))
+    notes = (f"model architecture from {source}", f"{answers:,} answers; memory assumes prompts of 400 tokens"
+             + ("" if widths else f" and SAEs {width} wide"))
+    return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory, notes=notes,
+                    work=tuple(work))
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -362,7 +459,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 progress.update(len(batch))
 
 
-@torch.no_grad()
+@no_grad
 def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settings,
                   device: torch.device) -> dict[str, list[tuple[Row, dict[str, float]]]]:
     """Per unit, each condition and prompt with the options' probabilities at the cue, at the
@@ -391,7 +488,7 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
     return exact
 
 
-@torch.no_grad()
+@no_grad
 def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, amounts: NumberReader, s: Settings,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """Per row: the expected bet among `s.bet_amounts` given a bet (`bet_given_bet`) and the
@@ -407,7 +504,7 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
         repeated = [row for row in rows for _ in range(candidates)]
         prefix = prompt_prefix(model, tokenizer, prompt, len(repeated), device)
         with row_edits(model, saes, repeated, every_token=False, offset=0):  # position 0: the prompt's last token
-            logits = model(input_ids=inputs.repeat(len(rows), 1).to(device), past_key_values=prefix,
+            logits = model(input_ids=inputs.repeat(len(rows), 1).to(device), cache=prefix,
                            use_cache=True).logits
         found = amounts(logits, s.temperature)
         read["bet_given_bet"].append(found["expected"])
@@ -816,8 +913,8 @@ def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
     fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4.2), squeeze=False)
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
-        errors = np.abs(np.stack([part["stop_effect"] - part["stop_effect_low"], part["stop_effect_high"] - part["stop_effect"]]))
-        ax.errorbar(part["stop_shift_exact"], part["stop_effect"], yerr=errors, fmt="o", ms=3, lw=0.6, alpha=0.7)
+        ax.errorbar(part["stop_shift_exact"], part["stop_effect"], yerr=_interval(part, "stop_effect"), fmt="o", ms=3,
+                    lw=0.6, alpha=0.7)
         low, high = ax.get_xlim()
         ax.plot([low, high], [low, high], color="black", lw=0.6, ls="--")
         ax.set_xlabel("exact P(stop) shift")
@@ -866,6 +963,11 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
     fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
     for ax, prompt in zip(axes[0], prompts, strict=True):
         part = results[results["prompt"] == prompt]
+        for kind, colour in CLASS_COLOURS.items():  # the 95% intervals of the table, behind the points
+            rows = part[part["effect_class"] == kind]
+            ax.errorbar(rows["bet_effect"], rows["stop_effect"], xerr=_interval(rows, "bet_effect"),
+                        yerr=_interval(rows, "stop_effect"), fmt="none", ecolor=colour, elinewidth=0.7,
+                        alpha=0.3 if kind == "control" else 0.6, zorder=1)
         _scatter_classes(ax, part, "bet_effect", "stop_effect")
         for row in part[part["causal"]].itertuples():
             ax.annotate(f"L{row.layer} F{row.feature}", (row.bet_effect, row.stop_effect), fontsize=7,
@@ -878,4 +980,10 @@ def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
     axes[0][0].set_ylabel("stop effect: safe-mean minus bankrupt-mean patch")
     fig.tight_layout()
     report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class, with the null "
-                  "controls (grey crosses); dashed: the thresholds")
+                  "controls (grey crosses); bars: 95% intervals (stop effect: normal approximation; bet effect: "
+                  "Welch's t; none where a condition's bets are constant); dashed: the thresholds")
+
+
+def _interval(rows: pd.DataFrame, effect: str) -> np.ndarray:
+    """(2, n) distances from each `effect` to its `_low` and `_high` bounds, for errorbar; 0 where unknown."""
+    return np.nan_to_num(np.abs(np.stack([rows[effect] - rows[f"{effect}_low"], rows[f"{effect}_high"] - rows[effect]])))

@@ -19,23 +19,25 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field
-from sae_lens import SAE
 
 from common.errors import UserError
 from common.layers import hook_name
+from common.lazy import lazy_import
 from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import ModelSpec, input_device, load_model, load_tokenizer
 from common.plan import Estimate, WorkUnit
 from common.problems import load_benchmark
 from common.report import Report
+from common.runtime import Work, model_size, sae_variant
 from common.sae_quality import ce_loss_recovered
-from common.sae_trainer import LinearSAE, TrainingConfig, train_sae
+from common.sae_settings import TrainingConfig
 from common.shards import LIBVER, ShardWriter
 from jobs._reasoning import DEVICE_FIELD, CaptureRun, read_capture_run
 from jobs.activation_capture import encode_items, token_limit
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "sae_training"
@@ -78,21 +80,24 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, captured layer); checks the SAE fits and every layer has a batch of tokens."""
     s = manifest.settings
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
+    shapes = capture.shapes(f"{FIELD}.activations")
     units = []
-    with h5py.File(capture.merged, "r") as merged:
-        for entry in capture.select(s.models, f"{FIELD}.models"):
-            for layer in entry.layers:
-                tokens, d_in = merged[f"models/{entry.name}/L{layer}"].shape
-                _check_fits(s.sae, entry.name, layer, tokens, d_in)
-                units.append(WorkUnit(f"{entry.name}.L{layer}", {"model": entry.name, "layer": layer}))
+    for entry in capture.select(s.models, f"{FIELD}.models"):
+        for layer in entry.layers:
+            tokens, d_in = shapes[(entry.name, layer)]
+            _check_fits(s.sae, entry.name, layer, None if capture.estimated else tokens, d_in)
+            units.append(WorkUnit(f"{entry.name}.L{layer}", {"model": entry.name, "layer": layer}))
     return units
 
 
-def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int, d_in: int) -> None:
+def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int | None, d_in: int) -> None:
+    """The SAE's k fits its width, and the captured tokens (None: not captured yet) fill a batch."""
     d_sae = config.d_sae(d_in)
     if config.activation == "topk" and config.k > d_sae:
         raise UserError(f"{FIELD}.sae.k: {config.k} is larger than the SAE width {d_sae} "
                         f"(expansion_factor {config.expansion_factor} x d_in {d_in}); lower k")
+    if tokens is None:
+        return
     training = tokens - max(1, int(tokens * config.validation_fraction))
     if training < config.batch_size:
         raise UserError(f"{FIELD}.sae.batch_size: {model} layer {layer} has {training:,} training tokens, fewer than "
@@ -102,23 +107,53 @@ def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int, d_i
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
+    shapes = capture.shapes(f"{FIELD}.activations")
     out = memory = 0
-    with h5py.File(capture.merged, "r") as merged:
-        for unit in units:
-            tokens, d_in = merged[f"models/{unit.payload['model']}/L{unit.payload['layer']}"].shape
-            sae_bytes = 2 * d_in * s.sae.d_sae(d_in) * 4
-            out += sae_bytes + s.sae.epochs * tokens // s.sae.batch_size // s.sae.log_every * 6 * 8
-            batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
-            memory = max(memory, tokens * d_in * 2 + 4 * sae_bytes + batch)
-    return Estimate(output_bytes=out, task_memory_bytes=memory,
+    work: list[Work] = []
+    for unit in units:
+        tokens, d_in = shapes[(unit.payload["model"], unit.payload["layer"])]
+        sae_bytes = 2 * d_in * s.sae.d_sae(d_in) * 4
+        out += sae_bytes + s.sae.epochs * tokens // s.sae.batch_size // s.sae.log_every * 6 * 8
+        batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
+        memory = max(memory, tokens * d_in * 2 + 4 * sae_bytes + batch)
+        trained = int(tokens * (1 - s.sae.validation_fraction)) * s.sae.epochs
+        work += [Work("load", tokens * d_in * 2, label=f"{unit.id}: activations"),
+                 Work("sae_training", trained, width=d_in * s.sae.d_sae(d_in),
+                      variant=sae_variant(s.sae.activation, s.sae.decorrelation),
+                      label=f"{unit.id}: {trained:,} training tokens ({s.sae.epochs} epochs)")]
+    if s.ce_items:
+        work += _ce_work(s, capture, units)
+    return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=("memory: the layer's activations, the SAE with Adam's moments, one batch; the model "
                            "itself is loaded for the CE loss recovered" if s.ce_items else "no model is loaded",))
+
+
+def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
+    """The CE loss recovered: each model loaded once, and per layer three forwards (clean, with the
+    SAE spliced in, zeroed) of up to `ce_items` held-out items of each benchmark."""
+    from jobs.activation_capture import benchmark_size
+
+    sizes = [benchmark_size(spec, f"{FIELD}: the capture's benchmarks[{index}]")
+             for index, spec in enumerate(capture.settings.benchmarks)]
+    tokens = sum(min(s.ce_items, round(size.items * s.sae.validation_fraction)) *
+                 (size.prompt_tokens + size.solution_tokens) for size in sizes)
+    work = []
+    for name in dict.fromkeys(unit.payload["model"] for unit in units):
+        model = model_size(capture.models[name].model)
+        layers = sum(unit.payload["model"] == name for unit in units)
+        work += [Work("load", model.weight_bytes, label=f"{name} for the CE loss"),
+                 Work("forward", 3 * tokens * layers, model, label=f"{name}: CE loss recovered at {layers} layer(s)")]
+    return work
 
 
 # ---------------------------------------------------------------- the work (GPU)
 
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
+    from common.sae_trainer import (
+        train_sae,  # with sae-lens: seconds to import, so not at planning
+    )
+
     s = manifest.settings
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shard.set_attrs(activations=str(s.activations), training=s.sae.model_dump_json())
@@ -189,6 +224,10 @@ def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int, device: tor
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     """Each SAE saved for sae-lens, the metrics table and curves in merged.h5, and the report."""
+    from sae_lens import SAE
+
+    from common.sae_trainer import LinearSAE  # registers "linear" with sae-lens
+
     s = manifest.settings
     rows, curves = [], {}
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
@@ -241,7 +280,7 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
         "the batch). "
         f"Split by item, not by token: whole benchmark items holding about {config.validation_fraction:.0%} of the "
         f"tokens are held out (`held_out_items` of `items` in the table) and never trained on; the metrics are "
-        f"measured on their tokens, and the CE loss recovered on up to {s.ce_items} of them per benchmark (NaN: not "
+        f"measured on their tokens, and the CE loss recovered on up to {s.ce_items} of them per benchmark (n/a: not "
         "measured, the model could not be loaded). SAEs in sae-lens's format under `saes/<model>/L<layer>/`."
     )
     if not sparse:
@@ -249,19 +288,30 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
                     "almost every token (L0 near the width), so its 'features' are directions of a dense code.")
     report.heading("Quality per model and layer")
     report.table(table, "metrics")
+    _plot_curves(report, config, curves)
+    report.write()
+
+
+def _plot_curves(report: Report, config: TrainingConfig, curves: dict) -> None:
+    """Loss terms and L0 per step. L0 and the decorrelation term are never negative, so their axes
+    start at 0: a constant series (TopK's L0) then shows as a flat line at its value, not as noise
+    magnified around an offset."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
     for (model, layer), curve in sorted(curves.items()):
         label = f"{model} L{layer}"
         axes[0].plot(curve["step"], curve["reconstruction"], label=label)
         axes[1].plot(curve["step"], curve["l0"], label=label)
         axes[2].plot(curve["step"], curve["decorrelation"], label=label)
-    for ax, title in zip(axes, ("reconstruction loss", "L0 (non-zero features per token)",
-                                "decorrelation term (weighted)"), strict=True):
+    l0 = "L0 (non-zero features per token)" + (f"\nTopK: at most k = {config.k}" if config.activation == "topk" else "")
+    for ax, title in zip(axes, ("reconstruction loss", l0, "decorrelation term (weighted)"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
     axes[0].set_yscale("log")
+    for ax, name in zip(axes[1:], ("l0", "decorrelation"), strict=True):
+        highest = max((float(np.max(curve[name])) for curve in curves.values() if len(curve[name])), default=0.0)
+        ax.set_ylim(0, 1.1 * highest if highest > 0 else 1)
+        ax.ticklabel_format(axis="y", useOffset=False, scilimits=(-3, 5))  # 1.5e-4 as 1.5 x 1e-4, never an offset
     axes[0].legend(fontsize=7)
     report.figure(fig, "curves", "Training curves per model and layer")
-    report.write()

@@ -21,20 +21,33 @@ from typing import Literal
 
 import h5py
 import numpy as np
-import pandas as pd
-import torch
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
+from common.lazy import lazy_import, no_grad
 from common.manifest import Manifest, StrictModel
-from common.models import DTYPES, ModelSpec, input_device, load_config, load_model, load_tokenizer, local_tokenizer, parameter_bytes, text_config
+from common.models import (
+    DTYPE_BYTES,
+    ModelSpec,
+    input_device,
+    load_config,
+    load_model,
+    load_tokenizer,
+    local_tokenizer,
+    parameter_bytes,
+    text_config,
+)
 from common.plan import Estimate, WorkUnit
 from common.report import Report
+from common.runtime import Work, model_size, sae_size
 from common.saes import SaeCache, SaeSpec, check_saes
 from common.shards import ShardWriter, merge_shards
 from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
+
+pd = lazy_import("pandas")
+torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -238,21 +251,33 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         l0 = float(np.mean(l0s)) if l0s else 100.0
         if not l0s:
             notes.append("features assume L0 = 100 active features per token (SAE's L0 not known before running)")
-        value_bytes = DTYPES[s.feature_dtype].itemsize
+        value_bytes = DTYPE_BYTES[s.feature_dtype]
         widths = [i.d_sae for i in infos.values() if i.d_sae]
         d_sae = max(widths) if widths else 32768
         if not widths:
             notes.append("SAE memory assumes 32768 features (the width is not known before loading)")
         index_bytes = 2 if d_sae <= 65536 else 4
         out += int(sum(len(layers) * n * l0 * (value_bytes + index_bytes) for n in lengths))
-        sae_bytes = 2 * d_model * d_sae * DTYPES[s.sae.dtype].itemsize
+        sae_bytes = 2 * d_model * d_sae * DTYPE_BYTES[s.sae.dtype]
     batch = min(s.batch_size, len(units))
     n_max = max(lengths)
-    itemsize = s.model.torch_dtype.itemsize
+    itemsize = DTYPE_BYTES[s.model.dtype]
     activations = batch * config.num_hidden_layers * heads * n_max**2 * itemsize  # every layer's attention
     activations += batch * len(layers) * n_max * d_model * itemsize  # captured residuals
-    memory = parameter_bytes(config, s.model.torch_dtype) + activations + sae_bytes
-    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes))
+    memory = parameter_bytes(config, s.model.dtype) + activations + sae_bytes
+    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes),
+                    work=_work(s, config, len(layers) if s.features else 0, sae_bytes, sum(lengths)))
+
+
+def _work(s: Settings, config, sae_layers: int, sae_bytes: int, tokens: int) -> tuple:
+    """The model loaded, and each layer's SAE in turn; the prompts forwarded and, per layer, encoded."""
+    model = model_size(s.model)
+    work = [Work("load", model.weight_bytes + sae_layers * sae_bytes, label=f"{model.name} and {sae_layers} SAE(s)"),
+            Work("forward", tokens, model, label=f"{tokens:,} prompt tokens")]
+    if sae_layers:
+        d_sae = sae_bytes // (2 * config.hidden_size * DTYPE_BYTES[s.sae.dtype])
+        work.append(Work("forward", tokens, sae_size(config.hidden_size, d_sae, sae_layers), label="SAE encodings"))
+    return tuple(work)
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -281,7 +306,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         saes.evict()
 
 
-@torch.no_grad()
+@no_grad
 def _track_batch(s: Settings, model, tokenizer, layers, device, saes, batch, pending, shard) -> None:
     """One forward pass over the batch; writes the units of it that are still pending."""
     prompts = [unit.payload["prompt"] for unit in batch]
@@ -389,10 +414,10 @@ def top_features(data: h5py.File, names: list[str], layers: list[int], k: int) -
 
 def _report_attention(report: Report, spans: pd.DataFrame, data: h5py.File, s: Settings, layers: list[int]) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.colors import PowerNorm
 
     report.heading("Attention of the decision token to the key spans")
-    report.text("Weight that the final prompt token puts on each key span's tokens, mean over heads, as a "
+    report.text("Weight that the final prompt token puts on each key span's tokens (summed over the span's "
+                "tokens in each head, then averaged over the heads) as a "
                 "ratio to the uniform share (`vs_uniform`: the span's tokens over the positions attended, so a "
                 "long span does not outrank a short one by its length alone; 1 is no preference). Table: mean "
                 "over scenarios, the spans sorted by it; per-scenario sums, per-token weights and ratios in the CSV.")
@@ -410,27 +435,44 @@ def _report_attention(report: Report, spans: pd.DataFrame, data: h5py.File, s: S
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(span)
         ax.set_xlabel("layer")
-    axes[0][0].set_ylabel("attention / uniform share")
+    # span_attention: per head the weights on the span's tokens summed, then the heads averaged
+    axes[0][0].set_ylabel("final token's attention to the span\n(sum over its tokens, mean over heads)\n"
+                          "/ uniform share")
     axes[0][-1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
-    report.figure(fig, "span_attention", "Attention of the final token to each key span against the uniform share "
-                  "(dashed: 1), by layer; spans by their mean ratio")
+    report.figure(fig, "span_attention", "Attention of the final token to each key span (weights summed over the "
+                  "span's tokens, then averaged over heads) as a ratio to the uniform share (dashed: 1), by layer; "
+                  "spans by their mean ratio")
+
+    _attention_heatmaps(report, data, s, layers)
+
+
+def _attention_heatmaps(report: Report, data: h5py.File, s: Settings, layers: list[int]) -> None:
+    """One scenario's attention (mean over heads) at a few layers; every n-th token labelled, in a
+    size one can read, and the key spans named along the top."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     scenario = s.heatmap_scenario or s.scenarios[0].name
     chosen = s.heatmap_layers or sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     unit = data["units"][scenario]
-    tokens = [t.decode() if isinstance(t, bytes) else t for t in unit["tokens"][()]]
-    labels = [repr(t)[1:-1] for t in tokens]
-    fig, axes = plt.subplots(1, len(chosen), figsize=(6 * len(chosen), 6), squeeze=False)
+    labels = [repr(t.decode() if isinstance(t, bytes) else t)[1:-1] for t in unit["tokens"][()]]
+    spans = {span: unit["key_positions"][span][()] for span in unit["key_positions"]}
+    step = -(-len(labels) // 40)  # at most 40 labels per axis
+    fig, axes = plt.subplots(1, len(chosen), figsize=(6.5 * len(chosen), 6.8), squeeze=False, layout="constrained")
     for ax, layer in zip(axes[0], chosen):
         att = unit[f"attention/L{layer}"][()].astype(np.float32).mean(axis=0)
-        ax.imshow(att, cmap="viridis", interpolation="nearest", norm=PowerNorm(0.4))  # shows weak links too
+        image = ax.imshow(att, cmap="viridis", interpolation="nearest", norm=PowerNorm(0.4, vmin=0, vmax=1))
         ax.set_title(f"layer {layer} (mean over heads)")
-        step = max(1, len(labels) // 60)
-        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=90, fontsize=5)
-        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=5)
+        ax.set_xticks(range(0, len(labels), step), labels[::step], rotation=90, fontsize=7)
+        ax.set_yticks(range(0, len(labels), step), labels[::step], fontsize=7)
         ax.set_xlabel("key token")
         ax.set_ylabel("query token")
-    report.figure(fig, "attention_heatmaps", f"Attention of scenario {scenario} at layers {chosen}")
+        top = ax.secondary_xaxis("top")  # where the key spans sit
+        top.set_xticks([float(np.mean(p)) for p in spans.values()], list(spans), rotation=90, fontsize=8, color="crimson")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.7, label="attention weight (power scale: weak links visible)")
+    labelled = f"one token in {step} labelled; " if step > 1 else ""
+    report.figure(fig, "attention_heatmaps", f"Attention of scenario {scenario} at layers {chosen} (mean over heads; "
+                  f"{labelled}red: the key spans)")
 
 
 def _report_features(report: Report, top: pd.DataFrame) -> None:

@@ -10,7 +10,13 @@ import torch
 from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-from common.sae_trainer import TrainingConfig, activation_scale, batch_rows, initial_weights, split_tokens
+from common.sae_trainer import (
+    TrainingConfig,
+    activation_scale,
+    batch_rows,
+    initial_weights,
+    split_tokens,
+)
 
 
 def train_with_sae_lens(activations: torch.Tensor, config: TrainingConfig,

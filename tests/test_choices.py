@@ -78,7 +78,7 @@ def test_number_reader_is_the_teacher_forced_chance_of_each_whole_amount(organis
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     cache = prompt_prefix(model, tokenizer, prompt, len(amounts), torch.device("cpu"))
     with torch.no_grad():
-        read = reader(model(input_ids=reader.inputs(int(prompt_ids[0, -1])), past_key_values=cache).logits, 0.7)
+        read = reader(model(input_ids=reader.inputs(int(prompt_ids[0, -1])), cache=cache).logits, 0.7)
     texts = tokenizer.batch_decode([[token] for token in range(len(tokenizer))])
     continues = torch.tensor([text[:1].isdigit() or (text[:1] in ".," and text[1:2].isdigit()) for text in texts])
     chances = []
@@ -105,7 +105,7 @@ def test_the_expected_bet_predicts_the_sampled_bets(organism):
     cache = prompt_prefix(model, tokenizer, prompt, len(amounts), torch.device("cpu"))
     last = int(tokenizer(prompt, return_tensors="pt").input_ids[0, -1])
     with torch.no_grad():
-        read = reader(model(input_ids=reader.inputs(last), past_key_values=cache).logits, 0.7)
+        read = reader(model(input_ids=reader.inputs(last), cache=cache).logits, 0.7)
         options = OptionReader(tokenizer, OPTION_LABELS)(model(**tokenizer(prompt, return_tensors="pt")).logits[:, -1], 0.7)
     assert read["mass"][0] > 0.9 * options["bet"][0] * options["coverage"][0]
     answers = sample(model, tokenizer, [prompt] * 400, list(range(400)), 0.7, 8, torch.device("cpu"))

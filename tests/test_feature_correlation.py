@@ -5,6 +5,7 @@ import json
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -12,12 +13,24 @@ from common.cli import main
 from common.comoments import CoMoments
 from common.corpus import windows
 from common.errors import UserError
-from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task, torch_threads
+from common.launcher import (
+    plan_manifest,
+    prepare_run,
+    reduce_task,
+    run_shard_task,
+    torch_threads,
+)
 from common.layers import decoder_blocks
 from common.manifest import load_manifest
 from common.organism.files import Organism
 from jobs import feature_correlation
-from jobs.feature_correlation import EdgeRule, Layout, degree_survival, find_edges, most_frequent
+from jobs.feature_correlation import (
+    EdgeRule,
+    Layout,
+    degree_survival,
+    find_edges,
+    most_frequent,
+)
 from tests.helpers import REPO, run_all, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "feature_correlation.yaml"
@@ -144,6 +157,9 @@ def test_the_report_counts_the_edges_the_rule_gives(small_run, reference):
     report = (run.report_dir / "report.md").read_text()
     assert f"{within:,} within-layer and {len(expected) - within:,} cross-layer edges" in report
     assert (run.report_dir / "heatmaps.png").stat().st_size > 10_000 and (run.report_dir / "degrees.png").exists()
+    assert (run.report_dir / "cross_layer.png").stat().st_size > 10_000 and (run.report_dir / "edge_matrix.png").exists()
+    cross = pd.read_csv(run.report_dir / "top_cross_layer_pairs.csv")
+    assert len(cross) and (cross["layer_a"] < cross["layer_b"]).all() and cross["r"].abs().is_monotonic_decreasing
 
 
 def test_one_shard_or_three_and_any_shard_order_give_the_same_graph(small_run, tmp_path):
@@ -221,6 +237,15 @@ def test_degree_survival_counts_features_without_edges_in_the_whole():
     assert degrees.tolist() == [1, 3] and share.tolist() == [0.2, 0.1]
     degrees, share = degree_survival(np.array([2, 2, 5, 0]))
     assert degrees.tolist() == [2, 5] and share.tolist() == [0.75, 0.25]
+
+
+def test_the_cross_layer_heatmap_shows_each_feature_beside_a_partner():
+    # strongest first; with two per side, (7, 30) does not fit, (5, 20) does (both ends already shown)
+    between = pd.DataFrame({"feature_a": [5, 6, 7, 5, 6], "feature_b": [10, 20, 30, 20, 40]})
+    lower, upper = feature_correlation._edge_ends(between, 2)
+    assert lower.tolist() == [5, 6] and upper.tolist() == [10, 20]
+    lower, upper = feature_correlation._edge_ends(between, 5)
+    assert lower.tolist() == [5, 6, 7] and upper.tolist() == [10, 20, 30, 40]
 
 
 def test_most_frequent_breaks_ties_by_id_and_respects_the_support():
@@ -316,8 +341,11 @@ def test_statistics_too_big_for_the_memory_asked_for(tmp_path, capsys):
 
 
 def test_corpus_missing_empty_or_short(tmp_path, capsys):
-    absent = {"path": str(tmp_path / "absent.jsonl"), "builtin": None}
-    refused(tmp_path, {"feature_correlation": {"corpus": absent}}, "absent.jsonl does not exist", capsys)
+    absent = write(tmp_path, {"feature_correlation": {"corpus": {"path": str(tmp_path / "absent.jsonl"), "builtin": None}}})
+    with pytest.raises(UserError, match="absent.jsonl does not exist"):  # submitting refuses
+        plan_manifest(load_manifest(absent))
+    assert main(["plan", str(absent)]) == 0  # planning estimates, and says so
+    assert "absent.jsonl is not here; taken to hold the 32,768 tokens asked for" in capsys.readouterr().out
     (tmp_path / "empty.txt").write_text("\n")
     refused(tmp_path, {"feature_correlation": {"corpus": {"path": str(tmp_path / "empty.txt"), "builtin": None}}},
             "empty.txt holds no text", capsys)

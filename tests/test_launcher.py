@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ from common.manifest import load_manifest
 from common.rundir import RunDir
 from common.shards import ShardWriter
 from common.status import shard_states
+from jobs.token_tracking import SCENARIOS
 from tests.helpers import save_random_sae
 
 
@@ -231,15 +231,19 @@ def test_a_resumed_shard_keeps_the_threads_it_began_with(write_manifest):
 def test_a_task_stopped_by_its_time_limit_is_requeued_and_continues_its_shard(write_manifest, tmp_path):
     """submitit's timeout signal (USR2) mid-shard: the checkpointable task is requeued, not failed,
     and the requeued task resumes the partial file to the uninterrupted result."""
-    # timeout_min 10: submitit counts a signal after any time as the timeout, as the issue saw
-    path = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1}, "cluster": {"timeout_min": 10}})
+    # timeout_min 10: submitit counts a signal after any time as the timeout, as the issue saw.
+    # Four times the demo's scenarios: the shard must still be writing when the signal comes, even
+    # when this process is slow to see unit 2 written on a busy machine.
+    scenarios = [dict(scenario, name=f"{scenario['name']}-{copy}") for copy in range(4) for scenario in SCENARIOS]
+    settings = {"batch_size": 1, "scenarios": scenarios}
+    path = write_manifest({"token_tracking": settings, "run": {"shards": 1}, "cluster": {"timeout_min": 10}})
     run = prepare_run(load_manifest(path))
     submission = submit(run, "local", [0])
     (job,) = submission.shard_jobs.values()
     partial = run.shard_path(0).with_name(run.shard_path(0).name + ".partial")
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and "written (2/10)" not in (job.paths.stderr.read_text()
-                                                                    if job.paths.stderr.exists() else ""):
+    while time.monotonic() < deadline and f"written (2/{len(scenarios)})" not in (
+            job.paths.stderr.read_text() if job.paths.stderr.exists() else ""):
         time.sleep(0.05)
     controller = job.job_id
     workers = Path(f"/proc/{controller}/task/{controller}/children").read_text().split()
@@ -249,7 +253,7 @@ def test_a_task_stopped_by_its_time_limit_is_requeued_and_continues_its_shard(wr
     log = job.paths.stderr.read_text()
     assert "this job is timed-out" in log and "Requeued job" in log and "resuming," in log
     assert not partial.exists()
-    clean = write_manifest({"token_tracking": {"batch_size": 1}, "run": {"shards": 1, "dir": str(tmp_path / "clean")}},
+    clean = write_manifest({"token_tracking": settings, "run": {"shards": 1, "dir": str(tmp_path / "clean")}},
                            name="clean.yaml")
     assert main(["run", str(clean), "--shard", "0"]) == 0 and main(["reduce", str(clean)]) == 0
     assert_same_units(run.merged_path, tmp_path / "clean" / "merged.h5")

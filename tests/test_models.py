@@ -1,12 +1,24 @@
 """Models with random weights at an architecture's shapes (dry runs and benchmarks), and tokenizer errors."""
 
 import json
+from importlib import resources
 
 import pytest
 import torch
 
 from common.errors import UserError
-from common.models import ModelSpec, load_config, load_model, load_tokenizer
+from common.models import (
+    Architecture,
+    ModelSpec,
+    architecture_key,
+    count_parameters,
+    hf_config,
+    load_config,
+    load_model,
+    load_tokenizer,
+    parameter_bytes,
+    parameter_count,
+)
 from common.organism.files import shipped
 
 TOY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
@@ -37,3 +49,54 @@ def test_a_folder_without_a_tokenizer_is_a_clear_error(tmp_path):
     for load in (load_tokenizer, load_config):  # transformers 5 would build an empty tokenizer: refused at plan
         with pytest.raises(UserError, match=r"model.path .* has no tokenizer \(tokenizer.json, "):
             load(ModelSpec(path=tmp_path))
+
+
+def _shipped_configs() -> list[tuple[str, dict]]:
+    folder = resources.files("common") / "model_configs"
+    configs = [(f.name, json.loads(f.read_text())) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+               if f.name.endswith(".json") and f.name != "parameter_counts.json"]
+    return [*configs, ("organism", json.loads(shipped().config_path.read_text()))]
+
+
+@pytest.mark.parametrize(("name", "raw"), _shipped_configs(), ids=lambda value: value if isinstance(value, str) else "")
+def test_the_architecture_read_from_json_is_what_transformers_reads(name, raw):
+    """Planning reads config.json without transformers; every field it reads must match."""
+    ours, theirs = Architecture.from_raw(raw), hf_config(raw).get_text_config()
+    heads = theirs.num_attention_heads
+    assert (ours.num_hidden_layers, ours.hidden_size, heads, ours.max_position_embeddings) == (
+        theirs.num_hidden_layers, theirs.hidden_size, ours.num_attention_heads, theirs.max_position_embeddings)
+    assert ours.num_key_value_heads == (getattr(theirs, "num_key_value_heads", None) or heads)
+    assert ours.head_dim == (getattr(theirs, "head_dim", None) or theirs.hidden_size // heads)
+
+
+@pytest.mark.parametrize(("name", "raw"), _shipped_configs()[:-1], ids=lambda value: value if isinstance(value, str) else "")
+def test_the_parameter_count_table_holds_each_shipped_architecture(name, raw):
+    table = json.loads((resources.files("common") / "model_configs" / "parameter_counts.json").read_text())
+    entry = table.get(architecture_key(raw))
+    assert entry is not None, f"{name} is not in parameter_counts.json: add {architecture_key(raw)}"
+    assert entry["parameters"] == count_parameters(raw), f"{name}: recount with common.models.count_parameters"
+    assert parameter_bytes(Architecture.from_raw(raw), "bfloat16") == 2 * entry["parameters"]
+
+
+def test_an_architecture_not_in_the_table_is_counted_exactly(tmp_path):
+    model = load_model(ModelSpec(path=_toy_folder(tmp_path), random_weights=True, device="cpu"), None)
+    assert parameter_count(Architecture.from_raw(TOY)) == sum(p.numel() for p in model.parameters())
+
+
+def _toy_folder(folder):
+    (folder / "config.json").write_text(json.dumps(TOY))
+    return folder
+
+
+def test_the_parameters_of_a_model_folder_are_read_from_its_weight_files():
+    config, _ = load_config(ModelSpec(id="builtin:organism"))
+    assert config.folder is not None and any(config.folder.glob("*.safetensors"))
+    assert parameter_count(config) == sum(p.numel() for p in shipped().model().parameters())
+
+
+def test_a_damaged_config_is_a_clear_error(tmp_path):
+    _toy_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(UserError, match=r"config.json cannot be read as JSON .*download it again"):
+        load_config(ModelSpec(path=tmp_path))

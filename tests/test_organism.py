@@ -16,7 +16,13 @@ from common.errors import UserError
 from common.models import ORGANISM, ModelSpec, load_model, load_tokenizer
 from common.organism import evaluation, synthetic
 from common.organism.files import SHIPPED, Organism
-from common.organism.training import TrainingSettings, build_tokenizer, train, train_language_model, train_sae
+from common.organism.training import (
+    TrainingSettings,
+    build_tokenizer,
+    train,
+    train_language_model,
+    train_sae,
+)
 from common.saes import SaeSpec, check_saes, load_sae
 
 pytestmark = pytest.mark.science

@@ -11,8 +11,8 @@ import yaml
 from scipy import stats
 
 from common.cli import main
-from common.errors import UserError
 from common.edits import edit_prompt_position
+from common.errors import UserError
 from common.generation import sample
 from common.manifest import load_manifest
 from common.organism.files import Organism

@@ -19,10 +19,10 @@ from common.cli import main
 from common.edits import edit_block_output, zero_features
 from common.manifest import load_manifest
 from common.organism.files import Organism
+from common.paired import mcnemar
 from common.problems import BenchmarkSpec, load_benchmark
 from common.rundir import RunDir
 from common.sae_quality import evaluate
-from common.paired import mcnemar
 from jobs.feature_ablation import attribution, control_sets, top_features
 from tests.helpers import REPO
 
@@ -126,6 +126,11 @@ def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
     assert row["p_ablated"] == pytest.approx(mcnemar(correct["baseline"], correct["ablated"]))
     drops = [correct["baseline"].mean() - correct[f"control_{i:02d}"].mean() for i in range(20)]
     assert row["control_drop"] == pytest.approx(np.mean(drops)) and row["control_drop_max"] == pytest.approx(max(drops))
+    paired = stats.ttest_rel(correct["baseline"].astype(float), correct["ablated"].astype(float)).confidence_interval()
+    assert (row["drop_low"], row["drop_high"]) == pytest.approx((paired.low, paired.high))  # the paired t interval
+    assert row["drop_low"] < row["drop"] < row["drop_high"]
+    report = (reasoning_chain.ablation.report_dir / "report.md").read_text()
+    assert f"drop {100 * row['drop']:+.1f} pp (95% interval {100 * row['drop_low']:+.1f} pp" in report
 
 
 def test_batched_answers_equal_one_item_at_a_time(reasoning_chain, organism):

@@ -8,10 +8,17 @@ import h5py
 import numpy as np
 import pytest
 
+from common import shards
 from common.atomic import publish_once
 from common.errors import UserError
 from common.plan import WorkUnit, make_plan
-from common.shards import ShardWriter, check_shards, merge_shards, shard_problem
+from common.shards import (
+    ShardWriter,
+    check_shards,
+    merge_shards,
+    shard_problem,
+    stop_before_next_unit,
+)
 from tests.helpers import REPO
 
 
@@ -45,6 +52,21 @@ def test_restart_skips_written_units_and_drops_half_written(tmp_path, plan):
     with h5py.File(path) as f:
         assert f.attrs["complete"] and list(f["units"]) == ["u0", "u1"]
         np.testing.assert_array_equal(f["units/u1/x"][()], [1, 2, 3])
+
+
+def test_a_task_told_to_stop_exits_before_its_next_unit_and_keeps_those_written(tmp_path, monkeypatch):
+    """What a requeued task does when submitit's own exit was lost (common.launcher.ShardTask)."""
+    monkeypatch.setattr(shards, "_exit_before_next_unit", [])
+    with ShardWriter(tmp_path / "s.h5", "run1", "job", 0, ["u0", "u1"]) as shard:
+        with shard.unit("u0") as group:
+            group.create_dataset("x", data=[1])
+        stop_before_next_unit(144)
+        with pytest.raises(SystemExit) as stopped, shard.unit("u1"):
+            pytest.fail("a unit started after the task was told to stop")
+        assert stopped.value.code == 144 and shard.pending() == ["u1"]
+    with ShardWriter(tmp_path / "s.h5", "run1", "job", 0, ["u0", "u1"]) as shard:
+        monkeypatch.setattr(shards, "_exit_before_next_unit", [])  # the requeued task
+        assert shard.pending() == ["u1"]
 
 
 def test_failed_unit_leaves_no_group(tmp_path, plan):

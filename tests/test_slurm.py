@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from common.launcher import load_submissions
 from common.manifest import load_manifest
 from common.rundir import RunDir
 from common.status import shard_states
-from tests.helpers import REPO, save_random_sae
+from tests.helpers import REPO, save_random_sae, write_manifest_file
 
 pytestmark = pytest.mark.slurm
 
@@ -155,3 +156,45 @@ def test_a_task_signalled_at_its_time_limit_is_requeued_and_finishes_its_shard(s
     assert "this job is timed-out" in text and "Requeued job" in text and "resuming," in text
     with h5py.File(run.merged_path) as merged:
         assert len(merged["units"]) == 10
+
+
+def test_cancel_scancels_the_array_and_its_reduce_and_resume_finishes(slurm_cluster, tmp_path, capsys):
+    """`saebatch cancel` mid-shard: scancel of the array tasks and the reduce; the shards show
+    failed (cancelled), `logs` shows where each stopped, and `submit --resume --wait` finishes them
+    from their partial files with the progress logged as it goes."""
+    path = write_manifest_file(tmp_path, {"feature_correlation": {"corpus": {"tokens": 131072}}},
+                               base=REPO / "manifests" / "demo" / "feature_correlation.yaml")
+    assert main(["submit", str(path)]) == 0
+    run = RunDir.for_manifest(load_manifest(path))
+    (submission,) = load_submissions(run)
+    logs = [run.logs_dir / "submitit" / f"{job}_0_log.err" for job in submission["shards"].values()]
+    for _ in range(3000):  # until each task has written a unit of its shard
+        if all(log.exists() and "written (1/8)" in log.read_text() for log in logs):
+            break
+        subprocess.run(["sleep", "0.1"], check=False)
+    capsys.readouterr()
+    assert main(["cancel", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    for task, job in [("shard 0", submission["shards"]["0"]), ("shard 1", submission["shards"]["1"]),
+                      ("reduce", submission["reduce"])]:
+        assert re.search(rf"{task}\s+job {job}\s+scancel$", out, re.MULTILINE), out
+    states = shard_states(run)
+    assert [s.state for s in states] == ["failed", "failed"]
+    assert all("cancelled by saebatch cancel" in s.detail for s in states)
+    reduce = subprocess.run(["sacct", "-n", "-X", "-j", submission["reduce"], "-o", "State"],
+                            capture_output=True, text=True, check=False).stdout.strip()
+    assert reduce.startswith("CANCELLED")
+    assert main(["cancel", str(run.path)]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
+    assert main(["logs", str(run.path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^shard 0\s+failed\s+job {submission['shards']['0']}\s", out, re.MULTILINE)
+    assert out.count("    ! failed (cancelled by saebatch cancel at") == 3  # the shards and the reduce
+    assert out.count("    | saebatch cancel: this task was stopped at") == 2  # the shards began their logs
+
+    assert main(["submit", "--resume", str(run.path), "--wait"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"common\.progress: shard 1: 8/8 units, done", err) and "reduce: done" in err
+    assert run.merged_path.exists()
+    report = (run.report_dir / "report.md").read_text()
+    assert re.search(r"^\| shard 0 \| \S+ \| [\d-]+ [\d:]+ \| [\d-]+ [\d:]+ \| [^|]+ \| 2 \|$", report, re.MULTILINE)

@@ -14,12 +14,16 @@ import hashlib
 import json
 from functools import cache, cached_property
 from pathlib import Path
-
-import torch
-from sae_lens import SAE
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
+from common.lazy import lazy_import
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
+
+torch = lazy_import("torch")  # torch, transformers and sae-lens load when a file does: `plan` needs none
 
 SHIPPED = Path(__file__).resolve().parent / "files"
 REBUILD = "saebatch organism train"
@@ -98,19 +102,34 @@ class Organism:
     def direction(self) -> torch.Tensor:
         return torch.tensor(self.record["planted"]["direction"])
 
+    @property
+    def config_path(self) -> Path:
+        return self.model_dir / "config.json"
+
     def config(self) -> PretrainedConfig:
+        from transformers import AutoConfig
+
         return AutoConfig.from_pretrained(self.model_dir)
 
     def tokenizer(self) -> PreTrainedTokenizerFast:
-        return AutoTokenizer.from_pretrained(self.model_dir)
+        from transformers import (
+            PreTrainedTokenizerFast,  # AutoTokenizer would import torch (seconds)
+        )
 
-    def model(self, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "eager"):
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation=attn_implementation)
+        return PreTrainedTokenizerFast.from_pretrained(self.model_dir)
+
+    def model(self, dtype: torch.dtype | None = None, attn_implementation: str | None = "eager"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype or torch.float32,
+                                                     attn_implementation=attn_implementation)
         model.eval()
         model.requires_grad_(False)
         return model
 
     def sae(self, layer: int, dtype: str = "float32") -> SAE:
+        from sae_lens import SAE
+
         sae = SAE.load_from_disk(self.sae_dir(layer), device="cpu", dtype=dtype)
         sae.eval()
         sae.requires_grad_(False)

@@ -28,14 +28,28 @@ import torch.nn.functional as F
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
 from common.organism import evaluation, files, synthetic
-from common.organism.batches import Batch, arithmetic_batch, gamble_batch, mixed_batches, text_batch
+from common.organism.batches import (
+    Batch,
+    arithmetic_batch,
+    gamble_batch,
+    mixed_batches,
+    text_batch,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,204 @@
+"""Cancelling a run: its array tasks and reduce on Slurm (scancel), or the local processes.
+
+A local job's id is the process id of submitit's controller, which runs the task in a worker
+process; a shard's lock file names the process writing it. `cancel_run` first notes the
+cancellation in logs/jobs.json (so a submitter waiting for GPU slots starts nothing more, and
+`status` says "cancelled"), then stops each job, then waits until `status` no longer sees them
+active. Cancelled shards are failed shards: `saebatch submit --resume` runs them again, continuing
+their partial files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import UserError
+from common.launcher import load_submissions, mark_cancelled
+from common.locks import held_by
+from common.provenance import now
+from common.rundir import RunDir
+from common.shards import lock_path
+from common.status import ACTIVE, active_reduce, shard_states
+from common.tasklog import job_paths
+
+log = logging.getLogger(__name__)
+
+GRACE_SECONDS = 5.0  # after SIGINT, before SIGKILL
+
+
+@dataclass
+class Stopped:
+    """One task `cancel` dealt with, and how."""
+
+    task: str  # "shard 3" or "reduce"
+    job_id: str | None
+    how: str
+    ok: bool = True
+
+
+def cancel_run(run: RunDir, settle_seconds: float = 60.0) -> list[Stopped]:
+    """Cancel every pending or running task of the run; [] when nothing is active."""
+    states = shard_states(run)
+    targets = [(f"shard {s.index}", s.job_id) for s in states if s.state in ACTIVE and s.job_id]
+    writers = {s.index: held_by(lock_path(run.shard_path(s.index))) for s in states if s.state in ACTIVE}
+    reduce = active_reduce(run)
+    if reduce:
+        targets.append(("reduce", reduce))
+    if not targets and not any(writers.values()):
+        return []
+    submitted = {job: (entry["executor"], entry.get("host"))
+                 for entry in load_submissions(run) for job in [*entry["shards"].values(), entry.get("reduce")] if job}
+    mark_cancelled(run, [job for _, job in targets])
+    slurm = [(task, job) for task, job in targets if submitted.get(job, ("local",))[0] == "slurm"]
+    local = [(task, job, submitted.get(job, ("local", None))[1]) for task, job in targets if (task, job) not in slurm]
+    done = _scancel(slurm) + _stop_local_jobs(local)
+    for index, writer in writers.items():  # a worker left writing after its controller went, or `saebatch run`
+        if writer and held_by(lock_path(run.shard_path(index))):
+            done.append(_stop_writer(f"shard {index}", writer))
+    _settle(run, [job for _, job in targets], settle_seconds)
+    _note_in_logs(run, [job for _, job in targets])
+    return done
+
+
+def _note_in_logs(run: RunDir, job_ids: list[str]) -> None:
+    """End each stopped task's log (those it began) with who stopped it, when, from where."""
+    note = f"\nsaebatch cancel: this task was stopped at {now()} (by process {os.getpid()} on {socket.gethostname()})\n"
+    for job_id in job_ids:
+        path = job_paths(run.logs_dir / "submitit", job_id).stderr
+        if path.exists():  # never create it: a log that exists says the task started
+            with open(path, "a") as task_log:
+                task_log.write(note)
+
+
+def _scancel(jobs: list[tuple[str, str]]) -> list[Stopped]:
+    if not jobs:
+        return []
+    ids = [job for _, job in jobs]
+    try:
+        result = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise UserError(f"cannot run scancel ({error}): cancel from a node with Slurm's commands, "
+                        f"or run `scancel {' '.join(ids)}` there") from None
+    problem = result.stderr.strip()
+    if problem:
+        log.warning("scancel: %s", problem)  # e.g. a job that ended meanwhile
+    return [Stopped(task, job, "scancel") for task, job in jobs]
+
+
+def _stop_local_jobs(jobs: list[tuple[str, str, str | None]]) -> list[Stopped]:
+    """Stop submitit's local jobs (task, controller pid, host) by stopping their workers, all at
+    once (each controller, seeing its worker end, exits without requeueing)."""
+    stopped, pids = [], []
+    for task, job_id, host in jobs:
+        if host and host != socket.gethostname():
+            stopped.append(Stopped(task, job_id, f"a local task on {host}: run `saebatch cancel` there", ok=False))
+            continue
+        pid = int(job_id)
+        if not _alive(pid) or "submitit" not in _command(pid):
+            stopped.append(Stopped(task, job_id, "its process had already ended"))
+            continue
+        workers = _children(pid)
+        for worker in workers:
+            _interrupt(worker)
+        pids += [pid, *workers]
+        shown = f", worker {', '.join(map(str, workers))}" if workers else ""
+        stopped.append(Stopped(task, job_id, f"stopped local task (controller {pid}{shown})"))
+    _finish_off(pids)
+    return stopped
+
+
+def _stop_writer(task: str, writer: str) -> Stopped:
+    """Stop the process that a shard's lock names ("process <pid> on <host>"), if it is here."""
+    found = re.fullmatch(r"process (\d+) on (\S+)", writer.strip())
+    if not found or found[2] != socket.gethostname():
+        return Stopped(task, None, f"it is written by {writer}: stop that process there", ok=False)
+    pid = int(found[1])
+    if not _alive(pid):
+        return Stopped(task, None, f"its writer {pid} had already ended")
+    _interrupt(pid)
+    _finish_off([pid])
+    return Stopped(task, None, f"stopped process {pid}, which was writing it")
+
+
+def _interrupt(pid: int) -> None:
+    """SIGINT: Python raises KeyboardInterrupt, the shard file is closed and the traceback logged.
+    Where SIGINT is ignored (a task started from a shell's background job inherits that), SIGKILL;
+    a shard killed mid-unit resumes all the same."""
+    os.kill(pid, signal.SIGKILL if _ignores_sigint(pid) else signal.SIGINT)
+
+
+def _finish_off(pids: list[int]) -> None:
+    """Give the interrupted processes a grace to end, then SIGKILL what is left."""
+    if _wait_gone(pids, GRACE_SECONDS):
+        return
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    _wait_gone(pids, GRACE_SECONDS)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    ignored = re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return bool(ignored and int(ignored[1], 16) & (1 << (signal.SIGINT - 1)))
+
+
+def _settle(run: RunDir, job_ids: list[str], seconds: float) -> None:
+    """Wait until `status` no longer sees the cancelled jobs pending or running (Slurm's
+    accounting lags scancel by a moment)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states = shard_states(run)
+        if not any(s.state in ACTIVE and s.job_id in job_ids for s in states) and active_reduce(run) not in job_ids:
+            return
+        time.sleep(1.0)
+    log.warning("some cancelled jobs still look active; `saebatch status %s` will show when they end", run.path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "submitit"  # no /proc to check with: trust the recorded id
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _wait_gone(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_alive(pid) for pid in pids):
+            return True
+        time.sleep(0.1)
+    return not any(_alive(pid) for pid in pids)

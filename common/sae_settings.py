@@ -1,0 +1,34 @@
+"""How an SAE is trained: the manifest's settings, kept apart from the trainer (common/sae_trainer.py)
+so that validating and planning a manifest imports neither torch nor sae-lens."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from common.manifest import StrictModel
+
+Activation = Literal["relu", "jumprelu", "topk", "none"]
+
+
+class TrainingConfig(StrictModel):
+    """How one SAE is trained (the loss is defined in common/sae_trainer.py's docstring)."""
+
+    activation: Activation = Field("relu", description="relu, jumprelu, topk, or none (linear: not sparse)")
+    expansion_factor: int = Field(8, ge=1, description="d_sae = expansion_factor * d_in")
+    l1_coefficient: float = Field(1e-4, ge=0, description="weight of the L1 sparsity term (ignored by topk)")
+    decorrelation: float = Field(0.01, ge=0, description="weight of the mean squared feature correlation")
+    k: int = Field(32, ge=1, description="topk: active features per token")
+    jumprelu_init_threshold: float = Field(0.05, ge=0, description="jumprelu: initial threshold, in pre-activation "
+                                           "units (activations scaled to mean squared norm d_in)")
+    jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the STE kernel, same units")
+    epochs: int = Field(20, ge=1, description="passes over the training tokens")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (1% warm-up, linear decay over the last 20%)")
+    batch_size: int = Field(4096, ge=2, description="tokens per step")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
+    log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
+    seed: int = Field(0, description="seed of the initialisation, split and batch order")
+
+    def d_sae(self, d_in: int) -> int:
+        return self.expansion_factor * d_in
