@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
-from common.launcher import load_submissions, mark_cancelled
+from common.launcher import mark_cancelled
 from common.locks import held_by
 from common.provenance import now
 from common.rundir import RunDir
 from common.shards import lock_path
-from common.status import ACTIVE, active_reduce, shard_states
+from common.status import ACTIVE, active_reduce, shard_states, submissions_by_job
 from common.tasklog import job_paths
 
 log = logging.getLogger(__name__)
@@ -54,17 +55,23 @@ def cancel_run(run: RunDir, settle_seconds: float = 60.0) -> list[Stopped]:
         targets.append(("reduce", reduce))
     if not targets and not any(writers.values()):
         return []
-    submitted = {job: (entry["executor"], entry.get("host"))
-                 for entry in load_submissions(run) for job in [*entry["shards"].values(), entry.get("reduce")] if job}
+    submitted = submissions_by_job(run)
+    slurm = [(task, job) for task, job in targets if submitted.get(job, {}).get("executor") == "slurm"]
+    local = [(task, job, submitted.get(job, {}).get("host")) for task, job in targets if (task, job) not in slurm]
+    if slurm and shutil.which("scancel") is None:  # before anything is marked cancelled
+        raise UserError(f"Slurm's `scancel` is not on PATH: cancel from a node with Slurm's commands, "
+                        f"or run `scancel {' '.join(job for _, job in slurm)}` there")
     mark_cancelled(run, [job for _, job in targets])
-    slurm = [(task, job) for task, job in targets if submitted.get(job, ("local",))[0] == "slurm"]
-    local = [(task, job, submitted.get(job, ("local", None))[1]) for task, job in targets if (task, job) not in slurm]
     done = _scancel(slurm) + _stop_local_jobs(local)
-    for index, writer in writers.items():  # a worker left writing after its controller went, or `saebatch run`
-        if writer and held_by(lock_path(run.shard_path(index))):
-            done.append(_stop_writer(f"shard {index}", writer))
+    scancelled = {task for task, _ in slurm}
+    for index in writers:  # a worker left writing after its controller went, or `saebatch run`
+        task, writer = f"shard {index}", held_by(lock_path(run.shard_path(index)))  # who holds it now
+        # A scancelled task runs on until Slurm kills it (submitit ignores the SIGTERM): stopped here
+        # when it runs here (a one-node cluster), else left to Slurm.
+        if writer and (task not in scancelled or _local_pid(writer) is not None):
+            done.append(_stop_writer(task, writer))
     _settle(run, [job for _, job in targets], settle_seconds)
-    _note_in_logs(run, [job for _, job in targets])
+    _note_in_logs(run, [stopped.job_id for stopped in done if stopped.ok and stopped.job_id])
     return done
 
 
@@ -89,8 +96,13 @@ def _scancel(jobs: list[tuple[str, str]]) -> list[Stopped]:
                         f"or run `scancel {' '.join(ids)}` there") from None
     problem = result.stderr.strip()
     if problem:
-        log.warning("scancel: %s", problem)  # e.g. a job that ended meanwhile
-    return [Stopped(task, job, "scancel") for task, job in jobs]
+        log.warning("scancel: %s", problem)
+    if result.returncode == 0:
+        return [Stopped(task, job, "scancel") for task, job in jobs]
+    named = {job for job in ids if re.search(rf"\b{re.escape(job)}\b", problem)}  # the jobs it failed for
+    how = f"scancel failed: {problem or f'exit status {result.returncode}'}"
+    return [Stopped(task, job, how, ok=False) if job in (named or ids) else Stopped(task, job, "scancel")
+            for task, job in jobs]
 
 
 def _stop_local_jobs(jobs: list[tuple[str, str, str | None]]) -> list[Stopped]:
@@ -117,10 +129,9 @@ def _stop_local_jobs(jobs: list[tuple[str, str, str | None]]) -> list[Stopped]:
 
 def _stop_writer(task: str, writer: str) -> Stopped:
     """Stop the process that a shard's lock names ("process <pid> on <host>"), if it is here."""
-    found = re.fullmatch(r"process (\d+) on (\S+)", writer.strip())
-    if not found or found[2] != socket.gethostname():
+    pid = _local_pid(writer)
+    if pid is None:
         return Stopped(task, None, f"it is written by {writer}: stop that process there", ok=False)
-    pid = int(found[1])
     if not _alive(pid):
         return Stopped(task, None, f"its writer {pid} had already ended")
     _interrupt(pid)
@@ -128,11 +139,25 @@ def _stop_writer(task: str, writer: str) -> Stopped:
     return Stopped(task, None, f"stopped process {pid}, which was writing it")
 
 
+def _local_pid(writer: str) -> int | None:
+    """The process id a lock names ("process <pid> on <host>") when it runs on this host."""
+    found = re.fullmatch(r"process (\d+) on (\S+)", writer.strip())
+    return int(found[1]) if found and found[2] == socket.gethostname() else None
+
+
 def _interrupt(pid: int) -> None:
     """SIGINT: Python raises KeyboardInterrupt, the shard file is closed and the traceback logged.
     Where SIGINT is ignored (a task started from a shell's background job inherits that), SIGKILL;
     a shard killed mid-unit resumes all the same."""
-    os.kill(pid, signal.SIGKILL if _ignores_sigint(pid) else signal.SIGINT)
+    _kill(pid, signal.SIGKILL if _ignores_sigint(pid) else signal.SIGINT)
+
+
+def _kill(pid: int, sig: int) -> None:
+    """Signal a process; one that has ended meanwhile is stopped already."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _finish_off(pids: list[int]) -> None:
@@ -141,7 +166,7 @@ def _finish_off(pids: list[int]) -> None:
         return
     for pid in pids:
         if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
+            _kill(pid, signal.SIGKILL)
     _wait_gone(pids, GRACE_SECONDS)
 
 

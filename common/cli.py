@@ -401,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the reduce's. With --shard K (or --reduce): that task's stdout and stderr and its "
                        "exception in full, from logs/submitit/.")
     p.add_argument("target", help="run directory or manifest")
-    p.add_argument("--shard", type=int, metavar="K", help="one shard's logs in full")
-    p.add_argument("--reduce", action="store_true", help="the reduce's logs in full")
+    task = p.add_mutually_exclusive_group()
+    task.add_argument("--shard", type=int, metavar="K", help="one shard's logs in full")
+    task.add_argument("--reduce", action="store_true", help="the reduce's logs in full")
     p.add_argument("--tail", type=int, metavar="N", help="lines of each log (default 3 per task in the summary, "
                    "40 with --shard)")
     p.set_defaults(func=cmd_logs)

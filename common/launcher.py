@@ -332,7 +332,9 @@ def wait(run: RunDir, submission: Submission, poll_seconds: float = 1.0) -> bool
         board.follow(_named(submission.shard_jobs), poll_seconds)
         failed = [shard for shard, job in sorted(submission.shard_jobs.items())
                   if board.views[f"shard {shard}"].state == "failed"]
-        if not failed:
+        # Shards still waiting for a GPU slot when a cancel landed: never started, so not done.
+        unstarted = [name for name, view in board.views.items() if view.state == "waiting"]
+        if not failed and not unstarted:
             if submission.executor == "local":
                 cluster = run.load_manifest().cluster
                 executor = make_executor("local", run, cluster, "reduce", for_reduce=True)
@@ -342,6 +344,10 @@ def wait(run: RunDir, submission: Submission, poll_seconds: float = 1.0) -> bool
             board.follow({"reduce": submission.reduce_job}, poll_seconds)
     if failed:
         _report_failed(run, submission, failed)
+    if unstarted:
+        log.error("%s: cancelled before starting (saebatch cancel)%s", ", ".join(unstarted), "" if failed else
+                  f"; the reduce does not run. `saebatch submit --resume {run.path}` runs them")
+    if failed or unstarted:
         return False
     try:
         submission.reduce_job.result()

@@ -9,9 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from common.errors import UserError
-from common.launcher import load_submissions
 from common.rundir import RunDir
-from common.status import reduce_state, shard_states
+from common.status import (
+    latest_reduce_job,
+    reduce_state,
+    reduce_status,
+    shard_states,
+    submissions_by_job,
+)
 from common.tasklog import exception_summary, job_paths, tail, task_exception
 
 if TYPE_CHECKING:
@@ -21,26 +26,14 @@ SUMMARY_LINES = 3
 TASK_LINES = 40
 
 
-def _latest_reduce(run: RunDir) -> tuple[str, str] | None:
-    """(job id, executor) of the latest submission that has a reduce."""
-    for entry in reversed(load_submissions(run)):
-        if entry.get("reduce"):
-            return entry["reduce"], entry["executor"]
-    return None
-
-
-def _executors(run: RunDir) -> dict[str, str]:
-    return {job: entry["executor"] for entry in load_submissions(run)
-            for job in [*entry["shards"].values(), entry.get("reduce")] if job}
-
-
 def task_report(run: RunDir, shard: int | None, lines: int | None) -> str:
     """The logs of shard `shard` (None: the reduce) in full detail."""
     lines = TASK_LINES if lines is None else lines
     if shard is None:
-        latest = _latest_reduce(run)
+        latest = latest_reduce_job(run)
         if latest is None:
-            return f"the reduce of {run.path} was never submitted (`saebatch reduce {run.path}` runs it here)"
+            return (f"the latest submission of {run.path} has no reduce "
+                    f"(`saebatch reduce {run.path}` runs it here)")
         job_id, executor = latest
         head = f"reduce of {run.path}: {reduce_state(run, shard_states(run))}"
     else:
@@ -51,7 +44,7 @@ def task_report(run: RunDir, shard: int | None, lines: int | None) -> str:
         if state.job_id is None:
             return (f"shard {shard} of {run.path}: {state.state}; it was never submitted, so it has no log "
                     f"(`saebatch run` prints to its own terminal)")
-        job_id, executor = state.job_id, _executors(run).get(state.job_id, "?")
+        job_id, executor = state.job_id, submissions_by_job(run).get(state.job_id, {}).get("executor", "?")
         head = f"shard {shard} of {run.path}: {state.state}, job {job_id} ({executor})"
     paths = job_paths(run.logs_dir / "submitit", job_id)
     out = [head]
@@ -77,13 +70,13 @@ def summary_report(run: RunDir, lines: int | None) -> str:
             continue
         why = s.detail.split("; log:")[0] if s.state == "failed" else ""
         out += _task_lines(f"shard {s.index:<4} {s.state:8s} job {s.job_id}", job_paths(folder, s.job_id), lines, why)
-    latest = _latest_reduce(run)
-    reduce = reduce_state(run, states)
+    latest = latest_reduce_job(run)
+    state, reduce = reduce_status(run, states)
     if latest is None:
         out.append(f"reduce     {reduce}")
     else:
-        out += _task_lines(f"reduce     {reduce.split(':')[0].split(' (')[0]:8s} job {latest[0]}",
-                           job_paths(folder, latest[0]), lines, reduce if reduce.startswith("failed") else "")
+        out += _task_lines(f"reduce     {state:8s} job {latest[0]}",
+                           job_paths(folder, latest[0]), lines, reduce if state == "failed" else "")
     out.append(f"(one task in full: saebatch logs {run.path} --shard K, or --reduce)")
     return "\n".join(out)
 

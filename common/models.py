@@ -287,8 +287,19 @@ def parameter_count(config: Architecture) -> int:
     entry = known.get(architecture_key(config.raw))
     if entry:
         return entry["parameters"]
-    weights = sorted(config.folder.glob("*.safetensors")) if config.folder else []
+    weights = _weight_files(config.folder) if config.folder else []
     return _stored_parameters(weights) if weights else count_parameters(config.raw)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers loads from `folder`: those its index names, or the one
+    file; none when a file is missing (a partial download counts nothing)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = [folder / "model.safetensors"]
+    return files if all(file.is_file() for file in files) else []
 
 
 def _stored_parameters(files: list[Path]) -> int:

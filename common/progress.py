@@ -10,6 +10,7 @@ count changes, and at most every 30 s otherwise, so a log file gets a record, no
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import shutil
@@ -26,6 +27,8 @@ from common.tasklog import TaskProgress, exception_summary, task_exception
 log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 30.0  # without a change of state or units, a non-terminal line at most this often
+RESULT_GRACE_SECONDS = 15.0  # a Slurm task's result file may show this late on a shared file system (submitit's wait)
+_UTF8 = codecs.getincrementaldecoder("utf-8")
 
 
 def eta_seconds(progress: TaskProgress, now: float) -> float | None:
@@ -57,6 +60,13 @@ class TaskView:
     _seen: float | None = None  # when its log was first read
     _offset: int = 0
     _cut: str = ""  # the end of the last read, after its last line break: read again with what follows
+    _decoder: codecs.IncrementalDecoder = field(default_factory=lambda: _UTF8("replace"))  # a split "█" waits
+    _ended: float | None = None  # when the job was first seen done (time.monotonic())
+
+    def attach(self, job: Any) -> None:
+        """Follow `job` (a new task, or the same shard started again) from the start of its log."""
+        self.job, self.state, self._offset, self._cut, self._ended = job, "pending", 0, "", None
+        self._decoder.reset()
 
     def poll(self) -> None:
         """Read what the task's log gained, and whether the task has ended."""
@@ -69,6 +79,9 @@ class TaskView:
         self._seen = self._seen or time.time()
         if self.job.done():
             self._read()  # what it wrote since the read above
+            self._ended = self._ended or time.monotonic()
+            if not _result_visible(self.job) and time.monotonic() - self._ended < _result_grace(self.job):
+                return  # as submitit's result(): a shared file system may show the result file late
             self.error = task_exception(self.job.paths) or ""
             finished = self.job.paths.result_pickle.exists() and not self.error
             self.state = "done" if finished else "failed"
@@ -84,7 +97,7 @@ class TaskView:
         except FileNotFoundError:
             return None
         self._offset += len(data)
-        text = self._cut + data.decode("utf-8", errors="replace")
+        text = self._cut + self._decoder.decode(data)
         self.progress.feed(text)
         cut = max(text.rfind("\n"), text.rfind("\r"))
         self._cut = text[cut + 1:]
@@ -129,7 +142,7 @@ class ProgressBoard:
         for name, job in jobs.items():
             view = self.views.setdefault(name, TaskView(name, None))
             if view.job is not job:
-                view.job, view.state, view._offset, view._cut = job, "pending", 0, ""
+                view.attach(job)
         for view in self.views.values():
             view.poll()
             if self.interactive:
@@ -186,6 +199,25 @@ class ProgressBoard:
             return
         self._said[view.name] = (key, now)
         log.info("%s", view.line(now))
+
+
+def _result_grace(job: Any) -> float:
+    """How long a job that has ended may take to show its result file: none for a local job (its
+    controller exits after the file is written, on this machine)."""
+    import submitit
+
+    return 0.0 if isinstance(job, submitit.LocalJob) else RESULT_GRACE_SECONDS
+
+
+def _result_visible(job: Any) -> bool:
+    """Whether the job's result file exists, after refreshing the folder's entry in the NFS client's
+    cache as submitit does (a chmod to the same mode)."""
+    folder = job.paths.result_pickle.parent
+    try:
+        folder.chmod(folder.stat().st_mode)
+    except OSError:  # not ours to chmod, or gone
+        pass
+    return job.paths.result_pickle.exists()
 
 
 def _clip(text: str, width: int) -> str:

@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Literal
 
 from common.launcher import plan_manifest
 from common.manifest import load_manifest
-from common.models import ModelSpec, load_config, parameter_count, text_config
+from common.models import (
+    DTYPE_BYTES,
+    ModelSpec,
+    load_config,
+    parameter_count,
+    text_config,
+)
 from common.plan import estimating
 
 if TYPE_CHECKING:
@@ -49,16 +55,18 @@ RATE_SOURCES: dict[Kind, str] = {
     "decode": (f"generation: {DECODE_STEP_S * 1000:.0f} ms per decode step of {DECODE_ROWS} rows, measured on one "
                "H200 with random-weight Llama-3.1-8B in bf16 on the job's generation path (issue 21: 85.6 answers/s "
                f"of 50 tokens); {DECODE_PER_ROW_SHARE:.0%} of it is per-row work taken as the same for any model, "
-               "the rest scaled by parameters, and never less than reading the weights once at 4.8 TB/s. Every "
-               "answer is taken to run to max_new_tokens (an upper bound)"),
+               f"the rest scaled by parameters, and never less than reading the weights once at "
+               f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s. Every answer is taken to run to max_new_tokens (an upper bound)"),
     "forward": (f"forwards (prompts, capture): 2 x parameters FLOP per token at {MODEL_FLOPS_UTILISATION:.0%} of "
-                "the H200's peak (790 TFLOP/s bf16/fp16, 67 fp32): an assumption, not a measurement"),
+                f"the H200's peak ({BF16_FLOPS / 1e12:.0f} TFLOP/s bf16/fp16, {FP32_FLOPS / 1e12:.0f} fp32): an "
+                "assumption, not a measurement"),
     "gradient": "gradients: 6 x parameters FLOP per token (forward and backward) at the same assumed share of peak",
     "sae_training": ("SAE training: tokens/s measured on one H200 at d_in 4,096 x 32,768, batch 4,096 (issue 22: ReLU "
                      "28,968; with decorrelation 19,248; TopK 29,791), scaled by d_in x d_sae; jumprelu and the "
                      "linear `none` taken at ReLU's rate"),
-    "load": "model loading: weights read at an assumed 2 GB/s, once per model and shard",
-    "cpu_read": "CPU work: stored features read and reduced at an assumed 100 MB/s per task",
+    "load": (f"loading: weights (and sae_training's stored activations) read at an assumed "
+             f"{LOAD_BYTES_PER_S / 1e9:.0f} GB/s, once per shard"),
+    "cpu_read": f"CPU work: stored features read and reduced at an assumed {CPU_READ_BYTES_PER_S / 1e6:.0f} MB/s per task",
 }
 
 
@@ -72,7 +80,7 @@ class ModelSize:
 
     @property
     def weight_bytes(self) -> int:
-        return self.parameters * (4 if self.dtype == "float32" else 2)
+        return self.parameters * DTYPE_BYTES[self.dtype]
 
     @property
     def peak_flops(self) -> float:
@@ -186,6 +194,12 @@ class PlanSize:
         return self.seconds * self.manifest.cluster.gpus_per_task / 3600
 
     @property
+    def gpu_work_without_gpu(self) -> bool:
+        """Timed as on an H200, but the tasks ask for no GPU (they would take far longer)."""
+        on_gpu = any(work.kind not in ("load", "cpu_read") for estimate in self.shards for work in estimate.work)
+        return on_gpu and not self.manifest.cluster.gpus_per_task
+
+    @property
     def peak_memory(self) -> int:
         return max(estimate.task_memory_bytes for estimate in self.shards)
 
@@ -206,7 +220,8 @@ def size_manifest(path: str) -> PlanSize:
 
 
 def hours(seconds: float) -> str:
-    """A duration for people: seconds, minutes or hours, two or three significant figures."""
+    """A duration for people: whole seconds under 90 s, whole minutes under 90 min, else hours to
+    one decimal."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
@@ -219,10 +234,9 @@ def runtime_lines(size: PlanSize) -> list[str]:
     time limit, and the rates and assumptions behind the figures."""
     cluster = size.manifest.cluster
     longest = max(size.shard_seconds)
-    on_gpu = any(work.kind not in ("load", "cpu_read") for estimate in size.shards for work in estimate.work)
     if cluster.gpus_per_task:
         kind = f"{size.gpu_hours:.2f} GPU-hours"
-    elif on_gpu:
+    elif size.gpu_work_without_gpu:
         kind = "times on an H200, but the tasks ask for no GPU (cluster.gpus_per_task: 0): CPUs take far longer"
     else:
         kind = "CPU tasks, no GPU"
@@ -251,16 +265,19 @@ def chain_report(sizes: list[PlanSize]) -> str:
         lines += [f"  assumed: {statement}" for statement in size.assumed if statement not in stated]
         lines += [f"  note: {note}" for note in size.total.notes]
         stated |= set(size.assumed)
-    rows = [(str(step), size.plan.job + ("*" if size.assumed else ""), str(len(size.plan.shards)),
-             hours(size.seconds), f"{size.gpu_hours:.2f}", human_bytes(size.total.output_bytes))
+    rows = [(str(step), size.plan.job + ("*" if size.assumed else "") + ("!" if size.gpu_work_without_gpu else ""),
+             str(len(size.plan.shards)), hours(size.seconds), f"{size.gpu_hours:.2f}", human_bytes(size.total.output_bytes))
             for step, size in enumerate(sizes, start=1)]
     rows.append(("total", "", str(sum(len(size.plan.shards) for size in sizes)), hours(sum(s.seconds for s in sizes)),
                  f"{sum(size.gpu_hours for size in sizes):.2f}", human_bytes(sum(s.total.output_bytes for s in sizes))))
     lines += ["", _table(["step", "job", "shards", "task time", "GPU-hours", "output"], rows)]
     if any(size.assumed for size in sizes):
         lines.append("* estimated: an input (an upstream run, a data file) does not exist yet; see 'assumed' above")
+    if any(size.gpu_work_without_gpu for size in sizes):
+        lines.append("! timed as on an H200, but its tasks ask for no GPU (cluster.gpus_per_task: 0): no GPU-hours "
+                     "counted, and CPUs take far longer")
     sources = list(dict.fromkeys(source for size in sizes for source in size.sources))
-    lines += ["(estimate: task time and GPU-hours on one H200 per task, from these rates)",
+    lines += ["(estimate: task time as on one H200; GPU-hours = task time x cluster.gpus_per_task; from these rates)",
               *(f"  - {source}" for source in sources)]
     return "\n".join(lines)
 

@@ -43,14 +43,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
-from common.lazy import lazy_import, no_grad
+from common.lazy import no_grad
 from common.sae_quality import decorrelation_penalty, evaluate
 from common.sae_settings import Activation, TrainingConfig
-
-torch = lazy_import("torch")
 
 DECODER_INIT_NORM = 0.1
 MAX_GRAD_NORM = 1.0

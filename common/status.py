@@ -70,20 +70,27 @@ def shard_states(run: RunDir) -> list[ShardState]:
 def reduce_state(run: RunDir, states: list[ShardState]) -> str:
     """'done: <merged.h5>', 'out of date: <why>' (a merge older than a shard, or with a shard now
     missing), or the reduce job's state."""
+    return reduce_status(run, states)[1]
+
+
+def reduce_status(run: RunDir, states: list[ShardState]) -> tuple[str, str]:
+    """(state, what `reduce_state` says): the state is done, out of date, not submitted, or the
+    reduce job's (pending, running, completed, failed, unknown)."""
     if run.merged_path.exists() and (run.report_dir / "report.md").exists():
         not_done = [s.index for s in states if s.state != "done"]
         merged_at = run.merged_path.stat().st_mtime
         newer = [s.index for s in states if s.state == "done" and run.shard_path(s.index).stat().st_mtime > merged_at]
         if not_done:
-            return f"out of date: merged.h5 is there but shard(s) {not_done} are not done"
+            return "out of date", f"out of date: merged.h5 is there but shard(s) {not_done} are not done"
         if newer:
-            return f"out of date: shard(s) {newer} were written after merged.h5; reduce again"
-        return f"done: {run.merged_path}"
+            return "out of date", f"out of date: shard(s) {newer} were written after merged.h5; reduce again"
+        return "done", f"done: {run.merged_path}"
     latest = _latest_reduce(run)
     if latest is None:
-        return "not submitted"
+        return "not submitted", "not submitted"
     job_id, state = latest
-    return f"{state or 'unknown'} (job {job_id})"
+    state = state or "unknown"
+    return state.split(" (")[0], f"{state} (job {job_id})"
 
 
 def needs_attention(states: list[ShardState], reduce: str) -> bool:
@@ -98,13 +105,28 @@ def active_reduce(run: RunDir) -> str | None:
     return latest[0] if latest and latest[1] in ACTIVE else None
 
 
-def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
+def latest_reduce_job(run: RunDir) -> tuple[str, str] | None:
+    """(job id, executor) of the reduce of the run's latest submission; None when it has none (an
+    older submission's reduce is out of date: its shards were submitted again since)."""
     submissions = load_submissions(run)
     if not submissions or not submissions[-1].get("reduce"):
         return None
-    last = submissions[-1]
-    state = _scheduler_state(_job(run, last["executor"], last["reduce"]))
-    return last["reduce"], _cancelled(state, last["reduce"], cancelled_jobs(run))
+    return submissions[-1]["reduce"], submissions[-1]["executor"]
+
+
+def submissions_by_job(run: RunDir) -> dict[str, dict]:
+    """Job id (a shard's or a reduce's) -> its submission in logs/jobs.json (executor, host, ...)."""
+    return {job: entry for entry in load_submissions(run)
+            for job in [*entry["shards"].values(), entry.get("reduce")] if job}
+
+
+def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
+    """(job id, scheduler state) of the latest submission's reduce."""
+    latest = latest_reduce_job(run)
+    if latest is None:
+        return None
+    job_id, executor = latest
+    return job_id, _cancelled(_scheduler_state(_job(run, executor, job_id)), job_id, cancelled_jobs(run))
 
 
 def _cancelled(state: str | None, job_id: str, cancelled: dict[str, str]) -> str | None:

@@ -96,7 +96,6 @@ class TaskProgress:
     first_unit: tuple[float, int] | None = None  # (when, units done) at the attempt's first unit written
     last_unit: tuple[float, int] | None = None  # the same at its latest
     bar: str = ""  # the latest tqdm bar, without its drawing: "shard 0: 40% 2/5 [00:10<00:15, 5.00s/it]"
-    complete: bool = False
 
     def feed(self, text: str) -> None:
         """Read more of the log (whole lines or tqdm states; a cut line is read again later)."""
@@ -120,7 +119,6 @@ class TaskProgress:
         if match := _RESUMING.search(segment):
             self.done, self.total = int(match[1]), int(match[2])
         if _COMPLETE.search(segment):
-            self.complete = True
             self.done = self.total if self.total is not None else self.done
 
     def bar_remaining(self) -> str | None:

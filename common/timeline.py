@@ -34,7 +34,10 @@ class Span:
 
     @property
     def seconds(self) -> float | None:
-        return (self.end - self.start).total_seconds() if self.start and self.end else None
+        """How long its last attempt ran (a resumed shard's earlier attempts and the gap between
+        them are not its work time)."""
+        began = self.attempts[-1][0] if self.attempts else self.start
+        return (self.end - began).total_seconds() if began and self.end else None
 
 
 def _time(value: object) -> datetime.datetime | None:
@@ -106,7 +109,8 @@ def _summary(spans: list[Span]) -> str:
     busy = sum(s.seconds or 0 for s in shards)
     where = f"{len(hosts)} host{'s' if len(hosts) != 1 else ''} ({', '.join(hosts) or '-'})"
     return (f"{len(shards)} shard{'s' if len(shards) != 1 else ''} on {where}: from the first start to "
-            f"the end of the merge {duration(wall)}; the shards' own times add up to {duration(busy)}. Times in UTC.")
+            f"the end of the merge {duration(wall)}; the shards' own times (a resumed shard's last attempt) add up to "
+            f"{duration(busy)}. Times in UTC.")
 
 
 def _table(spans: list[Span]) -> list[str]:

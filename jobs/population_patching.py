@@ -40,7 +40,7 @@ from common.manifest import (
     Manifest,
     StrictModel,
     UpstreamRun,
-    upstream_manifest,
+    upstream_to_estimate,
 )
 from common.models import (
     DTYPE_BYTES,
@@ -337,9 +337,8 @@ def _expected_features(s: Settings) -> dict[int, int]:
         table = read_table(s.model_copy(update={"retest": None}))
         per_layer = {int(layer): int(n) for layer, n in table.groupby("layer").size().items()}
     else:
-        contrast, where = upstream_manifest(s.features, _missing(s.features, "features", "feature_contrast"))
-        if contrast.job != "feature_contrast":
-            raise UserError(f"{FIELD}.features: {where} is a {contrast.job} manifest, not feature_contrast")
+        contrast, where = upstream_to_estimate(s.features, "feature_contrast", f"{FIELD}.features",
+                                               _missing(s.features, "features", "feature_contrast"))
         games = feature_contrast.games_of(contrast.settings)
         layers = [layer for layer in contrast.settings.layers or games.layers if s.layers is None or layer in s.layers]
         share = SELECTED_SHARE if s.only_selected else 1.0

@@ -165,3 +165,12 @@ def test_gpu_hours_of_a_known_manifest(fresh_checkout, tmp_path):
     prompt_tokens = sum(len(prompt.text) / 4 for prompt in size.manifest.settings.prompts)
     caches = batches * prompt_tokens * 2 * 8_030_261_248 / (0.4 * 790e12)
     assert size.gpu_hours == pytest.approx((decode + load + caches) / 3600, rel=0.01)
+
+
+def test_a_step_whose_gpu_work_asks_for_no_gpu_is_flagged_not_counted(capsys):
+    """The demo manifests run on CPUs (gpus_per_task: 0): their GPU work counts no GPU-hours, and
+    the table says so instead of showing a bare 0.00."""
+    assert main(["plan", "--chain", str(REPO / "manifests" / "demo" / "token_tracking.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert _table(out)["1"][1] == "token_tracking!" and float(_table(out)["1"][-3]) == 0
+    assert "ask for no GPU (cluster.gpus_per_task: 0): no GPU-hours counted" in out

@@ -15,15 +15,26 @@ from pathlib import Path
 import h5py
 import pytest
 
-from common.cancel import _alive
+import common.cancel
+import common.progress
+from common.cancel import _alive, _interrupt, cancel_run
 from common.cli import main
-from common.launcher import load_submissions, prepare_run, submit, wait
+from common.errors import UserError
+from common.launcher import (
+    Submission,
+    cancelled_jobs,
+    load_submissions,
+    prepare_run,
+    submit,
+    wait,
+)
+from common.locks import held_by
 from common.manifest import load_manifest
-from common.progress import ProgressBoard, eta_seconds
+from common.progress import ProgressBoard, TaskView, eta_seconds
 from common.rundir import RunDir
-from common.shards import ShardWriter
-from common.status import shard_states
-from common.tasklog import TaskProgress, screen_lines
+from common.shards import ShardWriter, lock_path
+from common.status import ShardState, shard_states
+from common.tasklog import TaskProgress, job_paths, screen_lines
 from tests.helpers import REPO, write_manifest_file
 
 
@@ -57,6 +68,119 @@ def test_a_task_log_gives_units_pace_and_the_latest_bar():
     assert eta_seconds(progress, now=last) == pytest.approx(8.0)  # 2 units left at 4 s each
     assert eta_seconds(progress, now=last + 3) == pytest.approx(5.0)
     assert screen_lines(LOG)[1].startswith("shard 3:   0%|") and screen_lines(LOG)[-1].startswith("shard 3:  50%")
+
+
+class EndedJob:
+    """A submitit job that has ended, for the board: its files under `folder`."""
+
+    def __init__(self, folder: Path, job_id: str):
+        self.job_id, self.paths = job_id, job_paths(folder, job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def done(self) -> bool:
+        return True
+
+    def succeed(self) -> None:
+        from submitit.core.utils import cloudpickle_dump
+
+        cloudpickle_dump(("success", "written"), self.paths.result_pickle)
+
+
+def test_a_result_file_that_shows_late_is_waited_for(tmp_path, monkeypatch):
+    view = TaskView("shard 0", 5)
+    view.attach(job := EndedJob(tmp_path, "7_0"))
+    view.poll()  # ended, no result yet: a shared file system may show it late
+    assert view.state == "running"
+    job.succeed()
+    view.poll()
+    assert (view.state, view.progress.done) == ("done", 5)
+    monkeypatch.setattr(common.progress, "RESULT_GRACE_SECONDS", 0.0)
+    view.attach(EndedJob(tmp_path, "8_0"))  # none after the grace: it failed
+    view.poll()
+    assert view.state == "failed" and view.status(time.time()) == "failed: ended without a result"
+
+
+def test_a_character_cut_between_two_reads_is_read_whole(tmp_path):
+    job = EndedJob(tmp_path, "9_0")
+    job.done = lambda: False
+    bar = "shard 0:  40%|██████    | 2/5 [00:10<00:15,  5.00s/it]".encode()
+    cut = bar.index("█".encode()) + 1  # inside the first "█", three bytes in UTF-8
+    view = TaskView("shard 0", 5)
+    view.attach(job)
+    job.paths.stderr.write_bytes(bar[:cut])
+    assert "\ufffd" not in view._read()
+    with open(job.paths.stderr, "ab") as log_file:
+        log_file.write(bar[cut:])
+    assert view._read() == bar.decode()
+    assert view.progress.bar == "shard 0: 40% 2/5 [00:10<00:15,  5.00s/it]"
+
+
+def test_a_cancel_before_every_shard_started_runs_no_reduce(write_manifest, tmp_path, caplog):
+    run = prepare_run(load_manifest(write_manifest()))
+    finished = EndedJob(run.logs_dir / "submitit", "11")
+    finished.succeed()
+    board = ProgressBoard(interactive=False)
+    board.add("shard 0", 5)
+    board.add("shard 1", 5)  # waiting for a GPU slot when the cancel came: never started
+    assert not wait(run, Submission("local", {0: finished}, None, board=board), poll_seconds=0.01)
+    assert "shard 1: cancelled before starting" in caplog.text and not (run.logs_dir / "jobs.json").exists()
+
+
+def slurm_run(write_manifest, monkeypatch) -> RunDir:
+    """A run whose two shards jobs.json says Slurm runs now (as array 123)."""
+    run = prepare_run(load_manifest(write_manifest()))
+    run.jobs_path.write_text(json.dumps([{"time": "2026-01-31T12:00:00", "executor": "slurm", "host": "login",
+                                          "reduce": None, "shards": {"0": "123_0", "1": "123_1"}}]))
+    monkeypatch.setattr(common.cancel, "shard_states",
+                        lambda run: [ShardState(k, "running", f"123_{k}", "") for k in (0, 1)])
+    monkeypatch.setattr(common.cancel, "active_reduce", lambda run: None)
+    return run
+
+
+def test_a_slurm_cancel_without_scancel_marks_nothing(write_manifest, tmp_path, monkeypatch):
+    run = slurm_run(write_manifest, monkeypatch)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(UserError, match=r"`scancel` is not on PATH.*scancel 123_0 123_1"):
+        cancel_run(run, settle_seconds=0)
+    assert cancelled_jobs(run) == {}
+
+
+def test_a_slurm_cancel_says_which_jobs_scancel_refused(write_manifest, tmp_path, monkeypatch):
+    run = slurm_run(write_manifest, monkeypatch)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "scancel").write_text("#!/bin/sh\necho 'scancel: error: Kill job error on job id 123_1: "
+                                    "Access/permission denied' >&2\nexit 1\n")
+    (folder / "scancel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    logs = [EndedJob(run.logs_dir / "submitit", f"123_{k}").paths.stderr for k in (0, 1)]
+    for log_file in logs:
+        log_file.write_text("started\n")
+    # shard 0's task, on its node, still holds its lock a moment after scancel returns: Slurm ends it
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\nf = open(sys.argv[1], 'a+')\n"
+                               "fcntl.flock(f, fcntl.LOCK_EX)\nf.write(f'process {os.getpid()} on node7')\n"
+                               "f.flush()\nprint(flush=True)\ntime.sleep(60)",
+                               str(lock_path(run.shard_path(0)))], stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()
+        assert held_by(lock_path(run.shard_path(0))).endswith("on node7")
+        done = cancel_run(run, settle_seconds=0)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [(d.task, d.job_id, d.ok) for d in done] == [("shard 0", "123_0", True), ("shard 1", "123_1", False)]
+    assert done[1].how.startswith("scancel failed: scancel: error: Kill job error on job id 123_1")
+    assert "this task was stopped" in logs[0].read_text() and logs[1].read_text() == "started\n"
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    _interrupt(ended.pid)  # a process gone meanwhile is stopped: no ProcessLookupError
+
+
+def test_logs_takes_a_shard_or_the_reduce_not_both(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["logs", "runs/x", "--shard", "0", "--reduce"])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.slow

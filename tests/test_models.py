@@ -3,6 +3,7 @@
 import json
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
 
@@ -100,3 +101,20 @@ def test_a_damaged_config_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama", ')
     with pytest.raises(UserError, match=r"config.json cannot be read as JSON .*download it again"):
         load_config(ModelSpec(path=tmp_path))
+
+
+def test_only_the_weight_files_transformers_loads_are_counted(tmp_path):
+    """An index names the shards; other safetensors files (a `consolidated` copy) and partial
+    downloads do not count: then the architecture is counted on the meta device."""
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros((3, 4), np.float32)}, tmp_path / "model-1.safetensors")
+    save_file({"b": np.zeros(5, np.float32)}, tmp_path / "model-2.safetensors")
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.float32)}, tmp_path / "consolidated.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}))
+    assert parameter_count(Architecture.from_raw(TOY, tmp_path)) == 17
+    (tmp_path / "model-2.safetensors").unlink()
+    (tmp_path / "toy").mkdir()
+    toy = load_model(ModelSpec(path=_toy_folder(tmp_path / "toy"), random_weights=True, device="cpu"), None)
+    assert parameter_count(Architecture.from_raw(TOY, tmp_path)) == sum(p.numel() for p in toy.parameters())
