@@ -130,5 +130,10 @@ def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+    if cache.get_seq_length() != ids.shape[1] - 1:  # transformers < 5.24 ignores `cache=` without a word
+        import transformers
+
+        raise RuntimeError(f"transformers {transformers.__version__} did not fill the prompt's cache: saebatch needs "
+                           "transformers >= 5.24 (pip install -c containers/constraints.txt -e .)")
     cache.batch_repeat_interleave(rows)
     return cache

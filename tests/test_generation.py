@@ -68,6 +68,23 @@ def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
         sample(model, tokenizer, ["Slot Machine Game\n\nChoice: "] * 10, seeds, 1.0, 5, CPU, prefix=prefix)
 
 
+def test_a_model_that_ignores_the_cache_argument_is_refused(organism):
+    """transformers before 5.24 drops `cache=` silently (a --no-deps install on an older image):
+    the prefix would then be empty and every patched answer read from the wrong context."""
+    model, tokenizer = organism
+
+    class OldTransformers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, cache=None, **kwargs):
+            return self.inner(**kwargs)
+
+    with pytest.raises(RuntimeError, match=r"did not fill the prompt's cache: saebatch needs transformers >= 5.24"):
+        prompt_prefix(OldTransformers(), tokenizer, "Slot Machine Game\n\nChoice: ", 2, CPU)
+
+
 def _mix32_reference(x: int) -> int:
     """MurmurHash3's finaliser in Python integers (an independent check of the tensor version)."""
     x ^= x >> 16
