@@ -16,6 +16,8 @@ paper manifest), so the time includes building the model, loading the SAEs and w
 A row per job goes to benchmarks/RESULTS.md: throughput, peak GPU memory, the GPU-hours of the
 seed's full run projected from it, and, where the seed had a method of its own, its speed
 re-implemented (one generate call per trial or problem, one position at a time) on a slice.
+population_patching adds a row of its decode loop against the path it replaced (transformers'
+`generate`, every row to the end) on one batch of 512 trials, both measured in the same run.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ablation_batching import one_at_a_time  # noqa: E402
-from patching_throughput import seeds_way  # noqa: E402
+from patching_throughput import generate_path, ours, seeds_way  # noqa: E402
 from results import Row, gpu_machine, machine, record  # noqa: E402
 from token_tracking_storage import run_seed_baseline  # noqa: E402
 
@@ -237,12 +239,10 @@ def population_patching(bench: Bench) -> list[Row]:
     model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
     saes = {layer: load_sae(SaeSpec(**settings["sae"]), layer, model.config.hidden_size, torch.device(bench.device))
             for layer in sorted(set(table.layer))}
-    rows = [Trial(f"L{r.layer}_F{r.feature}", condition, prompt, trial, layer=int(r.layer), feature=int(r.feature),
-                  value=float(getattr(r, f"mean_{condition}")))
-            for r in table.itertuples() for condition in ("safe", "bankrupt") for prompt in range(2) for trial in range(2)]
-    rows = rows[:16]
+    rows = patching_trials(table, prompts=2, trials=2)[:16]
     seed_seconds = seeds_way(model, tokenizer, saes, rows, torch.device(bench.device), new_tokens=50)
     seed_rate = len(rows) / seed_seconds
+    loop_row = decode_loop(bench, model, tokenizer, saes, patching_trials(table, prompts=1, trials=50), full)
     del model, saes
 
     full_features = 40 if bench.smoke else 1_340
@@ -264,7 +264,41 @@ def population_patching(bench: Bench) -> list[Row]:
                 baseline=f"{seed_rate:.2f} answers/s (the seed's method on {len(rows)} answers: one generate call per "
                          f"trial, 50 tokens); the full run at that rate: {gpu_hours(1 / seed_rate, full)} (the seed "
                          "itself estimated 78 GPU-h at 0.7 s a trial)",
-                ratio=f"{rate / seed_rate:.1f}x")]
+                ratio=f"{rate / seed_rate:.1f}x"), loop_row]
+
+
+def patching_trials(table: pd.DataFrame, prompts: int, trials: int) -> list[Trial]:
+    """Each feature of `table` at its safe and at its bankrupt mean, on the first `prompts` prompts, `trials` times."""
+    return [Trial(f"L{r.layer}_F{r.feature}", condition, prompt, trial, layer=int(r.layer), feature=int(r.feature),
+                  value=float(getattr(r, f"mean_{condition}")))
+            for r in table.itertuples() for condition in ("safe", "bankrupt") for prompt in range(prompts)
+            for trial in range(trials)]
+
+
+def decode_loop(bench: Bench, model, tokenizer, saes: dict, trials: list[Trial], full: int) -> Row:
+    """The job's decode loop against the path it replaced (`generate` with the seeded noise, every
+    row to the end) on one batch of the first prompt, 50 tokens: random weights never end early, so
+    every row writes 50 tokens and this is the loop's cost per step, not what early ends save."""
+    batch, device, steps = trials[: 32 if bench.smoke else 512], torch.device(bench.device), 50
+    for path in (ours, generate_path):  # warm up
+        path(model, tokenizer, saes, batch[:8], device, steps)
+    new, answers = ours(model, tokenizer, saes, batch, device, steps)  # each synchronizes around its timing
+    old, previous = generate_path(model, tokenizer, saes, batch, device, steps)
+    same = sum(a == b for a, b in zip(answers, previous, strict=True))
+
+    def figures(seconds: float) -> str:
+        return (f"{seconds / steps * 1e3:.1f} ms a step at batch {len(batch)}, {len(batch) / seconds:.1f} answers/s "
+                f"({seconds:.1f} s); seed's full run ({full:,} answers): {gpu_hours(seconds / len(batch), full)}")
+
+    layers = f"{min(row.layer for row in batch)}-{max(row.layer for row in batch)}"
+    return Row(f"GPU paper scale, population_patching's decode loop against the previous generate path: Llama-3.1-8B "
+               f"shapes (random weights, bf16), one call of {len(batch)} trials of prompt 0 (its cache shared), "
+               f"per-row feature edits at layers {layers}, random TopK SAEs 32,768 wide, {steps} tokens a row (random "
+               "weights never end early), measured in the same run",
+               ours=f"{figures(new)} (our decode loop, rows that end leaving the batch)",
+               baseline=f"{figures(old)} (transformers' generate, the seeded noise as a logits processor, every row "
+                        f"to the end); {same}/{len(batch)} answers identical",
+               ratio=f"{old / new:.2f}x")
 
 
 # ---------------------------------------------------------------- seed 003: capture, training, ablation

@@ -82,13 +82,14 @@ class NumberReader:
         candidates = len(self.answers)
         log_probs = torch.log_softmax(logits.double() / temperature, dim=-1)
         totals = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+        continues = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # logits past the
+        continues[: len(self.continues_number)] = self.continues_number[: logits.shape[-1]]  # tokenizer's: padding
         for k, answer in enumerate(self.answers):
             rows = slice(k, None, candidates)
             tokens = torch.tensor(answer, device=logits.device)
             steps = torch.arange(len(answer), device=logits.device)
             written = log_probs[rows, steps, tokens].sum(-1)  # position i predicts the answer's token i
-            ends = torch.log1p(-log_probs[rows, len(answer)][:, self.continues_number.to(logits.device)].exp().sum(-1)
-                               .clamp(max=1 - 1e-12))
+            ends = torch.log1p(-log_probs[rows, len(answer)][:, continues].exp().sum(-1).clamp(max=1 - 1e-12))
             totals[rows] = written + ends
         per_row = totals.view(-1, candidates)
         weights = torch.softmax(per_row, dim=-1)

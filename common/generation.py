@@ -1,7 +1,7 @@
 """Batched sampling in which every row draws from its own seeded noise.
 
 Sampling at temperature T is the argmax of logits / T plus Gumbel noise (the Gumbel-max trick),
-so `generate` runs greedy decoding on logits that `SeededNoise` has perturbed. The noise of row r
+so `sample` decodes greedily from logits that `SeededNoise` has perturbed. The noise of row r
 at step t for token v is a hash of (r's seed, t, v) in exact integer arithmetic, so it is the
 same on every device and in every batch: a row's text depends on its seed and its prompt alone,
 and a resumed shard, a trial run in another batch, or the same shard on a GPU instead of a CPU
@@ -10,6 +10,9 @@ draws the same tokens (up to the rounding of the logits themselves).
 When every row has the same prompt (trials of one prompt, as in patching), `prompt_prefix` runs
 the prompt but its last token once, and `sample` shares that cache among the rows: their first
 forward is then the prompt's last token alone.
+
+The decode loop is ours rather than transformers' `generate` so that rows that have ended leave
+the batch: a batch then costs what its longest answers cost, not that many steps of every row.
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.edits import BatchRows
 from common.lazy import lazy_import, no_grad
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import Tensor
     from transformers import DynamicCache
+
+    Chooser = Callable[[Tensor, Tensor, int], Tensor]  # (scores, rows, step) -> the next tokens
 
 torch = lazy_import("torch")
 
@@ -70,18 +79,16 @@ def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
 
 
 class SeededNoise:
-    """Adds Gumbel noise seeded by row i's seed (and the step) to row i's logits / temperature
-    (a transformers logits processor: `generate` calls it with the ids so far and the scores)."""
+    """Row r's logits / temperature plus Gumbel noise seeded by r's seed and the step."""
 
     def __init__(self, seeds: list[int], temperature: float, device: torch.device):
         self.temperature = temperature
         self.keys = torch.tensor([row_key(seed) for seed in seeds], dtype=torch.int64, device=device)
-        self.step = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        uniform = uniform_noise(self.keys.to(scores.device), self.step, scores.shape[1])
-        self.step += 1
-        return scores.float() / self.temperature - torch.log(-torch.log(uniform))
+    def __call__(self, scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """`scores` of the batch rows `rows` (numbered as the batch started) at `step`."""
+        uniform = uniform_noise(self.keys[rows.to(self.keys.device)].to(scores.device), step, scores.shape[1])
+        return scores / self.temperature - torch.log(-torch.log(uniform))
 
 
 def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
@@ -99,26 +106,118 @@ def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str
 
 @no_grad
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
-           device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | None = None) -> list[str]:
+           device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | None = None,
+           batch: BatchRows | None = None) -> list[str]:
     """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]
     until the end of text, `max_new_tokens` or one of `stop_strings` (kept in the text); `prefix`
-    is `prompt_prefix` of the one prompt every row has."""
-    from transformers import GenerationConfig, LogitsProcessorList
-
+    is `prompt_prefix` of the one prompt every row has; `batch` is the BatchRows of per-row edits
+    hooked on the model, which follow the rows as finished ones leave the batch."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    noise = SeededNoise(seeds, temperature, device)
+
+    def choose(scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        return noise(scores, rows, step).argmax(-1)
+
+    return decode(model, tokenizer, prompts, choose, max_new_tokens, device, stop_strings, prefix, batch)
+
+
+@no_grad
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device,
+           stop_strings: tuple[str, ...] = (), batch: BatchRows | None = None) -> list[str]:
+    """The most likely continuation of each prompt (as `sample`, without noise)."""
+    return decode(model, tokenizer, prompts, lambda scores, rows, step: scores.argmax(-1), max_new_tokens, device,
+                  stop_strings, None, batch)
+
+
+def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens: int, device: torch.device,
+           stop_strings: tuple[str, ...], prefix: DynamicCache | None, batch: BatchRows | None) -> list[str]:
+    """The decode loop of `sample` and `greedy`: a row leaves the batch once it has ended, so the
+    steps after cost only the rows still writing (`Decoding` keeps the books)."""
     encoded = left_padded(tokenizer, prompts, device)
-    encoded.pop("position_ids")  # generate derives them from the mask, step after step
-    length = encoded["input_ids"].shape[1]
+    inputs, positions = encoded["input_ids"], encoded["position_ids"]
     if prefix is not None:
-        if len(set(prompts)) != 1 or prefix.get_seq_length() != length - 1:
+        if len(set(prompts)) != 1 or prefix.get_seq_length() != inputs.shape[1] - 1:
             raise ValueError("a prefix cache serves rows that all have the prompt it was made of")
-        encoded["cache"] = prefix  # transformers >= 5.24 calls it `cache` (`past_key_values` is deprecated)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, stop_strings=list(stop_strings) or None)
-    output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer,
-                            logits_processor=LogitsProcessorList([SeededNoise(seeds, temperature, device)]))
-    return tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        inputs, positions = inputs[:, -1:], positions[:, -1:]  # the rest of the prompt is in the cache
+    state = Decoding(tokenizer, encoded["input_ids"], encoded["attention_mask"], max_new_tokens, stop_strings, batch,
+                     end_tokens(model, tokenizer))
+    cache = prefix if prefix is not None else _empty_cache(model)
+    for step in range(max_new_tokens):
+        logits = model(input_ids=inputs, attention_mask=state.mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        tokens = state.write(step, choose(logits, state.rows, step))
+        kept = state.leave_finished(last_step=step + 1 == max_new_tokens)
+        if kept is None:
+            break
+        if len(kept) < len(tokens):
+            cache.batch_select_indices(kept)
+            tokens, positions = tokens[kept], positions[kept]
+        inputs, positions = tokens[:, None], positions[:, -1:] + 1
+    return tokenizer.batch_decode(state.written, skip_special_tokens=True)
+
+
+class Decoding:
+    """The books of one decode loop: what each row wrote, and which rows are still writing.
+
+    A row ends at the end-of-text token or at a stop string, found from token ids on the device
+    (transformers' StopStringCriteria), never by decoding text. Rows that ended drop out of the
+    batch once they are an eighth of it (each drop copies the cache, so not at every step)."""
+
+    DROP_SHARE = 8
+
+    def __init__(self, tokenizer, prompt_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 stop_strings: tuple[str, ...], batch: BatchRows | None, end_tokens: list[int]):
+        from transformers import StopStringCriteria
+
+        rows, device = len(prompt_ids), prompt_ids.device
+        self.pad = tokenizer.pad_token_id
+        self.ends = torch.tensor(end_tokens, dtype=torch.long, device=device)
+        self.stops = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
+        self.ids, self.mask, self.batch = prompt_ids, mask, batch
+        self.rows = torch.arange(rows, device=device)  # each row's index in the batch as it started
+        self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.written = torch.full((rows, max_new_tokens), self.pad, dtype=torch.long, device=device)
+
+    def write(self, step: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Record the step's tokens (padding for rows that had ended) and mark rows that end now."""
+        tokens = tokens.masked_fill(self.ended, self.pad)
+        self.written[self.rows, step] = tokens
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        ends = torch.isin(tokens, self.ends)
+        if self.stops is not None:
+            ends |= self.stops(self.ids, None)
+        self.ended |= ends
+        return tokens
+
+    def leave_finished(self, last_step: bool) -> torch.Tensor | None:
+        """The positions of the rows that stay (all of them if too few ended), or None when no row
+        needs another step."""
+        ended = int(self.ended.sum())  # the step's one wait for the device
+        if last_step or ended == len(self.ended):
+            return None
+        if ended * self.DROP_SHARE < len(self.ended):
+            return torch.arange(len(self.ended), device=self.ended.device)
+        kept = torch.nonzero(~self.ended)[:, 0]
+        self.ids, self.mask, self.rows, self.ended = self.ids[kept], self.mask[kept], self.rows[kept], self.ended[kept]
+        if self.batch is not None:
+            self.batch.keep(kept)
+        return kept
+
+
+def end_tokens(model, tokenizer) -> list[int]:
+    """The tokens that end a text: the tokenizer's end of text and those the model's generation
+    config names (an instruct model's end of turn)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({token for token in (tokenizer.eos_token_id, *configured) if token is not None})
+
+
+def _empty_cache(model) -> DynamicCache:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
 
 
 @no_grad

@@ -138,6 +138,16 @@ class Architecture:
     def get_text_config(self) -> Architecture:
         return self
 
+    @property
+    def vocab_size(self) -> int:
+        return int((self.raw.get("text_config") or self.raw)["vocab_size"])
+
+    @property
+    def intermediate_size(self) -> int:
+        """The MLP's width (GPT-2 names it n_inner, and leaves it at 4 x hidden by default)."""
+        text = self.raw.get("text_config") or self.raw
+        return int(text.get("intermediate_size") or text.get("n_inner") or 4 * self.hidden_size)
+
 
 def hf_config(raw: dict[str, Any]) -> PretrainedConfig:
     """The transformers config of a config.json's contents."""

@@ -63,10 +63,10 @@ def ce_loss_recovered(model, batches: list[dict[str, torch.Tensor]], layer: int,
         for batch in batches:
             edited = batch["edited"][..., None]
 
-            def replace(hidden: torch.Tensor, edited=edited, name=name) -> torch.Tensor:
+            def replace(hidden: torch.Tensor, rows: torch.Tensor, edited=edited, name=name) -> torch.Tensor:
                 new = sae.decode(sae.encode(hidden.to(sae.dtype))).to(hidden.dtype) if name == "spliced" \
                     else torch.zeros_like(hidden)
-                return torch.where(edited.to(hidden.device), new, hidden)
+                return torch.where(edited.to(hidden.device)[rows], new, hidden)
 
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}

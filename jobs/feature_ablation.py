@@ -37,14 +37,21 @@ import numpy as np
 from pydantic import Field
 from tqdm import tqdm
 
-from common.edits import edit_block_output, zero_features
+from common.batching import (
+    AUTO_HELP,
+    BatchSize,
+    GenerationMemory,
+    generation_memory,
+    planned_rows,
+    rows_now,
+)
+from common.edits import BatchRows, edit_block_output, zero_features
 from common.errors import UserError
-from common.generation import left_padded
+from common.generation import greedy, left_padded
 from common.lazy import lazy_import, no_grad
 from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
 from common.models import (
     input_device,
-    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -76,6 +83,7 @@ stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_ablation"
+PROMPT_TOKENS = 1024  # assumed by plan: a few-shot benchmark prompt (a task measures its own)
 
 
 class Settings(StrictModel):
@@ -91,7 +99,8 @@ class Settings(StrictModel):
     control_sets: int = Field(20, ge=1, description="random feature sets matched to the top set (per layer, "
                               "activation frequency): the null distribution of the drop")
     control_seed: int = Field(0, description="seed of the control sets")
-    batch_size: int = Field(16, ge=1, description="items per generate call (each runs as 2 + control_sets rows)")
+    batch_size: BatchSize = Field(16, description="items answered together (each runs as 2 + control_sets rows), "
+                                  + AUTO_HELP)
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level in the report")
     success_drop: float = Field(0.05, ge=0, le=1, description="the seed's criterion: accuracy drop above this "
                                 "(and above the control's)")
@@ -189,20 +198,28 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     for unit in units:
         entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
         full_config = load_config(entry.model)[0]
-        config, widths = text_config(full_config), _widths(s, entry, expansion)
+        widths = _widths(s, entry, expansion)
         size = benchmark_size(spec, f"{FIELD}.benchmarks[{unit.payload['benchmark']}]")
         out += size.items * rows * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
-        memory = max(memory, parameter_bytes(full_config, entry.model.dtype)
-                     + sum(2 * config.hidden_size * width * 4 for width in widths)
-                     + kv_cache_bytes(config, entry.model.dtype, s.batch_size * rows, 1024 + spec.max_new_tokens)
-                     + s.batch_size * rows * 1024 * max(widths) * 4)
-        work += _unit_work(s, unit.id, model_size(entry.model), size, spec.max_new_tokens)
+        needs = generation_memory_of(full_config, entry.model.dtype, widths, PROMPT_TOKENS, spec.max_new_tokens)
+        batch_size = planned_rows(s.batch_size, needs, rows)
+        memory = max(memory, needs.peak(batch_size * rows))
+        work += _unit_work(s, unit.id, model_size(entry.model), size, spec.max_new_tokens, batch_size)
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
-                    notes=("memory: weights, the SAEs, the KV cache of 3 rows per item at 1,024 prompt tokens, "
-                           "and one layer's features of a batch",))
+                    notes=(f"memory: weights, the SAEs, and per row (2 + control_sets per item) its KV cache at "
+                           f"{PROMPT_TOKENS:,} prompt tokens and one layer's features of its prompt",))
 
 
-def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int) -> list:
+def generation_memory_of(config, dtype: str, widths: list[int], prompt_tokens: int,
+                         new_tokens: int) -> GenerationMemory:
+    """Weights and SAEs; per row its cache and forward, and one layer's SAE codes at every prompt position."""
+    hidden = text_config(config).hidden_size
+    return generation_memory(text_config(config), dtype,
+                             parameter_bytes(config, dtype) + sum(2 * hidden * width * 4 for width in widths),
+                             prompt_tokens, new_tokens, extra_per_row=prompt_tokens * max(widths) * 4)
+
+
+def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batch_size: int) -> list:
     """Attribution (a gradient through the prompt and solution of each ranking item), then every
     evaluated item answered as 2 + control_sets rows, each reading its prompt and generating."""
     rows = 2 + s.control_sets
@@ -210,7 +227,7 @@ def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int) -> l
     evaluated = size.items - ranked
     return [Work("gradient", ranked * (size.prompt_tokens + size.solution_tokens), model, label=f"{unit_id}: attribution"),
             Work("forward", evaluated * rows * size.prompt_tokens, model, label=f"{unit_id}: prompts"),
-            Work("decode", evaluated * rows * max_new_tokens, model, rows=max(1, min(evaluated, s.batch_size)) * rows,
+            Work("decode", evaluated * rows * max_new_tokens, model, rows=max(1, min(evaluated, batch_size)) * rows,
                  label=f"{unit_id}: {evaluated * rows:,} answers of up to {max_new_tokens} tokens")]
 
 
@@ -240,8 +257,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             scores, active = attribution(model, tokenizer, bench, ranking, saes, device)
             top = top_features(scores, s.k)
             controls = control_sets(active, top, s.control_sets, s.control_seed, unit.id)
+            needs = generation_memory_of(load_config(model_spec)[0], model_spec.dtype,
+                                         [sae.cfg.d_sae for sae in saes.values()],
+                                         max((len(tokenizer(bench.prompt(item)).input_ids) for item in evaluated), default=1),
+                                         spec.max_new_tokens)
+            batch_size = rows_now(s.batch_size, needs, device, rows_per_item=2 + s.control_sets)
             outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top, **controls},
-                                           s.batch_size, device, desc=unit.id)
+                                           batch_size, device, desc=unit.id)
             with shard.unit(unit.id) as group:
                 group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind)
                 group.create_dataset("item", data=np.asarray([item.index for item in evaluated]))
@@ -313,7 +335,7 @@ def teacher_forced(tokenizer, bench: Benchmark, items: list, device: torch.devic
 def _recorder(outputs: dict, deltas: dict, layer: int):
     """An edit that keeps block `layer`'s output and adds the zero tensor whose gradient is the output's."""
 
-    def record(hidden: torch.Tensor) -> torch.Tensor:
+    def record(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         outputs[layer] = hidden.detach()
         return hidden + deltas[layer]
 
@@ -367,18 +389,17 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
         special = torch.tensor([tokenizer.get_special_tokens_mask(row.tolist(), already_has_special_tokens=True)
                                 for row in encoded["input_ids"].cpu()], device=device).bool()
         positions = encoded["attention_mask"].bool() & ~special
+        rows = BatchRows(len(prompts))
         with ExitStack() as stack:
             for layer, sae in saes.items():
                 chosen_features = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool, device=device)
                 for c, name in enumerate(conditions[1:], start=1):
                     features = ablations[name][ablations[name][:, 0] == layer, 1]
                     chosen_features[c :: len(conditions), torch.as_tensor(features, device=device)] = True
-                stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions)))
-            output = model.generate(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
-                                    max_new_tokens=bench.spec.max_new_tokens, do_sample=False,
-                                    pad_token_id=tokenizer.pad_token_id, stop_strings=bench.spec.stop_strings,
-                                    tokenizer=tokenizer)
-        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+                stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions),
+                                                      batch=rows))
+            texts = greedy(model, tokenizer, prompts, bench.spec.max_new_tokens, device,
+                           stop_strings=tuple(bench.spec.stop_strings), batch=rows)
         for row, text in enumerate(texts):
             condition, item = conditions[row % len(conditions)], chosen[row // len(conditions)]
             answer, correct = bench.score(item, text)

@@ -25,6 +25,14 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
+from common.batching import (
+    AUTO_HELP,
+    BatchSize,
+    GenerationMemory,
+    generation_memory,
+    planned_rows,
+    rows_now,
+)
 from common.choices import OptionReader
 from common.errors import UserError
 from common.generation import left_padded, sample, seed_of
@@ -35,7 +43,6 @@ from common.models import (
     DTYPE_BYTES,
     ModelSpec,
     input_device,
-    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -77,7 +84,7 @@ class Settings(StrictModel):
     max_rounds: int = Field(task.MAX_ROUNDS, ge=2, description="a game ends after this many rounds (the first "
                             "is the condition's)")
     retries: int = Field(3, ge=0, description="times an unreadable answer is asked again before the game ends")
-    batch_size: int = Field(64, ge=1, description="games that advance together")
+    batch_size: BatchSize = Field(64, description=f"games that advance together, {AUTO_HELP}")
 
     @field_validator("components")
     @classmethod
@@ -146,15 +153,22 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
              f"{s.max_rounds} rounds), 100 active SAE features per layer at each; memory assumes prompts of "
              f"{PROMPT_TOKENS} tokens" + (f" and SAEs {width} wide" if assumed_width else "")]
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
-    kv_cache = kv_cache_bytes(config, s.model.dtype, s.batch_size, PROMPT_TOKENS + s.max_new_tokens)
     saes = len(s.layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype if s.sae else "float32"]
-    memory = parameter_bytes(config, s.model.dtype) + kv_cache + saes  # every layer's SAE stays loaded
+    memory = generation_memory_of(s, config, saes, width)  # every layer's SAE stays loaded
+    batch_size = planned_rows(s.batch_size, memory)
     model = model_size(s.model)
     work = (Work("load", model.weight_bytes + saes, label=f"{model.name} and {len(s.layers)} SAE(s)"),
             Work("forward", decisions * PROMPT_TOKENS, model, label=f"{decisions:,} decision prompts"),
-            Work("decode", decisions * s.max_new_tokens, model, rows=min(s.batch_size, len(units)),
+            Work("decode", decisions * s.max_new_tokens, model, rows=min(batch_size, len(units)),
                  label=f"{decisions:,} answers of up to {s.max_new_tokens} tokens"))
-    return Estimate(output_bytes=out, task_memory_bytes=memory, notes=tuple(notes), work=work)
+    return Estimate(output_bytes=out, task_memory_bytes=memory.peak(min(batch_size, len(units))), notes=tuple(notes),
+                    work=work)
+
+
+def generation_memory_of(s: Settings, config, sae_bytes: int, width: int) -> GenerationMemory:
+    """Weights and SAEs; per game its decision prompt's cache and forward, and its features at every layer."""
+    return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, PROMPT_TOKENS,
+                             s.max_new_tokens, extra_per_row=len(s.layers) * width * 4)
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -211,6 +225,10 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     config = text_config(model.config)
     device = input_device(s.model)
     saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in s.layers}
+    memory = generation_memory_of(s, text_config(load_config(s.model)[0]),
+                                  sum(p.numel() * p.element_size() for sae in saes.values() for p in sae.parameters()),
+                                  max((sae.cfg.d_sae for sae in saes.values()), default=0))
+    s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
     shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
                     parser_version=parser.PARSER_VERSION, parser_rules=parser.PARSER_RULES, temperature=s.temperature,
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in s.layers} if s.sae else {}),

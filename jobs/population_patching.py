@@ -30,8 +30,16 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 from tqdm import tqdm
 
+from common.batching import (
+    AUTO_HELP,
+    BatchSize,
+    GenerationMemory,
+    generation_memory,
+    planned_rows,
+    rows_now,
+)
 from common.choices import NumberReader, OptionReader
-from common.edits import edit_prompt_position, set_feature
+from common.edits import BatchRows, edit_prompt_position, set_feature
 from common.errors import UserError
 from common.generation import prompt_prefix, sample, seed_of
 from common.lazy import lazy_import, no_grad
@@ -46,7 +54,6 @@ from common.models import (
     DTYPE_BYTES,
     ModelSpec,
     input_device,
-    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -138,7 +145,7 @@ class Settings(StrictModel):
     max_new_tokens: int = Field(50, ge=1, description="longest answer")
     patch_generated: bool = Field(False, description="also set the feature at every generated token")
     seed: int = Field(0, ge=0, description="seed of the sampling noise (trial t of a prompt: the same in every condition)")
-    batch_size: int = Field(128, ge=1, description="answers generated together")
+    batch_size: BatchSize = Field(128, description=f"answers generated together, {AUTO_HELP}")
     controls: int = Field(0, ge=0, description="per patched layer, random live features of similar activation "
                           "frequency patched exactly as the chosen ones: the null distribution of effects")
     control_seed: int = Field(0, description="seed of the control features' draw")
@@ -370,14 +377,14 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     widths = [info.d_sae for info in infos.values() if info.d_sae]
     width = max(widths) if widths else 32768
     sae_bytes = len(layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype]
-    kv_cache = kv_cache_bytes(config, s.model.dtype, s.batch_size, 400 + s.max_new_tokens)
-    memory = parameter_bytes(config, s.model.dtype) + kv_cache + sae_bytes
-    model = model_size(s.model)
     prompt_tokens = [len(prompt.text) / CHARS_PER_TOKEN for prompt in s.prompts]
+    memory = generation_memory_of(s, config, sae_bytes, width, int(max(prompt_tokens)) + 1)
+    batch_size = planned_rows(s.batch_size, memory)
+    model = model_size(s.model)
     work = [Work("load", model.weight_bytes + sae_bytes, label=f"{model.name} and {len(layers)} SAE(s)")]
     if s.decisions != "exact":  # a batch of answers makes a call per prompt, each computing its prompt's cache once
-        batches = -(-answers // s.batch_size)  # ceiling
-        rows = max(1, min(s.batch_size, answers) // len(s.prompts))
+        batches = -(-answers // batch_size)  # ceiling
+        rows = max(1, min(batch_size, answers) // len(s.prompts))
         work += [Work("forward", batches * sum(prompt_tokens), model, label="prompt caches, one per call"),
                  Work("decode", answers * s.max_new_tokens, model, rows=rows,
                       label=f"{answers:,} sampled answers of up to {s.max_new_tokens} tokens")]
@@ -385,10 +392,18 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         variable = sum(prompt.bet_type == "variable" for prompt in s.prompts)
         tokens = conditions * (sum(prompt_tokens) + variable * len(s.bet_amounts) * 4)
         work.append(Work("forward", tokens, model, label="exact decisions"))
-    notes = (f"model architecture from {source}", f"{answers:,} answers; memory assumes prompts of 400 tokens"
-             + ("" if widths else f" and SAEs {width} wide"))
-    return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory, notes=notes,
-                    work=tuple(work))
+    notes = (f"model architecture from {source}", f"{answers:,} answers, {batch_size:,} a call"
+             + (" (batch_size auto, on an H200)" if s.batch_size == "auto" else "")
+             + ("" if widths else f"; memory assumes SAEs {width} wide"))
+    return Estimate(output_bytes=answers * (s.max_new_tokens * 4 + 64), task_memory_bytes=memory.peak(batch_size),
+                    notes=notes, work=tuple(work))
+
+
+def generation_memory_of(s: Settings, config, sae_bytes: int, width: int, prompt_tokens: int) -> GenerationMemory:
+    """Weights and SAEs, and per answer its cache and step (and an SAE's codes at the edited position);
+    the prompt's forward is shared by the answers, but exact decisions run it for every row."""
+    return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, prompt_tokens,
+                             s.max_new_tokens, prompt_cached=False, extra_per_row=width * DTYPE_BYTES[s.sae.dtype])
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -426,6 +441,11 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     for layer, sae in saes.items():
         _check_ids(pd.Series([u.payload["feature"] for u in units if u.payload.get("layer") == layer]), layer,
                    sae.cfg.d_sae)
+    memory = generation_memory_of(s, text_config(load_config(s.model)[0]),
+                                  sum(p.numel() * p.element_size() for sae in saes.values() for p in sae.parameters()),
+                                  max((sae.cfg.d_sae for sae in saes.values()), default=0),
+                                  max(len(tokenizer(prompt.text).input_ids) for prompt in s.prompts))
+    s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
     shard.set_attrs(model=s.model.name, temperature=s.temperature, patch_generated=s.patch_generated,
                     prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
                     bet_types=[prompt.bet_type for prompt in s.prompts])
@@ -448,9 +468,9 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                 seeds = [seed_of(s.seed, row.prompt, row.trial) for row in batch]
                 text = s.prompts[prompt].text
                 prefix = prompt_prefix(model, tokenizer, text, len(batch), device)
-                with row_edits(model, saes, batch, s.patch_generated):
+                with row_edits(model, saes, batch, s.patch_generated) as rows:
                     replies = sample(model, tokenizer, [text] * len(batch), seeds, s.temperature, s.max_new_tokens,
-                                     device, stop_strings=task.ANSWER_ENDS, prefix=prefix)
+                                     device, stop_strings=task.ANSWER_ENDS, prefix=prefix, batch=rows)
                 for row, reply in zip(batch, replies, strict=True):
                     answers[row.unit].append((row, reply))
                     if len(answers[row.unit]) == expected[row.unit]:
@@ -512,18 +532,20 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
 
 
 @contextmanager
-def row_edits(model, saes: dict, batch: list[Row], every_token: bool, offset: int = -1) -> Iterator[None]:
+def row_edits(model, saes: dict, batch: list[Row], every_token: bool, offset: int = -1) -> Iterator[BatchRows]:
     """Set each row's feature to its value at the last prompt token (position `offset` of the
-    first forward; and, if asked, at every generated token), error term kept: x + (v - f(x)) W_dec[f]."""
+    first forward; and, if asked, at every generated token), error term kept: x + (v - f(x)) W_dec[f].
+    Yields the batch's rows, for a decode loop to tell the edits which rows remain."""
+    rows = BatchRows(len(batch))
+    features, values = torch.tensor([row.feature for row in batch]), torch.tensor([row.value for row in batch])
     with ExitStack() as stack:
         for layer, sae in saes.items():
-            rows = [i for i, row in enumerate(batch) if row.layer == layer]
-            if rows:
-                edit = set_feature(sae, torch.tensor([batch[i].feature for i in rows]),
-                                   torch.tensor([batch[i].value for i in rows]))
-                stack.enter_context(edit_prompt_position(model, layer, edit, offset=offset, rows=torch.tensor(rows),
-                                                         every_token=every_token))
-        yield
+            of_layer = [i for i, row in enumerate(batch) if row.layer == layer]
+            if of_layer:
+                stack.enter_context(edit_prompt_position(model, layer, set_feature(sae, features, values), offset=offset,
+                                                         rows=torch.tensor(of_layer), every_token=every_token,
+                                                         batch=rows))
+        yield rows
 
 
 def _write(shard: ShardWriter, unit_id: str, answers: list[tuple[Row, str]],

@@ -94,6 +94,11 @@ def test_number_reader_is_the_teacher_forced_chance_of_each_whole_amount(organis
     assert read["expected"][0] == pytest.approx((chances * amounts).sum() / chances.sum(), rel=1e-4)
     with pytest.raises(ValueError, match="must end with its number"):
         NumberReader(tokenizer, "Bet ${number} now", amounts)
+    with torch.no_grad():  # a model whose logits are wider than the tokenizer (padded vocabularies, stand-ins)
+        logits = model(input_ids=reader.inputs(int(prompt_ids[0, -1])),
+                       cache=prompt_prefix(model, tokenizer, prompt, len(amounts), torch.device("cpu"))).logits
+    padded = reader(torch.cat([logits, torch.full((*logits.shape[:2], 300), -30.0)], dim=-1), 0.7)
+    assert float(padded["expected"][0]) == pytest.approx(float(read["expected"][0]), rel=1e-6)
 
 
 def test_the_expected_bet_predicts_the_sampled_bets(organism):

@@ -1,15 +1,40 @@
-"""Seeded sampling: the right distribution, and a row's draw independent of its batch."""
+"""Seeded sampling: the right distribution, a row's draw independent of its batch, and the decode
+loop writing what transformers' generate writes while finished rows leave the batch."""
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from common.generation import left_padded, prompt_prefix, row_key, sample, uniform_noise
+from common.edits import (
+    BatchRows,
+    edit_block_output,
+    edit_prompt_position,
+    set_feature,
+    zero_features,
+)
+from common.generation import (
+    SeededNoise,
+    end_tokens,
+    greedy,
+    left_padded,
+    prompt_prefix,
+    row_key,
+    sample,
+    seed_of,
+    uniform_noise,
+)
+from common.layers import decoder_blocks
 from common.organism import synthetic
 from common.organism.files import Organism
+from common.saes import SaeSpec, load_sae
+from jobs._gambling import ANSWER_ENDS
+from jobs.population_patching import PROMPTS, row_edits
+from jobs.population_patching import Row as PatchRow
 
 CPU = torch.device("cpu")
 
@@ -127,3 +152,140 @@ def test_a_left_padded_forward_reads_each_prompt_as_it_reads_it_alone():
     for row, logits in enumerate(alone):
         torch.testing.assert_close(together[row], logits, rtol=1e-5, atol=1e-5)
     assert (unpositioned[0] - alone[0]).abs().max() > 1e-3  # what the gambling forward did before
+
+
+# ---------------------------------------------------------------- the decode loop against transformers' generate
+
+
+def generate_reference(model, tokenizer, prompts: list[str], seeds: list[int] | None, temperature: float,
+                       max_new_tokens: int, stop_strings: tuple[str, ...] = ()) -> list[str]:
+    """The path before rows left the batch, as an independent check: transformers' `generate`
+    with the same noise as a logits processor (greedy when `seeds` is None), every row to the end."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    noise = SeededNoise(seeds, temperature, CPU) if seeds is not None else None
+    steps = iter(range(max_new_tokens))
+
+    def perturb(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return noise(scores.float(), torch.arange(len(ids)), next(steps))
+
+    encoded = left_padded(tokenizer, prompts, CPU)
+    encoded.pop("position_ids")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=end_tokens(model, tokenizer), stop_strings=list(stop_strings) or None)
+    with torch.no_grad():
+        output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer,
+                                logits_processor=LogitsProcessorList([perturb] if noise else []))
+    return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@contextmanager
+def batch_sizes(model) -> Iterator[list[int]]:
+    """The number of rows of every forward while inside."""
+    sizes: list[int] = []
+    handle = decoder_blocks(model)[0].register_forward_pre_hook(lambda _module, args: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("every_token", [False, True])
+def test_patched_answers_equal_generates_while_finished_rows_leave(organism, every_token):
+    """population_patching's path (shared prefix, per-row feature edits, rows dropping out) writes
+    what generate writes with the full batch to the end, under the same edits."""
+    model, tokenizer = organism
+    sae = Organism().sae(1)
+    text = PROMPTS[1].text  # a fixed bet: "2) Stop" ends 3 tokens before "1) Bet $10"
+    batch = [PatchRow(f"L1_F{feature}", "safe", 1, trial, layer=1 if feature else -1, feature=feature, value=value)
+             for feature, value in ((402, 0.5), (402, 3.0), (90, 2.0), (0, 0.0)) for trial in range(12)]
+    seeds = list(range(len(batch)))
+    prefix = prompt_prefix(model, tokenizer, text, len(batch), CPU)
+    with row_edits(model, {1: sae}, batch, every_token) as rows, batch_sizes(model) as sizes:
+        fast = sample(model, tokenizer, [text] * len(batch), seeds, 0.7, 40, CPU, stop_strings=ANSWER_ENDS,
+                      prefix=prefix, batch=rows)
+    with row_edits(model, {1: sae}, batch, every_token):
+        slow = generate_reference(model, tokenizer, [text] * len(batch), seeds, 0.7, 40, stop_strings=ANSWER_ENDS)
+    assert fast == slow
+    assert sizes[0] == len(batch) and min(sizes) < len(batch)  # rows that had ended left the batch
+    unedited = sample(model, tokenizer, [text] * len(batch), seeds, 0.7, 40, CPU, stop_strings=ANSWER_ENDS)
+    assert fast[36:] == unedited[36:] and fast[:36] != unedited[:36]  # the edits took: feature 0's rows are the unedited
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(Organism().tokenizer()), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_sampled_answers_of_a_random_llama_equal_generates_under_per_row_edits_of_every_token():
+    """Different left-padded prompts, a per-row edit of every generated token on a subset of rows,
+    and a stop string that ends rows at scattered steps: the rows that stay keep their own edits."""
+    model, tokenizer = tiny_llama(), Organism().tokenizer()
+    sae = load_sae(SaeSpec(random={"architecture": "topk", "d_sae": 96, "k": 8}), 1, 64, CPU)
+    rng = random.Random(2)
+    prompts = [synthetic.prompt(synthetic.random_state(rng))[: rng.randint(40, 200)] for _ in range(24)]
+    seeds, edited = [seed_of(7, row) for row in range(24)], torch.arange(0, 24, 2)
+    features, values = torch.arange(24) * 3, torch.linspace(0.0, 4.0, 24)
+
+    def answers(fast: bool) -> list[str]:
+        rows = BatchRows(len(prompts))
+        with edit_prompt_position(model, 1, set_feature(sae, features, values), rows=edited, every_token=True,
+                                  batch=rows):
+            if fast:
+                return sample(model, tokenizer, prompts, seeds, 1.0, 24, CPU, stop_strings=("e",), batch=rows)
+            return generate_reference(model, tokenizer, prompts, seeds, 1.0, 24, stop_strings=("e",))
+
+    fast = answers(fast=True)
+    assert fast == answers(fast=False)
+    assert len({len(tokenizer(text, add_special_tokens=False).input_ids) for text in fast}) > 5  # ends are scattered
+    plain = sample(model, tokenizer, prompts, seeds, 1.0, 24, CPU, stop_strings=("e",))
+    assert fast[1::2] == plain[1::2] and fast[::2] != plain[::2]
+
+
+def test_greedy_answers_under_ablation_equal_generates(organism):
+    """feature_ablation's path: zero-ablation of per-row feature sets at every position, greedy."""
+    model, tokenizer = organism
+    sae = Organism().sae(1)
+    rng = random.Random(4)
+    prompts = [synthetic.problem_prompt(synthetic.problem(rng).question) for _ in range(6) for _ in range(3)]
+    chosen = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool)
+    chosen[1::3, :40] = True  # a third of the rows lose 40 features, another third 5, the rest nothing
+    chosen[2::3, 100:105] = True
+    stops = ("####",)
+
+    def answers(fast: bool) -> list[str]:
+        rows = BatchRows(len(prompts))
+        with edit_block_output(model, 1, zero_features(sae, chosen), batch=rows):
+            if fast:
+                return greedy(model, tokenizer, prompts, 48, CPU, stop_strings=stops, batch=rows)
+            return generate_reference(model, tokenizer, prompts, None, 1.0, 48, stop_strings=stops)
+
+    fast = answers(fast=True)
+    assert fast == answers(fast=False)
+    assert fast[1::3] != fast[::3]  # the ablation changed answers
+
+
+def test_an_edit_refuses_a_batch_that_lost_rows_it_was_not_told_of(organism):
+    model, tokenizer = organism
+    sae = Organism().sae(1)
+    batch = [PatchRow("L1_F402", "safe", 1, trial, layer=1, feature=402, value=2.0) for trial in range(48)]
+    with row_edits(model, {1: sae}, batch, every_token=True), pytest.raises(RuntimeError, match="dropped rows"):
+        sample(model, tokenizer, [PROMPTS[1].text] * 48, list(range(48)), 1.0, 40, CPU, stop_strings=ANSWER_ENDS)
+
+
+def test_a_text_ends_at_the_tokens_the_generation_config_names():
+    model, tokenizer = tiny_llama(), Organism().tokenizer()
+    assert end_tokens(model, tokenizer) == [2]
+    model.generation_config.eos_token_id = [2, 7]
+    assert end_tokens(model, tokenizer) == [2, 7]
+    encoded = tokenizer("Slot Machine Game\n\nChoice: ", return_tensors="pt")
+    with torch.no_grad():
+        written = model.generate(**encoded, max_new_tokens=30, do_sample=False, pad_token_id=0)[0, encoded.input_ids.shape[1]:]
+    end = next(i for i in range(2, 30) if written[i] not in written[:i])  # a token not written before
+    model.generation_config.eos_token_id = [2, int(written[end])]
+    assert greedy(model, tokenizer, ["Slot Machine Game\n\nChoice: "], 30, CPU) == [tokenizer.decode(written[: end + 1])]

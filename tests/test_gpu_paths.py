@@ -85,6 +85,36 @@ def test_sampling_noise_is_the_same_on_cuda():
     assert torch.equal(uniform_noise(keys.cuda(), 7, 128_256).cpu(), on_cpu)
 
 
+@pytest.mark.parametrize("prompt_cached", [True, False])
+def test_the_memory_model_of_batch_size_auto_predicts_a_generations_peak(prompt_cached):
+    """A random bf16 Llama generating 50 tokens for 1,024 rows (prompts in the batch, or a shared
+    prefix): the peak above the weights within 20% of what `batch_size: auto` sizes batches by."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from common.batching import generation_memory
+    from common.generation import prompt_prefix, sample
+    from common.models import Architecture
+    from common.organism.files import Organism
+    from jobs.population_patching import PROMPTS
+
+    config = LlamaConfig(vocab_size=32_000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)
+    device = torch.device("cuda:0")
+    model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
+    tokenizer, rows, prompt = Organism().tokenizer(), 1024, PROMPTS[0].text
+    tokens = len(tokenizer(prompt).input_ids)
+    memory = generation_memory(Architecture.from_raw(config.to_dict()), "bfloat16", 0, tokens, 50,
+                               prompt_cached=prompt_cached)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated()
+    prefix = None if prompt_cached else prompt_prefix(model, tokenizer, prompt, rows, device)
+    sample(model, tokenizer, [prompt] * rows, list(range(rows)), 0.7, 50, device, prefix=prefix)
+    peak = torch.cuda.max_memory_allocated() - weights
+    assert 0.8 <= peak / memory.peak(rows) <= 1.2, (f"peak {peak / 2**30:.2f} GiB against {memory.peak(rows) / 2**30:.2f}"
+                                                    " GiB predicted")
+
+
 def test_token_tracking(tmp_path):
     cpu, gpu = on_both(tmp_path, "token_tracking.yaml", lambda device: {"model": {"device": device}})
     assert sorted(cpu["units"]) == sorted(gpu["units"])

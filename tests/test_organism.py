@@ -124,7 +124,7 @@ def test_feature_edit_keeps_the_error_term(organism, loaded):
     unchanged = evaluation.bet_probability(model, tokenizer, prompts, layer, set_feature(sae, organism.planted_feature, own))
     torch.testing.assert_close(unchanged, evaluation.bet_probability(model, tokenizer, prompts), atol=1e-5, rtol=0)
     hidden = residuals[:2]
-    edited = set_feature(sae, 3, torch.tensor([0.0, 2.0]))(hidden)
+    edited = set_feature(sae, 3, torch.tensor([0.0, 2.0]))(hidden, torch.arange(2))
     expected = hidden + (torch.tensor([0.0, 2.0]) - sae.encode(hidden)[:, 3])[:, None] * sae.W_dec[3]
     torch.testing.assert_close(edited, expected)
 
@@ -132,7 +132,7 @@ def test_feature_edit_keeps_the_error_term(organism, loaded):
 def test_edit_hook_touches_only_prompt_forwards(organism, loaded):
     model, _ = loaded
     calls = []
-    with edit_prompt_position(model, 1, lambda h: calls.append(h.shape) or h):
+    with edit_prompt_position(model, 1, lambda h, rows: calls.append(h.shape) or h):
         model(input_ids=torch.tensor([[1, 5, 6]]))
         model(input_ids=torch.tensor([[7]]))
     assert calls == [torch.Size([1, 128])]

@@ -231,7 +231,7 @@ def test_the_edit_reaches_generated_tokens_only_when_asked(every_token, edited_f
     organism = Organism()
     model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
     calls = []
-    with edit_prompt_position(model, 1, lambda hidden: calls.append(hidden.shape) or hidden, every_token=every_token):
+    with edit_prompt_position(model, 1, lambda hidden, rows: calls.append(hidden.shape) or hidden, every_token=every_token):
         model.generate(**tokenizer(PROMPTS[0].text, return_tensors="pt"), do_sample=False, max_new_tokens=5,
                        min_new_tokens=5, pad_token_id=tokenizer.pad_token_id)
     assert len(calls) == edited_forwards  # the prompt, then (if asked) each of the 4 later forwards

@@ -88,7 +88,7 @@ def test_trained_saes_load_in_sae_lens_and_meet_their_reported_metrics(reasoning
         for item in [item for item in bench.items if item.index in set(held_out.tolist())][:64]:
             ids = tokenizer(bench.with_solution(item), return_tensors="pt").input_ids
 
-            def splice(hidden, sae=sae):
+            def splice(hidden, rows, sae=sae):
                 return torch.cat([hidden[:, :1], sae.decode(sae.encode(hidden[:, 1:]))], dim=1)
 
             with torch.no_grad(), edit_block_output(model, layer, splice):
@@ -182,7 +182,7 @@ def test_attribution_equals_activation_times_gradient_computed_on_the_features(r
         solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
         ids = torch.tensor([prompt + solution])
 
-        def through_features(hidden):
+        def through_features(hidden, rows):
             features = sae.encode(hidden[:, 1:]).detach().requires_grad_(True)
             leaves["f"] = features
             rebuilt = hidden[:, 1:] - sae.decode(features).detach() + sae.decode(features)  # same value

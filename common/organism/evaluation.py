@@ -180,7 +180,7 @@ def direction_effect(organism: Organism, n: int = 200, appetites: tuple[float, .
     prompts = [synthetic.prompt(s) for s in held_out_states(n, seed=HELD_OUT_SEED + 4, bet_type="variable")]
     effect: dict = {"prompts": n, "layer": layer}
     for appetite in appetites:
-        def edit(hidden: torch.Tensor, target: float = scale * appetite) -> torch.Tensor:
+        def edit(hidden: torch.Tensor, rows: torch.Tensor, target: float = scale * appetite) -> torch.Tensor:
             return hidden + (target - hidden @ direction)[:, None] * direction
 
         stop_rate = 1 - bet_probability(model, tokenizer, prompts, layer, edit).mean()
