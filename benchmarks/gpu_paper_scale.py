@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from patching_throughput import generate_path, ours, seeds_way  # noqa: E402
 from results import Row, gpu_machine, machine, record  # noqa: E402
 from token_tracking_storage import run_seed_baseline  # noqa: E402
 
-from common.launcher import prepare_run, reduce_task, run_shard_task  # noqa: E402
+from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
 from common.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
@@ -222,14 +223,19 @@ def feature_table(bench: Bench, features: int, name: str) -> Path:
 
 
 def population_patching(bench: Bench) -> list[Row]:
-    """32 features of layers 25-31 x 2 conditions x 2 prompts x 50 trials, batched 512 answers a call;
-    then the seed's whole run (1,340 features) with exact decisions alone."""
+    """32 features of layers 25-31 x 2 conditions x 2 prompts x 50 trials at `batch_size: auto`, its
+    peak memory against the plan's; then the seed's whole run (1,340 features) with exact decisions alone."""
     features = 4 if bench.smoke else 32
     table = pd.read_csv(feature_table(bench, features, "patching_features.csv"))
     settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64),
                 "feature_table": str(bench.root / "patching_features.csv"), "trials": 50, "max_new_tokens": 50,
-                "batch_size": 512}
-    measured = run_shard(bench, bench.manifest("population_patching", "population_patching", settings))
+                "batch_size": "auto"}
+    manifest = bench.manifest("population_patching", "population_patching", settings)
+    job, plan = plan_manifest(load_manifest(manifest))
+    planned = job.estimate(load_manifest(manifest), list(plan.shard_units(0))).task_memory_bytes
+    with logged("common.batching") as messages:
+        measured = run_shard(bench, manifest)
+    batch = next((message for message in messages if message.startswith("batch_size auto")), "batch_size auto: ?")
     trials = features * 2 * 2 * 50 + 2 * 50
     rate = trials / measured.seconds
     full = 1_340 * 2 * 2 * 50 + 2 * 50
@@ -258,13 +264,27 @@ def population_patching(bench: Bench) -> list[Row]:
                     ratio=f"{full / rate / exact.seconds:.0f}x")
     return [exact_row, Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
                 f"features of layers 25-31 x 2 conditions x 2 prompts x 50 trials + the shared baseline ({trials:,} "
-                "answers of 50 tokens), 512 answers a call, random TopK SAEs 32,768 wide",
-                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "
-                     f"seed's full run (1,340 features, {full:,} answers): {gpu_hours(1 / rate, full)}",
+                "answers of 50 tokens), random TopK SAEs 32,768 wide, batch_size auto",
+                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); seed's full run (1,340 "
+                     f"features, {full:,} answers): {gpu_hours(1 / rate, full)}; {batch}; peak {measured.peak()} "
+                     f"against the plan's {planned / 2**30:.1f} GiB ({measured.peak_bytes / max(planned, 1):.2f}x)",
                 baseline=f"{seed_rate:.2f} answers/s (the seed's method on {len(rows)} answers: one generate call per "
                          f"trial, 50 tokens); the full run at that rate: {gpu_hours(1 / seed_rate, full)} (the seed "
                          "itself estimated 78 GPU-h at 0.7 s a trial)",
                 ratio=f"{rate / seed_rate:.1f}x"), loop_row]
+
+
+@contextmanager
+def logged(name: str) -> Iterator[list[str]]:
+    """The messages logger `name` writes while inside."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger(name).addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(name).removeHandler(handler)
 
 
 def patching_trials(table: pd.DataFrame, prompts: int, trials: int) -> list[Trial]:

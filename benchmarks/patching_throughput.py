@@ -8,11 +8,12 @@ published prompts, 32 trials each (512 answers), temperature 0.7, at most 50 new
 timed 3 times, its fastest run counted.
 
 - ours: the job's path, one batched call per prompt holding every feature and condition
-  (`row_edits` + `common.generation.sample`: the prompt's cache computed once, rows that have
-  ended leaving the batch);
+  (`row_edits` + `common.generation.sample`: the prompt's cache computed once, each step written
+  into room the cache reserved, rows that have ended leaving the batch);
 - the generate path, as the job was before its own decode loop: the same call made through
-  transformers' `generate` with the seeded noise as a logits processor, every row running to the
-  end of the longest answer. Same seeds, so the answers must be the same;
+  transformers' `generate` with the seeded noise as a logits processor, the prefix in a
+  DynamicCache (copied whole at every step), every row running to the end of the longest answer.
+  Same seeds, so the answers must be the same;
 - the seed's way, re-implemented: one `generate` call per trial, one feature at a time, its edit
   hooked in, sampling with temperature 0.7.
 
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -68,7 +70,7 @@ def ours(model, tokenizer, saes: dict, rows: list[Trial], device: torch.device =
     synchronize(device)
     began, answers = time.perf_counter(), []
     for prompt, batch in by_prompt(rows):
-        prefix = prompt_prefix(model, tokenizer, PROMPTS[prompt].text, len(batch), device)
+        prefix = prompt_prefix(model, tokenizer, PROMPTS[prompt].text, len(batch), device, new_tokens=new_tokens + 1)
         with row_edits(model, saes, batch, every_token=False) as edited:
             answers += sample(model, tokenizer, [PROMPTS[prompt].text] * len(batch), list(range(len(batch))),
                               TEMPERATURE, new_tokens, device, stop_strings=ANSWER_ENDS, prefix=prefix, batch=edited)
@@ -91,13 +93,24 @@ def generate_path(model, tokenizer, saes: dict, rows: list[Trial], device: torch
         noise, steps = SeededNoise(list(range(len(batch))), TEMPERATURE, device), itertools.count()
         encoded = left_padded(tokenizer, [text] * len(batch), device)
         encoded.pop("position_ids")  # generate derives them from the mask
-        encoded["cache"] = prompt_prefix(model, tokenizer, text, len(batch), device)  # generate runs the rest
+        encoded["cache"] = dynamic_prefix(model, tokenizer, text, len(batch), device)  # generate runs the rest
         perturb = LogitsProcessorList([lambda ids, scores: noise(scores.float(), torch.arange(len(ids)), next(steps))])
         with row_edits(model, saes, batch, every_token=False):
             output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer, logits_processor=perturb)
         answers += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     synchronize(device)
     return time.perf_counter() - began, answers
+
+
+def dynamic_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device) -> DynamicCache:
+    """The shared prefix as the previous path made it: transformers' DynamicCache, which grows by
+    copying itself at every step."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def by_prompt(rows: list[Trial]) -> list[tuple[int, list[Trial]]]:

@@ -74,6 +74,7 @@ def rows_now(batch_size: BatchSize, memory: GenerationMemory, device: torch.devi
     if batch_size != "auto":
         return batch_size
     if device.type != "cuda":
+        log.info("batch_size auto: %d rows on %s (its memory is not measured)", CPU_ROWS, device)
         return max(1, CPU_ROWS // rows_per_item)
     free, _ = torch.cuda.mem_get_info(device)
     items = max(1, memory.rows_fitting(free) // rows_per_item)

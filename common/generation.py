@@ -17,7 +17,11 @@ the batch: a batch then costs what its longest answers cost, not that many steps
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,14 +30,13 @@ from common.edits import BatchRows
 from common.lazy import lazy_import, no_grad
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from torch import Tensor
     from transformers import DynamicCache
 
     Chooser = Callable[[Tensor, Tensor, int], Tensor]  # (scores, rows, step) -> the next tokens
 
 torch = lazy_import("torch")
+log = logging.getLogger(__name__)
 
 
 MASK32 = 0xFFFFFFFF
@@ -71,11 +74,37 @@ def row_key(seed: int) -> tuple[int, int]:
 def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     """(rows, vocab) uniforms in (0, 1): row r, token v at `step` is a hash of (keys[r], step, v);
     `keys` is (rows, 2), the halves of each row's 64-bit key."""
-    step_key = mix32(torch.tensor((step * 0x9E3779B9) & MASK32, device=keys.device))
-    rows = mix32(mix32(keys[:, 0] ^ step_key) ^ keys[:, 1])
-    tokens = mix32(torch.arange(vocab, device=keys.device, dtype=torch.int64))
-    hashed = mix32(rows[:, None] ^ tokens[None, :])
+    step_key = torch.tensor((step * 0x9E3779B9) & MASK32, device=keys.device)
+    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    hashing = _hashing(keys.device)
+    try:
+        return hashing(keys, step_key, tokens)
+    except Exception as error:  # a GPU whose compiler (Triton) fails: the eager operations give the same values
+        if hashing is _uniforms:
+            raise
+        log.warning("compiling the sampling noise failed (%s): computing it operation by operation", error)
+        _COMPILED[keys.device.type] = _uniforms
+        return _uniforms(keys, step_key, tokens)
+
+
+def _uniforms(keys: torch.Tensor, step_key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    rows = mix32(mix32(keys[:, 0] ^ mix32(step_key)) ^ keys[:, 1])
+    hashed = mix32(rows[:, None] ^ mix32(tokens)[None, :])
     return ((hashed >> 9).float() + 0.5) * 2.0**-23  # 23 bits and the half: exact in float32, never 0 or 1
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _hashing(device: torch.device) -> Callable:
+    """`_uniforms`, on a GPU compiled into one kernel: its some 30 integer operations over a
+    (rows, vocabulary) grid would each read and write the grid (about 6 ms a step at 512 rows of a
+    128k vocabulary on an H200). Integer arithmetic compiles exactly, so the values are the same."""
+    if device.type != "cuda":
+        return _uniforms
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(_uniforms, dynamic=True)
+    return _COMPILED["cuda"]
 
 
 class SeededNoise:
@@ -104,14 +133,36 @@ def left_padded(tokenizer, prompts: list[str], device: torch.device) -> dict[str
     return encoded
 
 
+@dataclass
+class Prefilled:
+    """Prompts already run, with their cache: `prefill`'s result, which `sample` continues from
+    (a caller that reads the prompts' last logits or activations then pays one prompt forward, not two)."""
+
+    prompts: list[str]
+    cache: DynamicCache
+    logits: torch.Tensor  # (rows, vocabulary) at each prompt's last token
+
+
+@no_grad
+def prefill(model, tokenizer, prompts: list[str], device: torch.device, new_tokens: int) -> Prefilled:
+    """One forward of the left-padded prompts into a cache with room for `new_tokens` more."""
+    from common.kv_cache import reserved_cache
+
+    encoded = left_padded(tokenizer, prompts, device)
+    cache = reserved_cache(model, room=new_tokens)
+    logits = model(**encoded, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return Prefilled(list(prompts), cache, logits)
+
+
 @no_grad
 def sample(model, tokenizer, prompts: list[str], seeds: list[int], temperature: float, max_new_tokens: int,
-           device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | None = None,
+           device: torch.device, stop_strings: tuple[str, ...] = (), prefix: DynamicCache | Prefilled | None = None,
            batch: BatchRows | None = None) -> list[str]:
     """One continuation per prompt, sampled at `temperature` with row i's noise seeded by seeds[i]
-    until the end of text, `max_new_tokens` or one of `stop_strings` (kept in the text); `prefix`
-    is `prompt_prefix` of the one prompt every row has; `batch` is the BatchRows of per-row edits
-    hooked on the model, which follow the rows as finished ones leave the batch."""
+    until the end of text, `max_new_tokens` or one of `stop_strings` (kept in the text). `prefix`
+    is `prompt_prefix` of the one prompt every row has, or these prompts `prefill`ed; `batch` is
+    the BatchRows of per-row edits hooked on the model, which follow the rows as finished ones leave
+    the batch."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     noise = SeededNoise(seeds, temperature, device)
@@ -131,21 +182,33 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, device: to
 
 
 def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens: int, device: torch.device,
-           stop_strings: tuple[str, ...], prefix: DynamicCache | None, batch: BatchRows | None) -> list[str]:
+           stop_strings: tuple[str, ...], prefix: DynamicCache | Prefilled | None, batch: BatchRows | None) -> list[str]:
     """The decode loop of `sample` and `greedy`: a row leaves the batch once it has ended, so the
-    steps after cost only the rows still writing (`Decoding` keeps the books)."""
+    steps after cost only the rows still writing (`Decoding` keeps the books), and each step
+    writes its keys and values into room the cache reserved (common/kv_cache.py)."""
+    from common.kv_cache import reserved_cache
+
     encoded = left_padded(tokenizer, prompts, device)
     inputs, positions = encoded["input_ids"], encoded["position_ids"]
-    if prefix is not None:
+    first_logits = None
+    if isinstance(prefix, Prefilled):
+        if prefix.prompts != list(prompts):
+            raise ValueError("prefilled prompts serve those prompts, in that order")
+        cache, first_logits = prefix.cache, prefix.logits
+    elif prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != inputs.shape[1] - 1:
             raise ValueError("a prefix cache serves rows that all have the prompt it was made of")
-        inputs, positions = inputs[:, -1:], positions[:, -1:]  # the rest of the prompt is in the cache
+        cache, inputs, positions = prefix, inputs[:, -1:], positions[:, -1:]  # the rest of the prompt is in the cache
+    else:
+        cache = reserved_cache(model, room=max_new_tokens)
     state = Decoding(tokenizer, encoded["input_ids"], encoded["attention_mask"], max_new_tokens, stop_strings, batch,
                      end_tokens(model, tokenizer))
-    cache = prefix if prefix is not None else _empty_cache(model)
     for step in range(max_new_tokens):
-        logits = model(input_ids=inputs, attention_mask=state.mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if step == 0 and first_logits is not None:
+            logits = first_logits.float()
+        else:
+            logits = model(input_ids=inputs, attention_mask=state.mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
         tokens = state.write(step, choose(logits, state.rows, step))
         kept = state.leave_finished(last_step=step + 1 == max_new_tokens)
         if kept is None:
@@ -168,12 +231,10 @@ class Decoding:
 
     def __init__(self, tokenizer, prompt_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
                  stop_strings: tuple[str, ...], batch: BatchRows | None, end_tokens: list[int]):
-        from transformers import StopStringCriteria
-
         rows, device = len(prompt_ids), prompt_ids.device
         self.pad = tokenizer.pad_token_id
         self.ends = torch.tensor(end_tokens, dtype=torch.long, device=device)
-        self.stops = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
+        self.stops = stop_criteria(tokenizer, tuple(stop_strings)) if stop_strings else None
         self.ids, self.mask, self.batch = prompt_ids, mask, batch
         self.rows = torch.arange(rows, device=device)  # each row's index in the batch as it started
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -206,6 +267,15 @@ class Decoding:
         return kept
 
 
+@functools.lru_cache(maxsize=8)
+def stop_criteria(tokenizer, stop_strings: tuple[str, ...]):
+    """transformers' StopStringCriteria, made once per tokenizer and stop strings (making it sorts
+    the whole vocabulary: some 50 ms for 128k tokens, at every round of a game otherwise)."""
+    from transformers import StopStringCriteria
+
+    return StopStringCriteria(tokenizer, list(stop_strings))
+
+
 def end_tokens(model, tokenizer) -> list[int]:
     """The tokens that end a text: the tokenizer's end of text and those the model's generation
     config names (an instruct model's end of turn)."""
@@ -214,20 +284,16 @@ def end_tokens(model, tokenizer) -> list[int]:
     return sorted({token for token in (tokenizer.eos_token_id, *configured) if token is not None})
 
 
-def _empty_cache(model) -> DynamicCache:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
-
-
 @no_grad
-def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device) -> DynamicCache:
-    """The cache of `prompt`'s tokens but its last, repeated for `rows` rows (edits hooked on the
-    model must not be active yet: this forward is not the prompt's end)."""
-    from transformers import DynamicCache
+def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device,
+                  new_tokens: int = 64) -> DynamicCache:
+    """The cache of `prompt`'s tokens but its last, repeated for `rows` rows, with room for the
+    `new_tokens` that will follow (edits hooked on the model must not be active yet: this forward
+    is not the prompt's end)."""
+    from common.kv_cache import reserved_cache
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    cache = DynamicCache(config=model.config)
+    cache = reserved_cache(model, room=new_tokens)
     model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
     if cache.get_seq_length() != ids.shape[1] - 1:  # transformers < 5.24 ignores `cache=` without a word
         import transformers

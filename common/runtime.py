@@ -53,8 +53,9 @@ Kind = Literal["load", "forward", "gradient", "decode", "sae_training", "cpu_rea
 
 RATE_SOURCES: dict[Kind, str] = {
     "decode": (f"generation: {DECODE_STEP_S * 1000:.0f} ms per decode step of {DECODE_ROWS} rows, measured on one "
-               "H200 with random-weight Llama-3.1-8B in bf16 on the job's generation path (issue 21: 85.6 answers/s "
-               f"of 50 tokens); {DECODE_PER_ROW_SHARE:.0%} of it is per-row work taken as the same for any model, "
+               "H200 with random-weight Llama-3.1-8B in bf16 on the jobs' generation path before their own decode "
+               "loop (issue 21: 85.6 answers/s of 50 tokens; an upper bound until benchmarks/gpu_paper_scale.py "
+               f"measures the loop); {DECODE_PER_ROW_SHARE:.0%} of it is per-row work taken as the same for any model, "
                f"the rest scaled by parameters, and never less than reading the weights once at "
                f"{HBM_BYTES_PER_S / 1e12:.1f} TB/s. Every answer is taken to run to max_new_tokens (an upper bound)"),
     "forward": (f"forwards (prompts, capture): 2 x parameters FLOP per token at {MODEL_FLOPS_UTILISATION:.0%} of "

@@ -14,22 +14,13 @@ if TYPE_CHECKING:
 torch = lazy_import("torch")
 
 
-def decorrelation_penalty(features: torch.Tensor) -> torch.Tensor:
-    """Mean squared Pearson correlation over distinct feature pairs, from the (B x B) Gram matrix."""
-    batch, width = features.shape
-    centred = features - features.mean(0)
-    std = centred.pow(2).mean(0).sqrt()
-    z = centred / torch.where(std > 0, std, torch.ones_like(std))
-    total = (z @ z.T).pow(2).sum() / batch**2
-    diagonal = (z.pow(2).sum(0) / batch).pow(2).sum()
-    return (total - diagonal) / (width * (width - 1))
-
-
 @no_grad
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Over tokens `x` (raw activations): L0 (non-zero features per token), explained variance
     1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, the fraction of features never non-zero, and
     the mean squared correlation of distinct feature pairs (per batch, averaged)."""
+    from common.decorrelation import decorrelation_penalty
+
     device = sae.W_dec.device
     x = x.float()
     mean = x.mean(0)

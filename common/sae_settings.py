@@ -10,6 +10,7 @@ from pydantic import Field
 from common.manifest import StrictModel
 
 Activation = Literal["relu", "jumprelu", "topk", "none"]
+Precision = Literal["auto", "float32", "tf32", "bf16"]
 
 
 class TrainingConfig(StrictModel):
@@ -29,6 +30,9 @@ class TrainingConfig(StrictModel):
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
     log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
     seed: int = Field(0, description="seed of the initialisation, split and batch order")
+    precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
+                                 "float32); bf16 (autocast: bfloat16 matmuls, with float32 weights, Adam state, "
+                                 "reductions and decorrelation); auto: bf16 on a GPU, float32 on a CPU")
 
     def d_sae(self, d_in: int) -> int:
         return self.expansion_factor * d_in

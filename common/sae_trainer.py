@@ -17,9 +17,13 @@ so the saved SAE takes raw activations. The loss of a batch of B scaled activati
 The sparsity term weighs each feature by its decoder row's norm (as sae-lens's standard SAE and
 Anthropic's April 2024 update do), so shrinking f while growing W_dec_i buys nothing and the
 decoder norms stay free. r_ij is the Pearson correlation of features i and j over the batch's
-tokens (0 for a feature constant over the batch). It is computed without the d_sae x d_sae
-matrix: with Z the batch's standardised features (B x d_sae), sum_ij r_ij^2 = ||Z Z^T||_F^2 / B^2,
-whose diagonal part is sum_i (||Z_i||^2 / B)^2.
+tokens (0 for a feature constant over the batch), computed from the batch's B x B Gram matrix
+(common/decorrelation.py), never the d_sae x d_sae one.
+
+`precision` sets the matmuls': bf16 runs the loss under autocast (bfloat16 products, float32
+weights, gradients and Adam state; the decorrelation term, a sum of many squares, in float32), tf32
+lets a GPU's tensor cores take float32 products, float32 is exact. `auto` is bf16 on a GPU and
+float32 on a CPU; the held-out metrics are always measured in float32.
 
 Initialisation and steps follow sae-lens: decoder rows of norm 0.1 in random directions, W_enc =
 W_dec^T, b_enc = 0, Adam, and the gradient's norm clipped to 1. From unit-norm rows instead, the
@@ -38,19 +42,23 @@ organism layers against 6% and 1%, at about the same explained variance).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
+from common.decorrelation import decorrelation_penalty
 from common.lazy import no_grad
-from common.sae_quality import decorrelation_penalty, evaluate
-from common.sae_settings import Activation, TrainingConfig
+from common.sae_quality import evaluate
+from common.sae_settings import Activation, Precision, TrainingConfig
 
+log = logging.getLogger(__name__)
 DECODER_INIT_NORM = 0.1
 MAX_GRAD_NORM = 1.0
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
@@ -125,6 +133,7 @@ class TrainedSae:
     tokens_per_second: float
     scale: float                               # the activations' scaling constant
     validation: torch.Tensor = field(repr=False)  # the held-out raw activations
+    precision: Precision = "float32"           # the matmuls' precision it was trained at
     held_out_groups: list[int] = field(default_factory=list)  # with `groups`: the groups never trained on
 
 
@@ -137,6 +146,7 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     scale = activation_scale(train)
     weights = initial_weights(train, scale, config, split.generator, device)
     parameters = weights.parameters(config.activation)
+    precision = resolved_precision(config.precision, device)
     optimizer = torch.optim.Adam(parameters, lr=config.lr)
     total_steps = len(train) // config.batch_size * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
@@ -146,7 +156,8 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     with tqdm(batch_rows(len(train), config, split.generator), total=total_steps, desc=desc, unit="step") as progress:
         for step, rows in enumerate(progress):
             x = train[rows.to(device)].float() * scale
-            terms = _loss_terms(weights, x, config)
+            with matmul_precision(precision, device):
+                terms = _loss_terms(weights, x, config)
             loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -165,7 +176,35 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
     sae = to_sae_lens(weights, scale, config, hook_name, model_name)
     metrics = evaluate(sae, split.validation, config.batch_size)
-    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation, split.held_out_groups)
+    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation, precision,
+                      split.held_out_groups)
+
+
+def resolved_precision(precision: Precision, device: torch.device) -> Precision:
+    """`auto` made concrete: bf16 on a GPU, float32 elsewhere; tf32 exists on GPUs only."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "float32"
+    if precision == "tf32" and device.type != "cuda":
+        log.warning("precision tf32 is a GPU's: training in float32 on %s", device)
+        return "float32"
+    return precision
+
+
+@contextmanager
+def matmul_precision(precision: Precision, device: torch.device) -> Iterator[None]:
+    """The products inside run at `precision` (resolved)."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    elif precision == "tf32":
+        allowed = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+    else:
+        yield
 
 
 @dataclass
@@ -236,14 +275,64 @@ def initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, g
     return weights
 
 
+class _TopKEncode(torch.autograd.Function):
+    """The k largest pre-activations of each row and where they are, with a backward that touches
+    only those k: (d_in x k) work per row instead of autograd's dense (d_in x d_sae) products."""
+
+    @staticmethod
+    def forward(ctx, centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
+        values, indices = torch.topk(centred @ W_enc + b_enc, k, dim=-1)
+        ctx.save_for_backward(centred, W_enc, indices)
+        ctx.mark_non_differentiable(indices)
+        return values.to(W_enc.dtype), indices  # out of autocast's bfloat16: the weights' own dtype
+
+    @staticmethod
+    def backward(ctx, grad_values: torch.Tensor, _grad_indices: torch.Tensor):
+        centred, W_enc, indices = ctx.saved_tensors
+        batch, k = indices.shape
+        grads = grad_values.flatten().to(W_enc.dtype)
+        rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+        grad_z = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), grads, (batch, W_enc.shape[1]),
+                                         check_invariants=False)
+        grad_centred = torch.sparse.mm(grad_z, W_enc.T)
+        grad_W_enc = torch.sparse.mm(grad_z.t().coalesce(), centred.to(W_enc.dtype)).T
+        grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, indices.flatten(), grads)
+        return grad_centred, grad_W_enc, grad_b_enc, None
+
+
+def _topk_terms(w: Weights, x: torch.Tensor,
+                config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """TopK's reconstruction from its k features per row (the decoder's k rows summed, never a
+    product with the zeros), those features as a dense (B x d_sae) tensor when the decorrelation
+    term needs them (else None), and L0. `encode` is the same SAE computed densely."""
+    values, indices = _TopKEncode.apply(x - w.b_dec, w.W_enc, w.b_enc, config.k)
+    values = values.relu()
+    decoded = torch.nn.functional.embedding_bag(indices, w.W_dec, per_sample_weights=values, mode="sum")
+    reconstruction = (decoded + w.b_dec - x).pow(2).sum(1).mean()
+    dense = (values.new_zeros(len(x), w.W_dec.shape[0]).scatter(1, indices, values)
+             if config.decorrelation else None)
+    return reconstruction, dense, (values != 0).sum(1).float().mean().detach()
+
+
 def _loss_terms(w: Weights, x: torch.Tensor, config: TrainingConfig) -> dict[str, torch.Tensor]:
+    if config.activation == "topk":
+        reconstruction, features, l0 = _topk_terms(w, x, config)
+        decorrelation = _decorrelation(features, config) if features is not None else x.new_zeros(())
+        return {"reconstruction": reconstruction, "sparsity": x.new_zeros(()), "decorrelation": decorrelation,
+                "l0": l0}
     features = encode(w, x, config)
     reconstruction = (features @ w.W_dec + w.b_dec - x).pow(2).sum(1).mean()
-    l1 = 0.0 if config.activation == "topk" else config.l1_coefficient
+    l1 = config.l1_coefficient
     sparsity = l1 * (features.abs() * w.W_dec.norm(dim=1)).sum(1).mean() if l1 else x.new_zeros(())
-    decorrelation = config.decorrelation * decorrelation_penalty(features) if config.decorrelation else x.new_zeros(())
+    decorrelation = _decorrelation(features, config) if config.decorrelation else x.new_zeros(())
     return {"reconstruction": reconstruction, "sparsity": sparsity, "decorrelation": decorrelation,
             "l0": (features != 0).sum(1).float().mean().detach()}
+
+
+def _decorrelation(features: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
+    with torch.autocast(features.device.type, enabled=False):  # a sum of B^2 squares: float32 under bf16 autocast
+        return config.decorrelation * decorrelation_penalty(features.to(torch.promote_types(features.dtype,
+                                                                                             torch.float32)))
 
 
 def _lr_factor(step: int, total: int) -> float:

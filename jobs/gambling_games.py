@@ -35,7 +35,7 @@ from common.batching import (
 )
 from common.choices import OptionReader
 from common.errors import UserError
-from common.generation import left_padded, sample, seed_of
+from common.generation import prefill, sample, seed_of
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.lazy import lazy_import, no_grad
 from common.manifest import Manifest, StrictModel
@@ -252,18 +252,17 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader, device: torch.device,
                 players: list[Player]) -> None:
     """One question to every running game: the options' exact probabilities and the SAE features at
-    the prompt's last token (one forward), then a sampled answer."""
+    the prompt's last token, then a sampled answer continuing from that same forward's cache."""
     prompts = [player.prompt(s.prompt_template) for player in players]
-    encoded = left_padded(tokenizer, prompts, device)
     with capture_residuals(model, sorted(saes)) as residuals:
-        logits = model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]  # not (batch, seq, vocab)
-    exact = reader(logits, s.temperature)
+        prompted = prefill(model, tokenizer, prompts, device, s.max_new_tokens)
+    exact = reader(prompted.logits, s.temperature)
     for layer, sae in saes.items():
         features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype))
         for player, row in zip(players, features, strict=True):
             player.features.setdefault(layer, []).append(row)
     answers = sample(model, tokenizer, prompts, [player.noise_seed() for player in players], s.temperature,
-                     s.max_new_tokens, device, stop_strings=task.ANSWER_ENDS)
+                     s.max_new_tokens, device, stop_strings=task.ANSWER_ENDS, prefix=prompted)
     for i, (player, prompt, answer) in enumerate(zip(players, prompts, answers, strict=True)):
         player.decide(prompt, answer, s.retries, {name: float(values[i]) for name, values in exact.items()})
 

@@ -467,7 +467,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                     continue
                 seeds = [seed_of(s.seed, row.prompt, row.trial) for row in batch]
                 text = s.prompts[prompt].text
-                prefix = prompt_prefix(model, tokenizer, text, len(batch), device)
+                prefix = prompt_prefix(model, tokenizer, text, len(batch), device, new_tokens=s.max_new_tokens + 1)
                 with row_edits(model, saes, batch, s.patch_generated) as rows:
                     replies = sample(model, tokenizer, [text] * len(batch), seeds, s.temperature, s.max_new_tokens,
                                      device, stop_strings=task.ANSWER_ENDS, prefix=prefix, batch=rows)
@@ -521,7 +521,7 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
     for start in range(0, len(batch), per_call):
         rows = batch[start : start + per_call]
         repeated = [row for row in rows for _ in range(candidates)]
-        prefix = prompt_prefix(model, tokenizer, prompt, len(repeated), device)
+        prefix = prompt_prefix(model, tokenizer, prompt, len(repeated), device, new_tokens=inputs.shape[1])
         with row_edits(model, saes, repeated, every_token=False, offset=0):  # position 0: the prompt's last token
             logits = model(input_ids=inputs.repeat(len(rows), 1).to(device), cache=prefix,
                            use_cache=True).logits

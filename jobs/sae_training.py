@@ -183,7 +183,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             metrics |= dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
         with shard.unit(unit.id) as group:
             group.attrs.update(model=entry.name, layer=layer, cfg=json.dumps(trained.sae.cfg.to_dict()),
-                               scale=trained.scale, **{name: float(metrics[name]) for name in METRICS},
+                               scale=trained.scale, precision=trained.precision,
+                               **{name: float(metrics[name]) for name in METRICS},
                                held_out_items=len(trained.held_out_groups), items=len(torch.unique(items)))
             for name, value in trained.sae.state_dict().items():
                 group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
@@ -244,6 +245,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     if isinstance(sae, LinearSAE):
                         (sae_dir(out_dir, model, layer) / "LOADING.md").write_text(LINEAR_LOADING)
                     rows.append({"model": model, "layer": layer, "d_sae": sae.cfg.d_sae,
+                                 "precision": str(group.attrs.get("precision", "float32")),
                                  **{name: float(group.attrs[name]) for name in METRICS},
                                  **{name: int(group.attrs.get(name, -1)) for name in ("held_out_items", "items")}})
                     curves[(model, layer)] = {name: group[f"curves/{name}"][()] for name in group["curves"]}
@@ -274,7 +276,8 @@ def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> N
         f"Activations: `{s.activations}`. One SAE per model and layer, activation **{config.activation}**, "
         f"expansion factor {config.expansion_factor}, L1 coefficient {config.l1_coefficient}"
         f"{' (not used by topk: k = ' + str(config.k) + ')' if config.activation == 'topk' else ''}, decorrelation "
-        f"{config.decorrelation}, {config.epochs} epochs, learning rate {config.lr}, batch {config.batch_size}. "
+        f"{config.decorrelation}, {config.epochs} epochs, learning rate {config.lr}, batch {config.batch_size}, "
+        f"matmuls in {config.precision} precision (`precision` in the table: what `auto` became on the device). "
         "Loss per batch of activations scaled to mean squared norm d_in: mean ||x - x_hat||^2 + l1 * mean sum_i "
         "|f_i| ||W_dec_i|| + decorrelation * mean over feature pairs i != j of r_ij^2 (r: Pearson correlation over "
         "the batch). "

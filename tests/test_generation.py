@@ -22,6 +22,7 @@ from common.generation import (
     end_tokens,
     greedy,
     left_padded,
+    prefill,
     prompt_prefix,
     row_key,
     sample,
@@ -91,6 +92,23 @@ def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
     assert shared == sample(model, tokenizer, [prompt] * 10, seeds, 1.0, 20, CPU)
     with pytest.raises(ValueError, match="a prefix cache serves rows that all have the prompt it was made of"):
         sample(model, tokenizer, ["Slot Machine Game\n\nChoice: "] * 10, seeds, 1.0, 5, CPU, prefix=prefix)
+
+
+def test_prefilled_prompts_draw_what_the_prompts_draw(organism):
+    """gambling_games reads each prompt's last logits and activations, then samples on from that
+    forward's cache: the answers must be those of sampling from the prompts."""
+    model, tokenizer = organism
+    rng = random.Random(6)
+    prompts = [synthetic.prompt(synthetic.random_state(rng)) for _ in range(12)]
+    seeds = list(range(12))
+    prompted = prefill(model, tokenizer, prompts, CPU, new_tokens=20)
+    with torch.no_grad():
+        alone = model(**tokenizer(prompts[3], return_tensors="pt")).logits[0, -1]
+    torch.testing.assert_close(prompted.logits[3], alone, rtol=1e-4, atol=1e-4)
+    assert sample(model, tokenizer, prompts, seeds, 1.0, 20, CPU, prefix=prompted) == \
+        sample(model, tokenizer, prompts, seeds, 1.0, 20, CPU)
+    with pytest.raises(ValueError, match="prefilled prompts serve those prompts"):
+        sample(model, tokenizer, prompts[::-1], seeds, 1.0, 5, CPU, prefix=prefill(model, tokenizer, prompts, CPU, 5))
 
 
 def test_a_model_that_ignores_the_cache_argument_is_refused(organism):
@@ -289,3 +307,19 @@ def test_a_text_ends_at_the_tokens_the_generation_config_names():
     end = next(i for i in range(2, 30) if written[i] not in written[:i])  # a token not written before
     model.generation_config.eos_token_id = [2, int(written[end])]
     assert greedy(model, tokenizer, ["Slot Machine Game\n\nChoice: "], 30, CPU) == [tokenizer.decode(written[: end + 1])]
+
+
+def test_noise_falls_back_to_eager_operations_where_compiling_fails(monkeypatch, caplog):
+    """On a GPU the hash is compiled into one kernel; a platform whose compiler fails must still
+    sample, with the same values."""
+    import common.generation as generation
+
+    def broken(*tensors):
+        raise RuntimeError("triton: no compiler found")
+
+    keys = torch.tensor([row_key(seed) for seed in (3, 4)], dtype=torch.int64)
+    expected = uniform_noise(keys, step=2, vocab=1000)
+    monkeypatch.setattr(generation, "_hashing", lambda device: broken)
+    monkeypatch.setattr(generation, "_COMPILED", {})
+    assert torch.equal(uniform_noise(keys, step=2, vocab=1000), expected)
+    assert "compiling the sampling noise failed (triton: no compiler found)" in caplog.text
