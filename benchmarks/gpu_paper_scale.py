@@ -297,8 +297,9 @@ def patching_trials(table: pd.DataFrame, prompts: int, trials: int) -> list[Tria
 
 def decode_loop(bench: Bench, model, tokenizer, saes: dict, trials: list[Trial], full: int) -> Row:
     """The job's decode loop against the path it replaced (`generate` with the seeded noise, every
-    row to the end) on one batch of the first prompt, 50 tokens: random weights never end early, so
-    every row writes 50 tokens and this is the loop's cost per step, not what early ends save."""
+    row to the end) on one batch of the first prompt, 50 tokens: random weights almost never end
+    early (only by writing a stop string by chance), so nearly every row writes 50 tokens and this
+    is the loop's cost per step, not what early ends save."""
     batch, device, steps = trials[: 32 if bench.smoke else 512], torch.device(bench.device), 50
     for path in (ours, generate_path):  # warm up
         path(model, tokenizer, saes, batch[:8], device, steps)
@@ -314,7 +315,7 @@ def decode_loop(bench: Bench, model, tokenizer, saes: dict, trials: list[Trial],
     return Row(f"GPU paper scale, population_patching's decode loop against the previous generate path: Llama-3.1-8B "
                f"shapes (random weights, bf16), one call of {len(batch)} trials of prompt 0 (its cache shared), "
                f"per-row feature edits at layers {layers}, random TopK SAEs 32,768 wide, {steps} tokens a row (random "
-               "weights never end early), measured in the same run",
+               "weights almost never end early), measured in the same run",
                ours=f"{figures(new)} (our decode loop, rows that end leaving the batch)",
                baseline=f"{figures(old)} (transformers' generate, the seeded noise as a logits processor, every row "
                         f"to the end); {same}/{len(batch)} answers identical",

@@ -55,23 +55,23 @@ D_IN, EXPANSION, DIRECTIONS, ACTIVE = 512, 8, 4096, 8
 CPU = torch.device("cpu")
 
 
-def activations(tokens: int, seed: int = 0) -> torch.Tensor:
-    """(tokens, D_IN) float32: sparse non-negative mixtures of random unit directions, mean squared norm D_IN."""
+def activations(tokens: int, seed: int = 0, d_in: int = D_IN, n_directions: int = DIRECTIONS) -> torch.Tensor:
+    """(tokens, d_in) float32: sparse non-negative mixtures of random unit directions, mean squared norm d_in."""
     generator = torch.Generator().manual_seed(seed)
-    directions = torch.randn(DIRECTIONS, D_IN, generator=generator)
+    directions = torch.randn(n_directions, d_in, generator=generator)
     directions /= directions.norm(dim=1, keepdim=True)
-    frequency = 1.0 / torch.arange(1, DIRECTIONS + 1).float() ** 0.7
-    frequency = frequency[torch.randperm(DIRECTIONS, generator=generator)]
-    offset = 0.2 * torch.randn(D_IN, generator=generator)
+    frequency = 1.0 / torch.arange(1, n_directions + 1).float() ** 0.7
+    frequency = frequency[torch.randperm(n_directions, generator=generator)]
+    offset = 0.2 * torch.randn(d_in, generator=generator)
     parts = []
     for start in range(0, tokens, 8192):
         n = min(8192, tokens - start)
         active = torch.multinomial(frequency, n * ACTIVE, replacement=True, generator=generator).view(n, ACTIVE)
         magnitude = 0.5 + 2.0 * torch.rand(n, ACTIVE, generator=generator)
         x = (magnitude[..., None] * directions[active]).sum(1)
-        parts.append(x + offset + 0.05 * torch.randn(n, D_IN, generator=generator))
+        parts.append(x + offset + 0.05 * torch.randn(n, d_in, generator=generator))
     x = torch.cat(parts)
-    return x * math.sqrt(D_IN / x.pow(2).sum(1).mean().item())
+    return x * math.sqrt(d_in / x.pow(2).sum(1).mean().item())
 
 
 def cell(tokens_per_second: float, metrics: dict[str, float]) -> str:

@@ -52,14 +52,15 @@ class GenerationMemory:
 
 
 def generation_memory(config: Architecture, dtype: str, fixed: int, prompt_tokens: int, new_tokens: int,
-                      prompt_cached: bool = True, extra_per_row: int = 0) -> GenerationMemory:
+                      prompt_cached: bool = True, extra_per_row: int = 0, other_phase: int = 0) -> GenerationMemory:
     """The memory model of generating `new_tokens` after prompts of `prompt_tokens` in `dtype`;
     `prompt_cached`: each row's prompt forward fills its cache (not so for a shared prefix, whose
-    forward is one row's, and then copied into every row's cache)."""
+    forward is one row's, and then copied into every row's cache); `other_phase`: a row's bytes in
+    another phase of the job, which peaks on its own."""
     forward = prompt_tokens * (3 * config.intermediate_size + 4 * config.hidden_size) * DTYPE_BYTES[dtype]
     prompt = forward + (kv_cache_bytes(config, dtype, 1, prompt_tokens) if prompt_cached else 0)
     last_step = kv_cache_bytes(config, dtype, 1, prompt_tokens + new_tokens) + config.vocab_size * STEP_BYTES_PER_LOGIT
-    return GenerationMemory(fixed, max(prompt, last_step) + extra_per_row)
+    return GenerationMemory(fixed, max(prompt, last_step, other_phase) + extra_per_row)
 
 
 def planned_rows(batch_size: BatchSize, memory: GenerationMemory, rows_per_item: int = 1) -> int:

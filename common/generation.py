@@ -79,6 +79,8 @@ def uniform_noise(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
     hashing = _hashing(keys.device)
     try:
         return hashing(keys, step_key, tokens)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as error:  # a GPU whose compiler (Triton) fails: the eager operations give the same values
         if hashing is _uniforms:
             raise
@@ -100,11 +102,9 @@ def _hashing(device: torch.device) -> Callable:
     """`_uniforms`, on a GPU compiled into one kernel: its some 30 integer operations over a
     (rows, vocabulary) grid would each read and write the grid (about 6 ms a step at 512 rows of a
     128k vocabulary on an H200). Integer arithmetic compiles exactly, so the values are the same."""
-    if device.type != "cuda":
-        return _uniforms
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(_uniforms, dynamic=True)
-    return _COMPILED["cuda"]
+    if device.type not in _COMPILED:
+        _COMPILED[device.type] = torch.compile(_uniforms, dynamic=True) if device.type == "cuda" else _uniforms
+    return _COMPILED[device.type]
 
 
 class SeededNoise:
@@ -151,6 +151,7 @@ def prefill(model, tokenizer, prompts: list[str], device: torch.device, new_toke
     encoded = left_padded(tokenizer, prompts, device)
     cache = reserved_cache(model, room=new_tokens)
     logits = model(**encoded, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    _check_filled(cache, encoded["input_ids"].shape[1])
     return Prefilled(list(prompts), cache, logits)
 
 
@@ -201,6 +202,9 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
         cache, inputs, positions = prefix, inputs[:, -1:], positions[:, -1:]  # the rest of the prompt is in the cache
     else:
         cache = reserved_cache(model, room=max_new_tokens)
+    if getattr(cache, "decoded", False):
+        raise ValueError("a prefix serves one decode (the decode writes into its cache): make another")
+    cache.decoded = True
     state = Decoding(tokenizer, encoded["input_ids"], encoded["attention_mask"], max_new_tokens, stop_strings, batch,
                      end_tokens(model, tokenizer))
     for step in range(max_new_tokens):
@@ -209,6 +213,8 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
         else:
             logits = model(input_ids=inputs, attention_mask=state.mask, position_ids=positions, cache=cache,
                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if step == 0 and prefix is None:
+                _check_filled(cache, inputs.shape[1])
         tokens = state.write(step, choose(logits, state.rows, step))
         kept = state.leave_finished(last_step=step + 1 == max_new_tokens)
         if kept is None:
@@ -295,10 +301,16 @@ def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     cache = reserved_cache(model, room=new_tokens)
     model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
-    if cache.get_seq_length() != ids.shape[1] - 1:  # transformers < 5.24 ignores `cache=` without a word
+    _check_filled(cache, ids.shape[1] - 1)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _check_filled(cache: DynamicCache, tokens: int) -> None:
+    """transformers < 5.24 ignores `cache=` without a word (a --no-deps install into an older image):
+    every later step would then read no context at all."""
+    if cache.get_seq_length() != tokens:
         import transformers
 
         raise RuntimeError(f"transformers {transformers.__version__} did not fill the prompt's cache: saebatch needs "
                            "transformers >= 5.24 (pip install -c containers/constraints.txt -e .)")
-    cache.batch_repeat_interleave(rows)
-    return cache

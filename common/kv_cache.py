@@ -65,6 +65,14 @@ class ReservedLayer(DynamicLayer):
             self.buffers = tuple(buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers)
             self._show()
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx.to(self.buffers[0].device) if self.buffers else beam_idx)
+
+    def offload(self) -> None:
+        raise NotImplementedError("saebatch's reserved-room cache stays on its device")
+
+    prefetch = offload
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes the (negative) number of tokens to remove, not {tokens_to_remove}")

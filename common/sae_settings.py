@@ -21,6 +21,13 @@ class TrainingConfig(StrictModel):
     l1_coefficient: float = Field(1e-4, ge=0, description="weight of the L1 sparsity term (ignored by topk)")
     decorrelation: float = Field(0.01, ge=0, description="weight of the mean squared feature correlation")
     k: int = Field(32, ge=1, description="topk: active features per token")
+    aux_k: int = Field(0, ge=0, description="topk: dead features that reconstruct the residual in the AuxK loss (Gao "
+                       "et al. 2024, who use d_in / 2); 0: no AuxK")
+    aux_coefficient: float = Field(1 / 32, ge=0, description="topk with aux_k: weight of the AuxK loss")
+    dead_after_tokens: int = Field(1_000_000, ge=1, description="a feature silent for this many training tokens is "
+                                   "dead (for AuxK and resampling)")
+    resample_every: int = Field(0, ge=0, description="steps between restarts of dead features (Bricken et al. 2023: "
+                                "each takes the direction of an input the SAE reconstructs badly); 0: never")
     jumprelu_init_threshold: float = Field(0.05, ge=0, description="jumprelu: initial threshold, in pre-activation "
                                            "units (activations scaled to mean squared norm d_in)")
     jumprelu_bandwidth: float = Field(0.05, gt=0, description="jumprelu: width of the STE kernel, same units")

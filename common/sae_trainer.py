@@ -34,10 +34,12 @@ that never left the data mean (explained variance 0.01), and clipping alone resc
 tests/test_sae_trainer.py checks that sae-lens's own trainer, run on the same batches from the
 same weights, reaches the same SAE.
 Two departures from sae-lens: b_dec starts at the data mean (from sae-lens's b_dec = 0 the same
-benchmark ended with 46% dead features), and topk picks the k largest pre-activations as they are,
-with no AuxK loss (sae-lens's TopK by default ranks them scaled by the decoder norms; tried here by
-keeping the rows at unit norm, that ranking left 18% and 11% of the features dead on the demo's
-organism layers against 6% and 1%, at about the same explained variance).
+benchmark ended with 46% dead features), and topk picks the k largest pre-activations as they are
+(sae-lens's TopK by default ranks them scaled by the decoder norms; tried here by keeping the rows
+at unit norm, that ranking left 18% and 11% of the features dead on the demo's organism layers
+against 6% and 1%, at about the same explained variance). TopK trains from its k features per
+token, with AuxK if `aux_k` is set (common/topk_training.py); dead features can also be restarted
+every `resample_every` steps (common/dead_features.py).
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
+from common.dead_features import FiringRecord, resample
 from common.decorrelation import decorrelation_penalty
 from common.lazy import no_grad
 from common.sae_quality import evaluate
 from common.sae_settings import Activation, Precision, TrainingConfig
+from common.topk_training import topk_terms
 
 log = logging.getLogger(__name__)
 DECODER_INIT_NORM = 0.1
@@ -128,7 +132,7 @@ def encode(w: Weights, x: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
 @dataclass
 class TrainedSae:
     sae: SAE                                   # sae-lens SAE on raw activations (scale folded in)
-    curves: dict[str, list[float]]             # step, reconstruction, sparsity, decorrelation, loss, l0
+    curves: dict[str, list[float]]             # step, the loss and its terms (auxiliary: AuxK), l0
     metrics: dict[str, float]                  # on the held-out tokens, see `evaluate`
     tokens_per_second: float
     scale: float                               # the activations' scaling constant
@@ -151,14 +155,20 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     total_steps = len(train) // config.batch_size * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
     curves: dict[str, list[float]] = {k: [] for k in ("step", "reconstruction", "sparsity", "decorrelation",
-                                                      "loss", "l0")}
+                                                      "auxiliary", "loss", "l0")}
+    firing = FiringRecord(config.d_sae(train.shape[1]), device)
+    restarts = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the batch order stays the seed's
+    restarted = 0
     started = time.perf_counter()
-    with tqdm(batch_rows(len(train), config, split.generator), total=total_steps, desc=desc, unit="step") as progress:
+    with tqdm(batch_rows(len(train), config, split.generator), total=total_steps, desc=desc, unit="step") as progress, \
+            tf32_products(precision == "tf32"):
         for step, rows in enumerate(progress):
             x = train[rows.to(device)].float() * scale
-            with matmul_precision(precision, device):
-                terms = _loss_terms(weights, x, config)
-            loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"]
+            dead = firing.dead(config.dead_after_tokens) if config.aux_k else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):  # the forward only
+                terms = _loss_terms(weights, x, config, dead)
+            firing.update(terms.pop("fired"), len(x))
+            loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"] + terms["auxiliary"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
@@ -167,10 +177,14 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
             if config.activation == "jumprelu":
                 with torch.no_grad():
                     weights.threshold.clamp_(min=0)
+            if config.resample_every and (step + 1) % config.resample_every == 0:
+                restarted += _restart_dead(weights, x, config, optimizer, firing, restarts)
             if step % config.log_every == 0 or step == total_steps - 1:
                 for name, value in {"step": step, "loss": loss, **terms}.items():
                     curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 progress.set_postfix(loss=f"{float(loss.detach()):.3g}", l0=f"{float(terms['l0']):.1f}")
+    if config.resample_every:
+        log.info("%s: %d dead features restarted over %d steps", desc, restarted, total_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
@@ -191,20 +205,14 @@ def resolved_precision(precision: Precision, device: torch.device) -> Precision:
 
 
 @contextmanager
-def matmul_precision(precision: Precision, device: torch.device) -> Iterator[None]:
-    """The products inside run at `precision` (resolved)."""
-    if precision == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    elif precision == "tf32":
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
-    else:
+def tf32_products(enabled: bool) -> Iterator[None]:
+    """A GPU's float32 products inside run on its tensor cores (TF32), forward and backward."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or allowed
+    try:
         yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 @dataclass
@@ -275,58 +283,36 @@ def initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, g
     return weights
 
 
-class _TopKEncode(torch.autograd.Function):
-    """The k largest pre-activations of each row and where they are, with a backward that touches
-    only those k: (d_in x k) work per row instead of autograd's dense (d_in x d_sae) products."""
-
-    @staticmethod
-    def forward(ctx, centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int):
-        values, indices = torch.topk(centred @ W_enc + b_enc, k, dim=-1)
-        ctx.save_for_backward(centred, W_enc, indices)
-        ctx.mark_non_differentiable(indices)
-        return values.to(W_enc.dtype), indices  # out of autocast's bfloat16: the weights' own dtype
-
-    @staticmethod
-    def backward(ctx, grad_values: torch.Tensor, _grad_indices: torch.Tensor):
-        centred, W_enc, indices = ctx.saved_tensors
-        batch, k = indices.shape
-        grads = grad_values.flatten().to(W_enc.dtype)
-        rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-        grad_z = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), grads, (batch, W_enc.shape[1]),
-                                         check_invariants=False)
-        grad_centred = torch.sparse.mm(grad_z, W_enc.T)
-        grad_W_enc = torch.sparse.mm(grad_z.t().coalesce(), centred.to(W_enc.dtype)).T
-        grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, indices.flatten(), grads)
-        return grad_centred, grad_W_enc, grad_b_enc, None
-
-
-def _topk_terms(w: Weights, x: torch.Tensor,
-                config: TrainingConfig) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """TopK's reconstruction from its k features per row (the decoder's k rows summed, never a
-    product with the zeros), those features as a dense (B x d_sae) tensor when the decorrelation
-    term needs them (else None), and L0. `encode` is the same SAE computed densely."""
-    values, indices = _TopKEncode.apply(x - w.b_dec, w.W_enc, w.b_enc, config.k)
-    values = values.relu()
-    decoded = torch.nn.functional.embedding_bag(indices, w.W_dec, per_sample_weights=values, mode="sum")
-    reconstruction = (decoded + w.b_dec - x).pow(2).sum(1).mean()
-    dense = (values.new_zeros(len(x), w.W_dec.shape[0]).scatter(1, indices, values)
-             if config.decorrelation else None)
-    return reconstruction, dense, (values != 0).sum(1).float().mean().detach()
-
-
-def _loss_terms(w: Weights, x: torch.Tensor, config: TrainingConfig) -> dict[str, torch.Tensor]:
+def _loss_terms(w: Weights, x: torch.Tensor, config: TrainingConfig,
+                dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss's terms on the scaled batch `x`, with L0 and which features fired; `dead` marks the
+    features that AuxK (topk with aux_k) asks to reconstruct the residual."""
     if config.activation == "topk":
-        reconstruction, features, l0 = _topk_terms(w, x, config)
-        decorrelation = _decorrelation(features, config) if features is not None else x.new_zeros(())
-        return {"reconstruction": reconstruction, "sparsity": x.new_zeros(()), "decorrelation": decorrelation,
-                "l0": l0}
+        topk = topk_terms(w.W_enc, w.b_enc, w.W_dec, w.b_dec, x, config, dead)
+        decorrelation = _decorrelation(topk.features, config) if topk.features is not None else x.new_zeros(())
+        return {"reconstruction": topk.reconstruction, "sparsity": x.new_zeros(()), "decorrelation": decorrelation,
+                "auxiliary": topk.auxiliary, "l0": topk.l0, "fired": topk.fired}
     features = encode(w, x, config)
     reconstruction = (features @ w.W_dec + w.b_dec - x).pow(2).sum(1).mean()
     l1 = config.l1_coefficient
     sparsity = l1 * (features.abs() * w.W_dec.norm(dim=1)).sum(1).mean() if l1 else x.new_zeros(())
     decorrelation = _decorrelation(features, config) if config.decorrelation else x.new_zeros(())
     return {"reconstruction": reconstruction, "sparsity": sparsity, "decorrelation": decorrelation,
-            "l0": (features != 0).sum(1).float().mean().detach()}
+            "auxiliary": x.new_zeros(()), "l0": (features != 0).sum(1).float().mean().detach(),
+            "fired": (features != 0).any(0)}
+
+
+def _restart_dead(w: Weights, x: torch.Tensor, config: TrainingConfig, optimizer: torch.optim.Optimizer,
+                  firing: FiringRecord, generator: torch.Generator) -> int:
+    """Resample the features dead now from the batch `x` (common/dead_features.py); they count as
+    just fired, so that they get `dead_after_tokens` to show what they became."""
+    with torch.no_grad():
+        errors = (encode(w, x, config) @ w.W_dec + w.b_dec - x).pow(2).sum(1)
+    threshold = (w.threshold, config.jumprelu_init_threshold) if config.activation == "jumprelu" else None
+    chosen = resample(firing.dead(config.dead_after_tokens), x, errors, w.b_dec, w.W_enc, w.b_enc, w.W_dec, optimizer,
+                      DECODER_INIT_NORM, generator, threshold)
+    firing.last_fired[chosen] = firing.seen
+    return len(chosen)
 
 
 def _decorrelation(features: torch.Tensor, config: TrainingConfig) -> torch.Tensor:

@@ -212,11 +212,12 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 def generation_memory_of(config, dtype: str, widths: list[int], prompt_tokens: int,
                          new_tokens: int) -> GenerationMemory:
-    """Weights and SAEs; per row its cache and forward, and one layer's SAE codes at every prompt position."""
+    """Weights and SAEs; per row its cache and forward, and one layer's SAE codes at every prompt
+    position (three such tensors at once inside zero_features: the codes, the chosen ones, their decoding)."""
     hidden = text_config(config).hidden_size
     return generation_memory(text_config(config), dtype,
                              parameter_bytes(config, dtype) + sum(2 * hidden * width * 4 for width in widths),
-                             prompt_tokens, new_tokens, extra_per_row=prompt_tokens * max(widths) * 4)
+                             prompt_tokens, new_tokens, extra_per_row=3 * prompt_tokens * max(widths) * 4)
 
 
 def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batch_size: int) -> list:
@@ -265,7 +266,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top, **controls},
                                            batch_size, device, desc=unit.id)
             with shard.unit(unit.id) as group:
-                group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind)
+                group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind, batch_size=batch_size)
                 group.create_dataset("item", data=np.asarray([item.index for item in evaluated]))
                 group.create_dataset("target", data=[item.target for item in evaluated])
                 for name, chosen in {"top": top, **controls}.items():
@@ -379,7 +380,7 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
                         ablations: dict[str, np.ndarray], batch_size: int, device: torch.device,
                         desc: str = "") -> dict[str, tuple[list[str], list[str | None], list[bool]]]:
     """Greedy answers to every item unchanged ("baseline") and under each named ablation, all
-    conditions of a batch of items in one generate call (row = item x condition)."""
+    conditions of a batch of items decoded together (row = item x condition)."""
     conditions = ["baseline", *ablations]
     results = {c: ([], [], []) for c in conditions}
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):

@@ -229,7 +229,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                   sum(p.numel() * p.element_size() for sae in saes.values() for p in sae.parameters()),
                                   max((sae.cfg.d_sae for sae in saes.values()), default=0))
     s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
-    shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
+    shard.set_attrs(batch_size=s.batch_size, model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
                     parser_version=parser.PARSER_VERSION, parser_rules=parser.PARSER_RULES, temperature=s.temperature,
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in s.layers} if s.sae else {}),
                     features_shape="CSR (decisions, d_sae): SAE features at the last prompt token of each decision")
@@ -258,7 +258,7 @@ def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader,
         prompted = prefill(model, tokenizer, prompts, device, s.max_new_tokens)
     exact = reader(prompted.logits, s.temperature)
     for layer, sae in saes.items():
-        features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype))
+        features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype)).cpu()  # a game's rounds pile up
         for player, row in zip(players, features, strict=True):
             player.features.setdefault(layer, []).append(row)
     answers = sample(model, tokenizer, prompts, [player.noise_seed() for player in players], s.temperature,

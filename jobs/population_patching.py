@@ -54,6 +54,7 @@ from common.models import (
     DTYPE_BYTES,
     ModelSpec,
     input_device,
+    kv_cache_bytes,
     load_config,
     load_model,
     load_tokenizer,
@@ -83,6 +84,7 @@ EXACT_COLUMNS = ("p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrup
                  "bet_exact_safe", "bet_exact_none", "bet_exact_bankrupt", "bet_shift_exact", "bet_mass_min")
 CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
 BASELINE = "baseline"  # the unit of unpatched answers
+BET_ANSWER_TOKENS = 8  # assumed: "1) Bet $100" and the token after it, teacher-forced per candidate bet
 
 
 def _published_prompt(balance: int, rounds: list[tuple[int, bool, int]], bet_type: task.BetType) -> str:
@@ -401,9 +403,14 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 def generation_memory_of(s: Settings, config, sae_bytes: int, width: int, prompt_tokens: int) -> GenerationMemory:
     """Weights and SAEs, and per answer its cache and step (and an SAE's codes at the edited position);
-    the prompt's forward is shared by the answers, but exact decisions run it for every row."""
+    the prompt's forward is shared by the answers, but exact decisions run it for every row, and
+    each candidate bet's teacher-forced tokens (their logits in float32, their log-softmax in float64)."""
+    bet_tokens = BET_ANSWER_TOKENS if s.bet_amounts else 0
+    exact_bets = (kv_cache_bytes(config, s.model.dtype, 1, prompt_tokens + bet_tokens)
+                  + bet_tokens * config.vocab_size * (4 + 8 + 8))
     return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, prompt_tokens,
-                             s.max_new_tokens, prompt_cached=False, extra_per_row=width * DTYPE_BYTES[s.sae.dtype])
+                             s.max_new_tokens, prompt_cached=False, extra_per_row=width * DTYPE_BYTES[s.sae.dtype],
+                             other_phase=exact_bets)
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -446,7 +453,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                   max((sae.cfg.d_sae for sae in saes.values()), default=0),
                                   max(len(tokenizer(prompt.text).input_ids) for prompt in s.prompts))
     s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
-    shard.set_attrs(model=s.model.name, temperature=s.temperature, patch_generated=s.patch_generated,
+    shard.set_attrs(batch_size=s.batch_size, model=s.model.name, temperature=s.temperature, patch_generated=s.patch_generated,
                     prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
                     bet_types=[prompt.bet_type for prompt in s.prompts])
     pending = set(shard.pending())

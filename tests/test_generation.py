@@ -109,6 +109,8 @@ def test_prefilled_prompts_draw_what_the_prompts_draw(organism):
         sample(model, tokenizer, prompts, seeds, 1.0, 20, CPU)
     with pytest.raises(ValueError, match="prefilled prompts serve those prompts"):
         sample(model, tokenizer, prompts[::-1], seeds, 1.0, 5, CPU, prefix=prefill(model, tokenizer, prompts, CPU, 5))
+    with pytest.raises(ValueError, match="a prefix serves one decode"):
+        sample(model, tokenizer, prompts, seeds, 1.0, 20, CPU, prefix=prompted)  # its cache holds the answers now
 
 
 def test_a_model_that_ignores_the_cache_argument_is_refused(organism):
@@ -124,8 +126,15 @@ def test_a_model_that_ignores_the_cache_argument_is_refused(organism):
         def forward(self, cache=None, **kwargs):
             return self.inner(**kwargs)
 
-    with pytest.raises(RuntimeError, match=r"did not fill the prompt's cache: saebatch needs transformers >= 5.24"):
-        prompt_prefix(OldTransformers(), tokenizer, "Slot Machine Game\n\nChoice: ", 2, CPU)
+    old = OldTransformers()
+    old.generation_config = model.generation_config
+    refused = r"did not fill the prompt's cache: saebatch needs transformers >= 5.24"
+    with pytest.raises(RuntimeError, match=refused):
+        prompt_prefix(old, tokenizer, "Slot Machine Game\n\nChoice: ", 2, CPU)
+    with pytest.raises(RuntimeError, match=refused):
+        prefill(old, tokenizer, ["Slot Machine Game\n\nChoice: "], CPU, new_tokens=5)
+    with pytest.raises(RuntimeError, match=refused):
+        sample(old, tokenizer, ["Slot Machine Game\n\nChoice: "], [0], 1.0, 5, CPU)
 
 
 def _mix32_reference(x: int) -> int:
@@ -319,7 +328,7 @@ def test_noise_falls_back_to_eager_operations_where_compiling_fails(monkeypatch,
 
     keys = torch.tensor([row_key(seed) for seed in (3, 4)], dtype=torch.int64)
     expected = uniform_noise(keys, step=2, vocab=1000)
-    monkeypatch.setattr(generation, "_hashing", lambda device: broken)
-    monkeypatch.setattr(generation, "_COMPILED", {})
+    monkeypatch.setattr(generation, "_COMPILED", {"cpu": broken})  # as a GPU's compiled hash that fails
     assert torch.equal(uniform_noise(keys, step=2, vocab=1000), expected)
     assert "compiling the sampling noise failed (triton: no compiler found)" in caplog.text
+    assert generation._COMPILED["cpu"] is generation._uniforms  # the later steps go straight to the eager hash

@@ -227,7 +227,8 @@ def test_decorrelation_trains_finite_weights_when_features_are_silent_in_a_batch
 def test_topk_loss_and_gradients_from_k_rows_equal_the_dense_computation(decorrelation):
     """TopK's training path never multiplies the zeros (k encoder columns and decoder rows per
     token): its loss and every gradient equal those of the dense SAE (`encode`, then a product)."""
-    from common.sae_trainer import _topk_terms, encode
+    from common.sae_trainer import encode
+    from common.topk_training import topk_terms
 
     data = sparse_data(tokens=512, d_in=16).double()
     settings = config(activation="topk", k=5, decorrelation=decorrelation)
@@ -252,4 +253,107 @@ def test_topk_loss_and_gradients_from_k_rows_equal_the_dense_computation(decorre
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(getattr(sparse_w, name).grad, getattr(dense_w, name).grad, rtol=1e-9, atol=1e-12,
                                    msg=name)
-    assert _topk_terms(sparse_w, x, settings)[1 if decorrelation else 0] is not None
+    w = sparse_w
+    assert (topk_terms(w.W_enc, w.b_enc, w.W_dec, w.b_dec, x, settings).features is not None) == bool(decorrelation)
+
+
+def test_auxk_loss_and_gradients_equal_the_dense_computation():
+    """AuxK: the aux_k largest pre-activations among dead features reconstruct the (gradient-free)
+    residual, normalised by its variance; loss and gradients against a dense computation."""
+    from common.topk_training import topk_terms
+
+    data = sparse_data(tokens=512, d_in=16).double()
+    settings = config(activation="topk", k=5, aux_k=7, aux_coefficient=0.5)
+    split = split_tokens(data, settings)
+    start = initial_weights(split.train.float(), 1.0, settings, split.generator, torch.device("cpu"))
+    x = split.train[:128].double()
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[torch.randperm(64, generator=torch.Generator().manual_seed(3))[:20]] = True
+    ours = [getattr(start, n).detach().double().clone().requires_grad_(True) for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    terms = topk_terms(*ours, x, settings, dead)
+    (terms.reconstruction + terms.auxiliary).backward()
+
+    W_enc, b_enc, W_dec, b_dec = theirs
+    z = (x - b_dec) @ W_enc + b_enc
+    main = torch.zeros_like(z).scatter(1, z.topk(5).indices, z.topk(5).values.relu())
+    reconstruction = main @ W_dec + b_dec
+    masked = z.masked_fill(~dead, -torch.inf).topk(7)
+    aux = torch.zeros_like(z).scatter(1, masked.indices, masked.values.relu())
+    residual = (x - reconstruction).detach()
+    auxiliary = 0.5 * (aux @ W_dec - residual).pow(2).sum(1).mean() / (residual - residual.mean(0)).pow(2).sum(1).mean()
+    ((reconstruction - x).pow(2).sum(1).mean() + auxiliary).backward()
+    assert terms.auxiliary.item() == pytest.approx(auxiliary.item(), rel=1e-10) and auxiliary.item() > 0
+    for name, mine, reference in zip(("W_enc", "b_enc", "W_dec", "b_dec"), ours, theirs, strict=True):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert topk_terms(*ours, x, settings, torch.zeros(64, dtype=torch.bool)).auxiliary.item() == 0.0  # none dead
+
+
+def test_auxk_gives_features_dead_in_training_a_gradient_and_only_with_aux_k():
+    """Silent features get no gradient from TopK's reconstruction; AuxK's term reaches them once the
+    firing record says they are dead, and train_sae records its curve."""
+    from common.dead_features import FiringRecord
+
+    data = sparse_data(tokens=2000, d_in=16)
+    settings = config(activation="topk", k=2, aux_k=8, dead_after_tokens=256)
+    split = split_tokens(data, settings)
+    weights = initial_weights(split.train.float(), 1.0, settings, split.generator, torch.device("cpu"))
+    firing = FiringRecord(64, torch.device("cpu"))
+    x = split.train[:256].float()
+    fired = _loss_terms(weights, x, settings)["fired"]
+    firing.update(fired, 256)
+    firing.update(torch.zeros(64, dtype=torch.bool), 256)  # a batch where nothing fired
+    dead = firing.dead(settings.dead_after_tokens)
+    assert torch.equal(dead, ~fired) and dead.any()
+    for aux_k in (0, 8):
+        terms = _loss_terms(weights, x, settings.model_copy(update={"aux_k": aux_k}), dead)
+        weights.W_dec.grad = None
+        (terms["reconstruction"] + terms["auxiliary"]).backward()
+        reached = weights.W_dec.grad[dead].abs().sum(1) > 0
+        assert reached.any() == bool(aux_k)
+    trained = train_sae(data, settings.model_copy(update={"epochs": 3}), "h", "m", torch.device("cpu"))
+    assert len(trained.curves["auxiliary"]) == len(trained.curves["loss"]) and max(trained.curves["auxiliary"]) > 0
+
+
+def test_resampling_restarts_dead_features_from_badly_reconstructed_inputs():
+    """Each dead feature takes the direction of a batch input (minus b_dec) drawn by squared error:
+    decoder row of the init norm, the same encoder column, bias 0, its Adam moments cleared and
+    every other feature's kept."""
+    from common.dead_features import resample
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_sae = 8, 12
+    W_enc, b_enc, W_dec, b_dec = (torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, generator=g),
+                                  torch.randn(d_sae, d_in, generator=g), torch.randn(d_in, generator=g))
+    parameters = [p.requires_grad_(True) for p in (W_enc, b_enc, W_dec)]
+    optimizer = torch.optim.Adam(parameters)
+    sum(p.sum() for p in parameters).backward()
+    optimizer.step()  # fills the moments
+    x = torch.randn(6, d_in, generator=g)
+    errors = torch.tensor([0.0, 0.0, 5.0, 0.0, 1.0, 0.0])  # only rows 2 and 4 can be drawn
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[[1, 7, 9]] = True
+    before = {id(p): {m: optimizer.state[p][m].clone() for m in ("exp_avg", "exp_avg_sq")} for p in parameters}
+    chosen = resample(dead, x, errors, b_dec, W_enc, b_enc, W_dec, optimizer, 0.1, torch.Generator().manual_seed(1))
+    assert chosen.tolist() == [1, 7, 9]
+    candidates = torch.nn.functional.normalize(x[[2, 4]] - b_dec, dim=1) * 0.1
+    for feature in chosen:
+        assert any(torch.allclose(W_dec[feature], c) for c in candidates)
+        assert torch.equal(W_enc[:, feature], W_dec[feature]) and b_enc[feature] == 0
+    for p, where in ((W_dec, (chosen,)), (W_enc, (slice(None), chosen)), (b_enc, (chosen,))):
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert (optimizer.state[p][moment][where] == 0).all()
+            kept = torch.ones_like(optimizer.state[p][moment], dtype=torch.bool)
+            kept[where] = False
+            assert torch.equal(optimizer.state[p][moment][kept], before[id(p)][moment][kept])
+    assert resample(torch.zeros(d_sae, dtype=torch.bool), x, errors, b_dec, W_enc, b_enc, W_dec, optimizer, 0.1,
+                    torch.Generator()).numel() == 0
+
+
+def test_training_with_resampling_restarts_dead_features(caplog):
+    data = sparse_data(tokens=4000, d_in=16, true_features=16, active=2)
+    settings = config(activation="topk", k=2, expansion_factor=8, epochs=4, dead_after_tokens=512, resample_every=10)
+    with caplog.at_level("INFO", logger="common.sae_trainer"):
+        trained = train_sae(data, settings, "h", "m", torch.device("cpu"), desc="resampled")
+    restarted = int(caplog.text.split("resampled: ")[1].split(" dead features")[0])
+    assert restarted > 0 and all(torch.isfinite(p).all() for p in trained.sae.parameters())

@@ -1,0 +1,86 @@
+"""TopK SAE training from the k features of each token, and AuxK for its dead features.
+
+The k largest pre-activations are found densely (one d_in x d_sae product, unavoidable), but
+everything after touches k features per token: the decoder sums k rows (`embedding_bag`), and the
+encoder's backward (`TopKEncode`) is a sparse product of the k gradients per row, so the
+backward's cost grows with k, not with the width.
+
+AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): features that have not fired
+for `dead_after_tokens` training tokens are dead (common/dead_features.py); the `aux_k` largest of their pre-activations
+reconstruct the main reconstruction's residual e, and aux_coefficient * ||e - e_hat||^2 /
+||e - mean e||^2 joins the loss (e itself carries no gradient), which pulls dead features toward
+what the live ones miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.sae_settings import TrainingConfig
+
+
+class TopKEncode(torch.autograd.Function):
+    """The k largest pre-activations of each row and where they are (and, given a `dead` mask, the
+    `aux_k` largest among dead features), with a backward that touches only those: (d_in x k) work
+    per row instead of autograd's dense (d_in x d_sae) products."""
+
+    @staticmethod
+    def forward(ctx, centred: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int,
+                dead: torch.Tensor | None, aux_k: int):
+        z = centred @ W_enc + b_enc
+        values, indices = torch.topk(z, k, dim=-1)
+        chosen = int(dead.sum()) if dead is not None else 0
+        if chosen:
+            aux_values, aux_indices = torch.topk(z.masked_fill(~dead, -torch.inf), min(aux_k, chosen), dim=-1)
+        else:
+            aux_values, aux_indices = values[:, :0], indices[:, :0]
+        ctx.save_for_backward(centred, W_enc, torch.cat([indices, aux_indices], dim=1))
+        ctx.mark_non_differentiable(indices, aux_indices)
+        # out of autocast's bfloat16: the weights' own dtype
+        return values.to(W_enc.dtype), indices, aux_values.to(W_enc.dtype), aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values: torch.Tensor, _indices, grad_aux: torch.Tensor, _aux_indices):
+        centred, W_enc, indices = ctx.saved_tensors
+        batch, k = indices.shape
+        grads = torch.cat([grad_values, grad_aux], dim=1).flatten().to(W_enc.dtype)
+        rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+        grad_z = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), grads, (batch, W_enc.shape[1]),
+                                         check_invariants=False)  # repeated entries (aux and main) add up
+        grad_centred = torch.sparse.mm(grad_z, W_enc.T)
+        grad_W_enc = torch.sparse.mm(grad_z.t().coalesce(), centred.to(W_enc.dtype)).T
+        grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, indices.flatten(), grads)
+        return grad_centred, grad_W_enc, grad_b_enc, None, None, None
+
+
+@dataclass
+class TopKTerms:
+    reconstruction: torch.Tensor        # mean ||x - x_hat||^2
+    auxiliary: torch.Tensor             # AuxK's term, weighted (0 without dead features)
+    features: torch.Tensor | None       # dense (B x d_sae) features, when the decorrelation term needs them
+    l0: torch.Tensor
+    fired: torch.Tensor                 # (d_sae,) bool: features non-zero on some token of the batch
+
+
+def topk_terms(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+               x: torch.Tensor, config: TrainingConfig, dead: torch.Tensor | None = None) -> TopKTerms:
+    """TopK's loss terms on the scaled batch `x` (common/sae_trainer.py's `encode` is the same SAE
+    computed densely); `dead` marks the features AuxK may use."""
+    aux = dead if config.aux_k and dead is not None else None
+    values, indices, aux_values, aux_indices = TopKEncode.apply(x - b_dec, W_enc, b_enc, config.k, aux, config.aux_k)
+    values = values.relu()
+    decoded = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
+    auxiliary = x.new_zeros(())
+    if aux_indices.shape[1]:
+        residual = (x - decoded).detach()
+        rebuilt = torch.nn.functional.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values.relu(),
+                                                    mode="sum")
+        spread = (residual - residual.mean(0)).pow(2).sum(1).mean()
+        auxiliary = config.aux_coefficient * (rebuilt - residual).pow(2).sum(1).mean() / spread.clamp_min(1e-12)
+    dense = values.new_zeros(len(x), W_dec.shape[0]).scatter(1, indices, values) if config.decorrelation else None
+    fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=x.device)
+    fired[indices[values > 0]] = True
+    return TopKTerms((decoded - x).pow(2).sum(1).mean(), auxiliary, dense, (values != 0).sum(1).float().mean().detach(),
+                     fired)
