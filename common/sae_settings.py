@@ -37,6 +37,8 @@ class TrainingConfig(StrictModel):
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
     log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
     seed: int = Field(0, description="seed of the initialisation, split and batch order")
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints of the training state, from which "
+                                  "a requeued task resumes to the same SAE; 0: none")
     precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
                                  "float32); bf16 (autocast: bfloat16 matmuls, with float32 weights, Adam state, "
                                  "reductions and decorrelation); auto: bf16 on a GPU, float32 on a CPU")

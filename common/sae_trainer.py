@@ -44,12 +44,15 @@ every `resample_every` steps (common/dead_features.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
@@ -64,6 +67,8 @@ from common.topk_training import topk_terms
 
 log = logging.getLogger(__name__)
 DECODER_INIT_NORM = 0.1
+CURVES = ("step", "reconstruction", "sparsity", "decorrelation", "auxiliary", "loss", "l0")
+WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 MAX_GRAD_NORM = 1.0
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
 
@@ -142,56 +147,116 @@ class TrainedSae:
 
 
 def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str, model_name: str,
-              device: torch.device, desc: str = "SAE", groups: torch.Tensor | None = None) -> TrainedSae:
+              device: torch.device, desc: str = "SAE", groups: torch.Tensor | None = None,
+              checkpoint: Path | None = None) -> TrainedSae:
     """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed,
-    whole groups at a time when `groups` (a group id per token: its item or document) is given."""
+    whole groups at a time when `groups` (a group id per token: its item or document) is given.
+
+    With `checkpoint`, the training state is saved there every `checkpoint_every` steps, and a run
+    that finds one resumes from it, ending with the weights an uninterrupted run ends with (the
+    caller removes it once the SAE is stored)."""
     split = split_tokens(activations, config, groups)
     train = split.train.to(device)
     scale = activation_scale(train)
-    weights = initial_weights(train, scale, config, split.generator, device)
-    parameters = weights.parameters(config.activation)
+    state = TrainingState.start(initial_weights(train, scale, config, split.generator, device), config,
+                                len(train) // config.batch_size * config.epochs, device)
+    fingerprint = json.dumps([config.model_dump(mode="json"), list(train.shape), scale, hook_name])
+    if checkpoint is not None and checkpoint.exists() and state.resume(checkpoint, fingerprint):
+        log.info("%s: resuming from step %d of %d (%s)", desc, state.step, state.total_steps, checkpoint)
     precision = resolved_precision(config.precision, device)
-    optimizer = torch.optim.Adam(parameters, lr=config.lr)
-    total_steps = len(train) // config.batch_size * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
-    curves: dict[str, list[float]] = {k: [] for k in ("step", "reconstruction", "sparsity", "decorrelation",
-                                                      "auxiliary", "loss", "l0")}
-    firing = FiringRecord(config.d_sae(train.shape[1]), device)
-    restarts = torch.Generator().manual_seed(config.seed + 1)  # its own stream: the batch order stays the seed's
-    restarted = 0
-    started = time.perf_counter()
-    with tqdm(batch_rows(len(train), config, split.generator), total=total_steps, desc=desc, unit="step") as progress, \
+    first_step, started = state.step, time.perf_counter()
+    with tqdm(total=state.total_steps, initial=state.step, desc=desc, unit="step") as progress, \
             tf32_products(precision == "tf32"):
-        for step, rows in enumerate(progress):
-            x = train[rows.to(device)].float() * scale
-            dead = firing.dead(config.dead_after_tokens) if config.aux_k else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):  # the forward only
-                terms = _loss_terms(weights, x, config, dead)
-            firing.update(terms.pop("fired"), len(x))
-            loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"] + terms["auxiliary"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-            optimizer.step()
-            schedule.step()
-            if config.activation == "jumprelu":
-                with torch.no_grad():
-                    weights.threshold.clamp_(min=0)
-            if config.resample_every and (step + 1) % config.resample_every == 0:
-                restarted += _restart_dead(weights, x, config, optimizer, firing, restarts)
-            if step % config.log_every == 0 or step == total_steps - 1:
-                for name, value in {"step": step, "loss": loss, **terms}.items():
-                    curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-                progress.set_postfix(loss=f"{float(loss.detach()):.3g}", l0=f"{float(terms['l0']):.1f}")
+        for step, rows in enumerate(batch_rows(len(train), config, split.generator)):
+            if step < state.step:
+                continue  # done before the checkpoint: its batch order is replayed, not its work
+            state.train_step(train[rows.to(device)].float() * scale, config, precision)
+            progress.update()
+            progress.set_postfix(loss=f"{state.curves['loss'][-1]:.3g}", l0=f"{state.curves['l0'][-1]:.1f}")
+            if checkpoint is not None and config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                state.save(checkpoint, fingerprint)
     if config.resample_every:
-        log.info("%s: %d dead features restarted over %d steps", desc, restarted, total_steps)
+        log.info("%s: %d dead features restarted over %d steps", desc, state.restarted, state.total_steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    tokens_per_second = total_steps * config.batch_size / (time.perf_counter() - started)
-    sae = to_sae_lens(weights, scale, config, hook_name, model_name)
+    tokens_per_second = (state.total_steps - first_step) * config.batch_size / (time.perf_counter() - started)
+    sae = to_sae_lens(state.weights, scale, config, hook_name, model_name)
     metrics = evaluate(sae, split.validation, config.batch_size)
-    return TrainedSae(sae, curves, metrics, tokens_per_second, scale, split.validation, precision,
+    return TrainedSae(sae, state.curves, metrics, tokens_per_second, scale, split.validation, precision,
                       split.held_out_groups)
+
+
+@dataclass
+class TrainingState:
+    """What a training run carries from step to step, and what a checkpoint holds."""
+
+    weights: Weights
+    optimizer: torch.optim.Adam
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    firing: FiringRecord
+    restarts: torch.Generator        # resampling's own stream: the batch order stays the seed's
+    total_steps: int
+    curves: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in CURVES})
+    restarted: int = 0
+    step: int = 0                    # steps done
+
+    @classmethod
+    def start(cls, weights: Weights, config: TrainingConfig, total_steps: int, device: torch.device) -> TrainingState:
+        optimizer = torch.optim.Adam(weights.parameters(config.activation), lr=config.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, total_steps))
+        return cls(weights, optimizer, schedule, FiringRecord(weights.W_dec.shape[0], device),
+                   torch.Generator().manual_seed(config.seed + 1), total_steps)
+
+    def train_step(self, x: torch.Tensor, config: TrainingConfig, precision: Precision) -> None:
+        """One step on the scaled batch `x`."""
+        w, parameters = self.weights, self.weights.parameters(config.activation)
+        dead = self.firing.dead(config.dead_after_tokens) if config.aux_k else None
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):  # the forward only
+            terms = _loss_terms(w, x, config, dead)
+        self.firing.update(terms.pop("fired"), len(x))
+        loss = terms["reconstruction"] + terms["sparsity"] + terms["decorrelation"] + terms["auxiliary"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        self.optimizer.step()
+        self.schedule.step()
+        if config.activation == "jumprelu":
+            with torch.no_grad():
+                w.threshold.clamp_(min=0)
+        if config.resample_every and (self.step + 1) % config.resample_every == 0:
+            self.restarted += _restart_dead(w, x, config, self.optimizer, self.firing, self.restarts)
+        if self.step % config.log_every == 0 or self.step == self.total_steps - 1:
+            for name, value in {"step": self.step, "loss": loss, **terms}.items():
+                self.curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+        self.step += 1
+
+    def save(self, path: Path, fingerprint: str) -> None:
+        """Write the state to `path` at once (a temporary file, then a rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial")
+        torch.save({"fingerprint": fingerprint, "step": self.step, "restarted": self.restarted, "curves": self.curves,
+                    "weights": {name: getattr(self.weights, name).detach().cpu() for name in WEIGHT_NAMES},
+                    "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                    "last_fired": self.firing.last_fired.cpu(), "seen": self.firing.seen,
+                    "restarts": self.restarts.get_state()}, temporary)
+        os.replace(temporary, path)
+
+    def resume(self, path: Path, fingerprint: str) -> bool:
+        """Continue from the checkpoint at `path`, unless it was written by other training (then False)."""
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["fingerprint"] != fingerprint:
+            log.warning("%s was written by another training (its settings or data differ): starting over", path)
+            return False
+        with torch.no_grad():
+            for name in WEIGHT_NAMES:
+                getattr(self.weights, name).copy_(saved["weights"][name])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.firing.last_fired = saved["last_fired"].to(self.firing.last_fired.device)
+        self.firing.seen = saved["seen"]
+        self.restarts.set_state(saved["restarts"])
+        self.step, self.restarted, self.curves = saved["step"], saved["restarted"], saved["curves"]
+        return True
 
 
 def resolved_precision(precision: Precision, device: torch.device) -> Precision:
@@ -278,7 +343,7 @@ def initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, g
     weights = Weights(W_enc=W_dec.T.clone(), b_enc=torch.zeros(d_sae), W_dec=W_dec,
                       b_dec=mean / len(train) * scale,
                       threshold=torch.full((d_sae,), config.jumprelu_init_threshold))
-    for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+    for name in WEIGHT_NAMES:
         setattr(weights, name, getattr(weights, name).to(device).requires_grad_(True))
     return weights
 

@@ -169,8 +169,9 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             activations = torch.from_numpy(captured[f"L{layer}"][()])
             items = torch.from_numpy(captured["benchmark"][()].astype(np.int64) * ITEMS_PER_BENCHMARK
                                      + captured["item"][()].astype(np.int64))
+        checkpoint = checkpoint_path(shard, unit.id)
         trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
-                            desc=f"{entry.name} L{layer}", groups=items)  # held out: whole items
+                            desc=f"{entry.name} L{layer}", groups=items, checkpoint=checkpoint)  # held out: whole items
         metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
         if s.ce_items and entry.name not in loaded:
             loaded.clear()  # one model in memory at a time
@@ -191,6 +192,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             for name, values in trained.curves.items():
                 group.create_dataset(f"curves/{name}", data=np.asarray(values))
             group.create_dataset("held_out_items", data=np.asarray(trained.held_out_groups, dtype=np.int64))
+        checkpoint.unlink(missing_ok=True)  # the SAE is in the shard now
+
+
+def checkpoint_path(shard: ShardWriter, unit_id: str) -> Path:
+    """Where a unit's training state is saved while it trains: `checkpoints/` of the run, beside
+    its shards, so that a requeued task resumes where the preempted one stopped."""
+    return shard.path.parent.parent / "checkpoints" / f"{unit_id}.pt"
 
 
 def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:

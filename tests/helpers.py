@@ -1,5 +1,6 @@
 """Helpers shared by several test modules."""
 
+import itertools
 from pathlib import Path
 
 import yaml
@@ -51,3 +52,16 @@ def run_all(manifest_path: Path) -> RunDir:
         run_shard_task(str(run.path), shard)
     reduce_task(str(run.path))
     return run
+
+
+def failing_on_call(function, call: int):
+    """`function`, but its call number `call` (from 0) raises RuntimeError("preempted"): a task
+    stopped in the middle of its work."""
+    calls = itertools.count()
+
+    def wrapped(*args, **kwargs):
+        if next(calls) == call:
+            raise RuntimeError("preempted")
+        return function(*args, **kwargs)
+
+    return wrapped

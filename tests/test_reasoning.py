@@ -24,7 +24,7 @@ from common.problems import BenchmarkSpec, load_benchmark
 from common.rundir import RunDir
 from common.sae_quality import evaluate
 from jobs.feature_ablation import attribution, control_sets, top_features
-from tests.helpers import REPO
+from tests.helpers import REPO, failing_on_call
 
 DEMO = REPO / "manifests" / "demo"
 DEMO_BENCHMARK = yaml.safe_load((DEMO / "reasoning_1_capture.yaml").read_text())["activation_capture"]["benchmarks"][0]
@@ -340,3 +340,36 @@ def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatc
     metrics = _csv(run_all(training).report_dir / "metrics.csv")
     assert [row["layer"] for row in metrics] == [0, 1]
     assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)
+
+
+def test_a_preempted_training_task_resumes_from_its_checkpoint(reasoning_chain, tmp_path, monkeypatch):
+    """sae_training saves each unit's training state every checkpoint_every steps under the run's
+    checkpoints/; the task run again resumes there and stores the SAE a task never stopped stores,
+    then removes the checkpoint."""
+    from common import sae_trainer
+    from common.launcher import prepare_run, run_shard_task
+
+    section = {"activations": str(reasoning_chain.capture.path), "ce_items": 0,
+               "sae": {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256,
+                       "checkpoint_every": 4}}
+    runs = {}
+    for name in ("clean", "preempted"):
+        (tmp_path / name).mkdir()
+        runs[name] = prepare_run(load_manifest(_write(tmp_path / name, "reasoning_2_training.yaml", "sae_training",
+                                                      section)))
+    run_shard_task(str(runs["clean"].path), 0)
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 9))
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_shard_task(str(runs["preempted"].path), 0)
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
+    saved = list((runs["preempted"].path / "checkpoints").glob("*.pt"))
+    assert len(saved) == 1 and torch.load(saved[0], weights_only=False)["step"] == 8
+    run_shard_task(str(runs["preempted"].path), 0)
+    assert not list((runs["preempted"].path / "checkpoints").glob("*.pt"))
+    with h5py.File(runs["clean"].shard_path(0)) as clean, h5py.File(runs["preempted"].shard_path(0)) as resumed:
+        assert sorted(clean["units"]) == sorted(resumed["units"])
+        for unit in clean["units"]:
+            for name in clean["units"][unit]["weights"]:
+                np.testing.assert_array_equal(clean["units"][unit]["weights"][name][()],
+                                              resumed["units"][unit]["weights"][name][()], err_msg=f"{unit} {name}")

@@ -18,6 +18,7 @@ from common.sae_trainer import (
     train_sae,
 )
 from jobs.sae_training import LINEAR_LOADING
+from tests.helpers import failing_on_call
 from tests.sae_lens_reference import train_with_sae_lens
 
 
@@ -357,3 +358,30 @@ def test_training_with_resampling_restarts_dead_features(caplog):
         trained = train_sae(data, settings, "h", "m", torch.device("cpu"), desc="resampled")
     restarted = int(caplog.text.split("resampled: ")[1].split(" dead features")[0])
     assert restarted > 0 and all(torch.isfinite(p).all() for p in trained.sae.parameters())
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, monkeypatch, caplog, activation):
+    """Killed after step 23 (of 28), resumed from the checkpoint of step 20: weights, curves and
+    the resampling's draws as if nothing happened."""
+    from common import sae_trainer
+
+    data = sparse_data(tokens=2000, d_in=16)
+    settings = config(activation=activation, k=3, epochs=4, checkpoint_every=10, decorrelation=0.01,
+                      dead_after_tokens=300, resample_every=7, aux_k=4 if activation == "topk" else 0)
+    whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
+    checkpoint = tmp_path / "unit.pt"
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 23))
+    with pytest.raises(RuntimeError, match="preempted"):
+        train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 20
+    resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    assert resumed.curves == whole.curves and resumed.metrics == whole.metrics
+    other = settings.model_copy(update={"lr": 1e-3})  # a checkpoint of other training is not resumed
+    fresh = train_sae(data, other, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    assert "was written by another training" in caplog.text
+    assert torch.equal(fresh.sae.W_dec, train_sae(data, other, "h", "m", torch.device("cpu")).sae.W_dec)
