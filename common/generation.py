@@ -229,7 +229,7 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
 class Decoding:
     """The books of one decode loop: what each row wrote, and which rows are still writing.
 
-    A row ends at the end-of-text token or at a stop string, found from token ids on the device
+    A row ends at one of `end_tokens` or at a stop string, found from token ids on the device
     (transformers' StopStringCriteria), never by decoding text. Rows that ended drop out of the
     batch once they are an eighth of it (each drop copies the cache, so not at every step)."""
 
