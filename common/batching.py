@@ -3,8 +3,8 @@
 A row's memory peaks either in its prompt's forward (the MLP's activations, and the KV cache of
 the prompt when that forward fills it) or at the last decode step (the KV cache over prompt and
 answer, and the step's float32 logits with their sampling noise: the int64 hashing of
-common/generation.py) or in another phase of the job (patching's teacher-forced bets), plus what a
-job adds per row (an SAE's codes at every prompt position, for ablation). `auto` fills 85% of the
+common/generation.py) or in another phase of the job that peaks on its own, plus what a job adds
+per row (an edit's SAE codes, say). `auto` fills 85% of the
 GPU memory free once the model and SAEs are loaded; `saebatch plan`, which runs where no GPU is,
 assumes an H200's memory. tests/test_gpu_paths.py checks the model against a generation's peak.
 """

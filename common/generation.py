@@ -139,6 +139,7 @@ class Prefilled:
     (a caller that reads the prompts' last logits or activations then pays one prompt forward, not two)."""
 
     prompts: list[str]
+    encoded: dict[str, torch.Tensor]  # `left_padded` of the prompts
     cache: DynamicCache
     logits: torch.Tensor  # (rows, vocabulary) at each prompt's last token
 
@@ -152,7 +153,7 @@ def prefill(model, tokenizer, prompts: list[str], device: torch.device, new_toke
     cache = reserved_cache(model, room=new_tokens)
     logits = model(**encoded, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     _check_filled(cache, encoded["input_ids"].shape[1])
-    return Prefilled(list(prompts), cache, logits)
+    return Prefilled(list(prompts), encoded, cache, logits)
 
 
 @no_grad
@@ -189,12 +190,13 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
     writes its keys and values into room the cache reserved (common/kv_cache.py)."""
     from common.kv_cache import reserved_cache
 
-    encoded = left_padded(tokenizer, prompts, device)
+    prefilled = isinstance(prefix, Prefilled)
+    if prefilled and prefix.prompts != list(prompts):
+        raise ValueError("prefilled prompts serve those prompts, in that order")
+    encoded = prefix.encoded if prefilled else left_padded(tokenizer, prompts, device)
     inputs, positions = encoded["input_ids"], encoded["position_ids"]
     first_logits = None
-    if isinstance(prefix, Prefilled):
-        if prefix.prompts != list(prompts):
-            raise ValueError("prefilled prompts serve those prompts, in that order")
+    if prefilled:
         cache, first_logits = prefix.cache, prefix.logits
     elif prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != inputs.shape[1] - 1:

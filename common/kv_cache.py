@@ -69,9 +69,14 @@ class ReservedLayer(DynamicLayer):
         self.batch_select_indices(beam_idx.to(self.buffers[0].device) if self.buffers else beam_idx)
 
     def offload(self) -> None:
-        raise NotImplementedError("saebatch's reserved-room cache stays on its device")
+        if self.buffers is not None:
+            self.buffers = tuple(buffer.to("cpu", non_blocking=True) for buffer in self.buffers)
+            self._show()
 
-    prefetch = offload
+    def prefetch(self) -> None:
+        if self.buffers is not None and self.buffers[0].device != self.device:
+            self.buffers = tuple(buffer.to(self.device, non_blocking=True) for buffer in self.buffers)
+            self._show()
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:

@@ -40,3 +40,14 @@ def test_a_reserved_cache_holds_what_a_dynamic_cache_holds_through_every_operati
         cache.crop(-2)
     _same(reserved, dynamic)
     assert reserved.get_seq_length() == 9 + 7 - 2 and reserved.layers[0].keys.shape[0] == 3
+
+
+def test_an_offloaded_reserved_layer_comes_back_whole():
+    model = Organism().model(attn_implementation=None)
+    cache = reserved_cache(model, room=3)
+    _forward(model, cache, torch.randint(4, 500, (2, 5), generator=torch.Generator().manual_seed(2)))
+    layer = cache.layers[0]
+    keys = layer.keys.clone()
+    layer.offload()
+    layer.prefetch()
+    assert torch.equal(layer.keys, keys) and layer.buffers[0].shape[-2] == 5 + 3
