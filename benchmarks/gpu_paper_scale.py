@@ -57,6 +57,7 @@ from common.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
 from common.saes import SaeSpec, load_sae  # noqa: E402
 from jobs.population_patching import Row as Trial  # noqa: E402
+from jobs.sae_training import sae_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K = REPO / "manifests" / "data" / "gsm8k" / "test.jsonl"
@@ -371,8 +372,9 @@ def sae_training(bench: Bench) -> list[Row]:
                         "epochs": 20, "lr": 1e-3, "batch_size": 4096}}
     measured = run_shard(bench, bench.manifest("sae_training", "sae_training", settings))
     with h5py.File(measured.run.shard_path(0)) as shard:
-        rates = [shard["units"][unit].attrs["tokens_per_second"] for unit in shard["units"]]
-        tokens = int(sum(shard["units"][unit].attrs["tokens"] for unit in shard["units"]))
+        saes = sae_groups(shard).values()
+        rates = [sae.attrs["tokens_per_second"] for sae in saes]
+        tokens = int(sum(sae.attrs["tokens"] for sae in saes))
     reduce_task(str(measured.run.path))
     REASONING.training = measured.run
     with h5py.File(REASONING.capture.merged_path) as merged:

@@ -34,6 +34,10 @@ class TrainingConfig(StrictModel):
     epochs: int = Field(20, ge=1, description="passes over the training tokens")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (1% warm-up, linear decay over the last 20%)")
     batch_size: int = Field(4096, ge=2, description="tokens per step")
+    shuffle_buffer_tokens: int = Field(2**19, ge=1, description="training tokens in memory at once (on the training "
+                                       "device): the activations are streamed from storage a buffer of whole batches "
+                                       "at a time and shuffled within it; a buffer that holds every training token "
+                                       "is read once and shuffled whole each epoch")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
     log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
     seed: int = Field(0, description="seed of the initialisation, split and batch order")

@@ -6,6 +6,9 @@ Rajamanoharan et al. 2024 with a rectangle kernel of width `jumprelu_bandwidth`)
 largest pre-activations, then ReLU) or none (f = z: a linear autoencoder, not sparse; the seed's
 "ReLU disabled" variant, reported as such).
 
+The activations are streamed from storage a shuffle buffer at a time (common/activation_stream.py),
+and the layers of one model can share one pass over them (`train_saes`).
+
 Activations are scaled by one constant so that their mean squared norm is d_in (the L1
 coefficient then means the same on every model); the constant is folded into the saved weights,
 so the saved SAE takes raw activations. The loss of a batch of B scaled activations is
@@ -58,6 +61,13 @@ import torch
 from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
 from tqdm import tqdm
 
+from common.activation_stream import (
+    Batches,
+    DataOrder,
+    Source,
+    read_rows,
+    training_moments,
+)
 from common.dead_features import FiringRecord, resample
 from common.decorrelation import decorrelation_penalty
 from common.lazy import no_grad
@@ -139,14 +149,23 @@ class TrainedSae:
     sae: SAE                                   # sae-lens SAE on raw activations (scale folded in)
     curves: dict[str, list[float]]             # step, the loss and its terms (auxiliary: AuxK), l0
     metrics: dict[str, float]                  # on the held-out tokens, see `evaluate`
-    tokens_per_second: float
+    tokens_per_second: float                   # of training, counted per SAE (a pass of n layers: n x its tokens)
     scale: float                               # the activations' scaling constant
     validation: torch.Tensor = field(repr=False)  # the held-out raw activations
     precision: Precision = "float32"           # the matmuls' precision it was trained at
     held_out_groups: list[int] = field(default_factory=list)  # with `groups`: the groups never trained on
 
 
-def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str, model_name: str,
+@dataclass
+class LayerToTrain:
+    """One SAE of a pass: its activations, the hook it reads, and where its checkpoint goes."""
+
+    activations: Source          # (tokens, d_in): an HDF5 dataset streamed a buffer at a time, or a tensor
+    hook_name: str
+    checkpoint: Path | None = None
+
+
+def train_sae(activations: Source, config: TrainingConfig, hook_name: str, model_name: str,
               device: torch.device, desc: str = "SAE", groups: torch.Tensor | None = None,
               checkpoint: Path | None = None) -> TrainedSae:
     """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed,
@@ -155,35 +174,72 @@ def train_sae(activations: torch.Tensor, config: TrainingConfig, hook_name: str,
     With `checkpoint`, the training state is saved there every `checkpoint_every` steps, and a run
     that finds one resumes from it, ending with the weights an uninterrupted run ends with (the
     caller removes it once the SAE is stored)."""
-    split = split_tokens(activations, config, groups)
-    train = split.train.to(device)
-    scale = activation_scale(train)
-    state = TrainingState.start(initial_weights(train, scale, config, split.generator, device), config,
-                                len(train) // config.batch_size * config.epochs, device)
-    fingerprint = json.dumps([config.model_dump(mode="json"), list(train.shape), scale, hook_name])
-    if checkpoint is not None and checkpoint.exists() and state.resume(checkpoint, fingerprint):
-        log.info("%s: resuming from step %d of %d (%s)", desc, state.step, state.total_steps, checkpoint)
+    return train_saes([LayerToTrain(activations, hook_name, checkpoint)], config, model_name, device, desc, groups)[0]
+
+
+def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: str, device: torch.device,
+               desc: str = "SAE", groups: torch.Tensor | None = None) -> list[TrainedSae]:
+    """Train one SAE per layer in one pass over their activations, which share tokens (the layers
+    of one model): one split, one batch order, each buffer of rows read once. Each SAE starts from
+    the weights it would draw alone, so it ends as if trained alone."""
+    split = split_tokens(len(layers[0].activations), config, groups)
+    order = DataOrder(split.train_rows, config.batch_size, config.epochs, config.shuffle_buffer_tokens)
+    drawn_from = split.generator.get_state()
+    states, scales = [], []
+    for layer in layers:
+        split.generator.set_state(drawn_from)  # every SAE draws its start as if trained alone
+        state, scale = _start(layer, split, order, config, device, _label(desc, layer, layers))
+        states.append(state)
+        scales.append(scale)
     precision = resolved_precision(config.precision, device)
-    first_step, started = state.step, time.perf_counter()
-    with tqdm(total=state.total_steps, initial=state.step, desc=desc, unit="step") as progress, \
+    first_step = min(state.step for state in states)
+    batches = Batches([layer.activations for layer in layers], order, split.generator, first_step, device, scales)
+    started = time.perf_counter()
+    with tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
             tf32_products(precision == "tf32"):
-        for step, rows in enumerate(batch_rows(len(train), config, split.generator)):
-            if step < state.step:
-                continue  # done before the checkpoint: its batch order is replayed, not its work
-            state.train_step(train[rows.to(device)].float() * scale, config, precision)
+        for step, xs in batches:
+            for state, x in zip(states, xs, strict=True):
+                if step < state.step:
+                    continue  # done before this SAE's checkpoint
+                state.train_step(x, config, precision)
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    state.save()
             progress.update()
-            progress.set_postfix(loss=f"{state.curves['loss'][-1]:.3g}", l0=f"{state.curves['l0'][-1]:.1f}")
-            if checkpoint is not None and config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                state.save(checkpoint, fingerprint)
-    if config.resample_every:
-        log.info("%s: %d dead features restarted over %d steps", desc, state.restarted, state.total_steps)
+            shown = states[0].curves
+            progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    tokens_per_second = (state.total_steps - first_step) * config.batch_size / (time.perf_counter() - started)
-    sae = to_sae_lens(state.weights, scale, config, hook_name, model_name)
-    metrics = evaluate(sae, split.validation, config.batch_size)
-    return TrainedSae(sae, state.curves, metrics, tokens_per_second, scale, split.validation, precision,
-                      split.held_out_groups)
+    tokens_per_second = (order.steps - first_step) * config.batch_size * len(layers) / (time.perf_counter() - started)
+    trained = []
+    for layer, state, scale in zip(layers, states, scales, strict=True):
+        if config.resample_every:
+            log.info("%s: %d dead features restarted over %d steps", _label(desc, layer, layers), state.restarted,
+                     state.total_steps)
+        sae = to_sae_lens(state.weights, scale, config, layer.hook_name, model_name)
+        validation = read_rows(layer.activations, split.validation_rows)
+        trained.append(TrainedSae(sae, state.curves, evaluate(sae, validation, config.batch_size), tokens_per_second,
+                                  scale, validation, precision, split.held_out_groups))
+    return trained
+
+
+def _start(layer: LayerToTrain, split: Split, order: DataOrder, config: TrainingConfig, device: torch.device,
+           label: str) -> tuple[TrainingState, float]:
+    """A layer's training state, resumed from its checkpoint if one of this training is there, and
+    its activations' scaling constant."""
+    mean, mean_square = training_moments(layer.activations, split.train_rows)
+    scale = math.sqrt(len(mean) / mean_square)
+    state = TrainingState.start(initial_weights(mean, scale, config, split.generator, device), config, order.steps,
+                                device)
+    state.checkpoint = layer.checkpoint
+    state.fingerprint = json.dumps([config.model_dump(mode="json"), len(split.train_rows), len(mean), scale,
+                                    layer.hook_name])
+    if state.resume():
+        log.info("%s: resuming from step %d of %d (%s)", label, state.step, order.steps, layer.checkpoint)
+    return state, scale
+
+
+def _label(desc: str, layer: LayerToTrain, layers: list[LayerToTrain]) -> str:
+    return desc if len(layers) == 1 else f"{desc} {layer.hook_name}"
 
 
 @dataclass
@@ -199,6 +255,8 @@ class TrainingState:
     curves: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in CURVES})
     restarted: int = 0
     step: int = 0                    # steps done
+    checkpoint: Path | None = None   # where the state is saved (None: nowhere)
+    fingerprint: str = ""            # the training's settings and data, which a checkpoint must match
 
     @classmethod
     def start(cls, weights: Weights, config: TrainingConfig, total_steps: int, device: torch.device) -> TrainingState:
@@ -230,21 +288,28 @@ class TrainingState:
                 self.curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
         self.step += 1
 
-    def save(self, path: Path, fingerprint: str) -> None:
-        """Write the state to `path` at once (a temporary file, then a rename)."""
+    def save(self) -> None:
+        """Write the state to its checkpoint, if it has one, at once (a temporary file, then a rename)."""
+        path = self.checkpoint
+        if path is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.partial")
-        torch.save({"fingerprint": fingerprint, "step": self.step, "restarted": self.restarted, "curves": self.curves,
+        torch.save({"fingerprint": self.fingerprint, "step": self.step, "restarted": self.restarted,
+                    "curves": self.curves,
                     "weights": {name: getattr(self.weights, name).detach().cpu() for name in WEIGHT_NAMES},
                     "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                     "last_fired": self.firing.last_fired.cpu(), "seen": self.firing.seen,
                     "restarts": self.restarts.get_state()}, temporary)
         os.replace(temporary, path)
 
-    def resume(self, path: Path, fingerprint: str) -> bool:
-        """Continue from the checkpoint at `path`, unless it was written by other training (then False)."""
+    def resume(self) -> bool:
+        """Continue from its checkpoint; False when there is none or another training wrote it."""
+        path = self.checkpoint
+        if path is None or not path.exists():
+            return False
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved["fingerprint"] != fingerprint:
+        if saved["fingerprint"] != self.fingerprint:
             log.warning("%s was written by another training (its settings or data differ): starting over", path)
             return False
         with torch.no_grad():
@@ -282,66 +347,59 @@ def tf32_products(enabled: bool) -> Iterator[None]:
 
 @dataclass
 class Split:
-    """The seed's choice of tokens: held out for the metrics, or trained on."""
+    """The seed's choice of tokens: held out for the metrics, or trained on (positions in the source)."""
 
-    validation: torch.Tensor     # raw activations
-    train: torch.Tensor          # raw activations
-    generator: torch.Generator   # draws next the initial weights, then each epoch's batch order
+    held_out: torch.Tensor       # bool per token
+    generator: torch.Generator   # draws next the initial weights, then the batch order
     held_out_groups: list[int] = field(default_factory=list)
 
+    @property
+    def train_rows(self) -> torch.Tensor:
+        return torch.nonzero(~self.held_out).flatten()
 
-def split_tokens(activations: torch.Tensor, config: TrainingConfig, groups: torch.Tensor | None = None) -> Split:
-    """Held-out and training tokens drawn by the seed's generator, which the caller then hands to
-    `initial_weights` and `batch_rows`, in that order: the same seed, the same SAE.
+    @property
+    def validation_rows(self) -> torch.Tensor:
+        return torch.nonzero(self.held_out).flatten()
+
+
+def split_tokens(tokens: int, config: TrainingConfig, groups: torch.Tensor | None = None) -> Split:
+    """Held-out and training tokens of `tokens` drawn by the seed's generator, which the caller then
+    hands to `initial_weights` and the batch order (common/activation_stream.py), in that order:
+    the same seed, the same SAE.
 
     With `groups`, whole groups are held out (in the seed's order, until they hold
     `validation_fraction` of the tokens): tokens of one item are alike, so a token split would
     measure the SAE on items it was trained on."""
     generator = torch.Generator().manual_seed(config.seed)
+    held_out = torch.zeros(tokens, dtype=torch.bool)
     if groups is None:
-        order = torch.randperm(len(activations), generator=generator)
-        held_out = max(1, int(len(activations) * config.validation_fraction))
-        split = Split(activations[order[:held_out]], activations[order[held_out:]], generator)
+        order = torch.randperm(tokens, generator=generator)
+        held_out[order[: max(1, int(tokens * config.validation_fraction))]] = True
+        split = Split(held_out, generator)
     else:
         names, counts = torch.unique(groups, return_counts=True)
         if len(names) < 2:
             raise ValueError(f"{len(names)} group(s) of tokens: holding whole groups out needs at least two")
         order = torch.randperm(len(names), generator=generator)
-        enough = int(torch.searchsorted(counts[order].cumsum(0), len(activations) * config.validation_fraction)) + 1
+        enough = int(torch.searchsorted(counts[order].cumsum(0), tokens * config.validation_fraction)) + 1
         held = names[order[:min(enough, len(names) - 1)]]
-        validation = torch.isin(groups, held)
-        split = Split(activations[validation], activations[~validation], generator, sorted(held.tolist()))
-    if len(split.train) < config.batch_size:
-        raise ValueError(f"{len(split.train)} training tokens, fewer than one batch of {config.batch_size}")
+        split = Split(torch.isin(groups, held), generator, sorted(held.tolist()))
+    training = tokens - int(split.held_out.sum())
+    if training < config.batch_size:
+        raise ValueError(f"{training} training tokens, fewer than one batch of {config.batch_size}")
     return split
 
 
-def activation_scale(train: torch.Tensor) -> float:
-    """The constant that brings the training activations' mean squared norm to d_in."""
-    return math.sqrt(train.shape[1] / train.float().pow(2).sum(1).mean().item())
-
-
-def batch_rows(tokens: int, config: TrainingConfig, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """The training rows of every step: a new permutation each epoch, its last partial batch dropped."""
-    steps_per_epoch = tokens // config.batch_size
-    for _ in range(config.epochs):
-        order = torch.randperm(tokens, generator=generator)[: steps_per_epoch * config.batch_size]
-        yield from order.view(steps_per_epoch, config.batch_size)
-
-
-def initial_weights(train: torch.Tensor, scale: float, config: TrainingConfig, generator: torch.Generator,
+def initial_weights(mean: torch.Tensor, scale: float, config: TrainingConfig, generator: torch.Generator,
                     device: torch.device) -> Weights:
-    """Random decoder rows of norm DECODER_INIT_NORM, encoder = decoder transposed, b_dec = the data mean
-    (all in the scaled space)."""
-    d_in = train.shape[1]
+    """Random decoder rows of norm DECODER_INIT_NORM, encoder = decoder transposed, b_dec = the
+    training data's `mean` row (all in the space scaled by `scale`)."""
+    d_in = len(mean)
     d_sae = config.d_sae(d_in)
     W_dec = torch.randn(d_sae, d_in, generator=generator)
     W_dec *= DECODER_INIT_NORM / W_dec.norm(dim=1, keepdim=True)
-    mean = torch.zeros(d_in)
-    for start in range(0, len(train), 65536):
-        mean += train[start : start + 65536].float().sum(0).cpu()
     weights = Weights(W_enc=W_dec.T.clone(), b_enc=torch.zeros(d_sae), W_dec=W_dec,
-                      b_dec=mean / len(train) * scale,
+                      b_dec=(mean * scale).float(),
                       threshold=torch.full((d_sae,), config.jumprelu_init_threshold))
     for name in WEIGHT_NAMES:
         setattr(weights, name, getattr(weights, name).to(device).requires_grad_(True))

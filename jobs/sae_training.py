@@ -2,7 +2,9 @@
 
     saebatch submit manifests/demo/reasoning_2_training.yaml --executor local
 
-Reads an activation_capture run. Each work unit trains the SAE of one model's layer with the
+Reads an activation_capture run, streaming its activations a shuffle buffer at a time (so they
+may exceed host and GPU memory). Each work unit trains the SAE of one model's layer, or with
+`one_pass` of all its layers at once (each buffer read once for all of them), with the
 project's trainer (common/sae_trainer.py, whose docstring defines the loss: reconstruction, L1,
 and the decorrelation penalty, a real term of the loss), then measures it on held-out tokens
 (L0, explained variance, dead features, mean squared feature correlation) and, when the model can
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -33,8 +36,11 @@ from common.runtime import Work, model_size, sae_variant
 from common.sae_quality import ce_loss_recovered
 from common.sae_settings import TrainingConfig
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import DEVICE_FIELD, CaptureRun, read_capture_run
+from jobs._reasoning import DEVICE_FIELD, CaptureRun, ModelEntry, read_capture_run
 from jobs.activation_capture import encode_items, token_limit
+
+if TYPE_CHECKING:
+    from common.sae_trainer import TrainedSae
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -68,6 +74,9 @@ class Settings(StrictModel):
                                      "(a relative path is read beside this manifest)")
     models: list[str] | None = Field(None, description="models to train SAEs for (None: every captured model)")
     sae: TrainingConfig = Field(default_factory=TrainingConfig, description="the SAE and its training")
+    one_pass: bool = Field(False, description="train all of a model's layers in one pass over its activations: one "
+                           "work unit per model, each buffer of tokens read once for every layer, the same SAEs as "
+                           "layer by layer (device memory: a buffer and an SAE per layer)")
     ce_items: int = Field(32, ge=0, description="benchmark items on which the CE loss recovered is measured "
                           "(0: not measured)")
     device: str = DEVICE_FIELD
@@ -77,7 +86,8 @@ class Settings(StrictModel):
 
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
-    """A unit per (model, captured layer); checks the SAE fits and every layer has a batch of tokens."""
+    """A unit per (model, captured layer), or per model with `one_pass`; checks the SAE fits and
+    every layer has a batch of tokens."""
     s = manifest.settings
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shapes = capture.shapes(f"{FIELD}.activations")
@@ -86,8 +96,16 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         for layer in entry.layers:
             tokens, d_in = shapes[(entry.name, layer)]
             _check_fits(s.sae, entry.name, layer, None if capture.estimated else tokens, d_in)
-            units.append(WorkUnit(f"{entry.name}.L{layer}", {"model": entry.name, "layer": layer}))
+        if s.one_pass:
+            units.append(WorkUnit(entry.name, {"model": entry.name, "layers": list(entry.layers)}))
+        else:
+            units += [WorkUnit(sae_id(entry.name, layer), {"model": entry.name, "layers": [layer]})
+                      for layer in entry.layers]
     return units
+
+
+def sae_id(model: str, layer: int) -> str:
+    return f"{model}.L{layer}"
 
 
 def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int | None, d_in: int) -> None:
@@ -111,21 +129,29 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     out = memory = 0
     work: list[Work] = []
     for unit in units:
-        tokens, d_in = shapes[(unit.payload["model"], unit.payload["layer"])]
-        sae_bytes = 2 * d_in * s.sae.d_sae(d_in) * 4
-        out += sae_bytes + s.sae.epochs * tokens // s.sae.batch_size // s.sae.log_every * 6 * 8
-        batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
-        memory = max(memory, tokens * d_in * 2 + 4 * sae_bytes + batch)
-        trained = int(tokens * (1 - s.sae.validation_fraction)) * s.sae.epochs
-        work += [Work("load", tokens * d_in * 2, label=f"{unit.id}: activations"),
-                 Work("sae_training", trained, width=d_in * s.sae.d_sae(d_in),
-                      variant=sae_variant(s.sae.activation, s.sae.decorrelation),
-                      label=f"{unit.id}: {trained:,} training tokens ({s.sae.epochs} epochs)")]
+        unit_memory = 0
+        for layer in unit.payload["layers"]:
+            tokens, d_in = shapes[(unit.payload["model"], layer)]
+            sae_bytes = 2 * d_in * s.sae.d_sae(d_in) * 4
+            out += sae_bytes + s.sae.epochs * tokens // s.sae.batch_size // s.sae.log_every * 6 * 8
+            batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
+            train = int(tokens * (1 - s.sae.validation_fraction))
+            buffers = (1 if train <= s.sae.shuffle_buffer_tokens else 2) * min(train, s.sae.shuffle_buffer_tokens)
+            unit_memory += buffers * d_in * 2 + (tokens - train) * d_in * 4 + 4 * sae_bytes + batch
+            read = tokens * d_in * 2 * (1 if train <= s.sae.shuffle_buffer_tokens else 1 + s.sae.epochs)
+            work += [Work("load", read, label=f"{sae_id(unit.payload['model'], layer)}: activations"),
+                     Work("sae_training", train * s.sae.epochs, width=d_in * s.sae.d_sae(d_in),
+                          variant=sae_variant(s.sae.activation, s.sae.decorrelation),
+                          label=f"{sae_id(unit.payload['model'], layer)}: {train * s.sae.epochs:,} training tokens "
+                                f"({s.sae.epochs} epochs)")]
+        memory = max(memory, unit_memory)
     if s.ce_items:
         work += _ce_work(s, capture, units)
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
-                    notes=("memory: the layer's activations, the SAE with Adam's moments, one batch; the model "
-                           "itself is loaded for the CE loss recovered" if s.ce_items else "no model is loaded",))
+                    notes=("memory per layer trained: its shuffle buffer of activations (two while the next is read), "
+                           "its held-out tokens, the SAE with Adam's moments, one batch"
+                           + ("; the model itself is loaded for the CE loss recovered" if s.ce_items
+                              else "; no model is loaded"),))
 
 
 def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
@@ -140,7 +166,7 @@ def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
     work = []
     for name in dict.fromkeys(unit.payload["model"] for unit in units):
         model = model_size(capture.models[name].model)
-        layers = sum(unit.payload["model"] == name for unit in units)
+        layers = sum(len(unit.payload["layers"]) for unit in units if unit.payload["model"] == name)
         work += [Work("load", model.weight_bytes, label=f"{name} for the CE loss"),
                  Work("forward", 3 * tokens * layers, model, label=f"{name}: CE loss recovered at {layers} layer(s)")]
     return work
@@ -150,8 +176,9 @@ def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
 
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
-    from common.sae_trainer import (
-        train_sae,  # with sae-lens: seconds to import, so not at planning
+    from common.sae_trainer import (  # with sae-lens: seconds to import, so not at planning
+        LayerToTrain,
+        train_saes,
     )
 
     s = manifest.settings
@@ -162,37 +189,50 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     for unit in units:
         if unit.id not in pending:
             continue
-        entry, layer = capture.models[unit.payload["model"]], unit.payload["layer"]
+        entry, layers = capture.models[unit.payload["model"]], unit.payload["layers"]
         device = input_device(entry.placed(s.device))
-        with h5py.File(capture.merged, "r") as merged:
+        checkpoints = [checkpoint_path(shard, sae_id(entry.name, layer)) for layer in layers]
+        with h5py.File(capture.merged, "r") as merged:  # streamed: open while training
             captured = merged[f"models/{entry.name}"]
-            activations = torch.from_numpy(captured[f"L{layer}"][()])
             items = torch.from_numpy(captured["benchmark"][()].astype(np.int64) * ITEMS_PER_BENCHMARK
                                      + captured["item"][()].astype(np.int64))
-        checkpoint = checkpoint_path(shard, unit.id)
-        trained = train_sae(activations, s.sae, hook_name(layer), entry.model.name, device,
-                            desc=f"{entry.name} L{layer}", groups=items, checkpoint=checkpoint)  # held out: whole items
-        metrics = {**trained.metrics, "tokens_per_second": trained.tokens_per_second}
-        if s.ce_items and entry.name not in loaded:
-            loaded.clear()  # one model in memory at a time
-            loaded[entry.name] = _model_at_hand(entry.placed(s.device), entry.name)
-        if s.ce_items and loaded[entry.name] is not None:
-            model, tokenizer = loaded[entry.name]
-            batches = _ce_batches(capture, model, tokenizer, s.ce_items, device, trained.held_out_groups)
-            metrics |= ce_loss_recovered(model, batches, layer, trained.sae.to(device))
-        else:
-            metrics |= dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
+            trained = train_saes([LayerToTrain(captured[f"L{layer}"], hook_name(layer), checkpoint)
+                                  for layer, checkpoint in zip(layers, checkpoints, strict=True)],
+                                 s.sae, entry.model.name, device, desc=unit.id, groups=items)  # held out: whole items
         with shard.unit(unit.id) as group:
-            group.attrs.update(model=entry.name, layer=layer, cfg=json.dumps(trained.sae.cfg.to_dict()),
-                               scale=trained.scale, precision=trained.precision,
-                               **{name: float(metrics[name]) for name in METRICS},
-                               held_out_items=len(trained.held_out_groups), items=len(torch.unique(items)))
-            for name, value in trained.sae.state_dict().items():
-                group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
-            for name, values in trained.curves.items():
-                group.create_dataset(f"curves/{name}", data=np.asarray(values))
-            group.create_dataset("held_out_items", data=np.asarray(trained.held_out_groups, dtype=np.int64))
-        checkpoint.unlink(missing_ok=True)  # the SAE is in the shard now
+            for layer, sae in zip(layers, trained, strict=True):
+                metrics = {**sae.metrics, "tokens_per_second": sae.tokens_per_second}
+                metrics |= _ce_metrics(s, capture, entry, layer, sae, device, loaded)
+                _write_sae(group.create_group(f"L{layer}"), entry.name, layer, sae, metrics, len(torch.unique(items)))
+        for checkpoint in checkpoints:
+            checkpoint.unlink(missing_ok=True)  # the SAEs are in the shard now
+
+
+def _ce_metrics(s: Settings, capture: CaptureRun, entry: ModelEntry, layer: int, trained: TrainedSae,
+                device: torch.device,
+                loaded: dict[str, tuple | None]) -> dict[str, float]:
+    """The CE loss recovered by the SAE of `layer`, NOT_MEASURED when not asked or the model is not at hand."""
+    if s.ce_items and entry.name not in loaded:
+        loaded.clear()  # one model in memory at a time
+        loaded[entry.name] = _model_at_hand(entry.placed(s.device), entry.name)
+    if not s.ce_items or loaded[entry.name] is None:
+        return dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
+    model, tokenizer = loaded[entry.name]
+    batches = _ce_batches(capture, model, tokenizer, s.ce_items, device, trained.held_out_groups)
+    return ce_loss_recovered(model, batches, layer, trained.sae.to(device))
+
+
+def _write_sae(group: h5py.Group, model: str, layer: int, trained: TrainedSae, metrics: dict[str, float],
+               items: int) -> None:
+    """One trained SAE in its shard group: weights, curves, metrics and the held-out items."""
+    group.attrs.update(model=model, layer=layer, cfg=json.dumps(trained.sae.cfg.to_dict()), scale=trained.scale,
+                       precision=trained.precision, **{name: float(metrics[name]) for name in METRICS},
+                       held_out_items=len(trained.held_out_groups), items=items)
+    for name, value in trained.sae.state_dict().items():
+        group.create_dataset(f"weights/{name}", data=value.detach().cpu().numpy())
+    for name, values in trained.curves.items():
+        group.create_dataset(f"curves/{name}", data=np.asarray(values))
+    group.create_dataset("held_out_items", data=np.asarray(trained.held_out_groups, dtype=np.int64))
 
 
 def checkpoint_path(shard: ShardWriter, unit_id: str) -> Path:
@@ -244,7 +284,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                          training=s.sae.model_dump_json(), saes="saes/<model>/L<layer> beside this file")
         for path in shard_paths:
             with h5py.File(path, "r") as shard:
-                for unit_id, group in shard["units"].items():
+                for group in sae_groups(shard).values():
                     model, layer = str(group.attrs["model"]), int(group.attrs["layer"])
                     sae = SAE.from_dict(json.loads(group.attrs["cfg"]))
                     sae.load_state_dict({name: torch.from_numpy(group[f"weights/{name}"][()])
@@ -258,14 +298,21 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                                  **{name: int(group.attrs.get(name, -1)) for name in ("held_out_items", "items")}})
                     curves[(model, layer)] = {name: group[f"curves/{name}"][()] for name in group["curves"]}
                     for name, values in curves[(model, layer)].items():
-                        out.create_dataset(f"curves/{unit_id}/{name}", data=values)
-                    if "held_out_items" in group:  # benchmark index x 2^32 + item index, never trained on
-                        out.create_dataset(f"held_out_items/{unit_id}", data=group["held_out_items"][()])
+                        out.create_dataset(f"curves/{sae_id(model, layer)}/{name}", data=values)
+                    # benchmark index x 2^32 + item index, never trained on
+                    out.create_dataset(f"held_out_items/{sae_id(model, layer)}", data=group["held_out_items"][()])
         table = pd.DataFrame(rows).sort_values(["model", "layer"], ignore_index=True)
         for column in table.columns:
             values = table[column].to_numpy()
             out.create_dataset(f"metrics/{column}", data=values.astype("S") if values.dtype == object else values)
     _report(Report(out_dir / "report", "SAEs trained on captured activations"), s, table, curves)
+
+
+def sae_groups(shard: h5py.File) -> dict[str, h5py.Group]:
+    """Each SAE's group in a shard, by its id <model>.L<layer> (a unit holds one layer's, or with
+    `one_pass` each of its model's layers')."""
+    return {sae_id(str(group.attrs["model"]), int(group.attrs["layer"])): group
+            for unit in shard["units"].values() for group in unit.values()}
 
 
 def sae_path_template(run_dir: Path, model: str) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -10,13 +11,8 @@ import torch
 from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-from common.sae_trainer import (
-    TrainingConfig,
-    activation_scale,
-    batch_rows,
-    initial_weights,
-    split_tokens,
-)
+from common.activation_stream import Batches, DataOrder, training_moments
+from common.sae_trainer import TrainingConfig, initial_weights, split_tokens
 
 
 def train_with_sae_lens(activations: torch.Tensor, config: TrainingConfig,
@@ -28,12 +24,14 @@ def train_with_sae_lens(activations: torch.Tensor, config: TrainingConfig,
 
     Returns the SAE (it takes scaled activations), the seconds `trainer.fit()` took, and our
     held-out tokens scaled likewise (L0, explained variance and dead features do not depend on the scale)."""
-    split = split_tokens(activations, config)
-    scale = activation_scale(split.train)
-    # drawn even for sae-lens's own start: the generator must reach the batch orders as ours does
-    ours = initial_weights(split.train, scale, config, split.generator, torch.device("cpu"))
+    split = split_tokens(len(activations), config)
+    mean, mean_square = training_moments(activations, split.train_rows)
     d_in = activations.shape[1]
-    steps = len(split.train) // config.batch_size * config.epochs
+    scale = math.sqrt(d_in / mean_square)
+    # drawn even for sae-lens's own start: the generator must reach the batch orders as ours does
+    ours = initial_weights(mean, scale, config, split.generator, torch.device("cpu"))
+    order = DataOrder(split.train_rows, config.batch_size, config.epochs, config.shuffle_buffer_tokens)
+    steps = order.steps
     with torch.random.fork_rng():  # sae-lens draws its own start from torch's global generator
         torch.manual_seed(config.seed)
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(
@@ -48,11 +46,10 @@ def train_with_sae_lens(activations: torch.Tensor, config: TrainingConfig,
         lr_end=config.lr, lr_scheduler_name="constant", lr_warm_up_steps=max(1, steps // 100),
         lr_decay_steps=steps - int(steps * 0.8), device="cpu", logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0, save_final_checkpoint=False)
-    train = split.train.float() * scale
-    batches = (train[rows] for rows in batch_rows(len(train), config, split.generator))
+    batches = (xs[0] for _, xs in Batches([activations], order, split.generator, 0, torch.device("cpu"), [scale]))
     trainer = SAETrainer(trainer_config, sae, batches)
     began = time.perf_counter()
     trainer.fit()
     seconds = time.perf_counter() - began
     sae.eval()
-    return sae, seconds, split.validation.float() * scale
+    return sae, seconds, activations[split.validation_rows].float() * scale

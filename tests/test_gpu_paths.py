@@ -199,15 +199,19 @@ def test_sae_training_reaches_the_same_sae(tmp_path, reasoning_chain, precision)
     cpu, gpu = on_both(tmp_path, "reasoning_2_training.yaml",
                        lambda device: {"activations": str(reasoning_chain.capture.path), "device": device,
                                        "sae": {"precision": precision}})
-    for unit in cpu["units"]:
-        a, b = cpu["units"][unit].attrs, gpu["units"][unit].attrs
+    from jobs.sae_training import sae_groups
+
+    cpu_saes, gpu_saes = sae_groups(cpu), sae_groups(gpu)
+    assert sorted(cpu_saes) == sorted(gpu_saes) == ["organism.L1", "organism.L2"]
+    for unit in cpu_saes:
+        a, b = cpu_saes[unit].attrs, gpu_saes[unit].attrs
         assert (a["precision"], b["precision"]) == ("float32", "float32" if precision == "float32" else "bf16")
         assert abs(a["explained_variance"] - b["explained_variance"]) < 0.01, unit
         assert abs(a["l0"] - b["l0"]) <= 0.05 * a["l0"], unit
         assert abs(a["dead_fraction"] - b["dead_fraction"]) <= 0.02, unit
         if precision != "float32":
             continue  # bf16's rounding takes another path to an SAE of the same quality
-        decoder = [f["units"][unit]["weights/W_dec"][()] for f in (cpu, gpu)]
+        decoder = [saes[unit]["weights/W_dec"][()] for saes in (cpu_saes, gpu_saes)]
         cosines = (decoder[0] * decoder[1]).sum(1) / (np.linalg.norm(decoder[0], axis=1) * np.linalg.norm(decoder[1], axis=1))
         assert np.median(cosines) > 0.9, f"{unit}: decoder rows trained on CUDA point elsewhere"
 

@@ -342,34 +342,41 @@ def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatc
     assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)
 
 
-def test_a_preempted_training_task_resumes_from_its_checkpoint(reasoning_chain, tmp_path, monkeypatch):
-    """sae_training saves each unit's training state every checkpoint_every steps under the run's
-    checkpoints/; the task run again resumes there and stores the SAE a task never stopped stores,
-    then removes the checkpoint."""
+def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_layer(reasoning_chain, tmp_path,
+                                                                                     monkeypatch):
+    """Streamed in buffers of 8 batches: sae_training with `one_pass` trains both layers from one
+    read of each buffer, and saves each layer's state every checkpoint_every steps under the run's
+    checkpoints/. Stopped in the middle of layer 2's step 7 (layer 1 saved at step 8, layer 2 at
+    step 4), the task run again resumes each from its own checkpoint, removes them, and stores the
+    SAEs that layer-by-layer units never stopped store."""
     from common import sae_trainer
     from common.launcher import prepare_run, run_shard_task
 
-    section = {"activations": str(reasoning_chain.capture.path), "ce_items": 0,
-               "sae": {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256,
-                       "checkpoint_every": 4}}
+    sae = {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256, "checkpoint_every": 4,
+           "shuffle_buffer_tokens": 2048}
     runs = {}
-    for name in ("clean", "preempted"):
+    for name, one_pass in (("layer_by_layer", False), ("preempted", True)):
         (tmp_path / name).mkdir()
+        section = {"activations": str(reasoning_chain.capture.path), "ce_items": 0, "one_pass": one_pass, "sae": sae}
         runs[name] = prepare_run(load_manifest(_write(tmp_path / name, "reasoning_2_training.yaml", "sae_training",
                                                       section)))
-    run_shard_task(str(runs["clean"].path), 0)
+    run_shard_task(str(runs["layer_by_layer"].path), 0)
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 9))
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 2 * 7 + 1))
     with pytest.raises(RuntimeError, match="preempted"):
         run_shard_task(str(runs["preempted"].path), 0)
     monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
-    saved = list((runs["preempted"].path / "checkpoints").glob("*.pt"))
-    assert len(saved) == 1 and torch.load(saved[0], weights_only=False)["step"] == 8
+    saved = {path.stem: torch.load(path, weights_only=False)["step"]
+             for path in (runs["preempted"].path / "checkpoints").glob("*.pt")}
+    assert saved == {"organism.L1": 8, "organism.L2": 4}
     run_shard_task(str(runs["preempted"].path), 0)
     assert not list((runs["preempted"].path / "checkpoints").glob("*.pt"))
-    with h5py.File(runs["clean"].shard_path(0)) as clean, h5py.File(runs["preempted"].shard_path(0)) as resumed:
-        assert sorted(clean["units"]) == sorted(resumed["units"])
-        for unit in clean["units"]:
-            for name in clean["units"][unit]["weights"]:
-                np.testing.assert_array_equal(clean["units"][unit]["weights"][name][()],
-                                              resumed["units"][unit]["weights"][name][()], err_msg=f"{unit} {name}")
+    with h5py.File(runs["layer_by_layer"].shard_path(0)) as alone, h5py.File(runs["preempted"].shard_path(0)) as once:
+        assert sorted(alone["units"]) == ["organism.L1", "organism.L2"] and list(once["units"]) == ["organism"]
+        for layer in ("L1", "L2"):
+            expected, got = alone["units"][f"organism.{layer}"][layer], once["units"]["organism"][layer]
+            for name in expected["weights"]:
+                np.testing.assert_array_equal(expected["weights"][name][()], got["weights"][name][()],
+                                              err_msg=f"{layer} {name}")
+            np.testing.assert_array_equal(expected["curves/loss"][()], got["curves/loss"][()])
+            assert expected.attrs["explained_variance"] == got.attrs["explained_variance"]

@@ -103,7 +103,7 @@ def test_relu_training_reaches_the_sae_that_sae_lens_trains_from_the_same_start(
 def test_initial_weights_are_small_tied_rows_around_the_data_mean():
     data = sparse_data(tokens=512).float()
     settings = config()
-    weights = initial_weights(data, 2.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    weights = initial_weights(data.mean(0), 2.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
     norms = weights.W_dec.detach().norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, DECODER_INIT_NORM))
     assert torch.equal(weights.W_enc.detach(), weights.W_dec.detach().T) and not weights.b_enc.detach().any()
@@ -114,7 +114,7 @@ def test_sparsity_term_weighs_features_by_their_decoder_norm():
     """Shrinking a feature's encoder by c and growing its decoder row by c leaves the loss unchanged."""
     data = sparse_data(tokens=512).float()
     settings = config(activation="relu")
-    weights = initial_weights(data, 1.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
+    weights = initial_weights(data.mean(0), 1.0, settings, torch.Generator().manual_seed(0), torch.device("cpu"))
     with torch.no_grad():
         before = _loss_terms(weights, data, settings)
         weights.W_enc[:, :10] /= 7.0
@@ -165,15 +165,15 @@ def test_groups_are_held_out_whole():
     no token of a held-out group is trained on."""
     data = torch.randn(3000, 8)
     groups = torch.arange(3000) // 30  # 100 items of 30 tokens
-    split = split_tokens(data, config(validation_fraction=0.1), groups)
+    split = split_tokens(len(data), config(validation_fraction=0.1), groups)
     held = torch.tensor(split.held_out_groups)
-    assert 10 <= len(held) <= 11 and len(split.validation) == 30 * len(held)
-    assert len(split.train) + len(split.validation) == 3000
+    assert 10 <= len(held) <= 11 and len(split.validation_rows) == 30 * len(held)
+    assert len(split.train_rows) + len(split.validation_rows) == 3000
     validation = torch.isin(groups, held)
-    torch.testing.assert_close(split.validation, data[validation])
-    torch.testing.assert_close(split.train, data[~validation])
+    assert torch.equal(split.validation_rows, torch.nonzero(validation).flatten())
+    assert torch.equal(split.train_rows, torch.nonzero(~validation).flatten())
     with pytest.raises(ValueError, match="at least two"):
-        split_tokens(data, config(), torch.zeros(3000, dtype=torch.long))
+        split_tokens(len(data), config(), torch.zeros(3000, dtype=torch.long))
 
 
 def test_decorrelation_gradient_is_autograds_through_the_gram_matrix():
@@ -233,9 +233,10 @@ def test_topk_loss_and_gradients_from_k_rows_equal_the_dense_computation(decorre
 
     data = sparse_data(tokens=512, d_in=16).double()
     settings = config(activation="topk", k=5, decorrelation=decorrelation)
-    split = split_tokens(data, settings)
-    start = initial_weights(split.train.float(), 1.0, settings, split.generator, torch.device("cpu"))
-    x = split.train[:128].double()
+    split = split_tokens(len(data), settings)
+    train = data[split.train_rows].float()
+    start = initial_weights(train.mean(0), 1.0, settings, split.generator, torch.device("cpu"))
+    x = train[:128].double()
 
     def weights():
         return type(start)(**{name: getattr(start, name).detach().double().clone().requires_grad_(True)
@@ -265,9 +266,10 @@ def test_auxk_loss_and_gradients_equal_the_dense_computation():
 
     data = sparse_data(tokens=512, d_in=16).double()
     settings = config(activation="topk", k=5, aux_k=7, aux_coefficient=0.5)
-    split = split_tokens(data, settings)
-    start = initial_weights(split.train.float(), 1.0, settings, split.generator, torch.device("cpu"))
-    x = split.train[:128].double()
+    split = split_tokens(len(data), settings)
+    train = data[split.train_rows].float()
+    start = initial_weights(train.mean(0), 1.0, settings, split.generator, torch.device("cpu"))
+    x = train[:128].double()
     dead = torch.zeros(64, dtype=torch.bool)
     dead[torch.randperm(64, generator=torch.Generator().manual_seed(3))[:20]] = True
     ours = [getattr(start, n).detach().double().clone().requires_grad_(True) for n in ("W_enc", "b_enc", "W_dec", "b_dec")]
@@ -297,10 +299,11 @@ def test_auxk_gives_features_dead_in_training_a_gradient_and_only_with_aux_k():
 
     data = sparse_data(tokens=2000, d_in=16)
     settings = config(activation="topk", k=2, aux_k=8, dead_after_tokens=256)
-    split = split_tokens(data, settings)
-    weights = initial_weights(split.train.float(), 1.0, settings, split.generator, torch.device("cpu"))
+    split = split_tokens(len(data), settings)
+    train = data[split.train_rows].float()
+    weights = initial_weights(train.mean(0), 1.0, settings, split.generator, torch.device("cpu"))
     firing = FiringRecord(64, torch.device("cpu"))
-    x = split.train[:256].float()
+    x = train[:256]
     fired = _loss_terms(weights, x, settings)["fired"]
     firing.update(fired, 256)
     firing.update(torch.zeros(64, dtype=torch.bool), 256)  # a batch where nothing fired
