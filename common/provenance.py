@@ -18,9 +18,12 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def git_version() -> dict[str, object]:
-    """Commit of the checkout holding the code, and whether its code differs from it (None outside git)."""
-    source = Path(__file__).resolve().parent.parent
+SOURCE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding common/ and jobs/
+
+
+def git_version(source: Path = SOURCE) -> dict[str, object]:
+    """Commit of the checkout holding the code, and whether its code (common/, jobs/) differs from
+    it; None for both outside git."""
 
     def git(*args: str) -> str:
         return subprocess.run(
