@@ -1,6 +1,6 @@
 """The run directory: the one place that knows every output path of a run.
 
-    runs/<job>-<run id>/
+    runs/<job>-<run id>/   (Manifest.run_path: run.dir, or run.root/<job>-<run id>)
         manifest.yaml      resolved manifest (every default filled)
         provenance.json    code and package versions, host, times
         plan.json          work units and their shards
@@ -22,7 +22,8 @@ from pathlib import Path
 from common import provenance
 from common.atomic import write_text_atomic
 from common.errors import UserError
-from common.manifest import Manifest, load_manifest
+from common.manifest import Manifest
+from common.manifest_file import load_manifest
 from common.plan import Plan
 
 
@@ -44,7 +45,7 @@ class RunDir:
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> RunDir:
-        return cls(manifest.run.dir or manifest.run.root / f"{manifest.job}-{manifest.run_id()}")
+        return cls(manifest.run_path())
 
     def exists(self) -> bool:
         return self.manifest_path.is_file() and self.plan_path.is_file()

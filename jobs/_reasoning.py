@@ -12,11 +12,12 @@ from pydantic import Field
 
 from common.errors import UserError
 from common.layers import resolve_layers
-from common.manifest import StrictModel, upstream_to_estimate
+from common.manifest import StrictModel
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
 from common.plan import assume
 from common.problems import Benchmark
 from common.rundir import open_run
+from common.upstream import upstream_to_estimate
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 

@@ -49,7 +49,7 @@ from common.edits import BatchRows, edit_block_output, zero_features
 from common.errors import UserError
 from common.generation import greedy, left_padded
 from common.lazy import lazy_import, no_grad
-from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
+from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import (
     input_device,
     load_config,
@@ -67,6 +67,7 @@ from common.rundir import open_run
 from common.runtime import Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
+from common.upstream import upstream_to_estimate
 from jobs._reasoning import (
     DEVICE_FIELD,
     CaptureRun,
