@@ -109,7 +109,7 @@ def _submit_run(run, executor: str, wait_for_it: bool) -> int:
     from common.locks import Held, exclusive
 
     try:
-        with exclusive(run.path / ".submit.lock", "another submission of this run", wait=False):
+        with exclusive(run.submit_lock, "another submission of this run", wait=False):
             return _submit_unlocked(run, executor, wait_for_it)
     except Held:
         print(f"another saebatch is submitting or running this run right now; it runs the shards and the merge. "

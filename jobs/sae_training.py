@@ -29,6 +29,7 @@ from common.models import ModelSpec, input_device, load_model, load_tokenizer
 from common.plan import Estimate, WorkUnit
 from common.problems import load_benchmark
 from common.report import Report
+from common.rundir import RunDir
 from common.runtime import Work, model_size, sae_variant
 from common.sae_quality import ce_loss_recovered
 from common.sae_settings import TrainingConfig
@@ -198,7 +199,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 def checkpoint_path(shard: ShardWriter, unit_id: str) -> Path:
     """Where a unit's training state is saved while it trains: `checkpoints/` of the run, beside
     its shards, so that a requeued task resumes where the preempted one stopped."""
-    return shard.path.parent.parent / "checkpoints" / f"{unit_id}.pt"
+    return RunDir.of_shard(shard.path).checkpoints_dir / f"{unit_id}.pt"
 
 
 def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:
