@@ -72,6 +72,7 @@ from jobs._reasoning import (
     DEVICE_FIELD,
     CaptureRun,
     ModelEntry,
+    benchmark_size,
     check_prompt_lengths,
     read_capture_run,
     read_upstream,
@@ -113,8 +114,6 @@ class Settings(StrictModel):
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
-    from jobs.activation_capture import benchmark_size
-
     s = manifest.settings
     capture, expansion, trained = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks
@@ -183,8 +182,6 @@ def _widths(s: Settings, entry: ModelEntry, expansion: int | None) -> list[int]:
 
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
-    from jobs.activation_capture import benchmark_size
-
     s = manifest.settings
     capture, expansion, _ = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks

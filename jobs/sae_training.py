@@ -34,7 +34,7 @@ from common.runtime import Work, model_size, sae_variant
 from common.sae_quality import ce_loss_recovered
 from common.sae_settings import TrainingConfig
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import DEVICE_FIELD, CaptureRun, read_capture_run
+from jobs._reasoning import DEVICE_FIELD, CaptureRun, benchmark_size, read_capture_run
 from jobs.activation_capture import encode_items, token_limit
 
 pd = lazy_import("pandas")
@@ -132,8 +132,6 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
     """The CE loss recovered: each model loaded once, and per layer three forwards (clean, with the
     SAE spliced in, zeroed) of up to `ce_items` held-out items of each benchmark."""
-    from jobs.activation_capture import benchmark_size
-
     sizes = [benchmark_size(spec, f"{FIELD}: the capture's benchmarks[{index}]")
              for index, spec in enumerate(capture.settings.benchmarks)]
     tokens = sum(min(s.ce_items, round(size.items * s.sae.validation_fraction)) *
