@@ -45,7 +45,7 @@ def seconds(tree: Path, args: list[str]) -> float:
 def prepared_run(root: Path) -> Path:
     """A run directory of the demo's token_tracking manifest, created but never run."""
     code = ("import sys; from pathlib import Path; from common.launcher import prepare_run; "
-            "from common.manifest import load_manifest; "
+            "from common.manifest_file import load_manifest; "
             "print(prepare_run(load_manifest('manifests/demo/token_tracking.yaml', run_root=Path(sys.argv[1]))).path)")
     done = subprocess.run([sys.executable, "-c", code, str(root)], cwd=REPO, capture_output=True, text=True, check=True)
     return Path(done.stdout.strip().splitlines()[-1])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from results import Row, record  # noqa: E402
 
-from common.manifest import load_manifest  # noqa: E402
+from common.manifest_file import load_manifest  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "manifests" / "demo"

@@ -51,7 +51,7 @@ from token_tracking_storage import run_seed_baseline  # noqa: E402
 
 from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
-from common.manifest import load_manifest  # noqa: E402
+from common.manifest_file import load_manifest  # noqa: E402
 from common.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
 from common.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 from common.rundir import RunDir  # noqa: E402

@@ -149,7 +149,7 @@ def write_manifest(folder: Path, settings: dict) -> Path:
 def run_ours(manifest_path: Path) -> tuple[Path, float]:
     """Plan the manifest, then time one shard written by the real job code, in this process."""
     from common.launcher import prepare_run, run_shard_task
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
 
     run = prepare_run(load_manifest(manifest_path))
     start = time.perf_counter()
@@ -181,7 +181,7 @@ def run_seed_baseline(manifest_path: Path, out_dir: Path) -> SeedTiming:
     whole run (load once, not per scenario): the most favourable choice for the baseline.
     """
     from common.layers import capture_residuals, resolve_layers
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
     from common.models import input_device, load_model, load_tokenizer, text_config
     from common.saes import load_sae
     from jobs.token_tracking import key_positions
@@ -354,7 +354,7 @@ class Result:
 
 def warm_up(manifest_path: Path) -> None:
     """One untimed batched forward pass, so that neither timed path pays the process's first-call costs."""
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
     from common.models import load_model, load_tokenizer
 
     s = load_manifest(manifest_path).settings

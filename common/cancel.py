@@ -79,7 +79,7 @@ def _note_in_logs(run: RunDir, job_ids: list[str]) -> None:
     """End each stopped task's log (those it began) with who stopped it, when, from where."""
     note = f"\nsaebatch cancel: this task was stopped at {now()} (by process {os.getpid()} on {socket.gethostname()})\n"
     for job_id in job_ids:
-        path = job_paths(run.logs_dir / "submitit", job_id).stderr
+        path = job_paths(run.submitit_dir, job_id).stderr
         if path.exists():  # never create it: a log that exists says the task started
             with open(path, "a") as task_log:
                 task_log.write(note)

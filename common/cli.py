@@ -49,7 +49,7 @@ def cmd_jobs(_: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from common.rundir import RunDir
-    from common.runtime import (
+    from common.sizing import (
         chain_report,
         hours,
         human_bytes,
@@ -109,7 +109,7 @@ def _submit_run(run, executor: str, wait_for_it: bool) -> int:
     from common.locks import Held, exclusive
 
     try:
-        with exclusive(run.path / ".submit.lock", "another submission of this run", wait=False):
+        with exclusive(run.submit_lock, "another submission of this run", wait=False):
             return _submit_unlocked(run, executor, wait_for_it)
     except Held:
         print(f"another saebatch is submitting or running this run right now; it runs the shards and the merge. "
@@ -153,7 +153,7 @@ def _submit_unlocked(run, executor: str, wait_for_it: bool) -> int:
 def _run_for(target: str, resume: bool = False):
     """The run directory given, or the run of a manifest (created when needed)."""
     from common.launcher import prepare_run
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
     from common.rundir import open_run
 
     if resume or Path(target).is_dir():
@@ -261,7 +261,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from common.gpus import describe_devices, visible_gpus
     from common.launcher import prepare_run
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
 
     # manifests/ lies beside common/, in the source tree and in site-packages alike
     demo_dir = Path(__file__).resolve().parent.parent / "manifests" / "demo"

@@ -163,13 +163,13 @@ def reduce_task(run_path: str) -> str:
     shard_paths = [run.shard_path(k) for k in range(len(plan.shards))]
     check_shards(plan, shard_paths)
     needed = sum(path.stat().st_size for path in shard_paths)  # merged.h5 holds what the shards hold
-    with exclusive(run.path / ".reduce.lock", "another reduce of this run", wait=True):
+    with exclusive(run.reduce_lock, "another reduce of this run", wait=True):
         _require_space(run.path, needed)
         staging = Path(tempfile.mkdtemp(prefix=".reduce-", dir=run.path))
         try:
             get_job(manifest.job).reduce(manifest, shard_paths, staging)
-            add_timeline(staging / "report", shard_paths, reduce_span(began))
-            for written in staging.iterdir():  # merged.h5, report/, and what else the job writes (saes/)
+            add_timeline(RunDir(staging).report_dir, shard_paths, reduce_span(began))
+            for written in staging.iterdir():  # merged.h5, report/, and what else the job writes
                 target = run.path / written.name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -204,10 +204,10 @@ def make_executor(kind: Executor, run: RunDir, cluster: ClusterSettings, name: s
         raise UserError("Slurm's `sbatch` is not on PATH: submit from a login node, "
                         "or use `--executor local` to run on this machine")
     if kind == "local":  # the local executor itself: it takes the GPUs `run_in_gpu_slots` hands each task
-        local = submitit.LocalExecutor(folder=run.logs_dir / "submitit")
+        local = submitit.LocalExecutor(folder=run.submitit_dir)
         local.update_parameters(timeout_min=cluster.reduce_timeout_min if for_reduce else cluster.timeout_min)
         return local
-    executor = submitit.AutoExecutor(folder=run.logs_dir / "submitit", cluster=kind,
+    executor = submitit.AutoExecutor(folder=run.submitit_dir, cluster=kind,
                                      slurm_python=python_command(cluster, run.path.parent))
     params: dict[str, object] = {
         "name": name,
@@ -437,7 +437,7 @@ def was_cancelled(run: RunDir) -> bool:
 @contextmanager
 def _jobs_file(run: RunDir) -> Iterator[list[dict]]:
     """logs/jobs.json to change in place, one process at a time (the submitter and `cancel`)."""
-    with exclusive(run.logs_dir / ".jobs.lock", "another update of jobs.json", wait=True):
+    with exclusive(run.jobs_lock, "another update of jobs.json", wait=True):
         history = load_submissions(run)
         yield history
         write_text_atomic(run.jobs_path, json.dumps(history, indent=1))

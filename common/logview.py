@@ -46,7 +46,7 @@ def task_report(run: RunDir, shard: int | None, lines: int | None) -> str:
                     f"(`saebatch run` prints to its own terminal)")
         job_id, executor = state.job_id, submissions_by_job(run).get(state.job_id, {}).get("executor", "?")
         head = f"shard {shard} of {run.path}: {state.state}, job {job_id} ({executor})"
-    paths = job_paths(run.logs_dir / "submitit", job_id)
+    paths = job_paths(run.submitit_dir, job_id)
     out = [head]
     for name, path in (("stdout", paths.stdout), ("stderr", paths.stderr)):
         shown = tail(path, lines)
@@ -61,7 +61,7 @@ def task_report(run: RunDir, shard: int | None, lines: int | None) -> str:
 def summary_report(run: RunDir, lines: int | None) -> str:
     """Every shard's state, log and last lines (its exception first when it raised one), then the reduce's."""
     lines = SUMMARY_LINES if lines is None else lines
-    folder = run.logs_dir / "submitit"
+    folder = run.submitit_dir
     states = shard_states(run)
     out = [f"run {run.path}"]
     for s in states:

@@ -1,14 +1,17 @@
 """The run directory: the one place that knows every output path of a run.
 
-    runs/<job>-<run id>/
+    runs/<job>-<run id>/   (Manifest.run_path: run.dir, or run.root/<job>-<run id>)
         manifest.yaml      resolved manifest (every default filled)
         provenance.json    code and package versions, host, times
         plan.json          work units and their shards
         shards/            shard_00000.h5 ... (shard_00000.h5.partial while being written)
-        logs/              submitit logs and jobs.json (what was submitted when)
+        checkpoints/       a unit's state while it is computed, where a requeued task resumes
+        logs/              jobs.json (what was submitted when) and submitit/ (each task's logs)
         merged.h5          written by reduce
         report/            written by reduce
-        saes/              written by sae_training's reduce (sae-lens folders)
+        .submit.lock       held by the one submission of the run at a time (.reduce.lock: the reduce)
+
+A job's reduce may write more beside merged.h5; those names are the job's own.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from pathlib import Path
 from common import provenance
 from common.atomic import write_text_atomic
 from common.errors import UserError
-from common.manifest import Manifest, load_manifest
+from common.manifest import Manifest
+from common.manifest_file import load_manifest
 from common.plan import Plan
 
 
@@ -34,17 +38,27 @@ class RunDir:
     provenance_path = property(lambda self: self.path / "provenance.json")
     plan_path = property(lambda self: self.path / "plan.json")
     shards_dir = property(lambda self: self.path / "shards")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
     logs_dir = property(lambda self: self.path / "logs")
     jobs_path = property(lambda self: self.path / "logs" / "jobs.json")
+    jobs_lock = property(lambda self: self.path / "logs" / ".jobs.lock")
+    submitit_dir = property(lambda self: self.path / "logs" / "submitit")
     merged_path = property(lambda self: self.path / "merged.h5")
     report_dir = property(lambda self: self.path / "report")
+    submit_lock = property(lambda self: self.path / ".submit.lock")
+    reduce_lock = property(lambda self: self.path / ".reduce.lock")
 
     def shard_path(self, index: int) -> Path:
         return self.shards_dir / f"shard_{index:05d}.h5"
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> RunDir:
-        return cls(manifest.run.dir or manifest.run.root / f"{manifest.job}-{manifest.run_id()}")
+        return cls(manifest.run_path())
+
+    @classmethod
+    def of_shard(cls, shard_path: Path) -> RunDir:
+        """The run whose shards/ holds the shard file at `shard_path` (see `shard_path`)."""
+        return cls(Path(shard_path).parent.parent)
 
     def exists(self) -> bool:
         return self.manifest_path.is_file() and self.plan_path.is_file()
@@ -62,13 +76,14 @@ class RunDir:
             umask = os.umask(0)
             os.umask(umask)
             staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the run from the group
-            for folder in ("shards", "logs"):
-                (staging / folder).mkdir()
-            (staging / "provenance.json").write_text(
+            staged = RunDir(staging)
+            staged.shards_dir.mkdir()
+            staged.logs_dir.mkdir()
+            staged.provenance_path.write_text(
                 json.dumps({"run_id": manifest.run_id(), "created": provenance.collect()}, indent=1)
             )
-            plan.save(staging / "plan.json")
-            (staging / "manifest.yaml").write_text(manifest.to_yaml())
+            plan.save(staged.plan_path)
+            staged.manifest_path.write_text(manifest.to_yaml())
             try:
                 os.rename(staging, self.path)
                 return

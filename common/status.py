@@ -153,7 +153,7 @@ def _job(run: RunDir, executor: str, job_id: str) -> Any:
     import submitit
 
     job_cls = submitit.SlurmJob if executor == "slurm" else submitit.LocalJob
-    return job_cls(folder=run.logs_dir / "submitit", job_id=job_id)
+    return job_cls(folder=run.submitit_dir, job_id=job_id)
 
 
 def _scheduler_state(job: Any) -> str | None:

@@ -81,7 +81,7 @@ from pathlib import Path
 import h5py
 import yaml
 
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir
 
 manifests = sorted(Path(p) for p in glob.glob("/usr/local/lib/python3*/dist-packages/manifests/demo/*.yaml"))

@@ -1,5 +1,6 @@
-"""What the reasoning-circuit jobs (seed 003) share: the models with their layers, and reading
-the runs of earlier steps (activation_capture -> sae_training -> feature_ablation)."""
+"""What the reasoning-circuit jobs (seed 003) share: the models with their layers, the benchmarks'
+sizes as planning sees them, and reading the runs of earlier steps (activation_capture ->
+sae_training -> feature_ablation)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ from pydantic import Field
 
 from common.errors import UserError
 from common.layers import resolve_layers
-from common.manifest import StrictModel, upstream_to_estimate
+from common.manifest import StrictModel, shown
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
-from common.plan import assume
-from common.problems import Benchmark
+from common.plan import assume, only_estimating
+from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.rundir import open_run
+from common.runtime import CHARS_PER_TOKEN
+from common.upstream import upstream_to_estimate
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+GUESSED_TOKENS_PER_ITEM = 256  # planning only: an item of a benchmark whose file is not at hand
 
 
 DEVICE_FIELD = Field("auto", pattern=DEVICE_PATTERN, description="where this step runs the model and SAEs: "
@@ -65,6 +69,36 @@ def check_prompt_lengths(bench: Benchmark, tokenizer, config, model: str, field:
                         "or max_new_tokens")
 
 
+class BenchmarkSize(StrictModel):
+    """What planning needs of a benchmark: its items evaluated, and their tokens (mean per item),
+    counted from the texts at CHARS_PER_TOKEN where the file is at hand."""
+
+    items: int
+    prompt_tokens: float  # the few-shot examples and the question: what a model reads before answering
+    solution_tokens: float  # the reference solution after it
+    own_tokens: float  # the item's own question and solution, without the examples
+
+
+def benchmark_size(spec: BenchmarkSpec, field: str) -> BenchmarkSize:
+    """The benchmark's size; while planning, a missing file whose `n` is given is estimated."""
+    try:
+        bench = load_benchmark(spec, field)
+    except UserError as missing:
+        if spec.path is None or spec.path.exists() or spec.n is None:
+            raise
+        only_estimating(missing)
+        assume(f"benchmark {spec.name}: {shown(spec.path)} is not here; taken as n = {spec.n} items of about "
+               f"{GUESSED_TOKENS_PER_ITEM} tokens, with {spec.few_shot} example(s) as long")
+        guess = GUESSED_TOKENS_PER_ITEM
+        return BenchmarkSize(items=spec.n, prompt_tokens=(spec.few_shot + 1) * guess / 2, solution_tokens=guess / 2,
+                             own_tokens=guess)
+    count = len(bench.items)
+    prompts = sum(len(bench.prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    solutions = sum(len(bench.continuation(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    questions = sum(len(bench.question_prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
+    return BenchmarkSize(items=count, prompt_tokens=prompts, solution_tokens=solutions, own_tokens=questions + solutions)
+
+
 @dataclass(frozen=True)
 class CaptureRun:
     """An activation_capture run: its settings (models, benchmarks) and merged activations; or,
@@ -85,8 +119,6 @@ class CaptureRun:
             with h5py.File(self.merged, "r") as merged:
                 return {(entry.name, layer): merged[f"models/{entry.name}/L{layer}"].shape
                         for entry in self.settings.models for layer in entry.layers}
-        from jobs.activation_capture import benchmark_size  # it imports this module
-
         sizes = [benchmark_size(spec, f"{field}: the capture's benchmarks[{index}]")
                  for index, spec in enumerate(self.settings.benchmarks)]
         shapes = {}

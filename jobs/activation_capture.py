@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals
 from common.lazy import lazy_import, no_grad
-from common.manifest import Manifest, StrictModel, shown
+from common.manifest import Manifest, StrictModel
 from common.models import (
     input_device,
     load_config,
@@ -38,19 +38,18 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
-from common.plan import Estimate, WorkUnit, assume, only_estimating
+from common.plan import Estimate, WorkUnit
 from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 from common.report import Report
 from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import ModelEntry, check_models
+from jobs._reasoning import ModelEntry, benchmark_size, check_models
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "activation_capture"
-GUESSED_TOKENS_PER_ITEM = 256  # planning only: an item of a benchmark whose file is not at hand
 
 
 class Settings(StrictModel):
@@ -67,36 +66,6 @@ class Settings(StrictModel):
 
 
 # ---------------------------------------------------------------- plan
-
-
-class BenchmarkSize(StrictModel):
-    """What planning needs of a benchmark: its items evaluated, and their tokens (mean per item),
-    counted from the texts at CHARS_PER_TOKEN where the file is at hand."""
-
-    items: int
-    prompt_tokens: float  # the few-shot examples and the question: what a model reads before answering
-    solution_tokens: float  # the reference solution after it
-    own_tokens: float  # the item's own question and solution, without the examples
-
-
-def benchmark_size(spec: BenchmarkSpec, field: str) -> BenchmarkSize:
-    """The benchmark's size; while planning, a missing file whose `n` is given is estimated."""
-    try:
-        bench = load_benchmark(spec, field)
-    except UserError as missing:
-        if spec.path is None or spec.path.exists() or spec.n is None:
-            raise
-        only_estimating(missing)
-        assume(f"benchmark {spec.name}: {shown(spec.path)} is not here; taken as n = {spec.n} items of about "
-               f"{GUESSED_TOKENS_PER_ITEM} tokens, with {spec.few_shot} example(s) as long")
-        guess = GUESSED_TOKENS_PER_ITEM
-        return BenchmarkSize(items=spec.n, prompt_tokens=(spec.few_shot + 1) * guess / 2, solution_tokens=guess / 2,
-                             own_tokens=guess)
-    count = len(bench.items)
-    prompts = sum(len(bench.prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
-    solutions = sum(len(bench.continuation(item)) for item in bench.items) / count / CHARS_PER_TOKEN
-    questions = sum(len(bench.question_prompt(item)) for item in bench.items) / count / CHARS_PER_TOKEN
-    return BenchmarkSize(items=count, prompt_tokens=prompts, solution_tokens=solutions, own_tokens=questions + solutions)
 
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:

@@ -49,7 +49,7 @@ from common.edits import BatchRows, edit_block_output, zero_features
 from common.errors import UserError
 from common.generation import greedy, left_padded
 from common.lazy import lazy_import, no_grad
-from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
+from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import (
     input_device,
     load_config,
@@ -67,10 +67,12 @@ from common.rundir import open_run
 from common.runtime import Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
+from common.upstream import upstream_to_estimate
 from jobs._reasoning import (
     DEVICE_FIELD,
     CaptureRun,
     ModelEntry,
+    benchmark_size,
     check_prompt_lengths,
     read_capture_run,
     read_upstream,
@@ -112,8 +114,6 @@ class Settings(StrictModel):
 
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
-    from jobs.activation_capture import benchmark_size
-
     s = manifest.settings
     capture, expansion, trained = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks
@@ -182,8 +182,6 @@ def _widths(s: Settings, entry: ModelEntry, expansion: int | None) -> list[int]:
 
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
-    from jobs.activation_capture import benchmark_size
-
     s = manifest.settings
     capture, expansion, _ = _upstream(s)
     benchmarks = s.benchmarks or capture.settings.benchmarks

@@ -23,12 +23,13 @@ from pydantic import Field
 
 from common.errors import UserError
 from common.lazy import lazy_import
-from common.manifest import Manifest, StrictModel, UpstreamRun, upstream_to_estimate
+from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.plan import Estimate, WorkUnit, assume
 from common.report import Report
 from common.runtime import Work
 from common.shards import LIBVER, ShardWriter
 from common.sparse import read_csr
+from common.upstream import upstream_to_estimate
 from jobs import _gambling as task
 
 pd = lazy_import("pandas")

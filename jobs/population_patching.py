@@ -43,13 +43,7 @@ from common.edits import BatchRows, edit_prompt_position, set_feature
 from common.errors import UserError
 from common.generation import prompt_prefix, sample, seed_of
 from common.lazy import lazy_import, no_grad
-from common.manifest import (
-    AbsolutePath,
-    Manifest,
-    StrictModel,
-    UpstreamRun,
-    upstream_to_estimate,
-)
+from common.manifest import AbsolutePath, Manifest, StrictModel, UpstreamRun
 from common.models import (
     DTYPE_BYTES,
     ModelSpec,
@@ -67,6 +61,7 @@ from common.report import Report
 from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
+from common.upstream import upstream_to_estimate
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
 

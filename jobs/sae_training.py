@@ -32,11 +32,18 @@ from common.models import ModelSpec, input_device, load_model, load_tokenizer
 from common.plan import Estimate, WorkUnit
 from common.problems import load_benchmark
 from common.report import Report
+from common.rundir import RunDir
 from common.runtime import Work, model_size, sae_variant
 from common.sae_quality import ce_loss_recovered
 from common.sae_settings import TrainingConfig
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import DEVICE_FIELD, CaptureRun, ModelEntry, read_capture_run
+from jobs._reasoning import (
+    DEVICE_FIELD,
+    CaptureRun,
+    ModelEntry,
+    benchmark_size,
+    read_capture_run,
+)
 from jobs.activation_capture import encode_items, token_limit
 
 if TYPE_CHECKING:
@@ -157,8 +164,6 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 def _ce_work(s: Settings, capture: CaptureRun, units: list[WorkUnit]) -> list:
     """The CE loss recovered: each model loaded once, and per layer three forwards (clean, with the
     SAE spliced in, zeroed) of up to `ce_items` held-out items of each benchmark."""
-    from jobs.activation_capture import benchmark_size
-
     sizes = [benchmark_size(spec, f"{FIELD}: the capture's benchmarks[{index}]")
              for index, spec in enumerate(capture.settings.benchmarks)]
     tokens = sum(min(s.ce_items, round(size.items * s.sae.validation_fraction)) *
@@ -235,10 +240,11 @@ def _write_sae(group: h5py.Group, model: str, layer: int, trained: TrainedSae, m
     group.create_dataset("held_out_items", data=np.asarray(trained.held_out_groups, dtype=np.int64))
 
 
-def checkpoint_path(shard: ShardWriter, unit_id: str) -> Path:
-    """Where a unit's training state is saved while it trains: `checkpoints/` of the run, beside
-    its shards, so that a requeued task resumes where the preempted one stopped."""
-    return shard.path.parent.parent / "checkpoints" / f"{unit_id}.pt"
+def checkpoint_path(shard: ShardWriter, sae: str) -> Path:
+    """Where the training state of SAE `sae` (<model>.L<layer>) is saved while it trains:
+    `checkpoints/` of the run, beside its shards, so that a requeued task resumes where the
+    preempted one stopped."""
+    return RunDir.of_shard(shard.path).checkpoints_dir / f"{sae}.pt"
 
 
 def _model_at_hand(spec: ModelSpec, name: str) -> tuple | None:

@@ -7,7 +7,7 @@ import yaml
 from sae_lens import SAE
 
 from common.launcher import prepare_run, reduce_task, run_shard_task
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from common.batching import (
 )
 from common.cli import main
 from common.launcher import plan_manifest
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.models import Architecture, kv_cache_bytes, load_config, parameter_bytes
 from common.organism.files import Organism
 from jobs import gambling_games

@@ -9,15 +9,9 @@ import pytest
 from common.cli import main
 from common.errors import UserError
 from common.launcher import prepare_run
-from common.manifest import load_manifest
-from common.runtime import (
-    ModelSize,
-    Work,
-    chain_report,
-    sae_variant,
-    seconds,
-    size_manifest,
-)
+from common.manifest_file import load_manifest
+from common.runtime import ModelSize, Work, sae_variant, seconds
+from common.sizing import chain_report, size_manifest
 from tests.helpers import REPO
 
 PAPER = REPO / "manifests"

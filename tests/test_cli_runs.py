@@ -29,7 +29,7 @@ from common.launcher import (
     wait,
 )
 from common.locks import held_by
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.progress import ProgressBoard, TaskView, eta_seconds
 from common.rundir import RunDir
 from common.shards import ShardWriter, lock_path

@@ -14,7 +14,8 @@ import pytest
 from common.containers import check_image, environment_versions, python_command
 from common.errors import UserError
 from common.launcher import make_executor, prepare_run
-from common.manifest import ClusterSettings, load_manifest
+from common.manifest import ClusterSettings
+from common.manifest_file import load_manifest
 
 GOLDEN = Path(__file__).parent / "golden" / "array_in_image.sbatch"
 REGENERATE = "SAEBATCH_REGENERATE_GOLDEN"  # set to 1 to rewrite the golden file from the current code

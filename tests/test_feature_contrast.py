@@ -8,7 +8,7 @@ import yaml
 from scipy import stats
 
 from common.cli import main
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from jobs.feature_contrast import Selection, contrast, correct
 from tests.helpers import REPO
 

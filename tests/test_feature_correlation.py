@@ -21,7 +21,7 @@ from common.launcher import (
     torch_threads,
 )
 from common.layers import decoder_blocks
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from jobs import feature_correlation
 from jobs.feature_correlation import (

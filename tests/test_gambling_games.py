@@ -10,7 +10,7 @@ from scipy import stats
 
 from common.choices import OptionReader
 from common.cli import main
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.organism import synthetic
 from common.organism.files import Organism
 from common.plan import WorkUnit

@@ -31,7 +31,7 @@ import yaml
 from common.cli import main
 from common.generation import uniform_noise
 from common.launcher import prepare_run, reduce_task, run_shard_task
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir
 from common.sparse import read_csr
 from tests.helpers import REPO, write_manifest_file

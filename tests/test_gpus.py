@@ -15,7 +15,7 @@ from common.cli import main
 from common.errors import UserError
 from common.gpus import gpu_slots, require_gpus
 from common.launcher import prepare_run, run_in_gpu_slots, run_shard_task
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.models import ModelSpec, input_device
 from common.rundir import RunDir
 

@@ -16,7 +16,7 @@ import pytest
 
 from common.cli import main
 from common.launcher import prepare_run, submit, wait
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir
 from common.shards import ShardWriter
 from common.status import shard_states

@@ -1,11 +1,18 @@
 """Manifests: typos and wrong types fail at once, naming the field and listing the valid keys."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import yaml
 
 from common.cli import main
 from common.errors import UserError
-from common.manifest import load_manifest
+from common.manifest import upstream_runs
+from common.manifest_file import load_manifest, named_manifest
+from tests.helpers import REPO
+
+DEMO = REPO / "manifests" / "demo"
 
 
 def test_demo_manifest_loads_with_defaults(write_manifest):
@@ -98,4 +105,77 @@ def test_cli_prints_error_without_traceback(write_manifest, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: manifest") and "token_tracking.lyers: unknown key" in err
+    assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- the runs a manifest names
+
+
+@pytest.fixture
+def gambling_steps(tmp_path, monkeypatch):
+    """The demo's gambling chain copied to tmp_path (each step names the previous one's manifest by a
+    relative path), run from there: no run exists."""
+    for step in (DEMO / "gambling_1_games.yaml", DEMO / "gambling_2_contrast.yaml", DEMO / "gambling_3_patching.yaml"):
+        shutil.copy(step, tmp_path / step.name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_a_run_named_by_its_manifest_becomes_that_runs_directory(gambling_steps):
+    games = load_manifest(gambling_steps / "gambling_1_games.yaml")
+    contrast = load_manifest(gambling_steps / "gambling_2_contrast.yaml")
+    assert contrast.settings.games == games.run_path() == gambling_steps / "runs" / f"gambling_games-{games.run_id()}"
+    assert named_manifest(games.run_path()) == (games, gambling_steps / "gambling_1_games.yaml")
+    patching = load_manifest(gambling_steps / "gambling_3_patching.yaml")  # two steps back, through the contrast
+    assert upstream_runs(patching.settings) == {"features": contrast.run_path()}  # retest: None is no run
+    saved = gambling_steps / "saved.yaml"
+    saved.write_text(patching.to_yaml())
+    assert load_manifest(saved) == patching  # the saved form names the runs by directory
+
+
+def test_a_run_named_by_its_directory_is_kept_beside_the_manifest(gambling_steps, monkeypatch):
+    path = gambling_steps / "gambling_2_contrast.yaml"
+    path.write_text(path.read_text().replace("games: gambling_1_games.yaml", "games: games-run"))
+    (gambling_steps / "elsewhere").mkdir()
+    monkeypatch.chdir(gambling_steps / "elsewhere")
+    games = load_manifest(path).settings.games
+    assert games == gambling_steps / "games-run" and named_manifest(games) is None
+
+
+def test_the_run_root_given_moves_the_upstream_runs_too(gambling_steps, tmp_path):
+    contrast = load_manifest(gambling_steps / "gambling_2_contrast.yaml", run_root=tmp_path / "demo")
+    assert contrast.settings.games.parent == tmp_path / "demo" == contrast.run_path().parent
+
+
+def test_the_run_path_is_read_from_the_manifest_alone(gambling_steps, monkeypatch):
+    contrast = load_manifest(gambling_steps / "gambling_2_contrast.yaml")
+    expected = gambling_steps / "runs" / f"feature_contrast-{contrast.run_id()}"
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the run path read the disk")
+
+    for method in ("exists", "is_file", "is_dir", "open", "read_text", "stat", "resolve", "iterdir"):
+        monkeypatch.setattr(Path, method, no_disk)
+    assert contrast.run_path() == expected
+    elsewhere = contrast.model_copy(update={"run": contrast.run.model_copy(update={"dir": Path("/x")})})
+    assert elsewhere.run_path() == Path("/x")
+
+
+def test_an_invalid_upstream_manifest_is_refused_naming_its_file(gambling_steps, capsys):
+    (gambling_steps / "gambling_1_games.yaml").write_text("job: gambling_games\ngambling_games: {repetitons: 2}\n")
+    assert main(["plan", str(gambling_steps / "gambling_2_contrast.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "gambling_1_games.yaml is invalid" in err and "gambling_games.repetitons: unknown key" in err
+
+
+@pytest.mark.parametrize("loop", ["itself", "through another"])
+def test_a_chain_that_leads_back_to_itself_is_refused(gambling_steps, capsys, loop):
+    step = (gambling_steps / "gambling_3_patching.yaml").read_text()
+    first, second = gambling_steps / "p1.yaml", gambling_steps / "p2.yaml"
+    first.write_text(step + f"  retest: {'p1.yaml' if loop == 'itself' else 'p2.yaml'}\n")
+    second.write_text(step + "  retest: p1.yaml\n")
+    assert main(["plan", str(first)]) == 2
+    err = capsys.readouterr().err
+    cycle = "p1.yaml -> p1.yaml" if loop == "itself" else "p1.yaml -> p2.yaml -> p1.yaml"
+    assert f"population_patching.retest: p1.yaml leads back to itself ({cycle}); name the run of an earlier step" in err
     assert "Traceback" not in err

@@ -14,7 +14,7 @@ from common.cli import main
 from common.edits import edit_prompt_position
 from common.errors import UserError
 from common.generation import sample
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.rundir import RunDir
 from jobs import population_patching as patching

@@ -17,7 +17,7 @@ from scipy import stats
 
 from common.cli import main
 from common.edits import edit_block_output, zero_features
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.paired import mcnemar
 from common.problems import BenchmarkSpec, load_benchmark

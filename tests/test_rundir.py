@@ -4,7 +4,7 @@ import pytest
 
 from common.errors import UserError
 from common.launcher import prepare_run
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir, open_run
 from common.shards import partial_path
 
@@ -50,3 +50,24 @@ def test_partial_path_is_beside_the_shard():
     shard = RunDir("/r").shard_path(3)
     assert shard.name == "shard_00003.h5"
     assert partial_path(shard) == shard.with_name("shard_00003.h5.partial")
+
+
+def test_every_output_path_of_a_run_lies_in_its_directory():
+    run = RunDir("/r")
+    owned = {
+        run.manifest_path: "manifest.yaml", run.provenance_path: "provenance.json", run.plan_path: "plan.json",
+        run.shards_dir: "shards", run.shard_path(3): "shards/shard_00003.h5", run.checkpoints_dir: "checkpoints",
+        run.logs_dir: "logs", run.jobs_path: "logs/jobs.json", run.jobs_lock: "logs/.jobs.lock",
+        run.submitit_dir: "logs/submitit", run.merged_path: "merged.h5", run.report_dir: "report",
+        run.submit_lock: ".submit.lock", run.reduce_lock: ".reduce.lock",
+    }
+    assert {str(path.relative_to(run.path)): name for path, name in owned.items()} == {n: n for n in owned.values()}
+    assert RunDir.of_shard(run.shard_path(3)).path == run.path
+
+
+def test_the_run_directory_of_a_manifest_is_its_run_path(write_manifest, tmp_path):
+    manifest = load_manifest(write_manifest())
+    named = tmp_path / "runs" / f"token_tracking-{manifest.run_id()}"
+    assert RunDir.for_manifest(manifest).path == manifest.run_path() == named
+    chosen = load_manifest(write_manifest({"run": {"dir": str(tmp_path / "mine")}}))
+    assert RunDir.for_manifest(chosen).path == chosen.run_path() == tmp_path / "mine"

@@ -13,7 +13,7 @@ import yaml
 
 from common.cli import main
 from common.launcher import load_submissions
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.rundir import RunDir
 from common.status import shard_states
 from tests.helpers import REPO, save_random_sae, write_manifest_file

@@ -51,7 +51,7 @@ def test_a_demo_plan_reads_the_organisms_tokenizer_and_nothing_heavier(manifest)
 
 def test_status_of_a_run_imports_no_heavy_package(tmp_path):
     from common.launcher import prepare_run
-    from common.manifest import load_manifest
+    from common.manifest_file import load_manifest
 
     run = prepare_run(load_manifest(REPO / "manifests/demo/token_tracking.yaml", run_root=tmp_path))
     result = imported_by("status", str(run.path))

@@ -9,7 +9,7 @@ import yaml
 from common.cli import main
 from common.errors import UserError
 from common.launcher import plan_manifest
-from common.manifest import load_manifest
+from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.saes import load_sae
 from common.sparse import read_csr
