@@ -1,6 +1,6 @@
 """What the reasoning-circuit jobs (seed 003) share: the models with their layers, the benchmarks'
-sizes as planning sees them, and reading the runs of earlier steps (activation_capture ->
-sae_training -> feature_ablation)."""
+sizes as planning sees them, the texts as captured, and reading the runs of earlier steps
+(activation_capture -> sae_training -> feature_ablation) where they keep what they wrote."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 from pydantic import Field
 
 from common.errors import UserError
@@ -16,7 +17,7 @@ from common.layers import resolve_layers
 from common.manifest import StrictModel, shown
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
 from common.plan import assume, only_estimating
-from common.problems import Benchmark, BenchmarkSpec, load_benchmark
+from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 from common.rundir import open_run
 from common.runtime import CHARS_PER_TOKEN
 from common.upstream import upstream_to_estimate
@@ -170,3 +171,34 @@ def read_upstream(path: Path, job: str, field: str) -> Path:
     if written_by != job:
         raise UserError(f"{field}: {merged} was written by {written_by!r}, not {job}")
     return merged
+
+
+def token_limit(max_tokens: int | None, config) -> int:
+    """The most tokens of one text that are captured: max_tokens, or the model's positions."""
+    return max_tokens or text_config(config).max_position_embeddings
+
+
+def encode_items(tokenizer, bench: Benchmark, items: list[Item], text: str, max_tokens: int) -> tuple[dict, np.ndarray]:
+    """The items' texts as a right-padded batch (a text over `max_tokens` loses its beginning), and
+    (rows, seq) bool marking the tokens captured: real, not special, and the item's own (after
+    the few-shot examples)."""
+    texts = [bench.with_solution(item) if text == "prompt_and_solution" else bench.prompt(item) for item in items]
+    own_start = [len(bench.prompt(item)) - len(bench.question_prompt(item)) for item in items]
+    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
+    try:
+        encoded = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
+                            truncation=True, max_length=max_tokens, return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = side
+    starts = encoded["offset_mapping"][..., 0].numpy()
+    keep = (encoded["attention_mask"].numpy() == 1) & (encoded["special_tokens_mask"].numpy() == 0)
+    return encoded, keep & (starts >= np.asarray(own_start)[:, None])
+
+
+def sae_path_template(run_dir: Path, model: str) -> str:
+    """Where a training run keeps the sae-lens folders of one model's layers, `{layer}` left open."""
+    return str(run_dir / "saes" / model / "L{layer}")
+
+
+def sae_dir(run_dir: Path, model: str, layer: int) -> Path:
+    return Path(sae_path_template(run_dir, model).format(layer=layer))

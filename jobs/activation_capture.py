@@ -39,11 +39,17 @@ from common.models import (
     text_config,
 )
 from common.plan import Estimate, WorkUnit
-from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
+from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.report import Report
 from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.shards import LIBVER, ShardWriter
-from jobs._reasoning import ModelEntry, benchmark_size, check_models
+from jobs._reasoning import (
+    ModelEntry,
+    benchmark_size,
+    check_models,
+    encode_items,
+    token_limit,
+)
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -101,7 +107,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     for name in dict.fromkeys(unit.payload["model"] for unit in units):
         entry = entries[name]
         config = text_config(load_config(entry.model)[0])
-        limit = token_limit(s, config)
+        limit = token_limit(s.max_tokens, config)
         read = kept = 0.0  # tokens forwarded (with the few-shot examples), tokens captured
         for unit in (u for u in units if u.payload["model"] == name):
             size, (start, stop) = sizes[unit.payload["benchmark"]], unit.payload["items"]
@@ -153,7 +159,7 @@ def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: 
     parts: dict[str, list[np.ndarray]] = {"item": [], "position": [], **{f"L{layer}": [] for layer in entry.layers}}
     for start in range(items.start, items.stop, s.batch_size):
         chosen = [bench.items[i] for i in range(start, min(start + s.batch_size, items.stop))]
-        encoded, keep = encode_items(tokenizer, bench, chosen, s.text, token_limit(s, model.config))
+        encoded, keep = encode_items(tokenizer, bench, chosen, s.text, token_limit(s.max_tokens, model.config))
         rows, positions = np.nonzero(keep)
         with capture_residuals(model, entry.layers, stop=True) as residuals:
             model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
@@ -162,28 +168,6 @@ def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: 
         parts["item"].append(np.asarray([chosen[r].index for r in rows], dtype=np.int32))
         parts["position"].append(positions.astype(np.int32))
     return {name: np.concatenate(values) for name, values in parts.items()}
-
-
-def token_limit(s: Settings, config) -> int:
-    """The most tokens of one text that are captured: max_tokens, or the model's positions."""
-    return s.max_tokens or text_config(config).max_position_embeddings
-
-
-def encode_items(tokenizer, bench: Benchmark, items: list[Item], text: str, max_tokens: int) -> tuple[dict, np.ndarray]:
-    """The items' texts as a right-padded batch (a text over `max_tokens` loses its beginning), and
-    (rows, seq) bool marking the tokens captured: real, not special, and the item's own (after
-    the few-shot examples)."""
-    texts = [bench.with_solution(item) if text == "prompt_and_solution" else bench.prompt(item) for item in items]
-    own_start = [len(bench.prompt(item)) - len(bench.question_prompt(item)) for item in items]
-    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
-    try:
-        encoded = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
-                            truncation=True, max_length=max_tokens, return_tensors="pt")
-    finally:
-        tokenizer.truncation_side = side
-    starts = encoded["offset_mapping"][..., 0].numpy()
-    keep = (encoded["attention_mask"].numpy() == 1) & (encoded["special_tokens_mask"].numpy() == 0)
-    return encoded, keep & (starts >= np.asarray(own_start)[:, None])
 
 
 # ---------------------------------------------------------------- reduce

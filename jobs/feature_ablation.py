@@ -76,8 +76,8 @@ from jobs._reasoning import (
     check_prompt_lengths,
     read_capture_run,
     read_upstream,
+    sae_path_template,
 )
-from jobs.sae_training import sae_path_template
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

@@ -42,9 +42,11 @@ from jobs._reasoning import (
     CaptureRun,
     ModelEntry,
     benchmark_size,
+    encode_items,
     read_capture_run,
+    sae_dir,
+    token_limit,
 )
-from jobs.activation_capture import encode_items, token_limit
 
 if TYPE_CHECKING:
     from common.sae_trainer import TrainedSae
@@ -267,7 +269,7 @@ def _ce_batches(capture: CaptureRun, model, tokenizer, n_items: int, device: tor
         chosen = [item for item in bench.items if item.index in mine][:n_items]
         for start in range(0, len(chosen), capture.settings.batch_size):
             encoded, keep = encode_items(tokenizer, bench, chosen[start : start + capture.settings.batch_size],
-                                         capture.settings.text, token_limit(capture.settings, model.config))
+                                         capture.settings.text, token_limit(capture.settings.max_tokens, model.config))
             batches.append({"input_ids": encoded["input_ids"].to(device),
                             "attention_mask": encoded["attention_mask"].to(device),
                             "edited": torch.from_numpy(keep).to(device)})
@@ -319,15 +321,6 @@ def sae_groups(shard: h5py.File) -> dict[str, h5py.Group]:
     `one_pass` each of its model's layers')."""
     return {sae_id(str(group.attrs["model"]), int(group.attrs["layer"])): group
             for unit in shard["units"].values() for group in unit.values()}
-
-
-def sae_path_template(run_dir: Path, model: str) -> str:
-    """Where a training run keeps the sae-lens folders of one model's layers, `{layer}` left open."""
-    return str(run_dir / "saes" / model / "L{layer}")
-
-
-def sae_dir(run_dir: Path, model: str, layer: int) -> Path:
-    return Path(sae_path_template(run_dir, model).format(layer=layer))
 
 
 def _report(report: Report, s: Settings, table: pd.DataFrame, curves: dict) -> None:
