@@ -305,7 +305,7 @@ def _table(header: list[str], rows: list[tuple]) -> str:
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
     from common.organism.files import SHIPPED
-    from common.organism.training import TrainingSettings, train
+    from jobs._organism.training import TrainingSettings, train
 
     out = Path(args.out).absolute() if args.out else SHIPPED
     record = train(out, TrainingSettings(seed=args.seed, steps=args.steps))
@@ -315,8 +315,8 @@ def cmd_organism_train(args: argparse.Namespace) -> int:
 
 
 def cmd_organism_measure(args: argparse.Namespace) -> int:
-    from common.organism.evaluation import measure
     from common.organism.files import SHIPPED, Organism
+    from jobs._organism.evaluation import measure
 
     organism = Organism(Path(args.dir).absolute() if args.dir else SHIPPED)
     print(f"organism in {organism.folder}; recorded when trained:")
