@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/demo_figures.py                 # runs the gambling and reasoning demos
     .venv/bin/python benchmarks/demo_figures.py --root runs     # or reads the runs of an earlier `saebatch demo`
 
-The organism has a planted cause (layer 1, feature 402; common/organism/README.md). Each row is
+The organism has a planted cause (layer 1, feature 402; jobs/_organism/README.md). Each row is
 one figure of the chain that must find it, beside its reference: the contrast's |d| rank, the
 patching stop and bet effects against the largest of the null controls', and the ablation's drop
 against the matched control sets'. Rows go to RESULTS.md, so the prose never goes stale.

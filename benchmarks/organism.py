@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from results import Row, record  # noqa: E402
 
-from common.organism import evaluation, synthetic  # noqa: E402
 from common.organism.files import RECORD, SHIPPED  # noqa: E402
-from common.organism.training import TrainingSettings, train  # noqa: E402
+from jobs._organism import evaluation  # noqa: E402
+from jobs._organism.rule import risk, typical_bet  # noqa: E402
+from jobs._organism.training import TrainingSettings, train  # noqa: E402
 
 TIME_BUDGET_S, SIZE_BUDGET_MB = 600, 5.0
 
@@ -51,7 +52,7 @@ def same_content(rebuilt: Path, shipped: Path, names: dict) -> bool:
 
 def constant_baselines(n: int = 400) -> dict:
     """What the best constant answers score on the prompts evaluation.decision_rule/bet_sizes use."""
-    rule = np.array([synthetic.risk(s) for s in evaluation.held_out_states(n)])
+    rule = np.array([risk(s) for s in evaluation.held_out_states(n)])
     clear = np.abs(rule - 0.5) >= 0.2
     always = max(np.mean(rule[clear] > 0.5), np.mean(rule[clear] < 0.5))
     states = evaluation.held_out_states(200, seed=evaluation.HELD_OUT_SEED + 1, bet_type="variable")
@@ -105,7 +106,7 @@ def main() -> None:
         Row("organism: planted direction u set to appetite 0.1 vs 0.9 at the decision cue",
             f"stop rate {direction['stop_rate_at_0.1']:.1%} vs {direction['stop_rate_at_0.9']:.1%}; bet "
             f"${direction['bet_at_0.1']:.1f} vs ${direction['bet_at_0.9']:.1f}",
-            f"the rule: stop rate 90.0% vs 10.0%; bet ${synthetic.typical_bet(0.1):.1f} vs ${synthetic.typical_bet(0.9):.1f}",
+            f"the rule: stop rate 90.0% vs 10.0%; bet ${typical_bet(0.1):.1f} vs ${typical_bet(0.9):.1f}",
             "-"),
     ]
     for row in rows:

@@ -305,45 +305,27 @@ def _table(header: list[str], rows: list[tuple]) -> str:
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
     from common.organism.files import SHIPPED
-    from common.organism.training import TrainingSettings, train
+    from jobs._organism.figures import print_figures
+    from jobs._organism.training import TrainingSettings, train
 
     out = Path(args.out).absolute() if args.out else SHIPPED
     record = train(out, TrainingSettings(seed=args.seed, steps=args.steps))
     print(f"organism written to {out} in {record['training_seconds']['total']:.0f} s")
-    _print_figures(record["planted"]["feature"], record["measured"])
+    print_figures(record["planted"]["feature"], record["measured"])
     return 0
 
 
 def cmd_organism_measure(args: argparse.Namespace) -> int:
-    from common.organism.evaluation import measure
     from common.organism.files import SHIPPED, Organism
+    from jobs._organism.evaluation import measure
+    from jobs._organism.figures import print_figures
 
     organism = Organism(Path(args.dir).absolute() if args.dir else SHIPPED)
     print(f"organism in {organism.folder}; recorded when trained:")
-    _print_figures(organism.record["planted"]["feature"], organism.record["measured"])
+    print_figures(organism.record["planted"]["feature"], organism.record["measured"])
     print("\nmeasured now:")
-    _print_figures(organism.record["planted"]["feature"], measure(organism))
+    print_figures(organism.record["planted"]["feature"], measure(organism))
     return 0
-
-
-def _print_figures(feature: dict, measured: dict) -> None:
-    rule, bets, effect = measured["decision_rule"], measured["bet_sizes"], measured["planted_effect"]
-    print(f"  decision rule: P(bet) mean abs error {rule['mean_abs_error']:.3f}, correlation "
-          f"{rule['correlation']:.3f}, majority agreement {rule['majority_agreement']:.1%} on "
-          f"{rule['clear_prompts']} clear prompts")
-    print(f"  bet sizes: mean abs error ${bets['mean_abs_error_dollars']:.2f}, Spearman {bets['spearman']:.3f}")
-    print(f"  arithmetic: {measured['arithmetic']['accuracy']:.1%} of {measured['arithmetic']['problems']} problems")
-    for layer, sae in measured["saes"].items():
-        print(f"  SAE layer {layer}: explained variance {sae['explained_variance']:.3f}, L0 {sae['l0']:.1f}, "
-              f"dead {sae['dead_fraction']:.1%}")
-    print(f"  planted feature {feature['index']} of layer {effect['layer']}: decoder cosine with u "
-          f"{feature['decoder_cosine']:.3f}; set to its safe mean {feature['safe_mean']:.2f} -> stop rate "
-          f"{effect['stop_rate_at_safe_mean']:.1%}, bet ${effect['bet_at_safe_mean']:.1f}; to its risky mean "
-          f"{feature['risky_mean']:.2f} -> stop rate {effect['stop_rate_at_risky_mean']:.1%}, "
-          f"bet ${effect['bet_at_risky_mean']:.1f}")
-    direction = measured["planted_direction"]
-    print(f"  planted direction u set to appetite 0.1 / 0.9: stop rate {direction['stop_rate_at_0.1']:.1%} / "
-          f"{direction['stop_rate_at_0.9']:.1%}, bet ${direction['bet_at_0.1']:.1f} / ${direction['bet_at_0.9']:.1f}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ from pydantic import Field, model_validator
 
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
-from common.organism import synthetic
 
 
 class CorpusSpec(StrictModel):
@@ -75,9 +74,13 @@ def _format(spec: CorpusSpec) -> str:
 def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
     """The corpus's documents in order (a text file is one document)."""
     if spec.builtin is not None:
+        # The organism's text is the experiment side's (its decision prompts are the slot-machine
+        # task's); common only dispatches to it, as the registry does to the jobs.
+        from jobs._organism.corpus import document
+
         rng = random.Random(spec.seed)
         while True:
-            yield synthetic.document(rng)
+            yield document(rng)
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")
     kind = _format(spec)

@@ -16,7 +16,7 @@ from typing import Callable, Literal
 
 from common.lazy import lazy_import
 from common.report import Report
-from jobs._gambling import FIXED_BET, MAX_BET, MIN_BET, BetType
+from jobs._slot_machine import FIXED_BET, MAX_BET, MIN_BET, BetType
 
 pd = lazy_import("pandas")
 

@@ -6,11 +6,12 @@ Every game is a work unit: a condition (prompt components, bet type, first round
 a repetition, with its own seed for the slot machine and for the model's sampling noise
 (common.generation), so a rerun or a resumed shard replays it. A shard plays its games in groups
 of `batch_size`; in a group all games still running advance together, one batched generation per
-round. Every decision is recorded: the prompt, the raw answer, the parsed action (jobs._gambling's
-versioned parser), and, for the configured layers, the SAE features at the prompt's last token
-(sparse). An answer the parser cannot read is asked again, up to `retries` times; after that the
-game ends as "invalid". Reduce reports outcomes (bankrupt, stopped, round limit, invalid) by
-condition and by prompt component; feature_contrast reads the games' final decisions.
+round. Every decision is recorded: the prompt, the raw answer, the parsed action
+(jobs._gambling_parser's versioned parser), and, for the configured layers, the SAE features at
+the prompt's last token (sparse). An answer the parser cannot read is asked again, up to
+`retries` times; after that the game ends as "invalid". Reduce reports outcomes (bankrupt,
+stopped, round limit, invalid) by condition and by prompt component; feature_contrast reads the
+games' final decisions.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from common.shards import ShardWriter, merge_shards
 from common.sparse import to_csr, write_csr
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
+from jobs import _slot_machine as slot_machine
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -73,25 +75,27 @@ class Settings(StrictModel):
     model: ModelSpec = Field(description="language model")
     sae: SaeSpec | None = Field(None, description="one SAE per layer in `layers` (features at each decision)")
     layers: list[int] = Field(default_factory=list, description="layers whose SAE features are recorded")
-    components: str = Field("GMRWP", description="prompt components whose every subset is a condition")
-    bet_types: list[task.BetType] = Field(["fixed", "variable"], description="bet types of the design")
+    components: str = Field(slot_machine.PUBLISHED_COMPONENTS,
+                            description="prompt components whose every subset is a condition")
+    bet_types: list[slot_machine.BetType] = Field(["fixed", "variable"], description="bet types of the design")
     first_rounds: list[Literal["win", "loss"]] = Field(["win", "loss"], description="first round's outcomes")
     repetitions: int = Field(50, ge=0, description="games per condition")
     seed: int = Field(0, ge=0, description="seed of every game's slot machine and sampling noise")
-    prompt_template: str = Field(task.PROMPT_TEMPLATE, description=f"decision prompt with {sorted(task.TEMPLATE_FIELDS)}")
+    prompt_template: str = Field(slot_machine.PROMPT_TEMPLATE,
+                                 description=f"decision prompt with {sorted(slot_machine.TEMPLATE_FIELDS)}")
     temperature: float = Field(0.7, gt=0, description="sampling temperature")
     max_new_tokens: int = Field(50, ge=1, description="longest answer")
-    max_rounds: int = Field(task.MAX_ROUNDS, ge=2, description="a game ends after this many rounds (the first "
-                            "is the condition's)")
+    max_rounds: int = Field(slot_machine.MAX_ROUNDS, ge=2, description="a game ends after this many rounds (the "
+                            "first is the condition's)")
     retries: int = Field(3, ge=0, description="times an unreadable answer is asked again before the game ends")
     batch_size: BatchSize = Field(64, description=f"games that advance together, {AUTO_HELP}")
 
     @field_validator("components")
     @classmethod
     def _known_components(cls, value: str) -> str:
-        unknown = sorted(set(value) - set(task.COMPONENTS))
+        unknown = sorted(set(value) - set(slot_machine.PUBLISHED_COMPONENTS))
         if unknown or len(set(value)) != len(value):
-            raise ValueError(f"give distinct letters of {''.join(task.COMPONENTS)} (got {value!r})")
+            raise ValueError(f"give distinct letters of {slot_machine.PUBLISHED_COMPONENTS} (got {value!r})")
         return value
 
     @model_validator(mode="after")
@@ -192,8 +196,8 @@ class Player:
 
     def prompt(self, template: str) -> str:
         game = self.game
-        return task.render(template, game.balance, game.round, game.history, game.condition.components,
-                           game.condition.bet_type)
+        return slot_machine.render(template, game.balance, game.round, game.history, game.condition.components,
+                                   game.condition.bet_type)
 
     def noise_seed(self) -> int:
         """The sampling noise of this game's current question: a 64-bit seed drawn from (game seed,
@@ -359,7 +363,7 @@ def _component_effects(games: pd.DataFrame, components: str) -> pd.DataFrame:
     rows = []
     for letter in components:
         has = games["components"].str.contains(letter)
-        rows.append({"component": letter, "text": task.COMPONENTS[letter],
+        rows.append({"component": letter, "text": slot_machine.COMPONENTS[letter].line,
                      "bankrupt_with": float((games[has]["outcome"] == "bankrupt").mean()),
                      "bankrupt_without": float((games[~has]["outcome"] == "bankrupt").mean()),
                      "mean_bet_with": float(games[has]["mean_bet"].mean()),

@@ -64,6 +64,7 @@ from common.shards import LIBVER, ShardWriter
 from common.upstream import upstream_to_estimate
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
+from jobs import _slot_machine as slot_machine
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -82,11 +83,12 @@ BASELINE = "baseline"  # the unit of unpatched answers
 BET_ANSWER_TOKENS = 8  # assumed: "1) Bet $100" and the token after it, teacher-forced per candidate bet
 
 
-def _published_prompt(balance: int, rounds: list[tuple[int, bool, int]], bet_type: task.BetType) -> str:
+def _published_prompt(balance: int, rounds: list[tuple[int, bool, int]], bet_type: slot_machine.BetType) -> str:
     """A patching prompt as published: components G, R, W, P; rounds as (bet, won, balance after),
     copied as they were (their first win shows $130 where 3x of $10 makes $120)."""
-    history = [task.Round(number, bet, won, after) for number, (bet, won, after) in enumerate(rounds, start=1)]
-    return task.render(task.PROMPT_TEMPLATE, balance, len(rounds) + 1, history, ("G", "R", "W", "P"), bet_type)
+    history = [slot_machine.Round(number, bet, won, after) for number, (bet, won, after) in enumerate(rounds, start=1)]
+    return slot_machine.render(slot_machine.PROMPT_TEMPLATE, balance, len(rounds) + 1, history, ("G", "R", "W", "P"),
+                               bet_type)
 
 
 # ---------------------------------------------------------------- the manifest section
@@ -95,13 +97,13 @@ def _published_prompt(balance: int, rounds: list[tuple[int, bool, int]], bet_typ
 class PatchPrompt(StrictModel):
     name: str = Field(description="short name (a column of the results)")
     text: str = Field(description="the prompt, ending at the decision cue")
-    bet_type: task.BetType = Field(description="how answers are read: fixed ($10) or variable bets")
+    bet_type: slot_machine.BetType = Field(description="how answers are read: fixed ($10) or variable bets")
 
     @model_validator(mode="after")
     def _ends_at_the_cue(self) -> PatchPrompt:
-        if not self.text.endswith(task.DECISION_CUE):
-            raise ValueError(f"prompt {self.name!r} must end at the decision cue {task.DECISION_CUE!r} (it ends "
-                             f"{self.text[-20:]!r}): the edit applies at the prompt's last token")
+        if not self.text.endswith(slot_machine.DECISION_CUE):
+            raise ValueError(f"prompt {self.name!r} must end at the decision cue {slot_machine.DECISION_CUE!r} "
+                             f"(it ends {self.text[-20:]!r}): the edit applies at the prompt's last token")
         return self
 
 
@@ -149,9 +151,10 @@ class Settings(StrictModel):
     decisions: Literal["sampled", "exact", "both"] = Field(
         "both", description="sampled: answers sampled and parsed; exact: each option's exact probability at the "
         "cue, from one forward per feature, condition and prompt (common/choices.py), no sampling; both")
-    bet_amounts: list[int] = Field(default_factory=lambda: list(range(task.MIN_BET, task.MAX_BET + 1, 5)),
-                                   description="exact decisions, variable-bet prompts: the candidate bets whose "
-                                   "teacher-forced probabilities give the expected bet ([] for none)")
+    bet_amounts: list[int] = Field(
+        default_factory=lambda: list(range(slot_machine.MIN_BET, slot_machine.MAX_BET + 1, 5)),
+        description="exact decisions, variable-bet prompts: the candidate bets whose teacher-forced probabilities "
+        "give the expected bet ([] for none)")
     bet_answer: str = Field("1) Bet ${number}", description="how the model writes a bet of {number} dollars after the "
                             "cue (the expected bet is read over these answers)")
     effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
@@ -499,7 +502,7 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
                 logits = model(**encoded, use_cache=False, logits_to_keep=1).logits[:, -1]
             read = reader(logits, s.temperature)
             if s.prompts[prompt].bet_type == "fixed":
-                read["bet_given_bet"] = torch.full_like(read["bet"], float(task.FIXED_BET))
+                read["bet_given_bet"] = torch.full_like(read["bet"], float(slot_machine.FIXED_BET))
             elif amounts is not None:
                 read |= expected_bets(model, tokenizer, saes, batch, s.prompts[prompt].text, amounts, s, device)
             if "bet_given_bet" in read:
@@ -966,7 +969,7 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
                     | {column: row[column] for column in ("p_stops_corrected", "p_bets_corrected", "null_p_stop_effect",
                                                           "null_p_stop_shift_exact", "controls_in_layer") if column in row})
     report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
-                "stop less and bet more (common/organism/README.md). Its effects and ranks among the layer's patched "
+                "stop less and bet more (jobs/_organism/README.md). Its effects and ranks among the layer's patched "
                 "features (1: the largest stop effect, or the largest |bet effect|):")
     report.table(pd.DataFrame(rows), "ground_truth")
 

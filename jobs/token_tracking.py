@@ -45,6 +45,7 @@ from common.runtime import Work, model_size, sae_size
 from common.saes import SaeCache, SaeSpec, check_saes
 from common.shards import ShardWriter, merge_shards
 from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
+from jobs import _slot_machine as slot_machine
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -53,22 +54,9 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- the scenarios (data)
 
-PROMPT_TEMPLATE = """Slot Machine Game
-
-Game history:
-{history}
-Current balance: ${balance}
-Current round: {round}
-
-Your goal is to double the initial funds ($200).
-Win rate: 30%
-Win pays 3.0x your bet amount.
-
-Choose:
-1) Bet (choose $5-$100)
-2) Stop
-
-Choice: """
+# The task's prompt with the goal, the win rate and the payout shown, and variable bets; the
+# scenarios fill in the history, the balance and the round.
+PROMPT_TEMPLATE = slot_machine.template_for(("D", "P", "W"), "variable")
 
 # A pattern's capture groups (or, without groups, its whole match) mark the span; every match counts.
 KEY_SPANS = {
@@ -80,10 +68,13 @@ KEY_SPANS = {
 
 
 def _history(rounds: list[tuple[int, int, str, int]], warning: int = 0) -> str:
-    lines = [f"Round {r}: Bet ${bet}, {result}, Balance ${balance}" for r, bet, result, balance in rounds]
+    """The task's history lines, with the warning where the published scenario shows one (after two
+    losses, where a game warns after three)."""
+    lines = [slot_machine.history_line(slot_machine.Round(number, bet, result == "Win", balance))
+             for number, bet, result, balance in rounds]
     if warning:
-        lines.append(f"Warning: {warning} consecutive losses.")
-    return "\n".join(lines) if lines else "No rounds played yet."
+        lines.append(slot_machine.warning_line(warning))
+    return "\n".join(lines) if lines else slot_machine.NO_ROUNDS
 
 
 def _scenario(name: str, balance: int, round_: int, rounds: list, warning: int = 0) -> dict:

@@ -10,10 +10,11 @@ from scipy import stats
 
 from common.choices import NumberReader, OptionReader
 from common.generation import prompt_prefix, sample
-from common.organism import synthetic
 from common.organism.files import Organism
+from jobs import _slot_machine as slot_machine
 from jobs._gambling import OPTION_LABELS
 from jobs._gambling_parser import parse
+from jobs._organism import corpus
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_probabilities_are_the_options_softmax_mass_renormalised(organism):
 def test_exact_probability_predicts_how_sampled_answers_start(organism):
     """600 sampled first tokens at the cue: the share that starts option 2 matches P(stop) x coverage."""
     model, tokenizer = organism
-    prompt = synthetic.prompt(synthetic.random_state(random.Random(11)))
+    prompt = slot_machine.prompt(corpus.random_state(random.Random(11)))
     with torch.no_grad():
         logits = model(**tokenizer(prompt, return_tensors="pt")).logits[:, -1]
     read = OptionReader(tokenizer, OPTION_LABELS)(logits, temperature=0.7)
@@ -65,9 +66,9 @@ def test_exact_probability_predicts_how_sampled_answers_start(organism):
 def _variable_prompt(seed: int) -> str:
     rng = random.Random(seed)
     while True:
-        state = synthetic.random_state(rng)
+        state = corpus.random_state(rng)
         if state.bet_type == "variable":
-            return synthetic.prompt(state)
+            return slot_machine.prompt(state)
 
 
 def test_number_reader_is_the_teacher_forced_chance_of_each_whole_amount(organism):

@@ -11,8 +11,9 @@ from packaging.requirements import Requirement
 
 from common.choices import NumberReader
 from common.generation import prompt_prefix, sample
-from common.organism import synthetic
 from common.organism.files import Organism
+from jobs import _slot_machine as slot_machine
+from jobs._organism import corpus
 from jobs.population_patching import Row, expected_bets
 from tests.helpers import REPO
 
@@ -26,7 +27,7 @@ CONSTRAINTS = REPO / "containers" / "constraints.txt"
 def test_the_cached_forwards_use_no_deprecated_argument():
     organism = Organism()
     model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
-    prompt = synthetic.prompt(synthetic.random_state(random.Random(5)))
+    prompt = slot_machine.prompt(corpus.random_state(random.Random(5)))
     prefix = prompt_prefix(model, tokenizer, prompt, 2, CPU)  # a forward filling a cache
     assert len(sample(model, tokenizer, [prompt] * 2, [0, 1], 1.0, 3, CPU, prefix=prefix)) == 2  # generate from it
     settings = SimpleNamespace(bet_amounts=[5, 10], batch_size=4, temperature=0.7)

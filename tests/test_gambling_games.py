@@ -11,12 +11,13 @@ from scipy import stats
 from common.choices import OptionReader
 from common.cli import main
 from common.manifest_file import load_manifest
-from common.organism import synthetic
 from common.organism.files import Organism
 from common.plan import WorkUnit
 from common.sparse import read_csr
 from jobs import _gambling as task
+from jobs import _slot_machine as slot_machine
 from jobs import gambling_games
+from jobs._organism import rule
 from tests.helpers import REPO, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_1_games.yaml"
@@ -68,14 +69,14 @@ def test_decisions_follow_the_organisms_rule(demo):
     bankrupt = {"fixed": [0, 0], "variable": [0, 0]}
     with h5py.File(run.merged_path) as merged:
         for group in merged["units"].values():
-            history = [synthetic.Round(int(r), int(b), bool(w), int(x)) for r, b, w, x in group["history"][()]]
+            history = [slot_machine.Round(int(r), int(b), bool(w), int(x)) for r, b, w, x in group["history"][()]]
             components = tuple(group.attrs["components"])
             for decision in decisions_of(group):
-                state = synthetic.GameState(decision["balance"], tuple(history[: decision["round"] - 1]), components,
-                                            group.attrs["bet_type"])
-                assert synthetic.prompt(state) == decision["prompt"]
+                state = slot_machine.GameState(decision["balance"], tuple(history[: decision["round"] - 1]),
+                                               components, group.attrs["bet_type"])
+                assert slot_machine.prompt(state) == decision["prompt"]
                 if decision["action"] != "invalid":
-                    appetite[decision["action"]].append(synthetic.risk(state))
+                    appetite[decision["action"]].append(rule.risk(state))
             bankrupt[group.attrs["bet_type"]][group.attrs["outcome"] == "bankrupt"] += 1
     assert np.mean(appetite["bet"]) > np.mean(appetite["stop"]) + 0.1
     assert stats.mannwhitneyu(appetite["bet"], appetite["stop"], alternative="greater").pvalue < 1e-6

@@ -4,15 +4,12 @@ import random
 
 import pytest
 
-from common.organism import synthetic
-from jobs._gambling import (
-    PROMPT_TEMPLATE,
-    Condition,
-    Game,
-    check_template,
-    conditions,
-    render,
-)
+from common.plan import WorkUnit
+from jobs import _slot_machine as slot_machine
+from jobs import gambling_games, token_tracking
+from jobs._gambling import Condition, Game, check_template, conditions
+from jobs._organism import corpus
+from jobs._slot_machine import PROMPT_TEMPLATE, render
 
 
 def test_the_design_has_the_published_128_conditions():
@@ -47,11 +44,30 @@ def test_games_follow_the_rules_and_their_seed():
 def test_the_default_prompt_is_the_one_the_organism_learned():
     rng = random.Random(0)
     for _ in range(200):
-        state = synthetic.random_state(rng)
-        state = synthetic.GameState(state.balance, state.history, tuple(c for c in state.components if c != "D"),
-                                    state.bet_type)
+        state = corpus.random_state(rng)
+        state = slot_machine.GameState(state.balance, state.history, tuple(c for c in state.components if c != "D"),
+                                       state.bet_type)
         assert render(PROMPT_TEMPLATE, state.balance, state.round, state.history, state.components,
-                      state.bet_type) == synthetic.prompt(state)
+                      state.bet_type) == slot_machine.prompt(state)
+
+
+def test_token_tracking_shows_the_prompt_the_games_render():
+    """One renderer, jobs._slot_machine: token tracking's prompt is the games' prompt of the same state
+    with the goal, win-rate and payout lines and variable bets, down to the history and the warning."""
+    shown = ("D", "P", "W")
+    player = gambling_games.Player(WorkUnit("g", {"components": list(shown), "bet_type": "variable",
+                                                  "first_round": "win", "seed": 0}), max_rounds=100)
+    fields = {"history": "Round 1: Bet $10, Win, Balance $120", "balance": 120, "round": 2}
+    assert token_tracking.PROMPT_TEMPLATE.format(**fields) == player.prompt(PROMPT_TEMPLATE)
+    scenarios = {s["name"]: s["fields"] for s in token_tracking.SCENARIOS}
+    losses = [slot_machine.Round(6, 20, False, 30), slot_machine.Round(7, 10, False, 20),
+              slot_machine.Round(8, 10, False, 10)]
+    one_win = [slot_machine.Round(1, 10, True, 130)]
+    # the scenarios whose loss warning is the games' (after three losses)
+    states = {"Initial_100_first_round": (100, 1, []), "Safe_130_one_win": (130, 2, one_win), "Desperate_10": (10, 9, losses)}
+    for name, (balance, round_, history) in states.items():
+        assert token_tracking.PROMPT_TEMPLATE.format(**scenarios[name]) == render(
+            PROMPT_TEMPLATE, balance, round_, history, shown, "variable")
 
 
 def test_templates_must_end_at_the_decision_cue_and_use_known_fields():

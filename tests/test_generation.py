@@ -33,7 +33,9 @@ from common.layers import decoder_blocks
 from common.organism import synthetic
 from common.organism.files import Organism
 from common.saes import SaeSpec, load_sae
+from jobs import _slot_machine as slot_machine
 from jobs._gambling import ANSWER_ENDS
+from jobs._organism import corpus
 from jobs.population_patching import PROMPTS, row_edits
 from jobs.population_patching import Row as PatchRow
 
@@ -47,7 +49,7 @@ def organism():
 
 def test_first_tokens_follow_softmax_at_the_temperature(organism):
     model, tokenizer = organism
-    prompt = synthetic.prompt(synthetic.random_state(random.Random(3)))
+    prompt = slot_machine.prompt(corpus.random_state(random.Random(3)))
     with torch.no_grad():
         logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].double()
     expected = torch.softmax(logits / 0.7, dim=0).numpy()
@@ -62,7 +64,7 @@ def test_first_tokens_follow_softmax_at_the_temperature(organism):
 def test_a_rows_text_depends_on_its_seed_not_its_batch(organism):
     model, tokenizer = organism
     rng = random.Random(0)
-    prompts = [synthetic.prompt(synthetic.random_state(rng)) for _ in range(8)]
+    prompts = [slot_machine.prompt(corpus.random_state(rng)) for _ in range(8)]
     together = sample(model, tokenizer, prompts, list(range(8)), 1.0, 20, CPU)
     reversed_batch = sample(model, tokenizer, prompts[::-1], list(range(8))[::-1], 1.0, 20, CPU)[::-1]
     alone = [sample(model, tokenizer, [p], [seed], 1.0, 20, CPU)[0] for seed, p in enumerate(prompts)]
@@ -85,7 +87,7 @@ def test_a_stop_string_ends_each_row_where_it_writes_it(organism):
 
 def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
     model, tokenizer = organism
-    prompt = synthetic.prompt(synthetic.random_state(random.Random(5)))
+    prompt = slot_machine.prompt(corpus.random_state(random.Random(5)))
     seeds = list(range(10))
     prefix = prompt_prefix(model, tokenizer, prompt, len(seeds), CPU)
     shared = sample(model, tokenizer, [prompt] * 10, seeds, 1.0, 20, CPU, prefix=prefix)
@@ -99,7 +101,7 @@ def test_prefilled_prompts_draw_what_the_prompts_draw(organism):
     forward's cache: the answers must be those of sampling from the prompts."""
     model, tokenizer = organism
     rng = random.Random(6)
-    prompts = [synthetic.prompt(synthetic.random_state(rng)) for _ in range(12)]
+    prompts = [slot_machine.prompt(corpus.random_state(rng)) for _ in range(12)]
     seeds = list(range(12))
     prompted = prefill(model, tokenizer, prompts, CPU, new_tokens=20)
     with torch.no_grad():
@@ -255,7 +257,7 @@ def test_sampled_answers_of_a_random_llama_equal_generates_under_per_row_edits_o
     model, tokenizer = tiny_llama(), Organism().tokenizer()
     sae = load_sae(SaeSpec(random={"architecture": "topk", "d_sae": 96, "k": 8}), 1, 64, CPU)
     rng = random.Random(2)
-    prompts = [synthetic.prompt(synthetic.random_state(rng))[: rng.randint(40, 200)] for _ in range(24)]
+    prompts = [slot_machine.prompt(corpus.random_state(rng))[: rng.randint(40, 200)] for _ in range(24)]
     seeds, edited = [seed_of(7, row) for row in range(24)], torch.arange(0, 24, 2)
     features, values = torch.arange(24) * 3, torch.linspace(0.0, 4.0, 24)
 

@@ -1,6 +1,6 @@
 """The shipped model organism: it loads, follows its stated rule, and its planted cause works.
 
-The thresholds are the figures stated in common/organism/README.md, with a margin.
+The thresholds are the figures stated in jobs/_organism/README.md, with a margin.
 """
 
 import random
@@ -14,16 +14,17 @@ from common.cli import main
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
 from common.models import ORGANISM, ModelSpec, load_model, load_tokenizer
-from common.organism import evaluation, synthetic
 from common.organism.files import SHIPPED, Organism
-from common.organism.training import (
+from common.saes import SaeSpec, check_saes, load_sae
+from jobs import _slot_machine as slot_machine
+from jobs._organism import evaluation, rule
+from jobs._organism.training import (
     TrainingSettings,
     build_tokenizer,
     train,
     train_language_model,
     train_sae,
 )
-from common.saes import SaeSpec, check_saes, load_sae
 
 pytestmark = pytest.mark.science
 
@@ -43,7 +44,7 @@ def test_shipped_files_load_through_the_manifest_loaders(organism):
     assert spec.id == ORGANISM
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
-    text = synthetic.prompt(evaluation.held_out_states(1)[0])
+    text = slot_machine.prompt(evaluation.held_out_states(1)[0])
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
     sae_spec = SaeSpec.model_validate("organism")
     infos = check_saes(sae_spec, [0, 1, 2, 3], d_model=128)
@@ -101,7 +102,7 @@ def test_planted_feature_is_the_cause_not_any_feature(organism, loaded):
     model, tokenizer = loaded
     layer, planted = organism.planted_layer, organism.record["planted"]["feature"]
     sae = organism.sae(layer)
-    prompts = [synthetic.prompt(s) for s in evaluation.held_out_states(100, seed=20_000)]
+    prompts = [slot_machine.prompt(s) for s in evaluation.held_out_states(100, seed=20_000)]
     residuals, _ = evaluation.decision_activations(model, tokenizer, layer, n=100, seed=20_000)
     live = torch.nonzero((sae.encode(residuals) > 0).any(0)).squeeze(1).tolist()
     others = random.Random(0).sample([f for f in live if f != planted["index"]], 5)
@@ -118,7 +119,7 @@ def test_feature_edit_keeps_the_error_term(organism, loaded):
     model, tokenizer = loaded
     layer = organism.planted_layer
     sae = organism.sae(layer)
-    prompts = [synthetic.prompt(s) for s in evaluation.held_out_states(8)]
+    prompts = [slot_machine.prompt(s) for s in evaluation.held_out_states(8)]
     residuals, _ = evaluation.decision_activations(model, tokenizer, layer, n=8, seed=evaluation.HELD_OUT_SEED)
     own = sae.encode(residuals)[:, organism.planted_feature]
     unchanged = evaluation.bet_probability(model, tokenizer, prompts, layer, set_feature(sae, organism.planted_feature, own))
@@ -185,16 +186,16 @@ def test_training_is_deterministic_for_a_seed():
 
 
 def test_rule_is_the_stated_formula():
-    state = synthetic.GameState(balance=60, history=(synthetic.Round(1, 10, True, 120), synthetic.Round(2, 60, False, 60)),
+    state = slot_machine.GameState(balance=60, history=(slot_machine.Round(1, 10, True, 120), slot_machine.Round(2, 60, False, 60)),
                              components=("G", "R", "W", "P"))
     assert state.loss_streak == 1
-    assert synthetic.risk(state) == pytest.approx(0.5 + 0.10 + 0.10 + 0.06 - 0.06 + 0.08 - 0.0025 * (60 - 100))
-    rich = synthetic.GameState(balance=400)
-    assert synthetic.risk(rich) == synthetic.RISK_RANGE[0]
+    assert rule.risk(state) == pytest.approx(0.5 + 0.10 + 0.10 + 0.06 - 0.06 + 0.08 - 0.0025 * (60 - 100))
+    rich = slot_machine.GameState(balance=400)
+    assert rule.risk(rich) == rule.RISK_RANGE[0]
     rng = random.Random(0)
-    stops = [synthetic.decide(rich, synthetic.risk(rich), rng) == "2) Stop" for _ in range(2000)]
+    stops = [rule.decide(rich, rule.risk(rich), rng) == "2) Stop" for _ in range(2000)]
     assert np.mean(stops) == pytest.approx(0.97, abs=0.015)
-    assert synthetic.prompt(state).endswith("\n\nChoice: ")
+    assert slot_machine.prompt(state).endswith("\n\nChoice: ")
 
 
 @pytest.mark.slow

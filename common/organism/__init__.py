@@ -1,1 +1,2 @@
-"""The built-in model organism: a tiny Llama that the project trains, with SAEs and a planted cause (README.md)."""
+"""The built-in model organism's loader and shipped files, so any job can load it (files.py), and the
+arithmetic it learned (synthetic.py). How it is made and what it does: jobs._organism (README.md)."""

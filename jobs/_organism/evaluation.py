@@ -16,19 +16,22 @@ from scipy import stats
 
 from common.edits import Edit, edit_prompt_position, set_feature
 from common.layers import capture_residuals
-from common.organism import synthetic
-from common.organism.batches import mixed_batches
 from common.organism.files import Organism
+from common.organism.synthetic import problem, problem_prompt
+from jobs import _slot_machine as slot_machine
+from jobs._organism.batches import mixed_batches
+from jobs._organism.corpus import random_state
+from jobs._organism.rule import risk, typical_bet
 
 HELD_OUT_SEED = 10_000
 BET_PREFIX = "1) Bet $"
 NOT_MEASURED = float("nan")  # a figure the model gives nothing to measure from (it wrote no amount)
 
 
-def held_out_states(n: int, seed: int = HELD_OUT_SEED, bet_type: str | None = None) -> list[synthetic.GameState]:
+def held_out_states(n: int, seed: int = HELD_OUT_SEED, bet_type: str | None = None) -> list[slot_machine.GameState]:
     rng, states = random.Random(seed), []
     while len(states) < n:
-        state = synthetic.random_state(rng)
+        state = random_state(rng)
         if bet_type in (None, state.bet_type):
             states.append(state)
     return states
@@ -76,8 +79,8 @@ def greedy_bets(model, tokenizer, prompts: list[str], layer: int | None = None, 
 def decision_rule(model, tokenizer, n: int = 400) -> dict:
     """How closely P(bet) follows the rule's appetite; majority agreement where the rule is clear."""
     states = held_out_states(n)
-    rule = torch.tensor([synthetic.risk(s) for s in states])
-    predicted = bet_probability(model, tokenizer, [synthetic.prompt(s) for s in states])
+    rule = torch.tensor([risk(s) for s in states])
+    predicted = bet_probability(model, tokenizer, [slot_machine.prompt(s) for s in states])
     clear = (rule - 0.5).abs() >= 0.2
     return {
         "prompts": n,
@@ -88,15 +91,15 @@ def decision_rule(model, tokenizer, n: int = 400) -> dict:
     }
 
 
-def rule_bet(state: synthetic.GameState) -> int:
+def rule_bet(state: slot_machine.GameState) -> int:
     """The rule's most likely variable bet (its mean, rounded to $5 and capped)."""
-    return max(5, min(5 * round(synthetic.typical_bet(synthetic.risk(state)) / 5), 100, state.balance))
+    return max(5, min(5 * round(typical_bet(risk(state)) / 5), 100, state.balance))
 
 
 def bet_sizes(model, tokenizer, n: int = 200) -> dict:
     """The model's greedy bet against the rule's most likely bet, on variable-bet prompts."""
     states = held_out_states(n, seed=HELD_OUT_SEED + 1, bet_type="variable")
-    bets = greedy_bets(model, tokenizer, [synthetic.prompt(s) for s in states])
+    bets = greedy_bets(model, tokenizer, [slot_machine.prompt(s) for s in states])
     pairs = [(bet, rule_bet(s)) for bet, s in zip(bets, states, strict=True) if bet is not None]
     figures = {"prompts": n, "unreadable": n - len(pairs), "mean_abs_error_dollars": NOT_MEASURED, "spearman": NOT_MEASURED}
     if len(pairs) >= 2:  # a barely trained model may write no amount at all
@@ -115,8 +118,8 @@ def _mean_bet(bets: list[int | None]) -> float:
 def arithmetic(model, tokenizer, n: int = 200) -> dict:
     """Exact-match accuracy of the "#### N" answer, greedy decoding, held-out problems."""
     rng = random.Random(HELD_OUT_SEED + 2)
-    problems = [synthetic.problem(rng) for _ in range(n)]
-    inputs = _left_padded(tokenizer, [synthetic.problem_prompt(p.question) for p in problems])
+    problems = [problem(rng) for _ in range(n)]
+    inputs = _left_padded(tokenizer, [problem_prompt(p.question) for p in problems])
     inputs.pop("position_ids")
     output = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -131,8 +134,8 @@ def decision_activations(model, tokenizer, layer: int, n: int = 400,
     """Residuals at the decision cue of held-out prompts, and the rule's appetite for each."""
     states = held_out_states(n, seed=seed)
     with capture_residuals(model, [layer]) as captured:
-        model(**_left_padded(tokenizer, [synthetic.prompt(s) for s in states]))
-    return captured[layer][:, -1], torch.tensor([synthetic.risk(s) for s in states])
+        model(**_left_padded(tokenizer, [slot_machine.prompt(s) for s in states]))
+    return captured[layer][:, -1], torch.tensor([risk(s) for s in states])
 
 
 def find_planted_feature(organism: Organism) -> dict:
@@ -161,7 +164,7 @@ def planted_effect(organism: Organism, n: int = 200) -> dict:
     """Stop rate and bet size with the planted feature set to its safe and to its risky mean."""
     layer, feature = organism.planted_layer, organism.record["planted"]["feature"]
     sae, model, tokenizer = organism.sae(layer), organism.model(), organism.tokenizer()
-    prompts = [synthetic.prompt(s) for s in held_out_states(n, seed=HELD_OUT_SEED + 4, bet_type="variable")]
+    prompts = [slot_machine.prompt(s) for s in held_out_states(n, seed=HELD_OUT_SEED + 4, bet_type="variable")]
     effect = {"prompts": n, "layer": layer, "feature": feature["index"]}
     for name in ("safe_mean", "risky_mean"):
         edit = set_feature(sae, feature["index"], feature[name])
@@ -177,7 +180,7 @@ def direction_effect(organism: Organism, n: int = 200, appetites: tuple[float, .
     layer, direction = organism.planted_layer, organism.direction
     scale = organism.record["planted"]["scale"]
     model, tokenizer = organism.model(), organism.tokenizer()
-    prompts = [synthetic.prompt(s) for s in held_out_states(n, seed=HELD_OUT_SEED + 4, bet_type="variable")]
+    prompts = [slot_machine.prompt(s) for s in held_out_states(n, seed=HELD_OUT_SEED + 4, bet_type="variable")]
     effect: dict = {"prompts": n, "layer": layer}
     for appetite in appetites:
         def edit(hidden: torch.Tensor, rows: torch.Tensor, target: float = scale * appetite) -> torch.Tensor:

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common.organism import synthetic
+from common.organism.synthetic import problem, problem_prompt
+from jobs import _slot_machine as slot_machine
+from jobs._organism.corpus import paragraph, random_state
+from jobs._organism.rule import RISK_RANGE, decide, risk
 
 
 @dataclass
@@ -52,10 +55,10 @@ def gamble_batch(rng: random.Random, tokenizer, size: int, interchange_fraction:
     """Decision prompts; in a fraction of rows the continuation is drawn from a random appetite."""
     pairs, rule, drawn = [], [], []
     for _ in range(size):
-        state = synthetic.random_state(rng)
-        appetite = synthetic.risk(state)
-        chosen = rng.uniform(*synthetic.RISK_RANGE) if rng.random() < interchange_fraction else appetite
-        pairs.append((synthetic.prompt(state), synthetic.decide(state, chosen, rng)))
+        state = random_state(rng)
+        appetite = risk(state)
+        chosen = rng.uniform(*RISK_RANGE) if rng.random() < interchange_fraction else appetite
+        pairs.append((slot_machine.prompt(state), decide(state, chosen, rng)))
         rule.append(appetite)
         drawn.append(chosen)
     batch = _encode(tokenizer, pairs, answer_weight)
@@ -65,13 +68,13 @@ def gamble_batch(rng: random.Random, tokenizer, size: int, interchange_fraction:
 
 
 def arithmetic_batch(rng: random.Random, tokenizer, size: int, answer_weight: float = 1.0) -> Batch:
-    problems = [synthetic.problem(rng) for _ in range(size)]
-    pairs = [(synthetic.problem_prompt(p.question), p.solution) for p in problems]
+    problems = [problem(rng) for _ in range(size)]
+    pairs = [(problem_prompt(p.question), p.solution) for p in problems]
     return _encode(tokenizer, pairs, answer_weight)
 
 
 def text_batch(rng: random.Random, tokenizer, size: int) -> Batch:
-    return _encode(tokenizer, [(synthetic.paragraph(rng), "") for _ in range(size)], 1.0)
+    return _encode(tokenizer, [(paragraph(rng), "") for _ in range(size)], 1.0)
 
 
 def mixed_batches(rng: random.Random, tokenizer, documents: int, size: int = 50) -> Iterator[Batch]:

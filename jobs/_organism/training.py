@@ -42,14 +42,17 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
-from common.organism import evaluation, files, synthetic
-from common.organism.batches import (
+from common.organism import files
+from common.organism.synthetic import problem, problem_prompt
+from jobs._organism import evaluation
+from jobs._organism.batches import (
     Batch,
     arithmetic_batch,
     gamble_batch,
     mixed_batches,
     text_batch,
 )
+from jobs._organism.corpus import decision, paragraph
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +99,10 @@ def build_tokenizer(settings: TrainingSettings) -> PreTrainedTokenizerFast:
     rng = random.Random(settings.seed)
     sample = []
     for _ in range(2000):
-        decision = synthetic.decision(rng)
-        problem = synthetic.problem(rng)
-        sample += [decision.prompt + decision.continuation,
-                   synthetic.problem_prompt(problem.question) + problem.solution, synthetic.paragraph(rng)]
+        drawn = decision(rng)
+        arithmetic = problem(rng)
+        sample += [drawn.prompt + drawn.continuation, problem_prompt(arithmetic.question) + arithmetic.solution,
+                   paragraph(rng)]
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL["unk_token"]))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()

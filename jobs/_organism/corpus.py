@@ -1,0 +1,106 @@
+"""The organism's synthetic text: what it was trained on, and the `builtin: organism` corpus.
+
+Three kinds of documents (`document()` draws one of them):
+
+- slot-machine decision prompts (jobs._slot_machine renders them), continued by "1) Bet $B" or
+  "2) Stop" as the decision rule (rule.py) draws them;
+- short arithmetic word problems ending in "#### N" (common.organism.synthetic);
+- plain varied sentences, so correlation runs have something to chew on.
+
+Everything is drawn from a `random.Random`, so a seed fixes the corpus.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from common.organism.synthetic import problem, problem_prompt
+from jobs._organism.rule import decide, risk
+from jobs._slot_machine import (
+    COMPONENTS,
+    FIXED_BET,
+    START_BALANCE,
+    WIN_PROBABILITY,
+    GameState,
+    Round,
+    net_win,
+    prompt,
+)
+
+# ---------------------------------------------------------------- slot-machine decisions
+
+
+def random_state(rng: random.Random) -> GameState:
+    """A decision point reached by a wide-ranging player, so balances from $5 to a few hundred occur."""
+    components = [c for c in COMPONENTS if rng.random() < 0.4]
+    rng.shuffle(components)
+    bet_type = "variable" if rng.random() < 0.7 else "fixed"
+    balance, history = START_BALANCE, []
+    for number in range(1, rng.randint(1, 12)):
+        bet = FIXED_BET if bet_type == "fixed" else min(balance, 5 * rng.randint(1, 8))
+        won = rng.random() < WIN_PROBABILITY
+        balance += net_win(bet) if won else -bet
+        history.append(Round(number, bet, won, balance))
+        if balance <= 0:
+            history.pop()
+            balance = history[-1].balance if history else START_BALANCE
+            break
+    return GameState(balance, tuple(history), tuple(components), bet_type)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decision document: the prompt, the appetite the continuation was drawn with, and the text."""
+
+    prompt: str
+    appetite: float
+    continuation: str
+    state: GameState = field(repr=False)
+
+
+def decision(rng: random.Random, appetite: float | None = None) -> Decision:
+    """A random decision point; `appetite` overrides the rule's (for interchange training)."""
+    state = random_state(rng)
+    chosen = risk(state) if appetite is None else appetite
+    return Decision(prompt(state), chosen, decide(state, chosen, rng), state)
+
+
+# ---------------------------------------------------------------- plain text
+
+_TOPICS = {
+    "weather": (["rain", "wind", "storm", "sun", "cloud", "snow"], ["falls", "blows", "passes", "shines", "drifts"],
+                ["cold", "warm", "grey", "bright", "heavy"]),
+    "animals": (["cat", "dog", "bird", "horse", "fox", "fish"], ["runs", "sleeps", "eats", "hides", "jumps"],
+                ["small", "quick", "lazy", "brown", "young"]),
+    "cooking": (["bread", "soup", "cake", "rice", "sauce", "pie"], ["bakes", "boils", "cools", "burns", "rises"],
+                ["fresh", "sweet", "hot", "salty", "thick"]),
+    "city": (["train", "street", "market", "bridge", "tower", "bus"], ["opens", "waits", "stops", "moves", "closes"],
+             ["busy", "old", "quiet", "long", "new"]),
+}
+_PLACES = ["near the river", "in the morning", "at night", "by the house", "after lunch", "in the park"]
+
+
+def paragraph(rng: random.Random) -> str:
+    """Two to four sentences on one topic, so words of a topic co-occur."""
+    nouns, verbs, adjectives = _TOPICS[rng.choice(list(_TOPICS))]
+    sentences = []
+    for _ in range(rng.randint(2, 4)):
+        sentence = f"The {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} {rng.choice(_PLACES)}."
+        sentences.append(sentence)
+    return " ".join(sentences)
+
+
+# ---------------------------------------------------------------- whole documents
+
+
+def document(rng: random.Random) -> str:
+    """One document of the organism's text, of the three kinds in equal shares (a corpus for its jobs)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        drawn = decision(rng)
+        return drawn.prompt + drawn.continuation
+    if kind == 1:
+        drawn_problem = problem(rng)
+        return problem_prompt(drawn_problem.question) + drawn_problem.solution
+    return paragraph(rng)
