@@ -29,7 +29,7 @@ from results import Row, record  # noqa: E402
 
 from common.edits import edit_block_output, zero_features  # noqa: E402
 from common.organism.files import Organism  # noqa: E402
-from common.problems import BenchmarkSpec, load_benchmark  # noqa: E402
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 from jobs.feature_ablation import (  # noqa: E402
     ablate_and_generate,
     attribution,

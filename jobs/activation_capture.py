@@ -39,7 +39,6 @@ from common.models import (
     text_config,
 )
 from common.plan import Estimate, WorkUnit
-from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.report import Report
 from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.shards import LIBVER, ShardWriter
@@ -50,6 +49,7 @@ from jobs._reasoning import (
     encode_items,
     token_limit,
 )
+from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

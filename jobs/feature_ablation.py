@@ -17,7 +17,7 @@ benchmarks). A work unit is one model on one benchmark:
    features zero-ablated (the null: each set matched to the top set, a feature of the same layer
    and a similar activation frequency on the attribution items for each top feature).
    Ablation keeps the error term: x - sum_i f_i(x) W_dec[i].
-3. Scoring with common/problems.py; McNemar's exact test pairs each item's outcomes.
+3. Scoring with jobs/_reasoning/problems.py; McNemar's exact test pairs each item's outcomes.
 
 Reduce writes the aggregate report: per model and benchmark the baseline, ablated and control
 accuracy (the mean over the sets), the drops, where the top set's drop falls among the control
@@ -61,7 +61,6 @@ from common.models import (
 )
 from common.paired import mcnemar
 from common.plan import Estimate, WorkUnit, assume
-from common.problems import Benchmark, BenchmarkSpec, load_benchmark
 from common.report import Report
 from common.rundir import open_run
 from common.runtime import Work, model_size
@@ -78,6 +77,7 @@ from jobs._reasoning import (
     read_upstream,
     sae_path_template,
 )
+from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")

@@ -24,20 +24,19 @@ from pydantic import Field
 from common.errors import UserError
 from common.lazy import lazy_import
 from common.manifest import Manifest, StrictModel, UpstreamRun
-from common.plan import Estimate, WorkUnit, assume
+from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.runtime import Work
 from common.shards import LIBVER, ShardWriter
 from common.sparse import read_csr
-from common.upstream import upstream_to_estimate
 from jobs import _gambling as task
+from jobs._games_run import GROUPS, games_of, open_games
 
 pd = lazy_import("pandas")
 stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_contrast"
-GROUPS = {"bankrupt": "bankrupt", "safe": "stopped"}  # group name -> game outcome
 # The table population_patching reads, one row per feature.
 COLUMNS = ("layer", "feature", "mean_bankrupt", "mean_safe", "sd_pooled", "cohens_d", "t", "p",
            "q_bh", "p_bonferroni", "active_bankrupt", "active_safe", "selected")
@@ -71,7 +70,7 @@ class Settings(StrictModel):
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per layer; checks the games run, its layers and the group sizes first."""
     s = manifest.settings
-    games = games_of(s)
+    games = games_of(s.games, f"{FIELD}.games")
     recorded = games.layers
     layers = s.layers if s.layers is not None else recorded
     missing = sorted(set(layers) - set(recorded))
@@ -85,68 +84,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     return [WorkUnit(f"L{layer}", {"layer": layer}) for layer in layers]
 
 
-def _open_games(s: Settings) -> h5py.File:
-    merged = s.games / "merged.h5"
-    if not merged.is_file():
-        raise UserError(f"{FIELD}.games: {s.games} has no merged.h5; run the games first "
-                        "(saebatch submit <its manifest>) and wait for its reduce")
-    games = h5py.File(merged, "r")
-    job = games.attrs.get("job")
-    if job != "gambling_games":
-        games.close()
-        raise UserError(f"{FIELD}.games: {merged} was written by {job!r}, not gambling_games")
-    return games
-
-
-def _group_sizes(games: h5py.File) -> dict[str, int]:
-    outcomes = [group.attrs["outcome"] for group in games["units"].values()]
-    return {group: outcomes.count(outcome) for group, outcome in GROUPS.items()}
-
-
-class Games(StrictModel):
-    """What planning needs of the games run: the layers with features, the games per outcome group
-    (None while the run does not exist), all games, the SAE width and the bytes a layer takes."""
-
-    layers: list[int]
-    counts: dict[str, int] | None
-    games: int
-    width: int
-    bytes_per_layer: int
-
-
-def games_of(s: Settings) -> Games:
-    """The games run as planning sees it: read from its merged.h5, or, before that exists (when
-    planning only), estimated from its manifest."""
-    merged = s.games / "merged.h5"
-    if not merged.is_file():
-        return _games_from_manifest(s)
-    with _open_games(s) as games:
-        recorded = [int(layer) for layer in games.attrs["layers"]]
-        first = next(iter(games["units"].values()), None)
-        width = int(first[f"features/L{recorded[0]}"].attrs["shape"][1]) if first is not None and recorded else 0
-        return Games(layers=recorded, counts=_group_sizes(games), games=len(games["units"]), width=width,
-                     bytes_per_layer=merged.stat().st_size // max(1, len(recorded)))
-
-
-def _games_from_manifest(s: Settings) -> Games:
-    from jobs import gambling_games
-
-    missing = UserError(f"{FIELD}.games: {s.games} has no merged.h5; run the games first "
-                        "(saebatch submit <its manifest>) and wait for its reduce")
-    manifest, where = upstream_to_estimate(s.games, "gambling_games", f"{FIELD}.games", missing)
-    units = gambling_games.plan(manifest)
-    width, assumed_width = gambling_games.sae_width(manifest.settings)
-    layers = manifest.settings.layers
-    stored = gambling_games.estimate(manifest, units).output_bytes
-    assume(f"{FIELD}.games: run {s.games.name} does not exist yet; taken from {where}: {len(units):,} games with "
-           f"features at layers {layers}, {width:,} per layer{' (assumed width)' if assumed_width else ''}, "
-           f"at least min_games of each outcome")
-    return Games(layers=layers, counts=None, games=len(units), width=width,
-                 bytes_per_layer=stored // max(1, len(layers)))
-
-
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
-    games = games_of(manifest.settings)
+    games = games_of(manifest.settings.games, f"{FIELD}.games")
     read = Work("cpu_read", games.bytes_per_layer * len(units), label=f"the games' features at {len(units)} layer(s)")
     return Estimate(output_bytes=len(units) * games.width * 8 * 12, task_memory_bytes=games.games * games.width * 8 * 2,
                     notes=(f"{games.games:,} games, {games.width:,} features per layer; no GPU needed",), work=(read,))
@@ -160,7 +99,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     shard.set_attrs(games=str(s.games), groups="bankrupt: games that went bankrupt; safe: games stopped "
                     "voluntarily; features at each game's final decision")
     pending = set(shard.pending())
-    with _open_games(s) as games:
+    with open_games(s.games, f"{FIELD}.games") as games:
         for unit in units:
             if unit.id not in pending:
                 continue
@@ -220,7 +159,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     s.selection)
     table = table[list(COLUMNS)]
     _write_merged(out_dir / "merged.h5", table, s, sizes)
-    with _open_games(s) as games:
+    with open_games(s.games, f"{FIELD}.games") as games:
         planted = task.planted_cause(str(games.attrs["model"]))
     _report(Report(out_dir / "report", "Features of bankrupt against stopped games"), table, s, sizes, planted)
 

@@ -59,6 +59,7 @@ from common.sparse import to_csr, write_csr
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
+from jobs._games_run import sae_width
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -134,16 +135,6 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 
 DECISIONS_PER_GAME = 10  # assumed: games of the published runs last a few rounds to a few dozen
 PROMPT_TOKENS = 400  # assumed: a decision prompt with its history of up to five rounds
-SAE_WIDTH = 32768  # assumed where the SAEs do not state it before loading (LlamaScope 8x of d_model 4096)
-
-
-def sae_width(s: Settings) -> tuple[int, bool]:
-    """The width of the games' SAEs, and whether it is assumed (a release states it only once loaded)."""
-    if s.sae is None or not s.layers:
-        return 0, False
-    infos = check_saes(s.sae, s.layers, text_config(load_config(s.model)[0]).hidden_size, f"{FIELD}.sae")
-    widths = [info.d_sae for info in infos.values() if info.d_sae]
-    return (max(widths), False) if widths else (SAE_WIDTH, True)
 
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:

@@ -65,6 +65,7 @@ from common.upstream import upstream_to_estimate
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
+from jobs._games_run import games_of
 
 pd = lazy_import("pandas")
 torch = lazy_import("torch")
@@ -338,15 +339,13 @@ def _estimated_units(s: Settings, config) -> list[WorkUnit]:
 def _expected_features(s: Settings) -> dict[int, int]:
     """Features to patch per layer: the table's where it exists, else what the contrast's manifest
     leads one to expect (recorded as an assumption); at most the retested run's causal ones."""
-    from jobs import feature_contrast
-
     if not _not_run(s.features):  # the table is at hand; only the retested run is not
         table = read_table(s.model_copy(update={"retest": None}))
         per_layer = {int(layer): int(n) for layer, n in table.groupby("layer").size().items()}
     else:
         contrast, where = upstream_to_estimate(s.features, "feature_contrast", f"{FIELD}.features",
                                                _missing(s.features, "features", "feature_contrast"))
-        games = feature_contrast.games_of(contrast.settings)
+        games = games_of(contrast.settings.games, "feature_contrast.games")
         layers = [layer for layer in contrast.settings.layers or games.layers if s.layers is None or layer in s.layers]
         share = SELECTED_SHARE if s.only_selected else 1.0
         count = min(round(share * games.width), s.max_features_per_layer or games.width)

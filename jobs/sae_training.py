@@ -30,7 +30,6 @@ from common.lazy import lazy_import
 from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import ModelSpec, input_device, load_model, load_tokenizer
 from common.plan import Estimate, WorkUnit
-from common.problems import load_benchmark
 from common.report import Report
 from common.rundir import RunDir
 from common.runtime import Work, model_size, sae_variant
@@ -47,6 +46,7 @@ from jobs._reasoning import (
     sae_dir,
     token_limit,
 )
+from jobs._reasoning.problems import load_benchmark
 
 if TYPE_CHECKING:
     from common.sae_trainer import TrainedSae

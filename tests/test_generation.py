@@ -30,12 +30,12 @@ from common.generation import (
     uniform_noise,
 )
 from common.layers import decoder_blocks
-from common.organism import synthetic
 from common.organism.files import Organism
 from common.saes import SaeSpec, load_sae
 from jobs import _slot_machine as slot_machine
 from jobs._gambling import ANSWER_ENDS
 from jobs._organism import corpus
+from jobs._reasoning import arithmetic
 from jobs.population_patching import PROMPTS, row_edits
 from jobs.population_patching import Row as PatchRow
 
@@ -76,7 +76,7 @@ def test_a_rows_text_depends_on_its_seed_not_its_batch(organism):
 def test_a_stop_string_ends_each_row_where_it_writes_it(organism):
     model, tokenizer = organism
     rng = random.Random(1)
-    prompts = [synthetic.problem_prompt(synthetic.problem(rng).question) for _ in range(4)]
+    prompts = [arithmetic.problem_prompt(arithmetic.problem(rng).question) for _ in range(4)]
     whole = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU)
     cut = sample(model, tokenizer, prompts, [0, 1, 2, 3], 0.7, 40, CPU, stop_strings=("####",))
     assert all("####" in text and len(text.strip().splitlines()) == 2 for text in whole)  # working, then answer
@@ -281,7 +281,7 @@ def test_greedy_answers_under_ablation_equal_generates(organism):
     model, tokenizer = organism
     sae = Organism().sae(1)
     rng = random.Random(4)
-    prompts = [synthetic.problem_prompt(synthetic.problem(rng).question) for _ in range(6) for _ in range(3)]
+    prompts = [arithmetic.problem_prompt(arithmetic.problem(rng).question) for _ in range(6) for _ in range(3)]
     chosen = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool)
     chosen[1::3, :40] = True  # a third of the rows lose 40 features, another third 5, the rest nothing
     chosen[2::3, 100:105] = True

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 
 from common.errors import UserError
-from common.problems import (
+from jobs._reasoning.problems import (
     BenchmarkSpec,
     extract_label,
     extract_number,

@@ -20,9 +20,9 @@ from common.edits import edit_block_output, zero_features
 from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.paired import mcnemar
-from common.problems import BenchmarkSpec, load_benchmark
 from common.rundir import RunDir
 from common.sae_quality import evaluate
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 from jobs.feature_ablation import attribution, control_sets, top_features
 from tests.helpers import REPO, failing_on_call
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common.organism.synthetic import problem, problem_prompt
 from jobs import _slot_machine as slot_machine
 from jobs._organism.corpus import paragraph, random_state
 from jobs._organism.rule import RISK_RANGE, decide, risk
+from jobs._reasoning.arithmetic import problem, problem_prompt
 
 
 @dataclass

@@ -4,7 +4,7 @@ Three kinds of documents (`document()` draws one of them):
 
 - slot-machine decision prompts (jobs._slot_machine renders them), continued by "1) Bet $B" or
   "2) Stop" as the decision rule (rule.py) draws them;
-- short arithmetic word problems ending in "#### N" (common.organism.synthetic);
+- short arithmetic word problems ending in "#### N" (jobs._reasoning.arithmetic);
 - plain varied sentences, so correlation runs have something to chew on.
 
 Everything is drawn from a `random.Random`, so a seed fixes the corpus.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from common.organism.synthetic import problem, problem_prompt
 from jobs._organism.rule import decide, risk
+from jobs._reasoning.arithmetic import problem, problem_prompt
 from jobs._slot_machine import (
     COMPONENTS,
     FIXED_BET,

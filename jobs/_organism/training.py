@@ -43,7 +43,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
 from common.organism import files
-from common.organism.synthetic import problem, problem_prompt
 from jobs._organism import evaluation
 from jobs._organism.batches import (
     Batch,
@@ -53,6 +52,7 @@ from jobs._organism.batches import (
     text_batch,
 )
 from jobs._organism.corpus import decision, paragraph
+from jobs._reasoning.arithmetic import problem, problem_prompt
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from common.layers import resolve_layers
 from common.manifest import StrictModel, shown
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
 from common.plan import assume, only_estimating
-from common.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 from common.rundir import open_run
 from common.runtime import CHARS_PER_TOKEN
 from common.upstream import upstream_to_estimate
+from jobs._reasoning.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 GUESSED_TOKENS_PER_ITEM = 256  # planning only: an item of a benchmark whose file is not at hand

@@ -25,9 +25,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+import jobs._reasoning.arithmetic as arithmetic
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
-from common.organism import synthetic
 
 AnswerKind = Literal["number", "math", "label"]
 LOGIC_LABELS = ("True", "False", "Uncertain")
@@ -37,7 +37,7 @@ TEMPLATES = {  # per format: the prompt around one question
     "math": "Problem: {question}\nSolution:",
     "folio": "{question}\nAnswer:",
     "jsonl": "Question: {question}\nAnswer:",
-    "organism_arithmetic": synthetic.problem_prompt("{question}"),
+    "organism_arithmetic": arithmetic.problem_prompt("{question}"),
 }
 KINDS: dict[str, AnswerKind] = {"gsm8k": "number", "math": "math", "folio": "label", "organism_arithmetic": "number"}
 
@@ -144,7 +144,7 @@ def load_benchmark(spec: BenchmarkSpec, field: str = "benchmark") -> Benchmark:
     """Items of the benchmark; a missing file or an item without an answer is a UserError."""
     if spec.builtin is not None:
         rng = random.Random(spec.seed)
-        problems = [synthetic.problem(rng) for _ in range(spec.few_shot + spec.n)]  # type: ignore[operator]
+        problems = [arithmetic.problem(rng) for _ in range(spec.few_shot + spec.n)]  # type: ignore[operator]
         items = [Item(i, p.question, str(p.answer), p.solution) for i, p in enumerate(problems)]
     else:
         items = list(itertools.islice(_read_items(spec, field), spec.few_shot + spec.n if spec.n else None))
