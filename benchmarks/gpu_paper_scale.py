@@ -53,9 +53,9 @@ from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_t
 from common.logs import setup_logging  # noqa: E402
 from common.manifest_file import load_manifest  # noqa: E402
 from common.models import ModelSpec, load_model, load_tokenizer  # noqa: E402
-from jobs._reasoning.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 from common.rundir import RunDir  # noqa: E402
 from common.saes import SaeSpec, load_sae  # noqa: E402
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 from jobs.population_patching import Row as Trial  # noqa: E402
 from jobs.sae_training import sae_groups  # noqa: E402
 

@@ -94,7 +94,9 @@ def generate_path(model, tokenizer, saes: dict, rows: list[Trial], device: torch
         encoded = left_padded(tokenizer, [text] * len(batch), device)
         encoded.pop("position_ids")  # generate derives them from the mask
         encoded["cache"] = dynamic_prefix(model, tokenizer, text, len(batch), device)  # generate runs the rest
-        perturb = LogitsProcessorList([lambda ids, scores: noise(scores.float(), torch.arange(len(ids)), next(steps))])
+        # B023: generate calls the lambda within this iteration, so the loop's noise and steps are its own
+        perturb = LogitsProcessorList(
+            [lambda ids, scores: noise(scores.float(), torch.arange(len(ids)), next(steps))])  # noqa: B023
         with row_edits(model, saes, batch, every_token=False):
             output = model.generate(**encoded, generation_config=config, tokenizer=tokenizer, logits_processor=perturb)
         answers += tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)

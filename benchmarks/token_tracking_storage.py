@@ -43,9 +43,8 @@ import h5py
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
-
 from results import Row, machine, record  # benchmarks/ is on sys.path when this script runs
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_MANIFEST = REPO / "manifests" / "demo" / "token_tracking.yaml"
@@ -81,7 +80,7 @@ def large_config(folder: Path, layers: list[int], target_l0: float) -> Config:
 
     from common.layers import capture_residuals, hook_name
     from common.organism.files import Organism
-    from jobs.token_tracking import SCENARIOS, PROMPT_TEMPLATE
+    from jobs.token_tracking import PROMPT_TEMPLATE, SCENARIOS
 
     tokenizer = Organism().tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=True,

@@ -21,9 +21,12 @@ from common.lazy import lazy_import
 from common.models import DTYPE_BYTES, kv_cache_bytes
 
 if TYPE_CHECKING:
-    from common.models import Architecture
+    import torch
 
-torch = lazy_import("torch")
+    from common.models import Architecture
+else:
+    torch = lazy_import("torch")
+
 log = logging.getLogger(__name__)
 
 H200_BYTES = 139 * 2**30  # what torch reports as an H200's total memory

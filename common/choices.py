@@ -16,10 +16,14 @@ organism's and Llama's), so the model sees "Choice:", " " and then writes "1"; t
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, cast
 
 from common.lazy import lazy_import
 
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 
 
@@ -39,7 +43,7 @@ class OptionReader:
         """Per row of (rows, vocab) logits: each option's probability among the options, and `coverage`."""
         probabilities = torch.softmax(logits.double() / temperature, dim=-1)
         mass = {option: probabilities[:, tokens.to(logits.device)].sum(-1) for option, tokens in self.tokens.items()}
-        total = sum(mass.values())
+        total = cast("torch.Tensor", sum(mass.values()))  # a tensor: there are options
         return {**{option: (mass[option] / total).cpu() for option in self.options}, "coverage": total.cpu()}
 
 

@@ -19,9 +19,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from common.errors import UserError
 from common.logs import setup_logging
+
+if TYPE_CHECKING:
+    from common.launcher import Executor  # imported where a run is submitted: it loads submitit
 
 EPILOG = """\
 A run lives in runs/<job>-<hash of the manifest>/ (manifest.yaml, plan.json, shards/, logs/,
@@ -103,7 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _submit_run(run, executor: str, wait_for_it: bool) -> int:
+def _submit_run(run, executor: Executor, wait_for_it: bool) -> int:
     """Submit what a run still lacks; one submission of a run at a time: a second one, started
     while the first is submitting (or, locally, running), leaves the run to it."""
     from common.locks import Held, exclusive
@@ -117,7 +121,7 @@ def _submit_run(run, executor: str, wait_for_it: bool) -> int:
         return 0
 
 
-def _submit_unlocked(run, executor: str, wait_for_it: bool) -> int:
+def _submit_unlocked(run, executor: Executor, wait_for_it: bool) -> int:
     from common.launcher import submit, wait
     from common.status import ACTIVE, RESUBMIT, active_reduce, shard_states
 
@@ -138,8 +142,10 @@ def _submit_unlocked(run, executor: str, wait_for_it: bool) -> int:
         return 0
     done = sum(s.state == "done" for s in states)
     print(f"run {run.path}: {done} shard(s) done, {len(active)} active, submitting {len(to_submit)}")
-    submission = submit(run, executor, to_submit, after=[s.job_id for s in active])
+    # An active shard was submitted: it has a job id (None would fail Slurm's dependency, as before).
+    submission = submit(run, executor, to_submit, after=[cast(str, s.job_id) for s in active])
     if executor == "slurm":
+        assert submission.reduce_job is not None  # submit queues it on Slurm
         ids = sorted({job.job_id.split("_")[0] for job in submission.shard_jobs.values()})
         print(f"array job(s): {', '.join(ids) or '-'}; reduce job: {submission.reduce_job.job_id}")
         print(f"watch with:  saebatch status {run.path}")
@@ -273,7 +279,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     on_gpu = not args.cpu and bool(visible_gpus())
     print(f"demo on {describe_devices()}: each task gets one GPU" if on_gpu else
           "demo on the CPU" + (" (--cpu)" if args.cpu else " (no GPU is visible)"))
-    rows, failed = [], []
+    rows = []
+    failed: list[str] = []
     for path in paths:  # each manifest whose inputs exist runs, whatever happened to the others
         began = time.monotonic()
         print(f"== demo: {path.name}")

@@ -16,6 +16,7 @@ Features of several layers are concatenated into one set: a layer pair is a bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,7 +24,10 @@ import numpy as np
 from common.lazy import lazy_import, no_grad
 from common.sparse import COMPRESSION
 
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 # Features of a block: a range, or an array of indices.
 Index = slice | np.ndarray
@@ -198,9 +202,9 @@ class SparseSums:
 
     def _nonzero_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, products, counts) of the pairs i <= j whose sums are not zero, on the CPU."""
-        where = (self.pairs != 0).any(dim=1).nonzero().squeeze(1)
-        pairs = self.pairs[where].cpu().numpy()
-        where = where.cpu().numpy()
+        nonzero = (self.pairs != 0).any(dim=1).nonzero().squeeze(1)
+        pairs = self.pairs[nonzero].cpu().numpy()
+        where = nonzero.cpu().numpy()
         starts = np.asarray(self._row_starts())
         i = np.searchsorted(starts, where, side="right") - 1
         return i, where - starts[i] + i, pairs[:, 0], pairs[:, 1].astype(np.int64)
@@ -231,8 +235,8 @@ class SparseSums:
     def write(self, group: h5py.Group) -> None:
         """Store in `group`: per feature, and the pairs ever active together (i <= j)."""
         group.attrs.update(n=self.n, feature_count=self.features)
-        for name, values in (("total", self.total), ("squares", self.squares), ("active", self.active)):
-            group.create_dataset(name, data=values.cpu().numpy())
+        for name, sums in (("total", self.total), ("squares", self.squares), ("active", self.active)):
+            group.create_dataset(name, data=sums.cpu().numpy())
         i, j, products, counts = self._nonzero_pairs()
         index = np.uint16 if self.features <= 65536 else np.uint32
         for name, values in (("pair_i", i.astype(index)), ("pair_j", j.astype(index)),

@@ -65,6 +65,7 @@ class Window:
 def _format(spec: CorpusSpec) -> str:
     if spec.format != "auto":
         return spec.format
+    assert spec.path is not None  # _one_source: a corpus without `builtin` has a path
     if spec.path.is_dir():
         is_dataset = any((spec.path / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
         return "datasets" if is_dataset else "text"
@@ -81,6 +82,7 @@ def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
         rng = random.Random(spec.seed)
         while True:
             yield document(rng)
+    assert spec.path is not None  # _one_source: a corpus without `builtin` has a path
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")
     kind = _format(spec)
@@ -111,6 +113,7 @@ def _text_of(file: Path, field: str) -> str:
 
 
 def _jsonl(spec: CorpusSpec, field: str) -> Iterator[str]:
+    assert spec.path is not None  # read_documents reads files only for a corpus with a path
     with spec.path.open("rb") as lines:  # streamed: a corpus may be larger than memory
         for number, raw in enumerate(lines, start=1):
             try:

@@ -14,10 +14,11 @@ from common.layers import decoder_blocks
 from common.lazy import lazy_import
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens import SAE
     from torch import nn
-
-torch = lazy_import("torch")
+else:
+    torch = lazy_import("torch")
 
 Edit = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 """edit(hidden, rows) -> edited hidden: `rows` are the batch rows `hidden` holds, numbered as the
@@ -64,7 +65,7 @@ def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int =
     """
     forwards = 0
 
-    def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple) -> object:
         nonlocal forwards
         forwards += 1
         hidden = output[0] if isinstance(output, tuple) else output
@@ -108,7 +109,7 @@ def edit_block_output(model: nn.Module, layer: int, edit: Edit, batch: BatchRows
     """Replace block `layer`'s whole output (batch, seq, d_model) by edit(output, rows) in every
     forward, prompt and generated tokens alike (`batch`: as in edit_prompt_position)."""
 
-    def hook(_module: nn.Module, _inputs: object, output: object) -> object:
+    def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple) -> object:
         hidden = output[0] if isinstance(output, tuple) else output
         edited = edit(hidden, _rows(batch, hidden))
         return (edited, *output[1:]) if isinstance(output, tuple) else edited

@@ -30,12 +30,14 @@ from common.edits import BatchRows
 from common.lazy import lazy_import, no_grad
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
     from transformers import DynamicCache
 
     Chooser = Callable[[Tensor, Tensor, int], Tensor]  # (scores, rows, step) -> the next tokens
+else:
+    torch = lazy_import("torch")
 
-torch = lazy_import("torch")
 log = logging.getLogger(__name__)
 
 
@@ -190,13 +192,12 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
     writes its keys and values into room the cache reserved (common/kv_cache.py)."""
     from common.kv_cache import reserved_cache
 
-    prefilled = isinstance(prefix, Prefilled)
-    if prefilled and prefix.prompts != list(prompts):
+    if isinstance(prefix, Prefilled) and prefix.prompts != list(prompts):
         raise ValueError("prefilled prompts serve those prompts, in that order")
-    encoded = prefix.encoded if prefilled else left_padded(tokenizer, prompts, device)
+    encoded = prefix.encoded if isinstance(prefix, Prefilled) else left_padded(tokenizer, prompts, device)
     inputs, positions = encoded["input_ids"], encoded["position_ids"]
     first_logits = None
-    if prefilled:
+    if isinstance(prefix, Prefilled):
         cache, first_logits = prefix.cache, prefix.logits
     elif prefix is not None:
         if len(set(prompts)) != 1 or prefix.get_seq_length() != inputs.shape[1] - 1:
@@ -206,7 +207,7 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
         cache = reserved_cache(model, room=max_new_tokens)
     if getattr(cache, "decoded", False):
         raise ValueError("a prefix serves one decode (the decode writes into its cache): make another")
-    cache.decoded = True
+    cache.decoded = True  # type: ignore[attr-defined]  # saebatch's mark on a transformers cache object
     state = Decoding(tokenizer, encoded["input_ids"], encoded["attention_mask"], max_new_tokens, stop_strings, batch,
                      end_tokens(model, tokenizer))
     for step in range(max_new_tokens):

@@ -10,11 +10,15 @@ run on the CPU.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from common.lazy import lazy_import
 
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 CPU_FIX = "or set cluster.gpus_per_task: 0 and model.device: cpu to run on the CPU"
 

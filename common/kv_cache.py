@@ -31,7 +31,7 @@ class ReservedLayer(DynamicLayer):
     def __init__(self, room: int):
         super().__init__()
         self.room, self.length = room, 0
-        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.buffers: tuple[torch.Tensor, ...] | None = None  # (keys, values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -39,6 +39,7 @@ class ReservedLayer(DynamicLayer):
         new = key_states.shape[-2]
         if self.buffers is None or self.length + new > self.buffers[0].shape[-2]:
             self._allocate(self.length + new + self.room, key_states, value_states)
+        assert self.buffers is not None  # allocated just above if it was not
         for buffer, states in zip(self.buffers, (key_states, value_states), strict=True):
             buffer[..., self.length : self.length + new, :] = states
         self.length += new
@@ -53,15 +54,16 @@ class ReservedLayer(DynamicLayer):
         self.buffers = fresh
 
     def _show(self) -> None:
+        assert self.buffers is not None  # shown once allocated
         self.keys, self.values = (buffer[..., : self.length, :] for buffer in self.buffers)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.length > 0:
+        if self.length > 0 and self.buffers is not None:  # a length: the buffers hold it
             self.buffers = tuple(buffer[indices] for buffer in self.buffers)
             self._show()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.length > 0:
+        if self.length > 0 and self.buffers is not None:  # a length: the buffers hold it
             self.buffers = tuple(buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers)
             self._show()
 

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,7 +239,7 @@ def slurm_max_array_size() -> int:
     return 1001
 
 
-def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: list[str] = ()) -> Submission:
+def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: Sequence[str] = ()) -> Submission:
     """Submit `shards` as array task(s) and the reduce after them (and after jobs in `after`)."""
     manifest, plan = run.load_manifest(), run.load_plan()
     name = f"saebatch-{plan.job}-{plan.run_id}"
@@ -283,13 +283,14 @@ def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[l
     """Start the shards locally a GPU slot at a time, showing the progress of those started while
     later ones wait; a `saebatch cancel` meanwhile stops the rest from starting."""
     plan = run.load_plan()
-    submission = Submission("local", {}, None, board=ProgressBoard())
+    board = ProgressBoard()
+    submission = Submission("local", {}, None, board=board)
     for k in shards:
-        submission.board.add(f"shard {k}", len(plan.shards[k]))
+        board.add(f"shard {k}", len(plan.shards[k]))
     _record(run, submission)
     calls = [(str(run.path), k) for k in shards]
     started = run_in_gpu_slots(executor, ShardTask(), calls, slots, stop=lambda: was_cancelled(run),
-                               idle=lambda: submission.board.refresh(_named(submission.shard_jobs)))
+                               idle=lambda: board.refresh(_named(submission.shard_jobs)))
     for shard, job in zip(shards, started):
         submission.shard_jobs[shard] = job
         _record(run, submission, update_last=True)
@@ -349,6 +350,7 @@ def wait(run: RunDir, submission: Submission, poll_seconds: float = 1.0) -> bool
                   f"; the reduce does not run. `saebatch submit --resume {run.path}` runs them")
     if failed or unstarted:
         return False
+    assert submission.reduce_job is not None  # submitted above (local) or with the shards (Slurm)
     try:
         submission.reduce_job.result()
     except Exception as error:

@@ -17,9 +17,10 @@ from common.errors import UserError
 from common.lazy import lazy_import
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
-
-torch = lazy_import("torch")
+else:
+    torch = lazy_import("torch")
 
 CONVENTION = (
     "layer L = output of transformer block L (0-based) = blocks.L.hook_resid_post; "
@@ -62,7 +63,7 @@ def capture_residuals(model: nn.Module, layers: list[int], stop: bool = False) -
     captured: dict[int, torch.Tensor] = {}
 
     def hook_for(layer: int):
-        def hook(_module: nn.Module, _inputs: object, output: object) -> None:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
             captured[layer] = hidden.detach()
             if stop and layer == max(layers):

@@ -82,7 +82,9 @@ def _validated(path: Path, run_root: Path | None) -> Manifest:
     if run_root is not None:
         data["run"] = {**(data.get("run") or {}), "root": str(run_root)}
     try:
-        return Manifest[job.Settings].model_validate(data, context={"manifest_dir": path.parent.absolute()})
+        # ignore: the job's Settings specialises the generic model at run time, which mypy cannot follow
+        return Manifest[job.Settings].model_validate(  # type: ignore[name-defined]
+            data, context={"manifest_dir": path.parent.absolute()})
     except ValidationError as error:
         raise UserError(f"manifest {path} is invalid:\n{_describe(error, job_name, job.Settings)}") from None
 
@@ -174,7 +176,7 @@ def _describe(error: ValidationError, job_name: str, settings_cls: type[BaseMode
         loc = [job_name if part == "settings" else part for part in item["loc"]]
         where = ".".join(str(part) for part in loc) or "(top level)"
         if item["type"] == "extra_forbidden":
-            parent = _model_at(Manifest[settings_cls], item["loc"][:-1])
+            parent = _model_at(Manifest[settings_cls], item["loc"][:-1])  # type: ignore[valid-type]  # see _validated
             close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields) if parent else [], n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
             valid = _valid_keys(parent) if parent else ""
@@ -224,7 +226,7 @@ def _valid_keys(cls: type[BaseModel]) -> str:
         if field.default is not PydanticUndefined:
             parts.append(f"{name} (default: {_short(field.default)})")
         elif field.default_factory is not None:
-            parts.append(f"{name} (default: {_short(field.default_factory())})")
+            parts.append(f"{name} (default: {_short(field.get_default(call_default_factory=True))})")
         else:
             parts.append(f"{name} (required)")
     return ", ".join(parts)

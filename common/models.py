@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 from pydantic import Field, model_validator
 
@@ -19,9 +19,10 @@ from common.manifest import AbsolutePath, StrictModel
 from common.organism.files import shipped
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerFast
-
-torch = lazy_import("torch")
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+else:
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +126,9 @@ class Architecture:
     @classmethod
     def from_raw(cls, raw: dict[str, Any], folder: Path | None = None) -> Architecture:
         text = raw.get("text_config") or raw
-        found = {name: next((text[key] for key in (name, *_ALIASES.get(name, ())) if text.get(key) is not None), None)
-                 for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")}
+        found: dict[str, Any] = {
+            name: next((text[key] for key in (name, *_ALIASES.get(name, ())) if text.get(key) is not None), None)
+            for name in ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")}
         if None in found.values():  # left to the class defaults: ask transformers (slow, exact)
             config = hf_config(raw).get_text_config()
             found = {name: getattr(config, name) for name in found}
@@ -200,6 +202,10 @@ def _cached(spec: ModelSpec, file: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
+@overload
+def text_config(config: Architecture) -> Architecture: ...
+@overload
+def text_config(config: PretrainedConfig) -> PretrainedConfig: ...
 def text_config(config: PretrainedConfig | Architecture) -> PretrainedConfig | Architecture:
     """The decoder's config (multimodal configs nest it)."""
     return config.get_text_config()
@@ -216,9 +222,9 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
 
         spec.check_tokenizer_files()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer = cast("PreTrainedTokenizerFast", AutoTokenizer.from_pretrained(  # is_fast: checked below
                 spec._source(), revision=spec.revision, local_files_only=local_only
-            )
+            ))
         except (OSError, ValueError) as error:  # ValueError: a folder with a config but no tokenizer files
             raise UserError(f"model {spec.name!r}: cannot load its tokenizer ({error})") from None
     if not tokenizer.is_fast:
@@ -252,7 +258,7 @@ def local_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerFast | None:
         return None
 
 
-def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> torch.nn.Module:
+def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> PreTrainedModel:
     """The causal LM in eval mode; eager attention (the default) returns attention weights, None
     lets transformers choose the fastest the architecture supports."""
     if spec.device == "auto" and not torch.cuda.is_available():
@@ -275,7 +281,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> to
     return model
 
 
-def _random_model(spec: ModelSpec, attn_implementation: str | None) -> torch.nn.Module:
+def _random_model(spec: ModelSpec, attn_implementation: str | None) -> PreTrainedModel:
     """The architecture of `spec` with seeded random weights, initialised on its device (an 8B model
     takes seconds on a GPU, nothing is read from disk)."""
     from transformers import AutoModelForCausalLM

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from common.lazy import lazy_import
 
-stats = lazy_import("scipy.stats")
+if TYPE_CHECKING:
+    from scipy import stats
+else:
+    stats = lazy_import("scipy.stats")
 
 
 def mcnemar(before: np.ndarray, after: np.ndarray) -> float:

@@ -15,7 +15,7 @@ PACKAGES = ("saebatch", "torch", "transformers", "accelerate", "sae-lens", "subm
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 SOURCE = Path(__file__).resolve().parent.parent  # the checkout (or installed tree) holding common/ and jobs/

@@ -77,4 +77,4 @@ def get_job(name: str) -> Job:
     breaches = contract_breaches(module)
     if breaches:
         raise TypeError(f"job module jobs.{name} breaks the job contract (common.registry.Job): {'; '.join(breaches)}")
-    return module  # type: ignore[return-value]
+    return module

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,7 +13,10 @@ matplotlib.use("Agg")  # reports are written on headless nodes
 
 from common.lazy import lazy_import
 
-pd = lazy_import("pandas")
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = lazy_import("pandas")
 
 
 def format_number(value: object) -> str:

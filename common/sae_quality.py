@@ -9,9 +9,10 @@ from common.edits import edit_block_output
 from common.lazy import lazy_import, no_grad
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens import SAE
-
-torch = lazy_import("torch")
+else:
+    torch = lazy_import("torch")
 
 
 @no_grad

@@ -284,7 +284,8 @@ class TrainingState:
         if config.resample_every and (self.step + 1) % config.resample_every == 0:
             self.restarted += _restart_dead(w, x, config, self.optimizer, self.firing, self.restarts)
         if self.step % config.log_every == 0 or self.step == self.total_steps - 1:
-            for name, value in {"step": self.step, "loss": loss, **terms}.items():
+            logged: dict[str, int | torch.Tensor] = {"step": self.step, "loss": loss, **terms}
+            for name, value in logged.items():
                 self.curves[name].append(float(value.detach()) if torch.is_tensor(value) else float(value))
         self.step += 1
 

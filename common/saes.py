@@ -31,9 +31,10 @@ from common.manifest import StrictModel
 from common.organism.files import shipped
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens import SAE
-
-torch = lazy_import("torch")
+else:
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class SaeCache:
             log.info("loading SAE %s", self.spec.describe(layer))
             self.sae = load_sae(self.spec, layer, self.d_model, self.device)
             self.layer = layer
-        return self.sae  # type: ignore[return-value]
+        return self.sae
 
     def evict(self) -> None:
         if self.sae is not None:

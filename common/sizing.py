@@ -3,6 +3,7 @@ rates of common.runtime, and a chain of such runs summed."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.launcher import plan_manifest
@@ -133,7 +134,7 @@ def human_bytes(n: float) -> str:
     raise AssertionError
 
 
-def _table(header: list[str], rows: list[tuple[str, ...]]) -> str:
+def _table(header: list[str], rows: Sequence[tuple[str, ...]]) -> str:
     """Columns padded to their widest cell; numbers (all but the first two columns) right-aligned."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     return "\n".join("  ".join(cell.ljust(width) if index < 2 else cell.rjust(width)

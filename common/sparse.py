@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import h5py
 import numpy as np
 import scipy.sparse
 
 from common.lazy import lazy_import
 
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 # Shuffle + gzip: sorted column indices and small floats compress well byte-plane by byte-plane.
 COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}

@@ -51,14 +51,14 @@ def shard_states(run: RunDir) -> list[ShardState]:
             problem = shard_problem(plan, index, path)
             states.append(ShardState(index, "corrupt" if problem else "done", job_id, problem or str(path)))
             continue
-        scheduler = _cancelled(_scheduler_state(job), job_id, cancelled) if job is not None else None
+        scheduler = _cancelled(_scheduler_state(job), job.job_id, cancelled) if job is not None else None
         progress = _partial_progress(partial_path(path), len(plan.shards[index]))
         writer = held_by(lock_path(path))
         if writer is not None and scheduler not in ("pending", "running"):  # e.g. its local controller was killed
             states.append(ShardState(index, "running", job_id, f"{progress or ''}; written by {writer}"))
         elif scheduler in ("pending", "running"):
             states.append(ShardState(index, scheduler, job_id, progress or ""))
-        elif scheduler is not None and scheduler.startswith("failed"):
+        elif scheduler is not None and scheduler.startswith("failed") and job is not None:  # (only a job has a state)
             states.append(ShardState(index, "failed", job_id, f"{scheduler}; log: {job.paths.stderr}"))
         elif progress is not None:
             states.append(ShardState(index, "partial", job_id, progress))

@@ -52,8 +52,8 @@ def shard_span(index: int, path: Path) -> Span:
     recorded give what they have)."""
     with h5py.File(path, "r") as file:
         attrs = dict(file.attrs)
-    attempts = [(_time(a.get("start")), str(a.get("host"))) for a in json.loads(attrs.get("attempts", "[]"))]
-    attempts = [(start, host) for start, host in attempts if start is not None]
+    recorded = [(_time(a.get("start")), str(a.get("host"))) for a in json.loads(attrs.get("attempts", "[]"))]
+    attempts = [(start, host) for start, host in recorded if start is not None]
     host = attrs.get("host")
     return Span(f"shard {index}", str(host) if host is not None else None, _time(attrs.get("started")),
                 _time(attrs.get("finished")), attempts)
@@ -140,13 +140,14 @@ def _plot(path: Path, spans: list[Span]) -> bool:
     matplotlib.use("Agg")  # reduce runs on headless nodes
     import matplotlib.pyplot as plt
 
-    origin = min(s.start for s in timed)
-    total = max((s.end - origin).total_seconds() for s in timed)
+    origin = min(s.start for s in timed if s.start)  # every timed span has both times: the filters are for mypy
+    total = max((s.end - origin).total_seconds() for s in timed if s.end)
     scale, unit = (60.0, "minutes") if total >= 180 else (1.0, "seconds")
     hosts = sorted({s.host or "-" for s in timed})
     colours = {host: plt.get_cmap("tab10")(k % 10) for k, host in enumerate(hosts)}
     fig, ax = plt.subplots(figsize=(8, min(12.0, 1.2 + 0.28 * len(timed))))
     for row, s in enumerate(timed):
+        assert s.start and s.end  # timed
         left = (s.start - origin).total_seconds() / scale
         ax.barh(row, max((s.end - s.start).total_seconds() / scale, total / scale / 500), left=left, height=0.7,
                 color=colours[s.host or "-"], label=s.host or "-")

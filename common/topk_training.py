@@ -32,7 +32,7 @@ class TopKEncode(torch.autograd.Function):
         z = centred @ W_enc + b_enc
         values, indices = torch.topk(z, k, dim=-1)
         chosen = int(dead.sum()) if dead is not None else 0
-        if chosen:
+        if chosen and dead is not None:  # (chosen: some are dead)
             aux_values, aux_indices = torch.topk(z.masked_fill(~dead, -torch.inf), min(aux_k, chosen), dim=-1)
         else:
             aux_values, aux_indices = values[:, :0], indices[:, :0]

@@ -11,14 +11,18 @@ invalid rather than guess. tests/data/gambling_replies.yaml holds the replies it
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 from common.lazy import lazy_import
 from common.report import Report
 from jobs._slot_machine import FIXED_BET, MAX_BET, MIN_BET, BetType
 
-pd = lazy_import("pandas")
+if TYPE_CHECKING:
+    import pandas as pd
+else:
+    pd = lazy_import("pandas")
 
 PARSER_VERSION = 2
 

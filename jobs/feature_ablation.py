@@ -31,6 +31,7 @@ import logging
 import zlib
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import h5py
 import numpy as np
@@ -79,9 +80,14 @@ from jobs._reasoning import (
 )
 from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
-stats = lazy_import("scipy.stats")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from scipy import stats
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
+    stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_ablation"
@@ -170,7 +176,7 @@ def _check_saes(s: Settings, entry: ModelEntry) -> list[int]:
     """Each layer's SAE width, after checking its d_in and hook against the model."""
     d_model = text_config(load_config(entry.model)[0]).hidden_size
     infos = check_saes(_sae_spec(s, entry), entry.layers, d_model, f"{FIELD}.saes")
-    return [info.d_sae for info in infos.values()]
+    return [cast(int, info.d_sae) for info in infos.values()]  # sae_training's cfg.json records d_sae
 
 
 def _widths(s: Settings, entry: ModelEntry, expansion: int | None) -> list[int]:
@@ -291,7 +297,8 @@ def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
     d_model = text_config(model.config).hidden_size
     for start in range(0, len(items), 4):
         ids, mask, solution, positions = teacher_forced(tokenizer, bench, items[start : start + 4], device)
-        outputs, deltas = {}, {}
+        outputs: dict[int, torch.Tensor] = {}
+        deltas: dict[int, torch.Tensor] = {}
         with ExitStack() as stack:
             for layer in saes:
                 deltas[layer] = torch.zeros(*ids.shape, d_model, device=device, dtype=model.dtype, requires_grad=True)
@@ -303,7 +310,7 @@ def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
         with torch.no_grad():
             for layer, sae in saes.items():
                 features = sae.encode(outputs[layer].to(sae.dtype)) * positions[..., None]
-                gradient = deltas[layer].grad.to(sae.dtype) @ sae.W_dec.T
+                gradient = cast("torch.Tensor", deltas[layer].grad).to(sae.dtype) @ sae.W_dec.T  # set by backward
                 scores[layer] += (features * gradient).sum((0, 1)).double().cpu()
                 active[layer] += (features != 0).flatten(0, 1).sum(0).cpu()
     return ({layer: (values / len(items)).numpy() for layer, values in scores.items()},
@@ -380,7 +387,7 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
     """Greedy answers to every item unchanged ("baseline") and under each named ablation, all
     conditions of a batch of items decoded together (row = item x condition)."""
     conditions = ["baseline", *ablations]
-    results = {c: ([], [], []) for c in conditions}
+    results: dict[str, tuple[list, list, list]] = {c: ([], [], []) for c in conditions}  # texts, answers, correct
     for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
         chosen = items[start : start + batch_size]
         prompts = [bench.prompt(item) for item in chosen for _ in conditions]
@@ -530,7 +537,7 @@ def _figure(report: Report, items: pd.DataFrame) -> None:
 
     groups = list(items.groupby(["model", "benchmark"], sort=True))
     fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(groups) + 2), 3.8))
-    for x, ((model, bench), group) in enumerate(groups):
+    for x, (_, group) in enumerate(groups):
         base = group["baseline"].to_numpy(float)
         controls = group[sorted(c for c in group if c.startswith("control_"))].to_numpy(float)
         for offset, name, changed, colour in ((-0.2, "top-k ablated", group["ablated"].to_numpy(float), "crimson"),

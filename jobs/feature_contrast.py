@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
@@ -32,8 +32,12 @@ from common.sparse import read_csr
 from jobs import _gambling as task
 from jobs._games_run import GROUPS, games_of, open_games
 
-pd = lazy_import("pandas")
-stats = lazy_import("scipy.stats")
+if TYPE_CHECKING:
+    import pandas as pd
+    from scipy import stats
+else:
+    pd = lazy_import("pandas")
+    stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_contrast"

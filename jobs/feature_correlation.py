@@ -28,7 +28,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
@@ -60,8 +60,13 @@ from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.sparse import COMPRESSION
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from sae_lens import SAE
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +163,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 def _estimate_without_corpus(missing: UserError, s: Settings) -> None:
     """Planning only: a corpus file not at hand is taken to hold the tokens asked for."""
     only_estimating(missing)
+    assert s.corpus.path is not None  # a corpus file that is missing
     assume(f"{FIELD}.corpus: {shown(s.corpus.path)} is not here; taken to hold the {s.corpus.tokens:,} tokens asked for")
 
 
@@ -253,7 +259,7 @@ class Encoder:
     """The model and its SAEs, turning windows into each layer's SAE features."""
 
     model: torch.nn.Module
-    saes: dict[int, torch.nn.Module]
+    saes: dict[int, SAE]
     device: torch.device
     pad_id: int
     pooling: Pooling
@@ -321,8 +327,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             sums = SparseSums.zeros(width, device)
             for start in range(0, len(unit_windows), s.batch_size):
                 batch = unit_windows[start : start + s.batch_size]
-                features = encoder.features(batch)
-                sums.add(torch.cat([features[layer][:, columns[layer]] for layer in layers], dim=1))
+                encoded = encoder.features(batch)
+                sums.add(torch.cat([encoded[layer][:, columns[layer]] for layer in layers], dim=1))
                 progress.update(sum(w.content for w in batch))
             with shard.unit(unit.id) as group:
                 group.attrs.update(start=unit.payload["start"], stop=unit.payload["stop"],
@@ -354,6 +360,7 @@ def _choose_features(s: Settings, encoder: Encoder, tokenizer, published: Path) 
     """The first pass: per layer, the `top` most frequently active features; shared by all shards."""
     if not published.exists():
         choice = s.features
+        assert choice.top is not None  # run_shard chooses only a `top`
         limit = s.corpus.model_copy(update={"tokens": min(choice.selection_tokens, s.corpus.tokens),
                                             "allow_short": True})
         active = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=encoder.device)

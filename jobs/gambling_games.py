@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
@@ -61,8 +61,12 @@ from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
 from jobs._games_run import sae_width
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "gambling_games"
@@ -106,6 +110,12 @@ class Settings(StrictModel):
             raise ValueError("layers are given, so give `sae` (one SAE per layer), or leave `layers` empty")
         return self
 
+    @property
+    def needed_sae(self) -> SaeSpec:
+        """`sae`, where `layers` need it (_consistent makes sure it is given then)."""
+        assert self.sae is not None, "no SAE without layers"
+        return self.sae
+
     def design(self) -> list[task.Condition]:
         return task.conditions(self.components, tuple(self.bet_types), tuple(self.first_rounds))
 
@@ -119,12 +129,12 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     config = text_config(load_config(s.model)[0])
     if s.layers:
         resolve_layers(s.layers, config.num_hidden_layers, f"{FIELD}.layers")
-        check_saes(s.sae, s.layers, config.hidden_size, f"{FIELD}.sae")
+        check_saes(s.needed_sae, s.layers, config.hidden_size, f"{FIELD}.sae")
     design = s.design()
     if not design or not s.repetitions:
         raise UserError(f"{FIELD}: the conditions produce no games ({len(design)} conditions x {s.repetitions} "
                         "repetitions); give at least one bet type and first-round outcome, and repetitions >= 1")
-    units = []
+    units: list[WorkUnit] = []
     for condition in design:
         for repetition in range(s.repetitions):
             units.append(WorkUnit(f"{condition.name}_{repetition:03d}", {
@@ -211,6 +221,7 @@ class Player:
         if decision.action == "stop":
             self.game.stop()
         else:
+            assert decision.bet is not None  # a bet has its amount
             self.game.play(decision.bet)
 
 
@@ -219,11 +230,12 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     model, tokenizer = load_model(s.model, attn_implementation=None), load_tokenizer(s.model)
     config = text_config(model.config)
     device = input_device(s.model)
-    saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in s.layers}
+    saes = {layer: load_sae(s.needed_sae, layer, config.hidden_size, device) for layer in s.layers}
     memory = generation_memory_of(s, text_config(load_config(s.model)[0]),
                                   sum(p.numel() * p.element_size() for sae in saes.values() for p in sae.parameters()),
                                   max((sae.cfg.d_sae for sae in saes.values()), default=0))
     s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
+    assert isinstance(s.batch_size, int)  # "auto" resolved
     shard.set_attrs(batch_size=s.batch_size, model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
                     parser_version=parser.PARSER_VERSION, parser_rules=parser.PARSER_RULES, temperature=s.temperature,
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in s.layers} if s.sae else {}),

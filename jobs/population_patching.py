@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypeGuard
 
 import h5py
 import numpy as np
@@ -67,9 +67,14 @@ from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
 from jobs._games_run import games_of
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
-stats = lazy_import("scipy.stats")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from scipy import stats
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
+    stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "population_patching"
@@ -193,6 +198,7 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
     if s.features is not None:
         table, where = _features_of(s.features, "feature_contrast", "features"), str(s.features / "merged.h5")
     else:
+        assert s.feature_table is not None  # _one_table: one of the two
         if not s.feature_table.is_file():
             raise UserError(f"{FIELD}.feature_table: {s.feature_table} does not exist")
         table = pd.read_csv(s.feature_table)
@@ -307,7 +313,7 @@ def _check_ids(features: pd.Series, layer: int, width: int | None) -> None:
 SELECTED_SHARE = 1340 / (7 * 32768)
 
 
-def _not_run(run: Path | None) -> bool:
+def _not_run(run: Path | None) -> TypeGuard[Path]:
     """An upstream run is named but has not been merged yet."""
     return run is not None and not (run / "merged.h5").is_file()
 
@@ -450,6 +456,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                   max((sae.cfg.d_sae for sae in saes.values()), default=0),
                                   max(len(tokenizer(prompt.text).input_ids) for prompt in s.prompts))
     s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
+    assert isinstance(s.batch_size, int)  # "auto" resolved
     shard.set_attrs(batch_size=s.batch_size, model=s.model.name, temperature=s.temperature, patch_generated=s.patch_generated,
                     prompts=[prompt.text for prompt in s.prompts], prompt_names=[prompt.name for prompt in s.prompts],
                     bet_types=[prompt.bet_type for prompt in s.prompts])
@@ -457,8 +464,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     exact = (exact_choices(model, tokenizer, saes, [unit for unit in units if unit.id in pending], s, device)
              if s.decisions != "sampled" else {})
     if s.decisions == "exact":
-        for unit_id, rows in exact.items():
-            _write(shard, unit_id, [], rows)
+        for unit_id, exact_rows in exact.items():
+            _write(shard, unit_id, [], exact_rows)
         return
     to_answer = [row for unit in units if unit.id in pending for row in rows_of(unit, s)]
     answers: dict[str, list[tuple[Row, str]]] = {unit.id: [] for unit in units if unit.id in pending}
@@ -491,6 +498,7 @@ def exact_choices(model, tokenizer, saes: dict, units: list[WorkUnit], s: Settin
     amounts = NumberReader(tokenizer, s.bet_answer, s.bet_amounts) if s.bet_amounts else None
     rows = [row for unit in units for row in rows_of(unit, s, trials=1)]
     exact: dict[str, list[tuple[Row, dict[str, float]]]] = {unit.id: [] for unit in units}
+    assert isinstance(s.batch_size, int)  # run_shard resolved "auto"
     for prompt in range(len(s.prompts)):
         of_prompt = [row for row in rows if row.prompt == prompt]
         for start in tqdm(range(0, len(of_prompt), s.batch_size), desc=f"exact probabilities, prompt {prompt}",
@@ -520,6 +528,7 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
     candidates = len(s.bet_amounts)
     last_token = tokenizer(prompt, return_tensors="pt").input_ids[0, -1].item()
     inputs = amounts.inputs(last_token)
+    assert isinstance(s.batch_size, int)  # run_shard resolved "auto"
     per_call = max(1, s.batch_size // candidates)
     read: dict[str, list[torch.Tensor]] = {"bet_given_bet": [], "bet_mass": []}
     for start in range(0, len(batch), per_call):
@@ -593,6 +602,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                          parser_rules=parser.PARSER_RULES, prompt_names=[p.name for p in s.prompts],
                          prompts=[p.text for p in s.prompts])
         for column in [] if trials is None else trials.columns:
+            assert trials is not None  # (columns only when there are trials)
             values = trials[column].to_numpy()
             out.create_dataset(f"trials/{column}", data=values.astype(object) if values.dtype == object else values,
                                dtype=h5py.string_dtype() if values.dtype == object else None)
@@ -630,7 +640,7 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
                                                                                       trials["prompt"], strict=True)]
     trials["prompt_name"] = [s.prompts[p].name for p in trials["prompt"]]
     trials["action"] = [d.action for d in decisions]
-    trials["bet"] = [float(d.bet) if d.action != "invalid" else np.nan for d in decisions]  # a stop bets $0
+    trials["bet"] = [float(d.bet) if d.bet is not None else np.nan for d in decisions]  # None: invalid; a stop bets $0
     trials["rule"] = [d.rule for d in decisions]
     return trials
 

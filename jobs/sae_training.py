@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import h5py
 import numpy as np
@@ -49,10 +49,13 @@ from jobs._reasoning import (
 from jobs._reasoning.problems import load_benchmark
 
 if TYPE_CHECKING:
-    from common.sae_trainer import TrainedSae
+    import pandas as pd
+    import torch
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
+    from common.sae_trainer import TrainedSae
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 FIELD = "sae_training"
@@ -224,7 +227,7 @@ def _ce_metrics(s: Settings, capture: CaptureRun, entry: ModelEntry, layer: int,
         loaded[entry.name] = _model_at_hand(entry.placed(s.device), entry.name)
     if not s.ce_items or loaded[entry.name] is None:
         return dict.fromkeys(("ce_clean", "ce_spliced", "ce_zeroed", "ce_recovered"), NOT_MEASURED)
-    model, tokenizer = loaded[entry.name]
+    model, tokenizer = cast(tuple, loaded[entry.name])  # not None: returned above
     batches = _ce_batches(capture, model, tokenizer, s.ce_items, device, trained.held_out_groups)
     return ce_loss_recovered(model, batches, layer, trained.sae.to(device))
 

@@ -17,7 +17,7 @@ import logging
 import re
 import string
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
@@ -47,8 +47,12 @@ from common.shards import ShardWriter, merge_shards
 from common.sparse import COMPRESSION, read_csr, to_csr, write_csr
 from jobs import _slot_machine as slot_machine
 
-pd = lazy_import("pandas")
-torch = lazy_import("torch")
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+else:
+    pd = lazy_import("pandas")
+    torch = lazy_import("torch")
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +174,12 @@ class Settings(StrictModel):
     def tracked_layers(self, n_layers: int) -> list[int]:
         return resolve_layers(self.layers, n_layers, "token_tracking.layers")
 
+    @property
+    def needed_sae(self) -> SaeSpec:
+        """`sae`, where recording features needs it (_consistent makes sure it is given then)."""
+        assert self.sae is not None, "no SAE without features"
+        return self.sae
+
 
 # ---------------------------------------------------------------- plan
 
@@ -185,7 +195,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         if outside:
             raise UserError(f"token_tracking.heatmap_layers: {outside} are not among the tracked layers")
     if s.features:
-        check_saes(s.sae, layers, config.hidden_size, "token_tracking.sae")
+        check_saes(s.needed_sae, layers, config.hidden_size, "token_tracking.sae")
     tokenizer = local_tokenizer(s.model)
     units = []
     for scenario in s.scenarios:
@@ -237,7 +247,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         out += sum(len(layers) * heads * n * (n + 1) // 2 * 2 for n in lengths)
     sae_bytes = 0
     if s.features:
-        infos = check_saes(s.sae, layers, d_model, "token_tracking.sae")
+        infos = check_saes(s.needed_sae, layers, d_model, "token_tracking.sae")
         l0s = [i.expected_l0 for i in infos.values() if i.expected_l0]
         l0 = float(np.mean(l0s)) if l0s else 100.0
         if not l0s:
@@ -249,7 +259,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
             notes.append("SAE memory assumes 32768 features (the width is not known before loading)")
         index_bytes = 2 if d_sae <= 65536 else 4
         out += int(sum(len(layers) * n * l0 * (value_bytes + index_bytes) for n in lengths))
-        sae_bytes = 2 * d_model * d_sae * DTYPE_BYTES[s.sae.dtype]
+        sae_bytes = 2 * d_model * d_sae * DTYPE_BYTES[s.needed_sae.dtype]
     batch = min(s.batch_size, len(units))
     n_max = max(lengths)
     itemsize = DTYPE_BYTES[s.model.dtype]
@@ -266,7 +276,7 @@ def _work(s: Settings, config, sae_layers: int, sae_bytes: int, tokens: int) -> 
     work = [Work("load", model.weight_bytes + sae_layers * sae_bytes, label=f"{model.name} and {sae_layers} SAE(s)"),
             Work("forward", tokens, model, label=f"{tokens:,} prompt tokens")]
     if sae_layers:
-        d_sae = sae_bytes // (2 * config.hidden_size * DTYPE_BYTES[s.sae.dtype])
+        d_sae = sae_bytes // (2 * config.hidden_size * DTYPE_BYTES[s.needed_sae.dtype])
         work.append(Work("forward", tokens, sae_size(config.hidden_size, d_sae, sae_layers), label="SAE encodings"))
     return tuple(work)
 
@@ -280,7 +290,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     config = text_config(model.config)
     layers = s.tracked_layers(config.num_hidden_layers)
     device = input_device(s.model)
-    saes = SaeCache(s.sae, config.hidden_size, device) if s.features else None
+    saes = SaeCache(s.needed_sae, config.hidden_size, device) if s.features else None
     shard.set_attrs(
         model=s.model.name, model_dtype=s.model.dtype, layers=layers, mode=s.mode,
         layer_convention=CONVENTION, attention_dtype="float16", feature_dtype=s.feature_dtype,

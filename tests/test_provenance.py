@@ -44,4 +44,4 @@ def test_collect_records_an_aware_utc_time_and_the_host():
     assert set(record) == {"code", "packages", "python", "platform", "host", "time"}
     when = datetime.datetime.fromisoformat(record["time"])
     assert when.utcoffset() == datetime.timedelta(0)
-    assert abs(datetime.datetime.now(datetime.timezone.utc) - when) < datetime.timedelta(minutes=1)
+    assert abs(datetime.datetime.now(datetime.UTC) - when) < datetime.timedelta(minutes=1)

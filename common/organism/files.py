@@ -20,10 +20,11 @@ from common.errors import UserError
 from common.lazy import lazy_import
 
 if TYPE_CHECKING:
+    import torch
     from sae_lens import SAE
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
-
-torch = lazy_import("torch")  # torch, transformers and sae-lens load when a file does: `plan` needs none
+else:
+    torch = lazy_import("torch")  # torch, transformers and sae-lens load when a file does: `plan` needs none
 
 SHIPPED = Path(__file__).resolve().parent / "files"
 REBUILD = "saebatch organism train"

@@ -22,6 +22,7 @@ from jobs._slot_machine import (
     FIXED_BET,
     START_BALANCE,
     WIN_PROBABILITY,
+    BetType,
     GameState,
     Round,
     net_win,
@@ -35,7 +36,7 @@ def random_state(rng: random.Random) -> GameState:
     """A decision point reached by a wide-ranging player, so balances from $5 to a few hundred occur."""
     components = [c for c in COMPONENTS if rng.random() < 0.4]
     rng.shuffle(components)
-    bet_type = "variable" if rng.random() < 0.7 else "fixed"
+    bet_type: BetType = "variable" if rng.random() < 0.7 else "fixed"
     balance, history = START_BALANCE, []
     for number in range(1, rng.randint(1, 12)):
         bet = FIXED_BET if bet_type == "fixed" else min(balance, 5 * rng.randint(1, 8))

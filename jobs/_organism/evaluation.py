@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 from contextlib import nullcontext
+from typing import cast
 
 import numpy as np
 import torch
@@ -29,7 +30,8 @@ NOT_MEASURED = float("nan")  # a figure the model gives nothing to measure from 
 
 
 def held_out_states(n: int, seed: int = HELD_OUT_SEED, bet_type: str | None = None) -> list[slot_machine.GameState]:
-    rng, states = random.Random(seed), []
+    rng = random.Random(seed)
+    states: list[slot_machine.GameState] = []
     while len(states) < n:
         state = random_state(rng)
         if bet_type in (None, state.bet_type):
@@ -58,7 +60,7 @@ def bet_probability(model, tokenizer, prompts: list[str], layer: int | None = No
     chunks = []
     for start in range(0, len(prompts), batch_size):
         inputs = _left_padded(tokenizer, prompts[start : start + batch_size])
-        with edit_prompt_position(model, layer, edit) if edit else nullcontext():
+        with edit_prompt_position(model, cast(int, layer), edit) if edit else nullcontext():  # an edit has a layer
             logits = model(**inputs).logits[:, -1]
         chunks.append(torch.softmax(logits[:, [bet, stop]].float(), dim=-1)[:, 0])
     return torch.cat(chunks)
@@ -70,7 +72,7 @@ def greedy_bets(model, tokenizer, prompts: list[str], layer: int | None = None, 
     suffix_tokens = len(tokenizer(BET_PREFIX, add_special_tokens=False).input_ids)
     inputs = _left_padded(tokenizer, prompts, suffix=BET_PREFIX)
     inputs.pop("position_ids")  # generate derives them from the mask
-    with edit_prompt_position(model, layer, edit, offset=-1 - suffix_tokens) if edit else nullcontext():
+    with edit_prompt_position(model, cast(int, layer), edit, offset=-1 - suffix_tokens) if edit else nullcontext():
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return [int(m[1]) if (m := re.match(r"(\d+)", text)) else None for text in texts]
@@ -124,7 +126,7 @@ def arithmetic(model, tokenizer, n: int = 200) -> dict:
     output = model.generate(**inputs, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     answers = [re.search(r"#### (\d+)", text) for text in texts]
-    correct = [bool(m) and int(m[1]) == p.answer for p, m in zip(problems, answers, strict=True)]
+    correct = [m is not None and int(m[1]) == p.answer for p, m in zip(problems, answers, strict=True)]
     return {"problems": n, "accuracy": round(float(np.mean(correct)), 4)}
 
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +180,7 @@ def _attention_mask(batch: Batch) -> torch.Tensor:
 def _batch_loss(model, planting: _Planting, batch: Batch, settings: TrainingSettings) -> torch.Tensor:
     planting.batch = batch
     logits = model(input_ids=batch.ids, attention_mask=_attention_mask(batch)).logits[:, :-1]
+    assert planting.projection is not None  # the forward ran the hook
     token_loss = F.cross_entropy(logits.transpose(1, 2), batch.ids[:, 1:], reduction="none")
     loss = (token_loss * batch.weights).sum() / batch.weights.sum()
     off_decision = batch.mask.clone()
@@ -208,7 +210,7 @@ def train_language_model(settings: TrainingSettings, tokenizer) -> LlamaForCausa
                 arithmetic_batch(rng, tokenizer, settings.arithmetic_batch, settings.answer_weight),
                 text_batch(rng, tokenizer, settings.text_batch),
             ]
-            loss = sum(_batch_loss(model, planting, batch, settings) for batch in batches)
+            loss = cast(torch.Tensor, sum(_batch_loss(model, planting, batch, settings) for batch in batches))
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -299,7 +301,7 @@ def train(out: Path, settings: TrainingSettings) -> dict:
     activations = collect_activations(model, tokenizer, settings)
     saes = {layer: train_sae(acts, layer, settings) for layer, acts in activations.items()}
     files.save(stage, model, tokenizer, saes)
-    record = {
+    record: dict[str, Any] = {
         "rebuild": f"{files.REBUILD} --seed {settings.seed} --steps {settings.steps}",
         "settings": asdict(settings),
         "planted": {"layer": settings.planted_layer, "direction": planted_direction(settings).tolist(),

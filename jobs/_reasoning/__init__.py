@@ -122,7 +122,7 @@ class CaptureRun:
                         for entry in self.settings.models for layer in entry.layers}
         sizes = [benchmark_size(spec, f"{field}: the capture's benchmarks[{index}]")
                  for index, spec in enumerate(self.settings.benchmarks)]
-        shapes = {}
+        shapes: dict[tuple[str, int], tuple[int, int]] = {}
         for entry in self.settings.models:
             config = text_config(load_config(entry.model)[0])
             limit = self.settings.max_tokens or config.max_position_embeddings
