@@ -126,7 +126,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                  Work("forward", read * depth, model, label=f"{name}: {read:,.0f} tokens through {depth:.0%} of the blocks")]
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=(f"tokens counted from the benchmarks' texts at {CHARS_PER_TOKEN} characters a token; "
-                           "activations stored as float16"),)  # type: ignore[arg-type]  # BUG: a str, not a tuple
+                           "activations stored as float16",))
 
 
 # ---------------------------------------------------------------- the work (GPU)
