@@ -4,18 +4,12 @@ against an independent forward, another architecture, and refusals.
 The demo chain runs once per session (conftest's `reasoning_chain`).
 """
 
-import json
-
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from common.cli import main
-from common.manifest_file import load_manifest
 from common.organism.files import Organism
-from common.rundir import RunDir
-from tests.helpers import REPO
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 
@@ -74,46 +68,3 @@ def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatc
     metrics = read_csv(run_all(training).report_dir / "metrics.csv")
     assert [row["layer"] for row in metrics] == [0, 1]
     assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)
-
-
-def test_paper_manifests_validate_and_plan(tmp_path, monkeypatch, capsys):
-    """Five models on GSM8K, MATH and FOLIO; MATH is the user's file (a stand-in here), and the
-    later steps plan against stand-ins of the earlier steps' outputs."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "manifests").mkdir()
-    (tmp_path / "manifests" / "data").symlink_to(REPO / "manifests" / "data")
-    (tmp_path / "data" / "MATH").mkdir(parents=True)
-    problems = [{"problem": f"What is {i} + {i}?", "solution": f"It is $\\boxed{{{2 * i}}}$."} for i in range(133)]
-    (tmp_path / "data" / "MATH" / "test.jsonl").write_text("\n".join(json.dumps(p) for p in problems))
-    capture_manifest = REPO / "manifests" / "reasoning_capture_5models.yaml"
-    assert main(["plan", str(capture_manifest)]) == 0
-    out = capsys.readouterr().out
-    # per model: GSM8K 532 items in 6 units, MATH 132 in 2, FOLIO 200 in 2
-    assert "50 work units in 15 shard(s)" in out
-    from common.launcher import prepare_run
-
-    capture = prepare_run(load_manifest(capture_manifest))
-    widths = {"gpt2-medium": 1024, "pythia-1.4b": 2048, "gemma-2b": 2048, "phi-2": 2560, "llama-3-8b": 4096}
-    with h5py.File(capture.merged_path, "w") as merged:
-        merged.attrs.update(job="activation_capture", text="prompt_and_solution")
-        for entry in load_manifest(capture_manifest).settings.models:
-            for layer in entry.layers:
-                merged.create_dataset(f"models/{entry.name}/L{layer}", shape=(200_000, widths[entry.name]),
-                                      dtype="float16")
-    training_manifest = REPO / "manifests" / "reasoning_training_5models.yaml"
-    assert main(["plan", str(training_manifest)]) == 0
-    assert "15 work units in 15 shard(s)" in capsys.readouterr().out
-    training = RunDir.for_manifest(load_manifest(training_manifest)).path
-    training.mkdir(parents=True)
-    (training / "manifest.yaml").write_text(load_manifest(training_manifest).to_yaml())
-    (training / "plan.json").write_text("{}")
-    with h5py.File(training / "merged.h5", "w") as merged:
-        merged.attrs["job"] = "sae_training"
-    for entry in load_manifest(capture_manifest).settings.models:
-        for layer in entry.layers:
-            folder = training / "saes" / entry.name / f"L{layer}"
-            folder.mkdir(parents=True)
-            (folder / "cfg.json").write_text(json.dumps({"d_in": widths[entry.name], "d_sae": 8 * widths[entry.name],
-                                                         "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}))
-    assert main(["plan", str(REPO / "manifests" / "reasoning_ablation_5models.yaml")]) == 0
-    assert "15 work units in 15 shard(s)" in capsys.readouterr().out
