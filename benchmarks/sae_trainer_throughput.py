@@ -21,7 +21,7 @@ thread count:
   Adam with the same lr and batch size, no L1 warm-up, wandb off, no checkpoints.
 
 The two trainers run the same algorithm (loss, initial weights, gradient clipping, Adam,
-schedule), and from the same initial weights they reach the same SAE (tests/test_sae_trainer.py),
+schedule), and from the same initial weights they reach the same SAE (tests/common/test_sae_trainer.py),
 so what the like-for-like row compares is the loop: sae-lens also counts every feature's firing at
 every step for its dead-feature statistics (a pass over the batch x d_sae activations). sae-lens
 runs twice: from our initial weights (like for like) and from its own initialisation (b_dec = 0

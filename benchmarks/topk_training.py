@@ -3,7 +3,7 @@ computation, as the width grows, on the CPU.
 
     .venv/bin/python benchmarks/topk_training.py
 
-Both ways compute the same loss and gradients (tests/test_sae_trainer.py checks it): ours is
+Both ways compute the same loss and gradients (tests/common/test_sae_trainer.py checks it): ours is
 `common.topk_training.topk_terms` (k decoder rows summed, the encoder's backward a sparse product);
 the baseline, the trainer's previous TopK path, builds the dense (batch x d_sae) features and
 multiplies them by the decoder, with autograd's dense backward. d_in 256, batch 1,024, k 32,

@@ -34,7 +34,7 @@ first reconstructions are many times the data, and the huge first gradients fill
 moment, which then shrinks every later step for hundreds of steps:
 on benchmarks/sae_trainer_throughput.py's data (60,000 tokens, 2 epochs) such a start gave an SAE
 that never left the data mean (explained variance 0.01), and clipping alone rescued it (0.52).
-tests/test_sae_trainer.py checks that sae-lens's own trainer, run on the same batches from the
+tests/common/test_sae_trainer.py checks that sae-lens's own trainer, run on the same batches from the
 same weights, reaches the same SAE.
 Two departures from sae-lens: b_dec starts at the data mean (from sae-lens's b_dec = 0 the same
 benchmark ended with 46% dead features), and topk picks the k largest pre-activations as they are

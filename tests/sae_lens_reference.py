@@ -1,5 +1,5 @@
 """sae-lens's own trainer run the way ours runs: the independent reference for our trainer
-(tests/test_sae_trainer.py) and its baseline (benchmarks/sae_trainer_throughput.py)."""
+(tests/common/test_sae_trainer.py) and its baseline (benchmarks/sae_trainer_throughput.py)."""
 
 from __future__ import annotations
 

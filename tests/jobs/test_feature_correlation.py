@@ -34,7 +34,6 @@ from jobs.feature_correlation import (
 from tests.helpers import REPO, run_all, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "feature_correlation.yaml"
-PAPER = REPO / "manifests" / "feature_correlation_gemma2_2b.yaml"
 # Small enough for seconds on a CPU; batch_size 1 forwards each window alone, exactly as the
 # reference below does, so that the two agree to rounding in the statistics alone.
 SMALL = {"run": {"shards": 3},
@@ -366,19 +365,6 @@ def test_corpus_missing_empty_or_short(tmp_path, capsys):
 def test_units_must_hold_a_window(tmp_path, capsys):
     assert main(["plan", str(write(tmp_path, {"feature_correlation": {"tokens_per_unit": 100}}))]) == 2
     assert "tokens_per_unit (100) must be at least corpus.window (128)" in capsys.readouterr().err
-
-
-def test_paper_manifest_validates_and_plans(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # its corpus path is relative: a stand-in file the size of a few documents
-    monkeypatch.setattr(feature_correlation, "local_tokenizer", lambda spec: None)  # as on a bare login node
-    (tmp_path / "corpora").mkdir()
-    (tmp_path / "corpora" / "pile_train_00.jsonl").write_text(json.dumps({"text": "A document of The Pile."}) + "\n")
-    assert main(["plan", str(PAPER)]) == 0
-    out = capsys.readouterr().out
-    assert "4 work units in 4 shard(s)" in out
-    assert "8,192 features in the graph (L4: 2048, L8: 2048, L12: 2048, L16: 2048)" in out
-    assert "saebatch's copy of google/gemma-2-2b's architecture" in out
-    assert "the corpus is counted on the nodes" in out
 
 
 def test_window_longer_than_the_model_reads(tmp_path, capsys):

@@ -151,13 +151,6 @@ def test_bad_manifests_are_refused_with_the_field(tmp_path, capsys, overrides, m
     assert message in capsys.readouterr().err
 
 
-def test_paper_manifest_validates_and_plans(capsys):
-    assert main(["plan", str(REPO / "manifests" / "gambling_games_llama31_8b.yaml")]) == 0
-    out = capsys.readouterr().out
-    assert "6400 work units in 25 shard(s)" in out
-    assert "saebatch's copy of meta-llama/Llama-3.1-8B's architecture" in out
-
-
 def test_every_decision_records_the_options_exact_probabilities(demo):
     """P(stop) at each decision equals an independent forward of its prompt, and the sampled answers
     stop as often as those probabilities predict (a Poisson-binomial z-score over all decisions)."""

@@ -14,9 +14,7 @@ from common.cli import main
 from common.edits import edit_prompt_position
 from common.errors import UserError
 from common.generation import sample
-from common.manifest_file import load_manifest
 from common.organism.files import Organism
-from common.rundir import RunDir
 from jobs import population_patching as patching
 from jobs._gambling_parser import parse
 from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
@@ -195,35 +193,6 @@ def test_bad_feature_tables_are_refused(tmp_path, capsys):
             "matched on (feature_contrast writes them); add them or set controls: 0", controls=4)
     assert main(["plan", write(tmp_path, {"feature_table": table(tmp_path)})]) == 2
     assert "give exactly one of `features` (a feature_contrast run) and `feature_table`" in capsys.readouterr().err
-
-
-def test_paper_manifests_of_the_chain_validate_and_plan(tmp_path, monkeypatch, capsys):
-    """Contrast and patching read earlier runs: stand-ins of those runs' outputs let them plan."""
-    monkeypatch.chdir(tmp_path)
-    games = RunDir.for_manifest(load_manifest(REPO / "manifests" / "gambling_games_llama31_8b.yaml")).path
-    games.mkdir(parents=True)
-    with h5py.File(games / "merged.h5", "w") as merged:
-        merged.attrs.update(job="gambling_games", layers=list(range(25, 32)))
-        for i, outcome in enumerate(["bankrupt", "stopped"] * 3):
-            merged.create_group(f"units/g{i}").attrs["outcome"] = outcome
-            merged[f"units/g{i}"].create_group("features/L25").attrs["shape"] = [3, 32768]
-    assert main(["plan", str(REPO / "manifests" / "feature_contrast_llama31_8b.yaml")]) == 0
-    assert "7 work units in 7 shard(s)" in capsys.readouterr().out
-    contrast = RunDir.for_manifest(load_manifest(REPO / "manifests" / "feature_contrast_llama31_8b.yaml")).path
-    contrast.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with h5py.File(contrast / "merged.h5", "w") as merged:
-        merged.attrs["job"] = "feature_contrast"
-        layers = np.repeat(np.arange(25, 32), 200)
-        for name, values in {"layer": layers, "feature": np.tile(np.arange(200), 7) * 100,
-                             "mean_safe": rng.random(1400), "mean_bankrupt": rng.random(1400),
-                             "cohens_d": rng.normal(0, 1, 1400), "selected": np.arange(1400) < 1340,
-                             "active_bankrupt": rng.random(1400), "active_safe": rng.random(1400)}.items():
-            merged.create_dataset(f"features/{name}", data=values)
-    assert main(["plan", str(REPO / "manifests" / "population_patching_llama31_8b.yaml")]) == 0
-    out = capsys.readouterr().out
-    # 1,340 features, the unpatched unit, and 20 controls from layer 31, the one layer with unchosen features
-    assert "1361 work units" in out and "272,100 answers" in out
 
 
 @pytest.mark.parametrize(("every_token", "edited_forwards"), [(False, 1), (True, 5)])

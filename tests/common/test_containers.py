@@ -17,7 +17,7 @@ from common.launcher import make_executor, prepare_run
 from common.manifest import ClusterSettings
 from common.manifest_file import load_manifest
 
-GOLDEN = Path(__file__).parent / "golden" / "array_in_image.sbatch"
+GOLDEN = Path(__file__).parent.parent / "golden" / "array_in_image.sbatch"
 REGENERATE = "SAEBATCH_REGENERATE_GOLDEN"  # set to 1 to rewrite the golden file from the current code
 
 
@@ -76,7 +76,7 @@ def test_submit_refuses_a_mismatched_image_before_queueing_anything(write_manife
 def test_generated_sbatch_runs_the_task_in_the_image(write_manifest, tmp_path):
     """The array script submitit writes for a manifest with cluster.image, against tests/golden/.
     Regenerate it after an intended change:
-        SAEBATCH_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_containers.py"""
+        SAEBATCH_REGENERATE_GOLDEN=1 .venv/bin/python -m pytest tests/common/test_containers.py"""
     from submitit.slurm.slurm import _make_sbatch_string
 
     manifest = write_manifest({"run": {"shards": 2}, "cluster": {

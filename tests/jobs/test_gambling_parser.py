@@ -16,7 +16,7 @@ from jobs._gambling_parser import (
     parse_v1,
 )
 
-CORPUS = yaml.safe_load((Path(__file__).parent / "data" / "gambling_replies.yaml").read_text())
+CORPUS = yaml.safe_load((Path(__file__).parent.parent / "data" / "gambling_replies.yaml").read_text())
 INVALID_REASONS = {"no decision", "both options, no final choice", "amount not whole", "amount zero", "bet, no amount"}
 
 

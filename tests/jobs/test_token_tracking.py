@@ -6,7 +6,6 @@ import pytest
 import torch
 import yaml
 
-from common.cli import main
 from common.errors import UserError
 from common.launcher import plan_manifest
 from common.manifest_file import load_manifest
@@ -14,7 +13,7 @@ from common.organism.files import Organism
 from common.saes import load_sae
 from common.sparse import read_csr
 from jobs import token_tracking
-from tests.helpers import DEMO_MANIFEST, REPO, run_all, save_random_sae
+from tests.helpers import DEMO_MANIFEST, run_all, save_random_sae
 
 D_MODEL = 128  # the organism's residual width
 
@@ -174,18 +173,6 @@ def test_bad_input_is_refused_at_plan_time(write_manifest, tmp_path):
     refused({"token_tracking": {"key_spans": {"bal/ance": "Current"}}}, "must be letters, digits or '_'")
     refused({"token_tracking": {"prompt_template": "{history:d} {balance} {round}"}},
             "prompt_template cannot be filled for scenario")
-
-
-def test_paper_manifest_validates_and_plans_offline(capsys):
-    path = REPO / "manifests" / "token_tracking_llama31_8b.yaml"
-    manifest = load_manifest(path)
-    assert manifest.settings.model.id == "meta-llama/Llama-3.1-8B"
-    assert main(["plan", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "10 work units in 2 shard(s)" in out
-    assert "saebatch's copy of meta-llama/Llama-3.1-8B" in out
-    memory = float(out.split("peak memory per task: ")[1].split()[0])
-    assert 16 <= memory <= 40  # GB: 16 GB of bf16 weights plus activations and one SAE
 
 
 def test_key_positions_use_offsets_not_token_text():

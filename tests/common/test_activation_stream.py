@@ -9,8 +9,8 @@ import torch
 from common import activation_stream
 from common.activation_stream import Batches, DataOrder, read_rows, training_moments
 from common.sae_trainer import LayerToTrain, TrainingConfig, train_sae, train_saes
+from tests.common.test_sae_trainer import sparse_data
 from tests.helpers import failing_on_call
-from tests.test_sae_trainer import sparse_data
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,217 @@
+"""common/status.py on real run directories: each shard's state from its files, its writer's lock
+and its job (local jobs: their processes and result files), the merge's state, and when a run needs
+attention (what `saebatch status` exits 1 for)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import submitit
+from submitit.core.utils import cloudpickle_dump
+
+from common.launcher import Submission, _record, mark_cancelled, prepare_run
+from common.manifest_file import load_manifest
+from common.rundir import RunDir
+from common.shards import ShardWriter, partial_path
+from common.status import (
+    ShardState,
+    needs_attention,
+    reduce_state,
+    reduce_status,
+    shard_states,
+)
+from tests.helpers import REPO
+
+PARTIAL_UNREADABLE = "partial file unreadable now (being written, or damaged: a rerun starts it afresh)"
+
+
+@pytest.fixture
+def run(write_manifest) -> RunDir:
+    """The demo's token_tracking run prepared (10 units in 3 shards: 4, 3 and 3), nothing run yet."""
+    run = prepare_run(load_manifest(write_manifest({"run": {"shards": 3}})))
+    assert [len(ids) for ids in run.load_plan().shards] == [4, 3, 3]
+    return run
+
+
+def write_shard(run: RunDir, index: int, units: int | None = None) -> Path:
+    """Write shard `index` as a task does (ShardWriter, a group per unit): its first `units` units,
+    finished (renamed to its final name) when that is all of them, else left partial."""
+    plan = run.load_plan()
+    ids = list(plan.shards[index])
+    with ShardWriter(run.shard_path(index), plan.run_id, plan.job, index, ids) as shard:
+        for unit_id in ids[:units]:
+            with shard.unit(unit_id) as group:
+                group.create_dataset("values", data=np.arange(3))
+        if units is None or units == len(ids):
+            return shard.finish()
+    return partial_path(run.shard_path(index))
+
+
+def write_merge(run: RunDir) -> None:
+    """What a reduce leaves: merged.h5 and report/report.md."""
+    with h5py.File(run.merged_path, "w") as merged:
+        merged.attrs["job"] = "token_tracking"
+    run.report_dir.mkdir()
+    (run.report_dir / "report.md").write_text("# report\n")
+
+
+def states_of(run: RunDir) -> list[tuple[str, str]]:
+    return [(state.state, state.detail) for state in shard_states(run)]
+
+
+def test_a_run_never_submitted_has_every_shard_missing(run):
+    states = shard_states(run)
+    assert [(s.index, s.state, s.job_id, s.detail) for s in states] == [(k, "missing", None, "never run") for k in range(3)]
+    assert reduce_state(run, states) == "not submitted"
+    assert needs_attention(states, "not submitted")
+
+
+def test_shards_written_whole_in_part_or_damaged(run):
+    write_shard(run, 0)
+    write_shard(run, 1, units=1)  # a task stopped after its first unit
+    shutil.copy(run.shard_path(0), run.shard_path(2))  # a file that says it is shard 0
+    assert states_of(run) == [
+        ("done", str(run.shard_path(0))),
+        ("partial", "1/3 units written"),
+        ("corrupt", f"shard 2 foreign: {run.shard_path(2)} says it is shard 0"),
+    ]
+    states = shard_states(run)
+    assert needs_attention(states, reduce_state(run, states))
+    run.shard_path(2).write_bytes(b"cut off")
+    partial_path(run.shard_path(1)).write_bytes(b"killed while HDF5 wrote its metadata")
+    _, partial, (corrupt, detail) = states_of(run)
+    assert partial == ("partial", PARTIAL_UNREADABLE)
+    assert corrupt == "corrupt" and detail.startswith(f"shard 2 truncated or corrupt: {run.shard_path(2)} (")
+
+
+def test_a_partial_shard_resumed_to_the_end_is_done(run):
+    write_shard(run, 0, units=2)
+    assert states_of(run)[0] == ("partial", "2/4 units written")
+    write_shard(run, 0)  # the requeued task writes the two units left and finishes
+    assert states_of(run)[0] == ("done", str(run.shard_path(0)))
+    assert not partial_path(run.shard_path(0)).exists()
+
+
+WRITER = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common.shards import ShardWriter
+
+path, run_id, job, index, ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].split(",")
+with ShardWriter(path, run_id, job, index, ids) as shard:
+    with shard.unit(ids[0]) as group:
+        group.create_dataset("values", data=np.arange(3))
+    print("written", flush=True)
+    sys.stdin.readline()  # holds the shard until told
+"""
+
+
+def test_a_shard_being_written_is_running_and_names_its_writer(run):
+    """Another process writes shard 1 (with HDF5's file locks off, as tasks run on Slurm and in
+    the image); no job of it is known (a `saebatch run` by hand, or a killed local controller)."""
+    plan = run.load_plan()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(run.shard_path(1)), plan.run_id, plan.job, "1", ",".join(plan.shards[1])],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "HDF5_USE_FILE_LOCKING": "FALSE"})
+    try:
+        assert writer.stdout.readline().strip() == "written"
+        state = shard_states(run)[1]
+        assert (state.state, state.job_id) == ("running", None)
+        assert state.detail == f"1/3 units written; written by process {writer.pid} on {socket.gethostname()}"
+        states = shard_states(run)
+        assert not needs_attention(states[1:2], "not submitted")  # a running shard is not one to resubmit
+    finally:
+        writer.communicate("go\n", timeout=60)
+    assert writer.returncode == 0
+    assert states_of(run)[1] == ("partial", "1/3 units written")  # the writer gone, its lock with it
+
+
+@pytest.fixture
+def sleeper():
+    """A process that lives through the test: a local job still running."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def _local_job(run: RunDir, job_id: str) -> submitit.LocalJob:
+    return submitit.LocalJob(folder=run.submitit_dir, job_id=job_id)
+
+
+def test_the_state_of_a_shards_local_job(run, sleeper):
+    """Local job ids are process ids: a live process is running, a result file says how it ended,
+    a process gone without one failed, and a job `saebatch cancel` stopped reads as cancelled."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    gone, errored, completed = (str(pid_max + k) for k in (1, 2, 3))  # no process has these ids
+    run.submitit_dir.mkdir(parents=True)
+    cloudpickle_dump(("error", "Traceback (most recent call last):\nValueError: no\n"),
+                     _local_job(run, errored).paths.result_pickle)
+    cloudpickle_dump(("success", "shard_00002.h5"), _local_job(run, completed).paths.result_pickle)
+    _record(run, Submission("local", {0: _local_job(run, str(sleeper.pid)), 1: _local_job(run, gone),
+                                      2: _local_job(run, completed)}, reduce_job=_local_job(run, str(sleeper.pid))))
+    write_shard(run, 0, units=3)
+    states = shard_states(run)
+    assert [s.job_id for s in states] == [str(sleeper.pid), gone, completed]
+    assert [(s.state, s.detail) for s in states] == [
+        ("running", "3/4 units written"),
+        ("failed", f"failed (process ended without a result); log: {_local_job(run, gone).paths.stderr}"),
+        ("missing", "completed"),  # it says it finished, but its shard is not there
+    ]
+    assert reduce_state(run, states) == f"running (job {sleeper.pid})"
+    assert reduce_status(run, states)[0] == "running"
+    assert needs_attention(states, reduce_state(run, states))
+
+    _record(run, Submission("local", {1: _local_job(run, errored)}))  # shard 1 resubmitted; its task raised
+    state = shard_states(run)[1]
+    assert (state.state, state.job_id) == ("failed", errored)
+    assert state.detail == f"failed (raised an error); log: {_local_job(run, errored).paths.stderr}"
+    assert reduce_state(run, shard_states(run)) == "not submitted"  # the latest submission has no reduce
+
+    mark_cancelled(run, [errored])
+    state = shard_states(run)[1]
+    assert state.state == "failed" and state.detail.startswith("failed (cancelled by saebatch cancel at ")
+
+
+def test_the_merge_is_done_until_a_shard_changes_or_goes(run):
+    for index in range(3):
+        write_shard(run, index)
+    states = shard_states(run)
+    assert [s.state for s in states] == ["done"] * 3
+    assert reduce_state(run, states) == "not submitted" and not needs_attention(states, "not submitted")
+
+    run.merged_path.write_bytes(b"")  # a merged.h5 without its report is no finished merge
+    assert reduce_state(run, states) == "not submitted"
+    write_merge(run)
+    assert reduce_state(run, states) == f"done: {run.merged_path}"
+    assert reduce_status(run, states)[0] == "done" and not needs_attention(states, reduce_state(run, states))
+
+    later = run.merged_path.stat().st_mtime + 10
+    os.utime(run.shard_path(1), (later, later))  # shard 1 written again after the merge
+    reduce = reduce_state(run, shard_states(run))
+    assert reduce == "out of date: shard(s) [1] were written after merged.h5; reduce again"
+    assert needs_attention(shard_states(run), reduce)
+
+    run.shard_path(2).unlink()
+    states = shard_states(run)
+    assert reduce_state(run, states) == "out of date: merged.h5 is there but shard(s) [2] are not done"
+    assert reduce_status(run, states)[0] == "out of date" and needs_attention(states, reduce_state(run, states))
+
+
+@pytest.mark.parametrize(("state", "reduce", "attention"), [
+    ("done", "done: merged.h5", False), ("running", "not submitted", False), ("pending", "pending (job 7)", False),
+    ("missing", "done: merged.h5", True), ("failed", "not submitted", True), ("partial", "not submitted", True),
+    ("corrupt", "not submitted", True), ("done", "out of date: shard(s) [0] were written after merged.h5", True),
+    ("done", "failed (job 7)", True)])
+def test_what_needs_attention(state, reduce, attention):
+    assert needs_attention([ShardState(0, "done", None, ""), ShardState(1, state, None, "")], reduce) is attention

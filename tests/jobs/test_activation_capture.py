@@ -1,0 +1,70 @@
+"""activation_capture (the reasoning chain's step 1) on the organism: the captured activations
+against an independent forward, another architecture, and refusals.
+
+The demo chain runs once per session (conftest's `reasoning_chain`).
+"""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from common.organism.files import Organism
+from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
+
+
+@pytest.mark.parametrize("item", [0, 299, 599])  # items of different units and shards
+def test_captured_activations_equal_an_independent_forward(reasoning_chain, organism_model, item):
+    model, tokenizer = organism_model
+    bench = demo_benchmark()
+    ids = tokenizer(bench.with_solution(bench.items[item]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [L + 1]: block L's output
+    with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:
+        group = merged["models/organism"]
+        rows = np.flatnonzero(group["item"][()] == item)
+        assert group["position"][()][rows].tolist() == list(range(1, ids.shape[1]))  # every token but <bos>
+        for layer in (1, 2):
+            captured = group[f"L{layer}"][()][rows].astype(np.float32)
+            expected = hidden[layer + 1][0, 1:].numpy()
+            np.testing.assert_allclose(captured, expected, rtol=2e-3, atol=2e-2)
+
+
+def test_capture_refuses_bad_models_and_benchmarks(tmp_path, capsys):
+    models = [{"name": "organism", "model": "organism", "layers": []}]
+    refused(capsys, write_step(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {"models": models}),
+            "activation_capture.models[0].layers: model 'organism' has no layers configured")
+    missing = [{"name": "gsm8k", "format": "gsm8k", "path": str(tmp_path / "nope.jsonl")}]
+    refused(capsys, write_step(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {"benchmarks": missing}),
+            f"activation_capture.benchmarks[0].path: {tmp_path / 'nope.jsonl'} does not exist")
+    refused(capsys, write_step(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {"max_tokens": 4096}),
+            "activation_capture.max_tokens: 4096 exceeds organism's")
+
+
+def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatch):
+    """A tiny GPT-2 (blocks under transformer.h) is captured; when its folder is gone, training
+    still runs and reports the CE loss recovered as not measured."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.helpers import run_all
+
+    tokenizer = Organism().tokenizer()
+    folder = tmp_path / "tiny-gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    capture = write_step(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {
+        "models": [{"name": "tiny-gpt2", "model": {"path": str(folder)}, "layers": [0, 1]}],
+        "benchmarks": [{"name": "arithmetic", "builtin": "organism_arithmetic", "n": 40, "max_new_tokens": 8}],
+        "items_per_unit": 20})
+    captured = run_all(capture)
+    with h5py.File(captured.merged_path, "r") as merged:
+        assert merged["models/tiny-gpt2/L1"].shape[1] == 32 and merged["models/tiny-gpt2/L1"].shape[0] > 1000
+    folder.rename(tmp_path / "moved")
+    training = write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", {
+        "sae": {"activation": "relu", "expansion_factor": 2, "epochs": 2, "batch_size": 128}})
+    metrics = read_csv(run_all(training).report_dir / "metrics.csv")
+    assert [row["layer"] for row in metrics] == [0, 1]
+    assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)

@@ -1,0 +1,140 @@
+"""feature_ablation (the reasoning chain's step 3) on the organism: the summary against the stored
+answers, batched answers against one item at a time, attribution against gradients on the
+features, the choice of features and controls, and refusals.
+
+The demo chain runs once per session (conftest's `reasoning_chain`).
+"""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+from scipy import stats
+
+from common.edits import edit_block_output, zero_features
+from common.paired import mcnemar
+from jobs.feature_ablation import attribution, control_sets, top_features
+from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
+
+
+def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
+    """The demo's science: the top-10 features drop accuracy by more than the seed's 5 points, more
+    than every one of the 20 matched random sets, and significantly more than the costliest."""
+    summary = {row["benchmark"]: row for row in read_csv(reasoning_chain.ablation.report_dir / "summary.csv")}
+    row = summary["arithmetic"]
+    assert row["items"] == 600 - 64
+    assert row["baseline"] > 0.45                       # the organism solves about half of them
+    assert row["drop"] > 0.05 and row["drop"] > row["control_drop"] + 0.04
+    assert row["control_sets"] == 20 and row["drop"] > row["control_drop_max"] and row["null_p_drop"] == pytest.approx(1 / 21)
+    assert row["p_ablated_vs_control"] < 0.05 and row["criterion_met"] and row["beats_control_significantly"]
+    with h5py.File(reasoning_chain.ablation.merged_path, "r") as merged:
+        unit = merged["units/organism.arithmetic"]
+        correct = {c: unit[f"{c}/correct"][()] for c in ("baseline", "ablated", *(f"control_{i:02d}" for i in range(20)))}
+    assert row["baseline"] == pytest.approx(correct["baseline"].mean())
+    assert row["p_ablated"] == pytest.approx(mcnemar(correct["baseline"], correct["ablated"]))
+    drops = [correct["baseline"].mean() - correct[f"control_{i:02d}"].mean() for i in range(20)]
+    assert row["control_drop"] == pytest.approx(np.mean(drops)) and row["control_drop_max"] == pytest.approx(max(drops))
+    paired = stats.ttest_rel(correct["baseline"].astype(float), correct["ablated"].astype(float)).confidence_interval()
+    assert (row["drop_low"], row["drop_high"]) == pytest.approx((paired.low, paired.high))  # the paired t interval
+    assert row["drop_low"] < row["drop"] < row["drop_high"]
+    report = (reasoning_chain.ablation.report_dir / "report.md").read_text()
+    assert f"drop {100 * row['drop']:+.1f} pp (95% interval {100 * row['drop_low']:+.1f} pp" in report
+
+
+def test_batched_answers_equal_one_item_at_a_time(reasoning_chain, organism_model):
+    """Rows of three conditions share a generate call; each equals its item generated alone."""
+    model, tokenizer = organism_model
+    bench = demo_benchmark()
+    saes = {layer: SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / f"L{layer}")
+            .requires_grad_(False) for layer in (1, 2)}
+    with h5py.File(reasoning_chain.ablation.merged_path, "r") as merged:
+        unit = merged["units/organism.arithmetic"]
+        items = unit["item"][()][:6]
+        texts = {c: [t.decode() for t in unit[f"{c}/text"][()][:6]] for c in ("baseline", "ablated")}
+        top = np.stack([unit["top/layer"][()], unit["top/feature"][()]], axis=1)
+    for position, index in enumerate(items):
+        ids = tokenizer(bench.prompt(bench.items[index]), return_tensors="pt")
+        for condition in ("baseline", "ablated"):
+            hooks = []
+            if condition == "ablated":
+                for layer, sae in saes.items():
+                    chosen = torch.zeros(1, sae.cfg.d_sae, dtype=torch.bool)
+                    chosen[0, top[top[:, 0] == layer, 1]] = True
+                    keep = torch.ones(ids.input_ids.shape, dtype=torch.bool)
+                    keep[0, 0] = False  # <bos> is never edited
+                    hooks.append(edit_block_output(model, layer, zero_features(sae, chosen, keep)))
+            with torch.no_grad(), hooks[0] if hooks else _nothing(), hooks[1] if hooks else _nothing():
+                output = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                        stop_strings=bench.spec.stop_strings, tokenizer=tokenizer)
+            alone = tokenizer.decode(output[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
+            assert alone == texts[condition][position], (condition, index)
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def test_attribution_equals_activation_times_gradient_computed_on_the_features(reasoning_chain, organism_model):
+    """The job differentiates block outputs; here the features themselves are the leaves."""
+    model, tokenizer = organism_model
+    bench = demo_benchmark()
+    sae = SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / "L1").requires_grad_(False)
+    items = bench.items[:3]
+    scores, active = attribution(model, tokenizer, bench, items, {1: sae}, torch.device("cpu"))
+    expected = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    leaves = {}
+    for item in items:
+        prompt = tokenizer(bench.prompt(item)).input_ids
+        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + solution])
+
+        def through_features(hidden, rows):
+            features = sae.encode(hidden[:, 1:]).detach().requires_grad_(True)
+            leaves["f"] = features
+            rebuilt = hidden[:, 1:] - sae.decode(features).detach() + sae.decode(features)  # same value
+            return torch.cat([hidden[:, :1], rebuilt], dim=1)
+
+        with torch.enable_grad(), edit_block_output(model, 1, through_features):
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            log_probs.gather(1, ids[0, 1:, None])[-len(solution):].sum().backward()
+        expected += (leaves["f"] * leaves["f"].grad).sum((0, 1)).double().detach()
+    np.testing.assert_allclose(scores[1], (expected / len(items)).numpy(), rtol=1e-3, atol=1e-6)
+    assert (active[1] > 0).sum() > 16
+
+
+def test_feature_choice_rules():
+    scores = {1: np.array([0.5, 0.1, 0.9]), 2: np.array([0.9, -1.0, 0.2])}
+    assert top_features(scores, 3).tolist() == [[1, 2], [2, 0], [1, 0]]  # ties: lower layer first
+    active = {1: np.array([40, 35, 1, 38, 0, 2, 36, 44]), 2: np.array([30, 0, 3, 29, 31, 1, 0, 28])}
+    top = np.array([[1, 0], [2, 0]])  # active on 40 and 30 positions
+    sets = control_sets(active, top, 4, seed=0, unit_id="m.b")
+    assert list(sets) == ["control_00", "control_01", "control_02", "control_03"]
+    nearest = {1: {1, 3, 6, 7}, 2: {3, 4, 7, 2}}  # the 4 nearest in log count, top excluded
+    for chosen in sets.values():
+        assert sorted(chosen[:, 0].tolist()) == [1, 2]  # stratified: one per top feature's layer
+        assert all(feature in nearest[layer] for layer, feature in chosen.tolist())
+    assert len({tuple(map(tuple, c.tolist())) for c in sets.values()}) > 1  # the sets differ
+    again = control_sets(active, top, 4, seed=0, unit_id="m.b")
+    assert all(np.array_equal(sets[name], again[name]) for name in sets)
+
+
+def test_ablation_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):
+    copy = tmp_path / "training_copy"
+    shutil.copytree(reasoning_chain.training.path, copy)
+    ablation = {"saes": str(copy)}
+    refused(capsys, write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation", {**ablation, "k": 2000}),
+            "feature_ablation.k: 2000 is larger than the SAE width of organism (1024 features over layers [1, 2])")
+    refused(capsys, write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation",
+                                {**ablation, "attribution_items": 600}),
+            "feature_ablation.attribution_items: arithmetic has 600 items")
+    cfg_path = copy / "saes" / "organism" / "L2" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "d_in": 64}))
+    refused(capsys, write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation", ablation),
+            "has d_in 64 but the model's residual stream has d_model 128")

@@ -1,0 +1,103 @@
+"""sae_training (the reasoning chain's step 2) on the organism: the trained SAEs against their
+reported metrics recomputed here, a preempted one-pass training, and refusals.
+
+The demo chain runs once per session (conftest's `reasoning_chain`).
+"""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sae_lens import SAE
+
+from common.edits import edit_block_output
+from common.manifest_file import load_manifest
+from common.sae_quality import evaluate
+from tests.helpers import failing_on_call
+from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
+
+
+def test_trained_saes_load_in_sae_lens_and_meet_their_reported_metrics(reasoning_chain, organism_model):
+    model, tokenizer = organism_model
+    metrics = {row["layer"]: row for row in read_csv(reasoning_chain.training.report_dir / "metrics.csv")}
+    bench = demo_benchmark()
+    for layer in (1, 2):
+        sae = SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / f"L{layer}")
+        sae.requires_grad_(False)
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post" and sae.cfg.d_sae == 512
+        with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:
+            everything = torch.from_numpy(merged[f"models/organism/L{layer}"][()])
+            item_of_token = merged["models/organism/item"][()]
+        with h5py.File(reasoning_chain.training.merged_path, "r") as merged:
+            held_out = merged[f"held_out_items/organism.L{layer}"][()] % 2**32  # one benchmark: index 0
+        # split by item: the metrics are those of the held-out items' tokens, a tenth of the items
+        assert 0.05 < len(held_out) / len(np.unique(item_of_token)) < 0.2
+        assert int(metrics[layer]["held_out_items"]) == len(held_out)
+        on_held_out = evaluate(sae, everything[torch.from_numpy(np.isin(item_of_token, held_out))])
+        assert on_held_out["explained_variance"] == pytest.approx(float(metrics[layer]["explained_variance"]), rel=1e-4)
+        on_all_tokens = evaluate(sae, everything)
+        assert on_all_tokens["l0"] == pytest.approx(16, abs=0.01)  # topk, k = 16
+        # CE with the SAE spliced in at every non-<bos> position of the held-out items, one at a time
+        losses = []
+        for item in [item for item in bench.items if item.index in set(held_out.tolist())][:64]:
+            ids = tokenizer(bench.with_solution(item), return_tensors="pt").input_ids
+
+            def splice(hidden, rows, sae=sae):
+                return torch.cat([hidden[:, :1], sae.decode(sae.encode(hidden[:, 1:]))], dim=1)
+
+            with torch.no_grad(), edit_block_output(model, layer, splice):
+                losses.append((model(input_ids=ids, labels=ids).loss.item(), ids.shape[1] - 1))
+        spliced = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        assert spliced == pytest.approx(float(metrics[layer]["ce_spliced"]), rel=1e-4)
+        assert float(metrics[layer]["ce_recovered"]) > 0.9
+    with h5py.File(reasoning_chain.training.merged_path, "r") as merged:
+        assert merged["curves/organism.L1/decorrelation"][()].min() > 0  # the penalty is in the loss
+
+
+def test_training_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):
+    training = {"activations": str(reasoning_chain.capture.path)}
+    refused(capsys, write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", {**training, "models": ["gpt2"]}),
+            "sae_training.models: model(s) ['gpt2'] have no layers configured in the capture run")
+    too_wide = {**training, "sae": {"activation": "topk", "k": 600, "expansion_factor": 4}}
+    refused(capsys, write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", too_wide),
+            "sae_training.sae.k: 600 is larger than the SAE width 512")
+
+
+def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_layer(reasoning_chain, tmp_path,
+                                                                                     monkeypatch):
+    """Streamed in buffers of 8 batches: sae_training with `one_pass` trains both layers from one
+    read of each buffer, and saves each layer's state every checkpoint_every steps under the run's
+    checkpoints/. Stopped in the middle of layer 2's step 7 (layer 1 saved at step 8, layer 2 at
+    step 4), the task run again resumes each from its own checkpoint, removes them, and stores the
+    SAEs that layer-by-layer units never stopped store."""
+    from common import sae_trainer
+    from common.launcher import prepare_run, run_shard_task
+
+    sae = {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256, "checkpoint_every": 4,
+           "shuffle_buffer_tokens": 2048}
+    runs = {}
+    for name, one_pass in (("layer_by_layer", False), ("preempted", True)):
+        (tmp_path / name).mkdir()
+        section = {"activations": str(reasoning_chain.capture.path), "ce_items": 0, "one_pass": one_pass, "sae": sae}
+        runs[name] = prepare_run(load_manifest(write_step(tmp_path / name, "reasoning_2_training.yaml", "sae_training",
+                                                           section)))
+    run_shard_task(str(runs["layer_by_layer"].path), 0)
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 2 * 7 + 1))
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_shard_task(str(runs["preempted"].path), 0)
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
+    saved = {path.stem: torch.load(path, weights_only=False)["step"]
+             for path in (runs["preempted"].path / "checkpoints").glob("*.pt")}
+    assert saved == {"organism.L1": 8, "organism.L2": 4}
+    run_shard_task(str(runs["preempted"].path), 0)
+    assert not list((runs["preempted"].path / "checkpoints").glob("*.pt"))
+    with h5py.File(runs["layer_by_layer"].shard_path(0)) as alone, h5py.File(runs["preempted"].shard_path(0)) as once:
+        assert sorted(alone["units"]) == ["organism.L1", "organism.L2"] and list(once["units"]) == ["organism"]
+        for layer in ("L1", "L2"):
+            expected, got = alone["units"][f"organism.{layer}"][layer], once["units"]["organism"][layer]
+            for name in expected["weights"]:
+                np.testing.assert_array_equal(expected["weights"][name][()], got["weights"][name][()],
+                                              err_msg=f"{layer} {name}")
+            np.testing.assert_array_equal(expected["curves/loss"][()], got["curves/loss"][()])
+            assert expected.attrs["explained_variance"] == got.attrs["explained_variance"]
