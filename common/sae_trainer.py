@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -354,11 +355,11 @@ class Split:
     generator: torch.Generator   # draws next the initial weights, then the batch order
     held_out_groups: list[int] = field(default_factory=list)
 
-    @property
+    @cached_property
     def train_rows(self) -> torch.Tensor:
         return torch.nonzero(~self.held_out).flatten()
 
-    @property
+    @cached_property
     def validation_rows(self) -> torch.Tensor:
         return torch.nonzero(self.held_out).flatten()
 

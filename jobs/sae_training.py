@@ -150,7 +150,8 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
             train = int(tokens * (1 - s.sae.validation_fraction))
             buffers = (1 if train <= s.sae.shuffle_buffer_tokens else 2) * min(train, s.sae.shuffle_buffer_tokens)
             unit_memory += buffers * d_in * 2 + (tokens - train) * d_in * 4 + 4 * sae_bytes + batch
-            read = tokens * d_in * 2 * (1 if train <= s.sae.shuffle_buffer_tokens else 1 + s.sae.epochs)
+            # the scaling pass, then the buffers: once when one holds every token, else every epoch
+            read = tokens * d_in * 2 * (1 + (1 if train <= s.sae.shuffle_buffer_tokens else s.sae.epochs))
             work += [Work("load", read, label=f"{sae_id(unit.payload['model'], layer)}: activations"),
                      Work("sae_training", train * s.sae.epochs, width=d_in * s.sae.d_sae(d_in),
                           variant=sae_variant(s.sae.activation, s.sae.decorrelation),
