@@ -40,7 +40,7 @@ def figures(root: Path) -> list[Row]:
     layer = contrast[contrast.layer == PLANTED_LAYER].assign(size=lambda t: t.cohens_d.abs())
     planted_d = layer[layer.feature == PLANTED_FEATURE].iloc[0].cohens_d
     d_rank = int((layer["size"] > abs(planted_d)).sum()) + 1
-    patching = pd.read_csv(report_of(root, "gambling_3_patching.yaml") / "features.csv")
+    patching = pd.read_csv(report_of(root, "gambling_4_patching.yaml") / "features.csv")
     safe = patching[(patching.prompt == "safe") & (patching.layer == PLANTED_LAYER)]
     risky = patching[(patching.prompt == "risky") & (patching.layer == PLANTED_LAYER)]
     stop, bet = safe[safe.feature == PLANTED_FEATURE].iloc[0], risky[risky.feature == PLANTED_FEATURE].iloc[0]

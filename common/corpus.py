@@ -19,7 +19,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.errors import UserError
-from common.manifest import AbsolutePath, StrictModel
+from common.manifest import AbsolutePath, StrictModel, shown
+from common.plan import WorkUnit, assume, only_estimating
 
 
 class CorpusSpec(StrictModel):
@@ -72,8 +73,9 @@ def _format(spec: CorpusSpec) -> str:
     return "jsonl" if spec.path.suffix == ".jsonl" else "text"
 
 
-def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
-    """The corpus's documents in order (a text file is one document)."""
+def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str | tuple[str, ...]]:
+    """The corpus's documents in order (a text file is one document). The organism's come as
+    pieces to tokenize one by one, as it was trained on them (a prompt, then its continuation)."""
     if spec.builtin is not None:
         # The organism's text is the experiment side's (its decision prompts are the slot-machine
         # task's); common only dispatches to it, as the registry does to the jobs.
@@ -81,7 +83,7 @@ def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
 
         rng = random.Random(spec.seed)
         while True:
-            yield document(rng)
+            yield document(rng).pieces
     assert spec.path is not None  # _one_source: a corpus without `builtin` has a path
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")
@@ -154,8 +156,12 @@ def _dataset(spec: CorpusSpec, field: str) -> Iterator[str]:
 
 def check_source(spec: CorpusSpec, field: str = "corpus") -> None:
     """Fail now if the corpus is missing, empty or unreadable (reads up to its first text)."""
-    if not any(text.strip() for text in read_documents(spec, field)):
+    if not any(_joined(text).strip() for text in read_documents(spec, field)):
         raise UserError(f"{field}.path: {spec.path} holds no text")
+
+
+def _joined(document: str | tuple[str, ...]) -> str:
+    return document if isinstance(document, str) else "".join(document)
 
 
 def windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> Iterator[Window]:
@@ -167,9 +173,10 @@ def windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> Iterator[Wind
                         f"{len(prefix)} prefix token(s); raise {field}.window")
     total = 0
     for text in read_documents(spec, field):
-        if not text.strip():
+        pieces = (text,) if isinstance(text, str) else text
+        if not _joined(pieces).strip():
             continue
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        ids = [token for piece in pieces for token in tokenizer(piece, add_special_tokens=False).input_ids]
         for start in range(0, len(ids), content):
             chunk = ids[start : start + content][: spec.tokens - total]
             yield Window(total, prefix + chunk, len(prefix))
@@ -181,3 +188,48 @@ def windows(spec: CorpusSpec, tokenizer, field: str = "corpus") -> Iterator[Wind
     if not spec.allow_short:
         raise UserError(f"{field}.tokens: the corpus holds only {total:,} tokens of the {spec.tokens:,} asked; "
                         f"lower {field}.tokens, or set {field}.allow_short: true to run on what exists")
+
+
+# ---------------------------------------------------------------- work units of corpus tokens
+
+
+def token_units(spec: CorpusSpec, tokenizer, tokens_per_unit: int, field: str) -> list[WorkUnit]:
+    """Units of `tokens_per_unit` consecutive content tokens (a unit takes the windows that start in
+    its range). The corpus is counted when the tokenizer is at hand; otherwise it is only checked to
+    exist and taken to hold the budget. A corpus file that is missing is refused, unless planning
+    ahead (common.plan.estimating), where it is taken to hold the tokens asked for."""
+    missing = spec.path is not None and not spec.path.exists()
+    if tokenizer is not None and not missing:  # count what the corpus holds (refuses a short one unless allowed)
+        tokens = sum(w.content for w in windows(spec, tokenizer, field))
+    else:
+        try:
+            check_source(spec, field)
+        except UserError as error:
+            if not missing:
+                raise
+            only_estimating(error)
+            assert spec.path is not None  # `missing` is a corpus file that is not there
+            assume(f"{field}: {shown(spec.path)} is not here; taken to hold the {spec.tokens:,} tokens asked for")
+        tokens = spec.tokens
+    digits = len(str(tokens))
+    return [WorkUnit(f"tokens_{start:0{digits}d}", {"start": start, "stop": min(start + tokens_per_unit, tokens)})
+            for start in range(0, tokens, tokens_per_unit)]
+
+
+def windows_by_unit(spec: CorpusSpec, tokenizer, units: list[WorkUnit], field: str) -> Iterator[tuple[WorkUnit, list[Window]]]:
+    """Each of `token_units`' units with the windows that start in its token range, in corpus order."""
+    queue = sorted(units, key=lambda unit: unit.payload["start"])
+    if not queue:
+        return
+    collected: list[Window] = []
+    for window in windows(spec, tokenizer, field):
+        while queue and window.start >= queue[0].payload["stop"]:
+            yield queue.pop(0), collected
+            collected = []
+        if not queue:
+            return
+        if window.start >= queue[0].payload["start"]:
+            collected.append(window)
+    for unit in queue:  # the corpus ended (allow_short): what was found, then nothing
+        yield unit, collected
+        collected = []

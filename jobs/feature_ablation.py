@@ -68,6 +68,7 @@ from common.runtime import Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.upstream import upstream_to_estimate
+from jobs import _feature_cards as cards
 from jobs._reasoning import (
     DEVICE_FIELD,
     CaptureRun,
@@ -113,6 +114,9 @@ class Settings(StrictModel):
     success_drop: float = Field(0.05, ge=0, le=1, description="the seed's criterion: accuracy drop above this "
                                 "(and above the control's)")
     device: str = DEVICE_FIELD
+    contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
+    contexts_model: str | None = Field(None, description="the model (of `models`) whose features the contexts run "
+                                       "shows; needed when more than one model is tested")
 
 
 # ---------------------------------------------------------------- plan
@@ -122,6 +126,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
     s = manifest.settings
     capture, expansion, trained = _upstream(s)
+    cards.check_contexts(s.contexts, f"{FIELD}.contexts")
     benchmarks = s.benchmarks or capture.settings.benchmarks
     for index, spec in enumerate(benchmarks):
         items = benchmark_size(spec, f"{FIELD}.benchmarks[{index}]").items
@@ -144,7 +149,18 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
                                          f"{FIELD}.benchmarks[{index}]")
         units += [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
                   for index, spec in enumerate(benchmarks)]
+    _check_contexts_model(s, list(dict.fromkeys(unit.payload["model"] for unit in units)))
     return units
+
+
+def _check_contexts_model(s: Settings, models: list[str]) -> None:
+    if s.contexts is None:
+        return
+    if s.contexts_model is None and len(models) > 1:
+        raise UserError(f"{FIELD}.contexts_model: {len(models)} models are tested ({', '.join(models)}); name the one "
+                        "whose features the contexts run shows")
+    if s.contexts_model is not None and s.contexts_model not in models:
+        raise UserError(f"{FIELD}.contexts_model: {s.contexts_model!r} is not tested here; choose one of {models}")
 
 
 def _capture(s: Settings) -> CaptureRun:
@@ -445,6 +461,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             values = summary[column].to_numpy()
             out.create_dataset(f"summary/{column}", data=values.astype("S") if values.dtype == object else values)
     _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
+            cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest),
             pd.concat(features, ignore_index=True), items)
 
 
@@ -494,7 +511,8 @@ def _sae_quality(training_run: Path) -> pd.DataFrame:
     return table.groupby("model")[list(columns)].mean().rename(columns=columns).reset_index()
 
 
-def _report(report: Report, s: Settings, summary: pd.DataFrame, features: pd.DataFrame, items: pd.DataFrame) -> None:
+def _report(report: Report, s: Settings, summary: pd.DataFrame, book: cards.CardBook | None, features: pd.DataFrame,
+            items: pd.DataFrame) -> None:
     report.text(
         f"SAEs: `{s.saes}`. Per model and benchmark: the first {s.attribution_items} items rank the SAE features by "
         "activation x gradient of the reference solution's log-probability (error term kept); on the other items "
@@ -519,10 +537,20 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame, features: pd.Dat
         f"strongest control {row.p_ablated_vs_control:.2g}): criterion {'met' if row.criterion_met else 'NOT met'}"
         for row in verdicts.itertuples()))
     report.heading("Ablated and control features")
-    report.table(features, "features")
+    report.table(features, "features", shown=_with_cards(features, book, s.contexts_model).head(40))
     items.to_csv(report.folder / "items.csv", index=False)
     _figure(report, items)
     report.write()
+
+
+def _with_cards(features: pd.DataFrame, book: cards.CardBook | None, model: str | None) -> pd.DataFrame:
+    """The features of the contexts run's `model` with their first contexts and card links."""
+    if book is None:
+        return features
+    model = model or features["model"].iloc[0]  # plan checked: one model, or contexts_model
+    annotated = book.annotate(features)
+    other = annotated["model"] != model
+    return annotated.assign(top_context=annotated["top_context"].mask(other, ""), card=annotated["card"].mask(other, ""))
 
 
 def _points(difference: float) -> str:

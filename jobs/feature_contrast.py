@@ -29,6 +29,7 @@ from common.report import Report
 from common.runtime import Work
 from common.shards import LIBVER, ShardWriter
 from common.sparse import read_csr
+from jobs import _feature_cards as cards
 from jobs import _gambling as task
 from jobs._games_run import GROUPS, games_of, open_games
 
@@ -66,6 +67,7 @@ class Settings(StrictModel):
     selection: Selection = Field(default_factory=Selection, description="the features handed to patching")
     min_games: int = Field(2, ge=2, description="fewest games each group needs")
     top_features: int = Field(20, ge=1, description="features listed per layer in the report")
+    contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
 
 
 # ---------------------------------------------------------------- plan
@@ -85,6 +87,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if counts is not None and any(n < s.min_games for n in counts.values()):
         raise UserError(f"{FIELD}: the games hold {counts['bankrupt']} bankrupt and {counts['safe']} stopped games; "
                         f"each group needs {s.min_games} (min_games). Play more games (gambling_games.repetitions)")
+    cards.check_contexts(s.contexts, f"{FIELD}.contexts")
     return [WorkUnit(f"L{layer}", {"layer": layer}) for layer in layers]
 
 
@@ -165,7 +168,8 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     _write_merged(out_dir / "merged.h5", table, s, sizes)
     with open_games(s.games, f"{FIELD}.games") as games:
         planted = task.planted_cause(str(games.attrs["model"]))
-    _report(Report(out_dir / "report", "Features of bankrupt against stopped games"), table, s, sizes, planted)
+    _report(Report(out_dir / "report", "Features of bankrupt against stopped games"), table, s, sizes, planted,
+            cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest))
 
 
 def correct(table: pd.DataFrame, selection: Selection) -> pd.DataFrame:
@@ -191,7 +195,8 @@ def _write_merged(path: Path, table: pd.DataFrame, s: Settings, sizes: dict) -> 
             out.create_dataset(f"features/{column}", data=table[column].to_numpy())
 
 
-def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict, planted: tuple[int, int] | None) -> None:
+def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict, planted: tuple[int, int] | None,
+            book: cards.CardBook | None) -> None:
     n_bankrupt, n_safe = next(iter(sizes.values()))
     corrected = "q_bh" if s.selection.correction == "bh" else "p_bonferroni"
     report.text(
@@ -210,9 +215,12 @@ def _report(report: Report, table: pd.DataFrame, s: Settings, sizes: dict, plant
     report.table(counts, "counts")
     report.heading("Strongest selected features")
     strongest = table[table["selected"]].assign(abs_d=table["cohens_d"].abs()).sort_values("abs_d", ascending=False)
-    report.table(table, "features", shown=strongest.groupby("layer").head(s.top_features).drop(columns="abs_d"))
+    shown = strongest.groupby("layer").head(s.top_features).drop(columns="abs_d")
+    report.table(table, "features", shown=shown if book is None else book.annotate(shown))
     if planted is not None:
         _ground_truth(report, table, *planted)
+        if book is not None:
+            book.section(report, [cards.FeatureId(layer=planted[0], feature=planted[1])], "Card of the planted feature")
     _volcano(report, table, corrected, s.selection)
     report.write()
 

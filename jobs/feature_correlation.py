@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -37,11 +36,11 @@ from tqdm import tqdm
 
 from common.atomic import publish_once
 from common.comoments import CoMoments, SparseSums, mutual_information
-from common.corpus import CorpusSpec, Window, check_source, windows
+from common.corpus import CorpusSpec, Window, token_units, windows, windows_by_unit
 from common.errors import UserError
-from common.layers import CONVENTION, capture_residuals, resolve_layers
+from common.layers import CONVENTION, resolve_layers
 from common.lazy import lazy_import, no_grad
-from common.manifest import Manifest, StrictModel, shown
+from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import (
     DTYPE_BYTES,
     ModelSpec,
@@ -53,12 +52,14 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
-from common.plan import Estimate, WorkUnit, assume, only_estimating
+from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.runtime import Work, model_size, sae_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.sparse import COMPRESSION
+from common.window_encoder import WindowEncoder
+from jobs import _feature_cards as cards
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,6 +117,7 @@ class Settings(StrictModel):
     tokens_per_unit: int = Field(262_144, ge=1, description="corpus tokens per work unit (the unit of resuming)")
     top_pairs: int = Field(1000, ge=1, description="strongest edges listed in report/top_pairs.csv")
     heatmap_features: int = Field(32, ge=2, description="features in each layer's heatmap")
+    contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -136,6 +138,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     s = manifest.settings
     config = text_config(load_config(s.model)[0])
     layers = s.chosen_layers(config.num_hidden_layers)
+    cards.check_contexts(s.contexts, f"{FIELD}.contexts")
     widths = {layer: info.d_sae for layer, info in check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae").items()}
     if s.corpus.window > config.max_position_embeddings:
         raise UserError(f"{FIELD}.corpus.window: {s.corpus.window} tokens exceed the model's "
@@ -143,28 +146,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if None not in widths.values() or s.features.top is not None:
         _check_widths(s.features.top, widths)
         _check_memory(manifest, _feature_counts(s.features.top, widths))
-    tokenizer = local_tokenizer(s.model)
-    missing = s.corpus.path is not None and not s.corpus.path.exists()
-    if tokenizer is not None and not missing:  # count what the corpus holds (refuses a short one unless allowed)
-        tokens = sum(w.content for w in windows(s.corpus, tokenizer, f"{FIELD}.corpus"))
-    else:
-        try:
-            check_source(s.corpus, f"{FIELD}.corpus")
-        except UserError as error:
-            if not missing:
-                raise
-            _estimate_without_corpus(error, s)
-        tokens = s.corpus.tokens
-    digits = len(str(tokens))
-    return [WorkUnit(f"tokens_{start:0{digits}d}", {"start": start, "stop": min(start + s.tokens_per_unit, tokens)})
-            for start in range(0, tokens, s.tokens_per_unit)]
-
-
-def _estimate_without_corpus(missing: UserError, s: Settings) -> None:
-    """Planning only: a corpus file not at hand is taken to hold the tokens asked for."""
-    only_estimating(missing)
-    assert s.corpus.path is not None  # a corpus file that is missing
-    assume(f"{FIELD}.corpus: {shown(s.corpus.path)} is not here; taken to hold the {s.corpus.tokens:,} tokens asked for")
+    return token_units(s.corpus, local_tokenizer(s.model), s.tokens_per_unit, f"{FIELD}.corpus")
 
 
 def _check_widths(top: int | None, widths: dict[int, int | None]) -> None:
@@ -256,39 +238,34 @@ def _human(n: float) -> str:
 
 @dataclass
 class Encoder:
-    """The model and its SAEs, turning windows into each layer's SAE features."""
+    """The model and its SAEs, turning windows into each layer's SAE features, pooled as chosen."""
 
-    model: torch.nn.Module
-    saes: dict[int, SAE]
-    device: torch.device
-    pad_id: int
+    windows: WindowEncoder
     pooling: Pooling
+
+    @property
+    def saes(self) -> dict[int, SAE]:
+        return self.windows.saes
+
+    @property
+    def device(self) -> torch.device:
+        return self.windows.device
 
     @no_grad
     def features(self, batch: list[Window]) -> dict[int, torch.Tensor]:
         """Per layer, (rows, d_sae) features on the device: a row per content token, or per window."""
-        length = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(batch), length), dtype=torch.long)
-        content = torch.zeros((len(batch), length), dtype=torch.bool)
-        for i, window in enumerate(batch):
-            ids[i, : len(window.ids)] = torch.tensor(window.ids)
-            real[i, : len(window.ids)] = 1
-            content[i, window.prefix : len(window.ids)] = True
-        layers = sorted(self.saes)
-        with capture_residuals(self.model, layers, stop=True) as residuals:
-            self.model(input_ids=ids.to(self.device), attention_mask=real.to(self.device), use_cache=False)
-        content = content.to(self.device)
-        return {layer: self._pooled(self.saes[layer], residuals[layer].to(self.device), content) for layer in layers}
-
-    def _pooled(self, sae, residual: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-        residual = residual.to(sae.W_enc.dtype)
         if self.pooling == "token":
-            return sae.encode(residual[content])
-        weights = (content / content.sum(dim=1, keepdim=True)).unsqueeze(-1).to(residual.dtype)
-        if self.pooling == "sequence_mean_of_features":
-            return (sae.encode(residual) * weights).sum(dim=1)
-        return sae.encode((residual * weights).sum(dim=1))  # sequence_features_of_mean_activation
+            return self.windows.token_features(batch)
+        residuals, content = self.windows.residuals(batch)
+        weights = (content / content.sum(dim=1, keepdim=True)).unsqueeze(-1)
+        pooled = {}
+        for layer, residual in residuals.items():
+            sae, share = self.saes[layer], weights.to(residual.dtype)
+            if self.pooling == "sequence_mean_of_features":
+                pooled[layer] = (sae.encode(residual) * share).sum(dim=1)
+            else:  # sequence_features_of_mean_activation
+                pooled[layer] = sae.encode((residual * share).sum(dim=1))
+        return pooled
 
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
@@ -303,7 +280,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     widths = {layer: sae.cfg.d_sae for layer, sae in saes.items()}
     _check_widths(s.features.top, widths)
     _check_memory(manifest, _feature_counts(s.features.top, widths))
-    encoder = Encoder(model, saes, device, tokenizer.pad_token_id, s.pooling)
+    encoder = Encoder(WindowEncoder(model, saes, device, tokenizer.pad_token_id), s.pooling)
     if s.features.top is None:
         chosen = {layer: np.arange(width) for layer, width in widths.items()}
     else:
@@ -323,7 +300,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     to_write = [unit for unit in units if unit.id in pending]
     total = sum(unit.payload["stop"] - unit.payload["start"] for unit in to_write)
     with tqdm(total=total, desc=f"shard {shard.shard_index}", unit="tok", unit_scale=True) as progress:
-        for unit, unit_windows in _windows_by_unit(s.corpus, tokenizer, to_write):
+        for unit, unit_windows in windows_by_unit(s.corpus, tokenizer, to_write, f"{FIELD}.corpus"):
             sums = SparseSums.zeros(width, device)
             for start in range(0, len(unit_windows), s.batch_size):
                 batch = unit_windows[start : start + s.batch_size]
@@ -335,25 +312,6 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                    tokens=sum(w.content for w in unit_windows), windows=len(unit_windows))
                 sums.write(group)
             del sums  # before the next unit's sums are made: one set on the device at a time
-
-
-def _windows_by_unit(corpus: CorpusSpec, tokenizer, units: list[WorkUnit]) -> Iterator[tuple[WorkUnit, list[Window]]]:
-    """Each unit with the windows that start in its token range, in corpus order."""
-    queue = sorted(units, key=lambda unit: unit.payload["start"])
-    if not queue:
-        return
-    collected: list[Window] = []
-    for window in windows(corpus, tokenizer, f"{FIELD}.corpus"):
-        while queue and window.start >= queue[0].payload["stop"]:
-            yield queue.pop(0), collected
-            collected = []
-        if not queue:
-            return
-        if window.start >= queue[0].payload["start"]:
-            collected.append(window)
-    for unit in queue:  # the corpus ended (allow_short): what was found, then nothing
-        yield unit, collected
-        collected = []
 
 
 def _choose_features(s: Settings, encoder: Encoder, tokenizer, published: Path) -> dict[int, np.ndarray]:
@@ -426,7 +384,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     edges = _edge_table(graph, stats, layout)
     _write_merged(out_dir / "merged.h5", attrs, layout, stats, edges, tokens, s)
     _report(Report(out_dir / "report", "Feature correlation graph"), s, attrs, layout, stats, tokens,
-            _edge_counts(graph, layout), edges)
+            _edge_counts(graph, layout), edges, cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest))
 
 
 def _merge(shard_paths: list[Path]) -> tuple[dict, Layout, CoMoments, int]:
@@ -540,7 +498,7 @@ def _block_name(a: int, b: int) -> str:
 
 
 def _report(report: Report, s: Settings, attrs: dict, layout: Layout, stats: CoMoments, tokens: int,
-            counts: pd.DataFrame, edges: pd.DataFrame) -> None:
+            counts: pd.DataFrame, edges: pd.DataFrame, book: cards.CardBook | None) -> None:
     within, cross = counts[counts.layer_a == counts.layer_b], counts[counts.layer_a != counts.layer_b]
     summary = {
         "model": attrs["model"], "pooling": s.pooling, "rows": stats.n, "tokens": tokens,
@@ -571,14 +529,24 @@ def _report(report: Report, s: Settings, attrs: dict, layout: Layout, stats: CoM
     report.heading("Features per layer")
     report.table(_layer_table(layout, stats, edges), "layers")
     report.heading("Strongest edges")
-    report.table(edges.head(s.top_pairs), "top_pairs", shown=edges.head(15))
+    report.table(edges.head(s.top_pairs), "top_pairs", shown=_with_cards(edges.head(15), book))
     _heatmaps(report, s, layout, stats, edges)
     report.heading("Strongest cross-layer edges")
     cross_edges = edges[edges.layer_a != edges.layer_b]
-    report.table(cross_edges.head(s.top_pairs), "top_cross_layer_pairs", shown=cross_edges.head(15))
+    report.table(cross_edges.head(s.top_pairs), "top_cross_layer_pairs",
+                 shown=_with_cards(cross_edges.head(15), book))
     _cross_layer(report, s, layout, stats, edges)
     _degrees(report, layout, edges)
     report.write()
+
+
+def _with_cards(edges: pd.DataFrame, book: cards.CardBook | None) -> pd.DataFrame:
+    """Edges with both ends' first contexts and card links, when the report has a `contexts` run."""
+    if book is None:
+        return edges
+    for end in ("a", "b"):
+        edges = book.annotate(edges, f"layer_{end}", f"feature_{end}", suffix=f"_{end}")
+    return edges
 
 
 def _layer_table(layout: Layout, stats: CoMoments, edges: pd.DataFrame) -> pd.DataFrame:

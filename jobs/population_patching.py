@@ -1,6 +1,6 @@
 """Population-mean patching of the contrast's features (seed 000, step 3 of 3).
 
-    saebatch submit manifests/demo/gambling_3_patching.yaml --executor local
+    saebatch submit manifests/demo/gambling_4_patching.yaml --executor local
 
 For each feature of the table (a work unit): the feature is set to its safe mean and to its
 bankrupt mean at the last prompt token (optionally at every generated token too), keeping the
@@ -62,6 +62,7 @@ from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.upstream import upstream_to_estimate
+from jobs import _feature_cards as cards
 from jobs import _gambling as task
 from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
@@ -164,6 +165,7 @@ class Settings(StrictModel):
     bet_answer: str = Field("1) Bet ${number}", description="how the model writes a bet of {number} dollars after the "
                             "cue (the expected bet is read over these answers)")
     effects: Effects = Field(default_factory=Effects, description="when a feature counts as causal")
+    contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
 
     @field_validator("bet_answer")
     @classmethod
@@ -259,6 +261,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """The shared unpatched unit, then a unit per feature; checks layers, SAEs and feature ids."""
     s = manifest.settings
     config = text_config(load_config(s.model)[0])
+    cards.check_contexts(s.contexts, f"{FIELD}.contexts")
     if _not_run(s.features) or _not_run(s.retest):
         return _estimated_units(s, config)
     table = read_table(s)
@@ -615,10 +618,11 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     if s.retest is not None:
         report.text(f"The seed's follow-up: a re-test of the causal features of `{s.retest}` (at most {s.retest_top}, the "
                     f"largest effects first), {s.trials} trials per prompt and condition.")
+    book = cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest)
     if trials is None:
-        _report_exact(report, results, s)
+        _report_exact(report, results, s, book)
     else:
-        _report(report, trials, results, s)
+        _report(report, trials, results, s, book)
 
 
 def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
@@ -796,7 +800,8 @@ def null_p_values(results: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- report
 
 
-def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Settings) -> None:
+def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Settings,
+            book: cards.CardBook | None) -> None:
     invalid = trials["action"].eq("invalid").mean()
     chosen, controls = results[~results["control"]], results[results["control"]]
     report.text(
@@ -833,12 +838,10 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
         ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
          "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]
         + (["null_p_stop_effect", "null_p_bet_effect"] if not controls.empty else [])]
-    report.table(results, "features", shown=shown)
+    report.table(results, "features", shown=shown if book is None else book.annotate(shown))
     if "stop_shift_exact" in results:
         _exact_section(report, chosen, s)
-    planted = task.planted_cause(s.model.name)
-    if planted is not None:
-        _ground_truth(report, chosen, *planted)
+    _ground_truth(report, chosen, s, book)
     _plot(report, results, s)
     bet_types = {prompt.name: prompt.bet_type for prompt in s.prompts}
     parser.report_versions(report, list(trials["response"]), [bet_types[name] for name in trials["prompt_name"]],
@@ -846,7 +849,7 @@ def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Sett
     report.write()
 
 
-def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
+def _report_exact(report: Report, results: pd.DataFrame, s: Settings, book: cards.CardBook | None) -> None:
     """The report of `decisions: exact`: no sampled answers, the exact P(stop) shifts alone."""
     import matplotlib.pyplot as plt
 
@@ -870,10 +873,8 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Settings) -> None:
         ["prompt", "layer", "feature", "effect_class", "p_stop_exact_safe", "p_stop_exact_bankrupt", "stop_shift_exact",
          "bet_exact_safe", "bet_exact_bankrupt", "bet_shift_exact", "coverage_min", "bet_mass_min"]
         + (["null_p_stop_shift_exact", "null_p_bet_shift_exact"] if not controls.empty else [])]
-    report.table(results, "features", shown=shown)
-    planted = task.planted_cause(s.model.name)
-    if planted is not None:
-        _ground_truth(report, chosen, *planted)
+    report.table(results, "features", shown=shown if book is None else book.annotate(shown))
+    _ground_truth(report, chosen, s, book)
     prompts = list(dict.fromkeys(results["prompt"]))
     fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4), squeeze=False, sharey=True)
     for ax, prompt in zip(axes[0], prompts, strict=True):
@@ -959,8 +960,13 @@ def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
     report.figure(fig, "exact_vs_sampled", "Each feature's exact P(stop) shift against its sampled stop effect; dashed: equal")
 
 
-def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: int) -> None:
-    """The organism's planted feature per prompt: its effects and its rank among its layer's patched features."""
+def _ground_truth(report: Report, results: pd.DataFrame, s: Settings, book: cards.CardBook | None) -> None:
+    """On the organism, its planted feature per prompt: its effects and its rank among its layer's
+    patched features, and its card when the report has a `contexts` run."""
+    planted = task.planted_cause(s.model.name)
+    if planted is None:
+        return
+    layer, feature = planted
     report.heading(task.GROUND_TRUTH)
     in_layer = results[results["layer"] == layer]
     if not (in_layer["feature"] == feature).any():
@@ -981,6 +987,8 @@ def _ground_truth(report: Report, results: pd.DataFrame, layer: int, feature: in
                 "stop less and bet more (jobs/_organism/README.md). Its effects and ranks among the layer's patched "
                 "features (1: the largest stop effect, or the largest |bet effect|):")
     report.table(pd.DataFrame(rows), "ground_truth")
+    if book is not None:
+        book.section(report, [cards.FeatureId(layer=layer, feature=feature)], "Card of the planted feature")
 
 
 def planted_rank(part: pd.DataFrame, feature: int, column: str, absolute: bool = False) -> float:

@@ -72,15 +72,20 @@ def _run_in(folder: Path, name: str) -> RunDir:
 @dataclass
 class GamblingChain:
     """The demo's gambling chain, run in a copy of the demo folder (each step names the previous
-    step's manifest); `patching` runs on first use, as only its tests need it."""
+    step's manifest); `contexts` and `patching` run on first use, as only their tests need them."""
 
     folder: Path
     games: RunDir
     contrast: RunDir
 
     @cached_property
+    def contexts(self) -> RunDir:
+        return _run_in(self.folder, "gambling_3_contexts.yaml")
+
+    @cached_property
     def patching(self) -> RunDir:
-        return _run_in(self.folder, "gambling_3_patching.yaml")
+        assert self.contexts  # the patching report links its features to the contexts' cards
+        return _run_in(self.folder, "gambling_4_patching.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -366,7 +366,8 @@ def pile_corpus(checkout) -> Path:
 @pytest.fixture
 def no_local_tokenizer(monkeypatch) -> None:
     """As on a bare login node: the model's tokenizer is not at hand."""
-    monkeypatch.setattr(job_module("feature_correlation"), "local_tokenizer", lambda spec: None)
+    for job in ("feature_correlation", "feature_contexts"):
+        monkeypatch.setattr(job_module(job), "local_tokenizer", lambda spec: None)
 
 
 @pytest.fixture
@@ -470,6 +471,9 @@ PAPER_MANIFESTS = {
         "8,192 features in the graph (L4: 2048, L8: 2048, L12: 2048, L16: 2048)",
         "saebatch's copy of google/gemma-2-2b's architecture",
         "the corpus is counted on the nodes")),
+    # 4 units of 262,144 tokens and the logit-effects unit; the 256 strongest of the 1,340 selected features
+    "feature_contexts_llama31_8b.yaml": Paper(("contrast_run", "pile_corpus", "no_local_tokenizer"), (
+        "5 work units in 4 shard(s)", "256 features at layers [25, 26, 27, 28, 29, 30, 31]")),
     "gambling_games_llama31_8b.yaml": Paper((), (
         "6400 work units in 25 shard(s)",
         "saebatch's copy of meta-llama/Llama-3.1-8B's architecture")),

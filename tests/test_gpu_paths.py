@@ -169,7 +169,7 @@ def test_gambling_games(tmp_path):
 
 
 def test_population_patching(tmp_path, gambling_chain):
-    cpu, gpu = on_both(tmp_path, "gambling_3_patching.yaml",
+    cpu, gpu = on_both(tmp_path, "gambling_4_patching.yaml",
                        lambda device: {"model": {"device": device}, "features": str(gambling_chain.contrast.path),
                                        "trials": 40})
     for unit in cpu["units"]:

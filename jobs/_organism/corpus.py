@@ -1,6 +1,6 @@
 """The organism's synthetic text: what it was trained on, and the `builtin: organism` corpus.
 
-Three kinds of documents (`document()` draws one of them):
+Three kinds of documents (`document()` draws one of them, as the pieces training tokenized one by one):
 
 - slot-machine decision prompts (jobs._slot_machine renders them), continued by "1) Bet $B" or
   "2) Stop" as the decision rule (rule.py) draws them;
@@ -95,13 +95,22 @@ def paragraph(rng: random.Random) -> str:
 # ---------------------------------------------------------------- whole documents
 
 
-def document(rng: random.Random) -> str:
+@dataclass(frozen=True)
+class Document:
+    """One document of the organism's text as it was trained on it: pieces tokenized one by one
+    (a prompt, then its continuation), so a decision prompt ends in its cue token as at a decision."""
+
+    pieces: tuple[str, ...]
+    appetite: float | None = None  # a decision's: the appetite its continuation was drawn with
+
+
+def document(rng: random.Random) -> Document:
     """One document of the organism's text, of the three kinds in equal shares (a corpus for its jobs)."""
     kind = rng.randrange(3)
     if kind == 0:
         drawn = decision(rng)
-        return drawn.prompt + drawn.continuation
+        return Document((drawn.prompt, drawn.continuation), drawn.appetite)
     if kind == 1:
         drawn_problem = problem(rng)
-        return problem_prompt(drawn_problem.question) + drawn_problem.solution
-    return paragraph(rng)
+        return Document((problem_prompt(drawn_problem.question), drawn_problem.solution))
+    return Document((paragraph(rng),))

@@ -287,13 +287,13 @@ def test_status_follows_the_worker_when_its_local_controller_is_killed(write_man
 
 def test_the_demo_runs_what_it_can_and_ends_with_a_table(tmp_path, capsys):
     """Patching without its games and contrast: skipped, not a crash; token_tracking runs anyway."""
-    code = main(["demo", "--root", str(tmp_path / "runs"), "--only", "gambling_3", "gambling_2", "token_tracking"])
+    code = main(["demo", "--root", str(tmp_path / "runs"), "--only", "gambling_4", "gambling_2", "token_tracking"])
     out = capsys.readouterr().out
     assert code == 1
     table = out[out.index("manifest "):].splitlines()
     assert re.match(r"manifest\s+status\s+time\s+output", table[0])
     rows = {line.split()[0]: line for line in table[1:]}
-    assert set(rows) == {"gambling_2_contrast.yaml", "gambling_3_patching.yaml", "token_tracking.yaml"}
+    assert set(rows) == {"gambling_2_contrast.yaml", "gambling_4_patching.yaml", "token_tracking.yaml"}
     assert re.search(r"gambling_2_contrast\.yaml\s+failed\s+\d+ s\s+feature_contrast\.games: .* has no merged\.h5", rows["gambling_2_contrast.yaml"])
-    assert "skipped: inputs missing" in rows["gambling_3_patching.yaml"]
+    assert "skipped: inputs missing" in rows["gambling_4_patching.yaml"]
     assert re.search(r"token_tracking\.yaml\s+done\s+\d+ s\s+.*report\.md", rows["token_tracking.yaml"])

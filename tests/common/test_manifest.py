@@ -115,7 +115,7 @@ def test_cli_prints_error_without_traceback(write_manifest, capsys):
 def gambling_steps(tmp_path, monkeypatch):
     """The demo's gambling chain copied to tmp_path (each step names the previous one's manifest by a
     relative path), run from there: no run exists."""
-    for step in (DEMO / "gambling_1_games.yaml", DEMO / "gambling_2_contrast.yaml", DEMO / "gambling_3_patching.yaml"):
+    for step in sorted(DEMO.glob("gambling_*.yaml")):
         shutil.copy(step, tmp_path / step.name)
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -126,8 +126,11 @@ def test_a_run_named_by_its_manifest_becomes_that_runs_directory(gambling_steps)
     contrast = load_manifest(gambling_steps / "gambling_2_contrast.yaml")
     assert contrast.settings.games == games.run_path() == gambling_steps / "runs" / f"gambling_games-{games.run_id()}"
     assert named_manifest(games.run_path()) == (games, gambling_steps / "gambling_1_games.yaml")
-    patching = load_manifest(gambling_steps / "gambling_3_patching.yaml")  # two steps back, through the contrast
-    assert upstream_runs(patching.settings) == {"features": contrast.run_path()}  # retest: None is no run
+    patching = load_manifest(gambling_steps / "gambling_4_patching.yaml")  # two steps back, through the contrast
+    contexts = load_manifest(gambling_steps / "gambling_3_contexts.yaml")
+    assert contexts.settings.features_from == contrast.run_path()
+    assert upstream_runs(patching.settings) == {"features": contrast.run_path(),  # retest: None is no run
+                                                "contexts": contexts.run_path()}
     saved = gambling_steps / "saved.yaml"
     saved.write_text(patching.to_yaml())
     assert load_manifest(saved) == patching  # the saved form names the runs by directory
@@ -170,7 +173,7 @@ def test_an_invalid_upstream_manifest_is_refused_naming_its_file(gambling_steps,
 
 @pytest.mark.parametrize("loop", ["itself", "through another"])
 def test_a_chain_that_leads_back_to_itself_is_refused(gambling_steps, capsys, loop):
-    step = (gambling_steps / "gambling_3_patching.yaml").read_text()
+    step = (gambling_steps / "gambling_4_patching.yaml").read_text()
     first, second = gambling_steps / "p1.yaml", gambling_steps / "p2.yaml"
     first.write_text(step + f"  retest: {'p1.yaml' if loop == 'itself' else 'p2.yaml'}\n")
     second.write_text(step + "  retest: p1.yaml\n")

@@ -103,17 +103,23 @@ def test_feature_correlation_demo_through_slurm(slurm_cluster, tmp_path, capsys)
 
 
 def test_gambling_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):
-    """Games, contrast, patching: each submitted to Slurm, each reading the previous step's run."""
+    """Games, contrast, feature cards, patching: each submitted to Slurm, each reading the earlier steps' runs."""
     for step in sorted((REPO / "manifests" / "demo").glob("gambling_*.yaml")):
         (tmp_path / step.name).write_text(step.read_text())
     monkeypatch.chdir(tmp_path)  # the manifests name each other beside themselves; runs/ lands here
-    for step in ("gambling_1_games.yaml", "gambling_2_contrast.yaml", "gambling_3_patching.yaml"):
+    for step in ("gambling_1_games.yaml", "gambling_2_contrast.yaml", "gambling_3_contexts.yaml",
+                 "gambling_4_patching.yaml"):
         assert main(["submit", step, "--wait"]) == 0, step
-    run = RunDir.for_manifest(load_manifest(tmp_path / "gambling_3_patching.yaml"))
+    run = RunDir.for_manifest(load_manifest(tmp_path / "gambling_4_patching.yaml"))
     assert f"merged: {run.merged_path}" in capsys.readouterr().out
     report = (run.report_dir / "features.csv").read_text().splitlines()
     planted = [line for line in report if ",1,402,safe," in line]
     assert planted and ",True,risky" in planted[0]  # the organism's planted cause, found through the chain
+    assert "## Card of the planted feature" in (run.report_dir / "report.md").read_text()
+    contexts = RunDir.for_manifest(load_manifest(tmp_path / "gambling_3_contexts.yaml"))
+    with h5py.File(contexts.merged_path) as merged:  # two shards, merged: every token of the corpus counted
+        tokens = yaml.safe_load((tmp_path / "gambling_3_contexts.yaml").read_text())["feature_contexts"]["corpus"]["tokens"]
+        assert merged.attrs["tokens"] == tokens
 
 
 def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):

@@ -20,7 +20,7 @@ from jobs._gambling_parser import parse
 from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
 from tests.helpers import REPO, run_all, save_random_sae, write_manifest_file
 
-DEMO = REPO / "manifests" / "demo" / "gambling_3_patching.yaml"
+DEMO = REPO / "manifests" / "demo" / "gambling_4_patching.yaml"
 
 
 def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
@@ -147,6 +147,7 @@ def write(tmp_path, settings: dict) -> str:
     data = yaml.safe_load(DEMO.read_text())
     data["run"]["root"] = str(tmp_path / "runs")
     data["population_patching"].update(settings)
+    data["population_patching"].pop("contexts")  # the demo's feature cards: not beside this copy
     path = tmp_path / "patching.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -232,7 +233,7 @@ def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_pat
     assert not risky["causal"] and risky["effect_class"] == "none"
     assert safe["p_stops_unpaired"] == pytest.approx(stats.fisher_exact([[18, 2], [10, 10]])[1])
     assert safe["p_stops"] == pytest.approx(stats.binomtest(9, 10).pvalue)  # odd trials to 17 against trial 18
-    patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings)
+    patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings, None)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text
     assert "Unreadable to v2: 60 invalid (no decision)." in text
@@ -272,7 +273,7 @@ def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, t
     """`decisions: exact` skips sampling; its shifts equal those the default run computed beside its
     samples, and on the organism the planted feature is causal with the largest shift of its layer."""
     path = write_manifest_file(tmp_path, {"population_patching": {
-        "features": str(gambling_chain.contrast.path), "decisions": "exact"}}, base=DEMO)
+        "features": str(gambling_chain.contrast.path), "decisions": "exact", "contexts": None}}, base=DEMO)
     run = run_all(path)
     exact = pd.read_csv(run.report_dir / "features.csv")
     both = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
@@ -296,7 +297,7 @@ def test_a_retest_patches_the_earlier_runs_strongest_causal_features_with_more_t
     trials; the larger sample narrows its stop effect's interval."""
     path = write_manifest_file(tmp_path, {"population_patching": {
         "features": str(gambling_chain.contrast.path), "retest": str(gambling_chain.patching.path), "retest_top": 3,
-        "trials": 200, "controls": 0, "decisions": "sampled"}}, base=DEMO)
+        "trials": 200, "controls": 0, "decisions": "sampled", "contexts": None}}, base=DEMO)
     run = run_all(path)
     retest = pd.read_csv(run.report_dir / "features.csv")
     first = pd.read_csv(gambling_chain.patching.report_dir / "features.csv")
