@@ -171,7 +171,7 @@ def test_gambling_games(tmp_path):
 def test_population_patching(tmp_path, gambling_chain):
     cpu, gpu = on_both(tmp_path, "gambling_4_patching.yaml",
                        lambda device: {"model": {"device": device}, "features": str(gambling_chain.contrast.path),
-                                       "trials": 40})
+                                       "trials": 40, "contexts": None})
     for unit in cpu["units"]:
         a, b = cpu["units"][unit], gpu["units"][unit]
         for name in ("condition", "prompt", "trial", "value", "exact/condition", "exact/prompt"):
@@ -179,6 +179,24 @@ def test_population_patching(tmp_path, gambling_chain):
         for name in ("exact/p_stop", "exact/coverage"):  # float64 softmax of float32 logits
             assert_close(a[name][()], b[name][()], 1e-4, 1e-5, name=f"{unit} {name}")
         assert_agree(a["response"][()], b["response"][()], f"{unit} responses")
+
+
+def test_feature_contexts(tmp_path):
+    """Listed features (no upstream run), one shard so that the reduce runs: the same top tokens but
+    for near-ties, activations within 1e-4, the same counts but for TopK boundary tokens."""
+    merged = {}
+    for device in DEVICES:
+        run = shard_on(device, tmp_path, "gambling_3_contexts.yaml",
+                       {"model": {"device": device}, "features_from": None, "corpus": {"tokens": 8192},
+                        "features": [[1, 402], [0, 7], [2, 88], [3, 100]]}, shards=1)
+        reduce_task(str(run.path))
+        merged[device] = h5py.File(run.merged_path)
+    cpu, gpu = merged["cpu"], merged["cuda:0"]
+    same = cpu["top/position"][()] == gpu["top/position"][()]
+    assert same.mean() >= AGREEMENT, f"{same.mean():.1%} of the top tokens are the same"
+    assert_close(cpu["top/value"][()], gpu["top/value"][()], 1e-4, 1e-5, name="top activations")
+    assert_close(cpu["top/active"][()], gpu["top/active"][()], 1e-2, 2, name="active tokens")
+    np.testing.assert_array_equal(cpu["logits/top_ids"][:, :3], gpu["logits/top_ids"][:, :3])
 
 
 def test_activation_capture(tmp_path):
