@@ -21,15 +21,19 @@ from pydantic import Field, model_validator
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
 
+BUILTIN_TEXT = {"organism": "the organism's synthetic text", "organism_decisions": "the organism's decision prompts",
+                "organism_plain": "the organism's plain sentences"}
+
 
 class CorpusSpec(StrictModel):
     """Where the text comes from and how much of it to use."""
 
     path: AbsolutePath | None = Field(None, description="a .txt file, a folder of .txt files, a .jsonl file, "
                                       "or a folder written by datasets' save_to_disk")
-    builtin: Literal["organism"] | None = Field(
+    builtin: Literal["organism", "organism_decisions", "organism_plain"] | None = Field(
         None, description="'organism': the model organism's synthetic text (gambling prompts, arithmetic, "
-        "plain sentences), drawn without end from `seed`")
+        "plain sentences), drawn without end from `seed`; 'organism_decisions' or 'organism_plain': only its "
+        "decision prompts (with their answers) or only its plain sentences")
     seed: int = Field(0, description="seed of the builtin text")
     format: Literal["auto", "text", "jsonl", "datasets"] = Field(
         "auto", description="auto: datasets folder, folder of .txt, .jsonl file, else plain text")
@@ -41,11 +45,11 @@ class CorpusSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> CorpusSpec:
         if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of `path` (local files) and `builtin: organism`")
+            raise ValueError("give exactly one of `path` (local files) and `builtin` (e.g. `builtin: organism`)")
         return self
 
     def describe(self) -> str:
-        source = f"the organism's synthetic text (seed {self.seed})" if self.builtin else str(self.path)
+        source = f"{BUILTIN_TEXT[self.builtin]} (seed {self.seed})" if self.builtin else str(self.path)
         return f"{self.tokens:,} tokens of {source} in windows of {self.window}"
 
 
@@ -77,11 +81,12 @@ def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str]:
     if spec.builtin is not None:
         # The organism's text is the experiment side's (its decision prompts are the slot-machine
         # task's); common only dispatches to it, as the registry does to the jobs.
-        from jobs._organism.corpus import document
+        from jobs._organism.corpus import DOCUMENTS
 
         rng = random.Random(spec.seed)
+        draw = DOCUMENTS[spec.builtin]
         while True:
-            yield document(rng)
+            yield draw(rng)
     assert spec.path is not None  # _one_source: a corpus without `builtin` has a path
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")
