@@ -189,7 +189,7 @@ def _graph_to_come(s: Settings, n_layers: int) -> None:
     graph = upstream.settings
     if graph.model.name != s.model.name:
         raise UserError(f"{field}: {where} computes the graph on {graph.model.name}, not {s.model.name}")
-    layers = resolve_layers(graph.layers, n_layers, "feature_correlation.layers")
+    layers = _graph_layers(s, n_layers)
     if s.target.layer not in layers:
         raise UserError(f"{FIELD}.target.layer: layer {s.target.layer} is not in the correlation graph ({where}), "
                         f"which holds layers {layers}; steer a feature of those, or add layer {s.target.layer} there")
@@ -207,7 +207,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     prompt_tokens = s.decisions.count * _PROMPT_CHARS / CHARS_PER_TOKEN
     tokens = len(units) * 3 * (prompt_tokens + s.neutral.tokens)  # unsteered, naive, corrected
     model = model_size(s.model)
-    layers = config.num_hidden_layers - s.target.layer  # at most: the target's layer and every later one
+    layers = len([layer for layer in _graph_layers(s, config.num_hidden_layers) if layer >= s.target.layer])
     sae_bytes = layers * 2 * config.hidden_size * (width or ASSUMED_WIDTH) * DTYPE_BYTES[s.sae.dtype]
     per_forward = s.batch_size * s.neutral.window * config.vocab_size * (4 + 2 * 8)  # logits, two float64 log-softmaxes
     device_bytes = parameter_bytes(config, s.model.dtype) + sae_bytes + per_forward
@@ -217,9 +217,20 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
              f"naive and corrected for each of {len(units)} strength(s); decision prompts taken as {_PROMPT_CHARS} characters",
              f"device memory about {device_bytes / 1e9:.1f} GB (model, SAEs up to {layers} layer(s), one batch's logits)")
     return Estimate(output_bytes=len(units) * (s.decisions.count * 6 * 8 + s.neutral.tokens * 3 * 4),
-                    task_memory_bytes=int(2e9 + (device_bytes if on_cpu else 0)), notes=notes,
+                    task_memory_bytes=int(2e9 + (device_bytes if on_cpu else parameter_bytes(config, s.model.dtype))),
+                    notes=notes,
                     work=(Work("load", model.weight_bytes + sae_bytes, label=f"{model.name} and the SAEs"),
                           Work("forward", tokens, model, label=f"{tokens:,.0f} tokens, three forwards per strength")))
+
+
+def _graph_layers(s: Settings, n_layers: int) -> list[int]:
+    """The correlation graph's layers: from its merged.h5, or, before it exists, its manifest."""
+    if (s.correlation / "merged.h5").is_file():
+        with open_graph(s.correlation, f"{FIELD}.correlation") as graph:
+            return [int(layer) for layer in graph.attrs["layers"]]
+    missing = UserError(f"{FIELD}.correlation: {s.correlation} has no merged.h5")
+    upstream, _ = upstream_to_estimate(s.correlation, "feature_correlation", f"{FIELD}.correlation", missing)
+    return resolve_layers(upstream.settings.layers, n_layers, "feature_correlation.layers")
 
 
 # A decision prompt with a full five-round history and every component line (the longest kind).
