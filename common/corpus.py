@@ -14,12 +14,15 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
+
+if TYPE_CHECKING:
+    import torch
 
 BUILTIN_TEXT = {"organism": "the organism's synthetic text", "organism_decisions": "the organism's decision prompts",
                 "organism_plain": "the organism's plain sentences"}
@@ -64,6 +67,22 @@ class Window:
     @property
     def content(self) -> int:
         return len(self.ids) - self.prefix
+
+
+def pad_windows(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of windows, right-padded: (batch, longest) token ids, the attention mask (1 on real
+    tokens) and the content mask (True on content tokens: not the prefix, not padding)."""
+    import torch
+
+    length = max(len(w.ids) for w in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    real = torch.zeros((len(batch), length), dtype=torch.long)
+    content = torch.zeros((len(batch), length), dtype=torch.bool)
+    for i, window in enumerate(batch):
+        ids[i, : len(window.ids)] = torch.tensor(window.ids)
+        real[i, : len(window.ids)] = 1
+        content[i, window.prefix : len(window.ids)] = True
+    return ids, real, content
 
 
 def _format(spec: CorpusSpec) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.lazy import lazy_import
+from common.upstream import open_merged
 
 if TYPE_CHECKING:
     import torch
@@ -59,15 +60,7 @@ class TargetInGraph:
 
 def open_graph(run: Path, field: str) -> h5py.File:
     """The merged.h5 of a feature_correlation run (`field` names it in errors)."""
-    merged = run / "merged.h5"
-    if not merged.is_file():
-        raise UserError(f"{field}: {run} has no merged.h5; run the correlation graph first "
-                        "(saebatch submit <its manifest>) and wait for its reduce")
-    graph = h5py.File(merged, "r")
-    if graph.attrs.get("job") != "feature_correlation":
-        graph.close()
-        raise UserError(f"{field}: {merged} was written by {graph.attrs.get('job')!r}, not feature_correlation")
-    return graph
+    return open_merged(run, "feature_correlation", field, "run the correlation graph first")
 
 
 def target_in_graph(graph: h5py.File, layer: int, feature: int, most: int | None, field: str) -> TargetInGraph:

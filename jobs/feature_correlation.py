@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from common.atomic import publish_once
 from common.comoments import CoMoments, SparseSums, mutual_information
-from common.corpus import CorpusSpec, Window, check_source, windows
+from common.corpus import CorpusSpec, Window, check_source, pad_windows, windows
 from common.errors import UserError
 from common.layers import CONVENTION, capture_residuals, resolve_layers
 from common.lazy import lazy_import, no_grad
@@ -267,14 +267,7 @@ class Encoder:
     @no_grad
     def features(self, batch: list[Window]) -> dict[int, torch.Tensor]:
         """Per layer, (rows, d_sae) features on the device: a row per content token, or per window."""
-        length = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(batch), length), dtype=torch.long)
-        content = torch.zeros((len(batch), length), dtype=torch.bool)
-        for i, window in enumerate(batch):
-            ids[i, : len(window.ids)] = torch.tensor(window.ids)
-            real[i, : len(window.ids)] = 1
-            content[i, window.prefix : len(window.ids)] = True
+        ids, real, content = pad_windows(batch, self.pad_id)
         layers = sorted(self.saes)
         with capture_residuals(self.model, layers, stop=True) as residuals:
             self.model(input_ids=ids.to(self.device), attention_mask=real.to(self.device), use_cache=False)

@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from common.choices import OptionReader
-from common.corpus import CorpusSpec, Window, check_source, windows
+from common.corpus import CorpusSpec, Window, check_source, pad_windows, windows
 from common.edits import edit_block_output
 from common.errors import UserError
 from common.layers import CONVENTION, resolve_layers
@@ -276,15 +276,12 @@ class Forwards:
 
     def batch(self, found: list[Window]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ids, attention mask and the steered positions ((batch, seq) each)."""
-        length = max(len(w.ids) for w in found)
-        ids = torch.full((len(found), length), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(found), length), dtype=torch.long)
-        steer = torch.zeros((len(found), length), dtype=torch.bool)
-        for i, window in enumerate(found):
-            ids[i, : len(window.ids)] = torch.tensor(window.ids)
-            real[i, : len(window.ids)] = 1
-            steer[i, window.prefix if self.positions == "all" else len(window.ids) - 1 : len(window.ids)] = True
-        return ids, real, steer
+        ids, real, content = pad_windows(found, self.pad_id)
+        if self.positions == "all":
+            return ids, real, content
+        last = torch.zeros_like(content)
+        last[torch.arange(len(found)), torch.tensor([len(w.ids) - 1 for w in found])] = True
+        return ids, real, last
 
     @no_grad
     def logits(self, ids: torch.Tensor, real: torch.Tensor, shifts: dict[int, torch.Tensor] | None,

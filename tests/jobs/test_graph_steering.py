@@ -247,3 +247,11 @@ def test_the_interval_of_a_clustered_mean_is_the_t_test_without_clusters():
     clustered = mean_interval(values, np.array([0, 0, 1, 1, 2, 2]))
     means = values.reshape(3, 2).mean(1)
     assert clustered[:3] == pytest.approx((means.mean(), *stats.ttest_1samp(means, 0).confidence_interval()))
+
+
+def test_the_steered_positions_are_the_content_tokens_or_the_last_one():
+    found = [graph_steering.Window(0, [1, 5, 6, 7], 1), graph_steering.Window(0, [1, 8], 1)]
+    for positions, expected in (("all", [[0, 1, 1, 1], [0, 1, 0, 0]]), ("last", [[0, 0, 0, 1], [0, 1, 0, 0]])):
+        ids, real, steer = graph_steering.Forwards(None, 0, torch.device("cpu"), positions).batch(found)
+        assert steer.int().tolist() == expected
+        assert real.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and ids.tolist() == [[1, 5, 6, 7], [1, 8, 0, 0]]
