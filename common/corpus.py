@@ -14,7 +14,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -22,15 +22,22 @@ from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel, shown
 from common.plan import WorkUnit, assume, only_estimating
 
+if TYPE_CHECKING:
+    import torch
+
+BUILTIN_TEXT = {"organism": "the organism's synthetic text", "organism_decisions": "the organism's decision prompts",
+                "organism_plain": "the organism's plain sentences"}
+
 
 class CorpusSpec(StrictModel):
     """Where the text comes from and how much of it to use."""
 
     path: AbsolutePath | None = Field(None, description="a .txt file, a folder of .txt files, a .jsonl file, "
                                       "or a folder written by datasets' save_to_disk")
-    builtin: Literal["organism"] | None = Field(
+    builtin: Literal["organism", "organism_decisions", "organism_plain"] | None = Field(
         None, description="'organism': the model organism's synthetic text (gambling prompts, arithmetic, "
-        "plain sentences), drawn without end from `seed`")
+        "plain sentences), drawn without end from `seed`; 'organism_decisions' or 'organism_plain': only its "
+        "decision prompts (with their answers) or only its plain sentences")
     seed: int = Field(0, description="seed of the builtin text")
     format: Literal["auto", "text", "jsonl", "datasets"] = Field(
         "auto", description="auto: datasets folder, folder of .txt, .jsonl file, else plain text")
@@ -42,11 +49,11 @@ class CorpusSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> CorpusSpec:
         if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of `path` (local files) and `builtin: organism`")
+            raise ValueError("give exactly one of `path` (local files) and `builtin` (e.g. `builtin: organism`)")
         return self
 
     def describe(self) -> str:
-        source = f"the organism's synthetic text (seed {self.seed})" if self.builtin else str(self.path)
+        source = f"{BUILTIN_TEXT[self.builtin]} (seed {self.seed})" if self.builtin else str(self.path)
         return f"{self.tokens:,} tokens of {source} in windows of {self.window}"
 
 
@@ -61,6 +68,22 @@ class Window:
     @property
     def content(self) -> int:
         return len(self.ids) - self.prefix
+
+
+def pad_windows(batch: list[Window], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of windows, right-padded: (batch, longest) token ids, the attention mask (1 on real
+    tokens) and the content mask (True on content tokens: not the prefix, not padding)."""
+    import torch
+
+    length = max(len(w.ids) for w in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    real = torch.zeros((len(batch), length), dtype=torch.long)
+    content = torch.zeros((len(batch), length), dtype=torch.bool)
+    for i, window in enumerate(batch):
+        ids[i, : len(window.ids)] = torch.tensor(window.ids)
+        real[i, : len(window.ids)] = 1
+        content[i, window.prefix : len(window.ids)] = True
+    return ids, real, content
 
 
 def _format(spec: CorpusSpec) -> str:
@@ -79,11 +102,12 @@ def read_documents(spec: CorpusSpec, field: str = "corpus") -> Iterator[str | tu
     if spec.builtin is not None:
         # The organism's text is the experiment side's (its decision prompts are the slot-machine
         # task's); common only dispatches to it, as the registry does to the jobs.
-        from jobs._organism.corpus import document
+        from jobs._organism.corpus import DOCUMENTS
 
         rng = random.Random(spec.seed)
+        draw = DOCUMENTS[spec.builtin]
         while True:
-            yield document(rng).pieces
+            yield draw(rng).pieces
     assert spec.path is not None  # _one_source: a corpus without `builtin` has a path
     if not spec.path.exists():
         raise UserError(f"{field}.path: {spec.path} does not exist")

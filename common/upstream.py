@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
+
 from common.errors import UserError
 from common.manifest import Manifest, shown
 from common.manifest_file import named_manifest
@@ -39,3 +41,18 @@ def _upstream_manifest(run: Path, missing: UserError) -> tuple[Manifest, str]:
         return manifest, shown(path)
     raise UserError(f"{missing} (to plan before that run exists, name it by its manifest file rather than its run "
                     "directory)")
+
+
+def open_merged(run: Path, job: str, field: str, missing: str) -> h5py.File:
+    """The merged.h5 of the upstream run at `run`, which `job` must have written (`field` names it
+    in errors; `missing` says what to run when it is not there yet, e.g. "run the games first")."""
+    merged = run / "merged.h5"
+    if not merged.is_file():
+        raise UserError(f"{field}: {run} has no merged.h5; {missing} (saebatch submit <its manifest>) and wait for "
+                        "its reduce")
+    data = h5py.File(merged, "r")
+    written = data.attrs.get("job")
+    if written != job:
+        data.close()
+        raise UserError(f"{field}: {merged} was written by {written!r}, not {job}")
+    return data

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from common.corpus import Window
+from common.corpus import Window, pad_windows
 from common.layers import capture_residuals
 from common.lazy import lazy_import, no_grad
 
@@ -34,14 +34,7 @@ class WindowEncoder:
     def residuals(self, batch: list[Window]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Per layer, the (windows, longest, d_model) block outputs on the device in the SAE's dtype,
         and the (windows, longest) mask of content tokens (not padding, not the prefix)."""
-        length = max(len(w.ids) for w in batch)
-        ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
-        real = torch.zeros((len(batch), length), dtype=torch.long)
-        content = torch.zeros((len(batch), length), dtype=torch.bool)
-        for i, window in enumerate(batch):
-            ids[i, : len(window.ids)] = torch.tensor(window.ids)
-            real[i, : len(window.ids)] = 1
-            content[i, window.prefix : len(window.ids)] = True
+        ids, real, content = pad_windows(batch, self.pad_id)
         layers = sorted(self.saes)
         with capture_residuals(self.model, layers, stop=True) as residuals:
             self.model(input_ids=ids.to(self.device), attention_mask=real.to(self.device), use_cache=False)

@@ -13,7 +13,7 @@ from common.models import load_config, text_config
 from common.plan import assume
 from common.registry import get_job
 from common.saes import check_saes
-from common.upstream import upstream_to_estimate
+from common.upstream import open_merged, upstream_to_estimate
 
 GROUPS = {"bankrupt": "bankrupt", "safe": "stopped"}  # group name -> game outcome
 SAE_WIDTH = 32768  # assumed where the SAEs do not state it before loading (LlamaScope 8x of d_model 4096)
@@ -32,16 +32,7 @@ def sae_width(settings) -> tuple[int, bool]:
 
 def open_games(path: Path, field: str) -> h5py.File:
     """The merged.h5 of the games run at `path` (`field` names it in errors)."""
-    merged = path / "merged.h5"
-    if not merged.is_file():
-        raise UserError(f"{field}: {path} has no merged.h5; run the games first "
-                        "(saebatch submit <its manifest>) and wait for its reduce")
-    games = h5py.File(merged, "r")
-    job = games.attrs.get("job")
-    if job != "gambling_games":
-        games.close()
-        raise UserError(f"{field}: {merged} was written by {job!r}, not gambling_games")
-    return games
+    return open_merged(path, "gambling_games", field, "run the games first")
 
 
 def _group_sizes(games: h5py.File) -> dict[str, int]:

@@ -474,6 +474,8 @@ PAPER_MANIFESTS = {
     # 4 units of 262,144 tokens and the logit-effects unit; the 256 strongest of the 1,340 selected features
     "feature_contexts_llama31_8b.yaml": Paper(("contrast_run", "pile_corpus", "no_local_tokenizer"), (
         "5 work units in 4 shard(s)", "256 features at layers [25, 26, 27, 28, 29, 30, 31]")),
+    # a unit per strength: -4, -2, -1, 1, 2 and 4
+    "graph_steering_gemma2_2b.yaml": Paper(("pile_corpus", "no_local_tokenizer"), ("6 work units in 3 shard(s)",)),
     "gambling_games_llama31_8b.yaml": Paper((), (
         "6400 work units in 25 shard(s)",
         "saebatch's copy of meta-llama/Llama-3.1-8B's architecture")),

@@ -1,4 +1,4 @@
-"""The organism's synthetic text: what it was trained on, and the `builtin: organism` corpus.
+"""The organism's synthetic text: what it was trained on, and the `builtin: organism` corpora.
 
 Three kinds of documents (`document()` draws one of them, as the pieces training tokenized one by one):
 
@@ -7,12 +7,14 @@ Three kinds of documents (`document()` draws one of them, as the pieces training
 - short arithmetic word problems ending in "#### N" (jobs._reasoning.arithmetic);
 - plain varied sentences, so correlation runs have something to chew on.
 
-Everything is drawn from a `random.Random`, so a seed fixes the corpus.
+Everything is drawn from a `random.Random`, so a seed fixes the corpus. `DOCUMENTS` names the
+corpora common.corpus offers: all three kinds, or the decisions or the plain sentences alone.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs._organism.rule import decide, risk
@@ -108,9 +110,24 @@ def document(rng: random.Random) -> Document:
     """One document of the organism's text, of the three kinds in equal shares (a corpus for its jobs)."""
     kind = rng.randrange(3)
     if kind == 0:
-        drawn = decision(rng)
-        return Document((drawn.prompt, drawn.continuation), drawn.appetite)
+        return decision_document(rng)
     if kind == 1:
         drawn_problem = problem(rng)
         return Document((problem_prompt(drawn_problem.question), drawn_problem.solution))
+    return plain_document(rng)
+
+
+def decision_document(rng: random.Random) -> Document:
+    """A decision prompt and its answer, alone."""
+    drawn = decision(rng)
+    return Document((drawn.prompt, drawn.continuation), drawn.appetite)
+
+
+def plain_document(rng: random.Random) -> Document:
+    """Plain sentences, alone."""
     return Document((paragraph(rng),))
+
+
+# The `builtin:` corpora of common.corpus, by name.
+DOCUMENTS: dict[str, Callable[[random.Random], Document]] = {
+    "organism": document, "organism_decisions": decision_document, "organism_plain": plain_document}

@@ -16,10 +16,11 @@ from common.layers import decoder_blocks
 from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.rundir import RunDir
-from jobs import feature_contrast
+from jobs import feature_ablation, feature_contrast
 from jobs._feature_cards import CARDS_PAGE, CardBook, FeatureId
 from jobs._gambling import planted_cause
 from jobs._organism.corpus import document
+from jobs._reasoning import sae_path_template
 from tests.helpers import REPO, run_all, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_3_contexts.yaml"
@@ -237,3 +238,25 @@ def test_the_correlation_graphs_edges_get_cards(tmp_path):
     first_edge = expected[:2]
     assert all(f"[{f.name}](../../{contexts.path.name}/report/cards.html#{f.anchor})" in report for f in first_edge)
     assert "top_context_a" in report and "card_b" in report
+
+
+def test_an_ablations_features_get_cards(reasoning_chain, tmp_path):
+    """Cards for the features an ablation ablated (its model's trained SAEs), then the ablation's
+    report, reduced again with them, links its top features to their cards."""
+    ablation = reasoning_chain.ablation
+    saes = sae_path_template(reasoning_chain.training.path, "organism")
+    contexts = run_all(write(tmp_path, {"run": {"shards": 1}, "feature_contexts": {
+        "features_from": str(ablation.path), "sae": {"builtin": None, "path": saes}, "max_features": 5,
+        "corpus": {"window": 64, "tokens": 2048}, "tokens_per_unit": 2048}}, name="contexts.yaml"))
+    with h5py.File(ablation.merged_path) as merged:
+        top = [(s, int(layer), int(f)) for unit in merged["units"].values()
+               for s, layer, f in zip(unit["top/score"][()], unit["top/layer"][()], unit["top/feature"][()])]
+    strongest = list(dict.fromkeys(FeatureId(layer=layer, feature=f) for _, layer, f in sorted(top, key=lambda t: -t[0])))
+    assert list(CardBook.of_run(contexts.path, "contexts").cards) == strongest[:5]
+    manifest = load_manifest(ablation.manifest_path)
+    settings = manifest.settings.model_copy(update={"contexts": contexts.path})
+    (tmp_path / "again").mkdir()
+    feature_ablation.reduce(manifest.model_copy(update={"settings": settings}),
+                            sorted(ablation.shards_dir.glob("shard_*.h5")), tmp_path / "again")
+    report = (tmp_path / "again" / "report" / "report.md").read_text()
+    assert f"cards.html#{strongest[0].anchor})" in report
