@@ -190,6 +190,26 @@ def feature_correlation(bench: Bench) -> list[Row]:
                 baseline="-", ratio="-")]
 
 
+def feature_contexts(bench: Bench) -> list[Row]:
+    """Llama-3.1-8B, 256 features of layers 25-31 (32k-wide SAEs), top 20 contexts each, a measured
+    slice projected to 1M tokens."""
+    slice_tokens, count, width = (4_096, 16, 256) if bench.smoke else (65_536, 256, 32_768)
+    rng = np.random.default_rng(0)
+    features = [[int(layer), int(feature)] for layer, feature in zip(rng.integers(25, 32, count),
+                                                                      rng.integers(0, width, count), strict=True)]
+    settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64), "features": features,
+                "corpus": {"builtin": "organism", "window": 1024, "tokens": slice_tokens},
+                "tokens_per_unit": slice_tokens // 2, "batch_size": 8}
+    measured = run_shard(bench, bench.manifest("feature_contexts", "feature_contexts", settings))
+    rate = slice_tokens / measured.seconds
+    return [Row(f"GPU paper scale, feature_contexts: Llama-3.1-8B shapes (random weights, bf16), {count} features of "
+                f"layers 25-31 with random TopK SAEs 32,768 wide (k 64), top 20 contexts each, {slice_tokens:,} tokens "
+                "measured",
+                ours=f"{rate:,.0f} tokens/s ({measured.seconds:.1f} s, with the logit effects and the model built); "
+                     f"peak {measured.peak()}; 1M tokens: {gpu_hours(1 / rate, 1e6)}",
+                baseline="-", ratio="-")]
+
+
 # ---------------------------------------------------------------- seed 000: games, patching
 
 
@@ -426,7 +446,8 @@ def feature_ablation(bench: Bench) -> list[Row]:
 
 
 JOBS: dict[str, Callable[[Bench], list[Row]]] = {
-    "token_tracking": token_tracking, "feature_correlation": feature_correlation, "gambling_games": gambling_games,
+    "token_tracking": token_tracking, "feature_correlation": feature_correlation,
+    "feature_contexts": feature_contexts, "gambling_games": gambling_games,
     "population_patching": population_patching, "activation_capture": activation_capture,
     "sae_training": sae_training, "feature_ablation": feature_ablation,
 }
