@@ -78,6 +78,7 @@ from jobs._reasoning import (
     read_capture_run,
     read_upstream,
     sae_path_template,
+    teacher_forced,
 )
 from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
@@ -331,27 +332,6 @@ def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
                 active[layer] += (features != 0).flatten(0, 1).sum(0).cpu()
     return ({layer: (values / len(items)).numpy() for layer, values in scores.items()},
             {layer: values.numpy() for layer, values in active.items()})
-
-
-def teacher_forced(tokenizer, bench: Benchmark, items: list, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt + reference solution, each tokenized on its own as in generation:
-    ids, attention mask, the solution's positions, and the real non-special positions."""
-    rows, solution_lengths = [], []
-    for item in items:
-        prompt = tokenizer(bench.prompt(item)).input_ids
-        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
-        rows.append(prompt + solution)
-        solution_lengths.append(len(solution))
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask, solution, positions = (torch.zeros(len(rows), width, dtype=torch.bool) for _ in range(3))
-    for i, (row, n_solution) in enumerate(zip(rows, solution_lengths, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = True
-        solution[i, len(row) - n_solution : len(row)] = True
-        special = tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-        positions[i, : len(row)] = ~torch.tensor(special, dtype=torch.bool)
-    return ids.to(device), mask.long().to(device), solution.to(device), positions.to(device)
 
 
 def _recorder(outputs: dict, deltas: dict, layer: int):

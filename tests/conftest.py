@@ -98,12 +98,17 @@ def gambling_chain(tmp_path_factory) -> GamblingChain:
 
 @dataclass
 class ReasoningChain:
-    """The demo's reasoning chain (capture -> training -> ablation), run in a copy of the demo folder."""
+    """The demo's reasoning chain (capture -> training -> ablation), run in a copy of the demo folder;
+    `alignment` runs on first use, as only its tests need it."""
 
     folder: Path
     capture: RunDir
     training: RunDir
     ablation: RunDir
+
+    @cached_property
+    def alignment(self) -> RunDir:
+        return _run_in(self.folder, "reasoning_4_alignment.yaml")
 
 
 @pytest.fixture(scope="session")

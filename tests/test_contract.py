@@ -449,6 +449,19 @@ def training_run(capture_run) -> Path:
     return training
 
 
+@pytest.fixture
+def ablation_run(training_run) -> Path:
+    """A stand-in of the ablation run: its manifest, plan and merged.h5."""
+    manifest = load_manifest(PAPER / "reasoning_ablation_5models.yaml")
+    ablation = RunDir.for_manifest(manifest).path
+    ablation.mkdir(parents=True)
+    (ablation / "manifest.yaml").write_text(manifest.to_yaml())
+    (ablation / "plan.json").write_text("{}")
+    with h5py.File(ablation / "merged.h5", "w") as merged:
+        merged.attrs["job"] = "feature_ablation"
+    return ablation
+
+
 @dataclass(frozen=True)
 class Paper:
     """A paper manifest: the stand-ins (fixtures) of the inputs it reads, what `saebatch plan` must
@@ -485,6 +498,9 @@ PAPER_MANIFESTS = {
     "population_patching_llama31_8b.yaml": Paper(("contrast_run",), (
         "1361 work units", "272,100 answers")),
     # per model: GSM8K 532 items in 6 units, MATH 132 in 2, FOLIO 200 in 2
+    # a unit per model and benchmark
+    "reasoning_alignment_5models.yaml": Paper(("ablation_run",), (
+        "15 work units in 15 shard(s)",)),
     "reasoning_capture_5models.yaml": Paper(("math_file",), (
         "50 work units in 15 shard(s)",)),
     "reasoning_training_5models.yaml": Paper(("capture_run",), (

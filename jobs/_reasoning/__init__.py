@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -14,6 +14,7 @@ from pydantic import Field
 
 from common.errors import UserError
 from common.layers import resolve_layers
+from common.lazy import lazy_import
 from common.manifest import StrictModel, shown
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
 from common.plan import assume, only_estimating
@@ -21,6 +22,11 @@ from common.rundir import open_run
 from common.runtime import CHARS_PER_TOKEN
 from common.upstream import upstream_to_estimate
 from jobs._reasoning.problems import Benchmark, BenchmarkSpec, Item, load_benchmark
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 GUESSED_TOKENS_PER_ITEM = 256  # planning only: an item of a benchmark whose file is not at hand
@@ -202,3 +208,24 @@ def sae_path_template(run_dir: Path, model: str) -> str:
 
 def sae_dir(run_dir: Path, model: str, layer: int) -> Path:
     return Path(sae_path_template(run_dir, model).format(layer=layer))
+
+
+def teacher_forced(tokenizer, bench: Benchmark, items: list, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Right-padded prompt + reference solution, each tokenized on its own as in generation:
+    ids, attention mask, the solution's positions, and the real non-special positions."""
+    rows, solution_lengths = [], []
+    for item in items:
+        prompt = tokenizer(bench.prompt(item)).input_ids
+        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
+        rows.append(prompt + solution)
+        solution_lengths.append(len(solution))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask, solution, positions = (torch.zeros(len(rows), width, dtype=torch.bool) for _ in range(3))
+    for i, (row, n_solution) in enumerate(zip(rows, solution_lengths, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = True
+        solution[i, len(row) - n_solution : len(row)] = True
+        special = tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+        positions[i, : len(row)] = ~torch.tensor(special, dtype=torch.bool)
+    return ids.to(device), mask.long().to(device), solution.to(device), positions.to(device)

@@ -38,8 +38,11 @@ TEMPLATES = {  # per format: the prompt around one question
     "folio": "{question}\nAnswer:",
     "jsonl": "Question: {question}\nAnswer:",
     "organism_arithmetic": arithmetic.problem_prompt("{question}"),
+    "organism_decisions": "{question}",  # the slot-machine prompt, ending in its decision cue
 }
-KINDS: dict[str, AnswerKind] = {"gsm8k": "number", "math": "math", "folio": "label", "organism_arithmetic": "number"}
+KINDS: dict[str, AnswerKind] = {"gsm8k": "number", "math": "math", "folio": "label", "organism_arithmetic": "number",
+                                "organism_decisions": "label"}
+DECISION_LABELS = ("Bet", "Stop")
 
 
 class BenchmarkSpec(StrictModel):
@@ -50,8 +53,10 @@ class BenchmarkSpec(StrictModel):
         None, description="file format (give with `path`)")
     path: AbsolutePath | None = Field(
         None, description="a .jsonl file (MATH: also a folder of per-problem .json files)")
-    builtin: Literal["organism_arithmetic"] | None = Field(
-        None, description="'organism_arithmetic': word problems the model organism learned to solve, drawn from `seed`")
+    builtin: Literal["organism_arithmetic", "organism_decisions"] | None = Field(
+        None, description="'organism_arithmetic': word problems the model organism learned to solve; "
+        "'organism_decisions': its slot-machine decisions (the answer is the option the decision rule favours, "
+        "Bet or Stop); drawn from `seed`")
     seed: int = Field(20_000, description="seed of the builtin problems (the organism trained on seeds 0-2)")
     n: int | None = Field(None, ge=1, description="items evaluated: the first n after the few-shot examples "
                           "(None: all; required for builtin)")
@@ -68,7 +73,8 @@ class BenchmarkSpec(StrictModel):
     @model_validator(mode="after")
     def _one_source(self) -> BenchmarkSpec:
         if (self.path is None) == (self.builtin is None):
-            raise ValueError("give exactly one of `path` (with `format`) and `builtin: organism_arithmetic`")
+            raise ValueError("give exactly one of `path` (with `format`) and `builtin` (organism_arithmetic or "
+                             "organism_decisions)")
         if self.path is not None and self.format is None:
             raise ValueError("`format` is required with `path`: gsm8k, math, folio or jsonl")
         if self.builtin is not None and self.n is None:
@@ -84,6 +90,11 @@ class BenchmarkSpec(StrictModel):
     @property
     def kind(self) -> AnswerKind:
         return self.answer_kind if self.source == "jsonl" else KINDS[self.source]
+
+    @property
+    def valid_labels(self) -> list[str]:
+        """The labels an answer may give (answer_kind label)."""
+        return list(DECISION_LABELS) if self.builtin == "organism_decisions" else self.labels
 
     @property
     def prompt_template(self) -> str:
@@ -115,7 +126,7 @@ class Benchmark:
     items: list[Item]
 
     def prompt(self, item: Item) -> str:
-        shots = "".join(f"{self.question_prompt(e)}{self._gap()}{e.solution}\n\n" for e in self.examples)
+        shots = "".join(f"{self.question_prompt(e)}{self._gap(e)}{e.solution}\n\n" for e in self.examples)
         return shots + self.question_prompt(item)
 
     def question_prompt(self, item: Item) -> str:
@@ -127,14 +138,15 @@ class Benchmark:
 
     def continuation(self, item: Item) -> str:
         """What a model should write after the prompt: the reference solution."""
-        return self._gap() + item.solution
+        return self._gap(item) + item.solution
 
-    def _gap(self) -> str:
-        return "" if self.spec.prompt_template.endswith((" ", "\n")) else " "
+    def _gap(self, item: Item) -> str:
+        """A space between question and solution, unless the prompt ends in whitespace already."""
+        return "" if self.question_prompt(item).endswith((" ", "\n")) else " "
 
     def score(self, item: Item, generated: str) -> tuple[str | None, bool]:
         """The answer read from `generated` (None: none found) and whether it is correct."""
-        return score(self.spec.kind, generated, item.target, self.spec.labels, self.spec.stop_strings)
+        return score(self.spec.kind, generated, item.target, self.spec.valid_labels, self.spec.stop_strings)
 
 
 # ---------------------------------------------------------------- loading
@@ -143,9 +155,7 @@ class Benchmark:
 def load_benchmark(spec: BenchmarkSpec, field: str = "benchmark") -> Benchmark:
     """Items of the benchmark; a missing file or an item without an answer is a UserError."""
     if spec.builtin is not None:
-        rng = random.Random(spec.seed)
-        problems = [arithmetic.problem(rng) for _ in range(spec.few_shot + spec.n)]  # type: ignore[operator]
-        items = [Item(i, p.question, str(p.answer), p.solution) for i, p in enumerate(problems)]
+        items = _builtin_items(spec)
     else:
         items = list(itertools.islice(_read_items(spec, field), spec.few_shot + spec.n if spec.n else None))
     wanted = spec.few_shot + (spec.n or 0)
@@ -157,6 +167,21 @@ def load_benchmark(spec: BenchmarkSpec, field: str = "benchmark") -> Benchmark:
                         f"{spec.few_shot} examples")
     end = None if spec.n is None else wanted
     return Benchmark(spec, items[: spec.few_shot], items[spec.few_shot : end])
+
+
+def _builtin_items(spec: BenchmarkSpec) -> list[Item]:
+    """The organism's problems or decision points, drawn from the spec's seed."""
+    rng = random.Random(spec.seed)
+    count = spec.few_shot + spec.n  # type: ignore[operator]
+    if spec.builtin == "organism_arithmetic":
+        problems = [arithmetic.problem(rng) for _ in range(count)]
+        return [Item(i, p.question, str(p.answer), p.solution) for i, p in enumerate(problems)]
+    # Imported here: the organism's corpus draws its arithmetic from this package.
+    from jobs._organism.corpus import decision
+
+    drawn = [decision(rng) for _ in range(count)]
+    return [Item(i, d.prompt, DECISION_LABELS[0] if d.appetite >= 0.5 else DECISION_LABELS[1], d.continuation)
+            for i, d in enumerate(drawn)]
 
 
 def _read_items(spec: BenchmarkSpec, field: str) -> Iterator[Item]:
