@@ -3,8 +3,8 @@
     saebatch submit manifests/demo/reasoning_4_alignment.yaml --executor local
 
 Reads a feature_ablation run, and through it the SAEs (its sae_training run), the models, their
-layers and the benchmarks (the capture run) and each feature's importance (the ablation's
-attribution to the correct answer, averaged over the benchmarks). Every model reads the same
+layers and the benchmarks (the capture run's, all of them) and each feature's importance (the
+ablation's attribution to the correct answer, averaged over the benchmarks it ablated on). Every model reads the same
 items, prompt then reference solution, each tokenized on its own; at the anchor tokens
 (jobs._reasoning.anchors: the question's end, the answer's start, each reasoning step's end, the
 final answer), the same places of the text whatever the tokenizer, its SAE features are read at
@@ -114,7 +114,8 @@ class Chain:
 
     @property
     def benchmarks(self) -> list:
-        return self.ablation.benchmarks or self.capture.settings.benchmarks
+        """The capture's benchmarks (all of them, also those the ablation left out)."""
+        return self.capture.settings.benchmarks
 
     def sae_spec(self, entry: ModelEntry) -> SaeSpec:
         return SaeSpec(path=sae_path_template(self.training, entry.name))
