@@ -52,7 +52,7 @@ class BenchmarkSpec(StrictModel):
         None, description="a .jsonl file (MATH: also a folder of per-problem .json files)")
     builtin: Literal["organism_arithmetic"] | None = Field(
         None, description="'organism_arithmetic': word problems the model organism learned to solve, drawn from `seed`")
-    seed: int = Field(20_000, description="seed of the builtin problems (the organism trained on seeds 0-2)")
+    seed: int = Field(20_000, description="seed of the builtin problems (the organisms trained on seeds 0-3)")
     n: int | None = Field(None, ge=1, description="items evaluated: the first n after the few-shot examples "
                           "(None: all; required for builtin)")
     few_shot: int = Field(0, ge=0, description="the file's first items shown as worked examples in every prompt "
