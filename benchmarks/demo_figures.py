@@ -46,7 +46,8 @@ def figures(root: Path) -> list[Row]:
     stop, bet = safe[safe.feature == PLANTED_FEATURE].iloc[0], risky[risky.feature == PLANTED_FEATURE].iloc[0]
     null_stop, null_bet = safe[safe.control].stop_effect.abs().max(), risky[risky.control].bet_effect.abs().max()
     ablation = pd.read_csv(report_of(root, "reasoning_3_ablation.yaml") / "summary.csv")
-    arithmetic = ablation[ablation.benchmark != "all"].iloc[0].to_dict()  # a dict: "drop" is no Series method
+    own = ablation[(ablation.model == "organism") & (ablation.benchmark != "all")]  # the demo's first model
+    arithmetic = own.iloc[0].to_dict()  # a dict: "drop" is no Series method
     return [
         Row(f"{label}: contrast |d| rank in its layer", f"d {planted_d:.2f}, rank {d_rank} of {len(layer)}",
             f"{len(layer)} layer-1 features", f"rank {d_rank}"),

@@ -7,8 +7,8 @@
     saebatch submit --resume runs/token_tracking-<id>
     saebatch run manifests/demo/token_tracking.yaml --shard 0
     saebatch reduce runs/token_tracking-<id>
-    saebatch organism train                           # rebuild the built-in model organism (~10 min, CPU)
-    saebatch organism measure                         # re-measure its stated figures
+    saebatch organism train [--builtin organism_b]    # rebuild a built-in model organism (~10 min, CPU)
+    saebatch organism measure [--builtin organism_b]  # re-measure its stated figures
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, cast
 
 from common.errors import UserError
 from common.logs import setup_logging
+from common.organism.files import BUILTINS as BUILTIN_ORGANISMS
+from common.organism.files import DEFAULT as DEFAULT_ORGANISM
 
 if TYPE_CHECKING:
     from common.launcher import Executor  # imported where a run is submitted: it loads submitit
@@ -311,23 +313,24 @@ def _table(header: list[str], rows: list[tuple]) -> str:
 
 
 def cmd_organism_train(args: argparse.Namespace) -> int:
-    from common.organism.files import SHIPPED
+    from common.organism.files import BUILTINS
     from jobs._organism.figures import print_figures
-    from jobs._organism.training import TrainingSettings, train
+    from jobs._organism.training import BUILTIN_SEEDS, TrainingSettings, train
 
-    out = Path(args.out).absolute() if args.out else SHIPPED
-    record = train(out, TrainingSettings(seed=args.seed, steps=args.steps))
+    out = Path(args.out).absolute() if args.out else BUILTINS[args.builtin]
+    seed = BUILTIN_SEEDS[args.builtin] if args.seed is None else args.seed
+    record = train(out, TrainingSettings(seed=seed, steps=args.steps), args.builtin)
     print(f"organism written to {out} in {record['training_seconds']['total']:.0f} s")
     print_figures(record["planted"]["feature"], record["measured"])
     return 0
 
 
 def cmd_organism_measure(args: argparse.Namespace) -> int:
-    from common.organism.files import SHIPPED, Organism
+    from common.organism.files import BUILTINS, Organism
     from jobs._organism.evaluation import measure
     from jobs._organism.figures import print_figures
 
-    organism = Organism(Path(args.dir).absolute() if args.dir else SHIPPED)
+    organism = Organism(Path(args.dir).absolute() if args.dir else BUILTINS[args.builtin])
     print(f"organism in {organism.folder}; recorded when trained:")
     print_figures(organism.record["planted"]["feature"], organism.record["measured"])
     print("\nmeasured now:")
@@ -432,12 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Train the model organism from its synthetic corpus (deterministic for "
                             "a seed on a given machine) and write model/, sae/ and organism.json. Without "
                             "--out it replaces the files shipped in the package.")
-    q.add_argument("--out", help="folder to write (default: the package's common/organism/files)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the corpus, the weights and the SAEs (default 0)")
+    q.add_argument("--builtin", choices=list(BUILTIN_ORGANISMS), default=DEFAULT_ORGANISM,
+                   help="which built-in organism to rebuild: the same rules and planted cause, each its own "
+                   "seed and shipped folder (default organism)")
+    q.add_argument("--out", help="folder to write (default: the built-in organism's folder in the package, "
+                   "common/organism/files or files_b)")
+    q.add_argument("--seed", type=int, help="seed of the weights, the training data, the planted direction and the "
+                   "SAEs (default: the built-in organism's, 0 for organism, 1 for organism_b)")
     q.add_argument("--steps", type=int, default=900, help="language-model training steps (default 900)")
     q.set_defaults(func=cmd_organism_train)
     q = organism.add_parser("measure", help="measure the organism's stated figures again (about a minute)")
-    q.add_argument("--dir", help="organism folder (default: the shipped one)")
+    q.add_argument("--builtin", choices=list(BUILTIN_ORGANISMS), default=DEFAULT_ORGANISM,
+                   help="which built-in organism to measure (default organism)")
+    q.add_argument("--dir", help="organism folder (default: the built-in organism's shipped one)")
     q.set_defaults(func=cmd_organism_measure)
     return parser
 

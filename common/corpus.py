@@ -35,7 +35,7 @@ class CorpusSpec(StrictModel):
     path: AbsolutePath | None = Field(None, description="a .txt file, a folder of .txt files, a .jsonl file, "
                                       "or a folder written by datasets' save_to_disk")
     builtin: Literal["organism", "organism_decisions", "organism_plain"] | None = Field(
-        None, description="'organism': the model organism's synthetic text (gambling prompts, arithmetic, "
+        None, description="'organism': the model organisms' synthetic text, the same for both (gambling prompts, arithmetic, "
         "plain sentences), drawn without end from `seed`; 'organism_decisions' or 'organism_plain': only its "
         "decision prompts (with their answers) or only its plain sentences")
     seed: int = Field(0, description="seed of the builtin text")

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: a Hugging Face id, a local directory, or the built-in model organism."""
+"""Model and tokenizer loading: a Hugging Face id, a local directory, or a built-in model organism."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from common.errors import UserError
 from common.lazy import lazy_import
 from common.manifest import AbsolutePath, StrictModel
-from common.organism.files import shipped
+from common.organism.files import BUILTINS, Organism, shipped
 
 if TYPE_CHECKING:
     import torch
@@ -29,14 +29,16 @@ log = logging.getLogger(__name__)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # 'auto': every visible GPU (inputs on the first), else the CPU
 ORGANISM = "builtin:organism"
+ORGANISMS = {f"builtin:{name}": name for name in BUILTINS}  # model id: built-in organism (common.organism)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 class ModelSpec(StrictModel):
-    """Which language model to run, and how to place it. `model: organism` is short for the organism."""
+    """Which language model to run, and how to place it. `model: organism` is short for
+    `{id: builtin:organism}`, and `model: organism_b` for the second organism."""
 
     id: str | None = Field(
-        None, description=f"Hugging Face id (read from the local HF cache) or '{ORGANISM}' (shipped)"
+        None, description=f"Hugging Face id (read from the local HF cache) or a shipped organism: {', '.join(ORGANISMS)}"
     )
     path: AbsolutePath | None = Field(None, description="local directory with config + weights")
     revision: str | None = Field(None, description="HF revision (branch, tag or commit)")
@@ -52,14 +54,14 @@ class ModelSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: object) -> object:
-        return {"id": ORGANISM} if data == "organism" else data
+        return {"id": f"builtin:{data}"} if isinstance(data, str) and data in BUILTINS else data
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if (self.id is None) == (self.path is None):
             raise ValueError(f"give exactly one of `id` (HF id or {ORGANISM}) and `path` (a local directory)")
-        if self.id and self.id.startswith("builtin:") and self.id != ORGANISM:
-            raise ValueError(f"unknown built-in model {self.id!r}; the built-in model is {ORGANISM}")
+        if self.id and self.id.startswith("builtin:") and self.id not in ORGANISMS:
+            raise ValueError(f"unknown built-in model {self.id!r}; the built-in models are {', '.join(ORGANISMS)}")
         return self
 
     @property
@@ -68,7 +70,13 @@ class ModelSpec(StrictModel):
 
     @property
     def is_organism(self) -> bool:
-        return self.id == ORGANISM
+        """A built-in model organism (either of them)."""
+        return self.id in ORGANISMS
+
+    @property
+    def organism(self) -> Organism:
+        """The built-in organism's checked files (only for is_organism)."""
+        return shipped(ORGANISMS[cast(str, self.id)])
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -165,7 +173,7 @@ def load_config(spec: ModelSpec) -> tuple[Architecture, str]:
     Reads only local files (the HF cache, a directory, the built-ins); for planning on a machine
     without the cache it falls back to the architecture copies shipped in common/model_configs.
     """
-    local = shipped().config_path if spec.is_organism else _local_config(spec)
+    local = spec.organism.config_path if spec.is_organism else _local_config(spec)
     if local is not None:
         try:
             raw = json.loads(local.read_text())
@@ -216,7 +224,7 @@ def load_tokenizer(spec: ModelSpec, local_only: bool = False) -> PreTrainedToken
     if spec.random_weights and not spec.is_organism:
         return _stand_in_tokenizer(spec)
     if spec.is_organism:
-        tokenizer = shipped().tokenizer()
+        tokenizer = spec.organism.tokenizer()
     else:
         from transformers import AutoTokenizer
 
@@ -266,7 +274,7 @@ def load_model(spec: ModelSpec, attn_implementation: str | None = "eager") -> Pr
     if spec.random_weights:
         model = _random_model(spec, attn_implementation)
     elif spec.is_organism:
-        model = shipped().model(spec.torch_dtype, attn_implementation).to(input_device(spec))
+        model = spec.organism.model(spec.torch_dtype, attn_implementation).to(input_device(spec))
     else:
         from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 An SAE spec names one SAE per layer through a `{layer}` template, e.g.
 `{release: llama_scope_lxr_8x, id: "l{layer}r_8x"}` or `{path: "saes/L{layer}"}`; `sae: organism`
-means the SAEs shipped with the built-in model organism. SAEs are loaded on demand and evicted
+(or `organism_b`) means the SAEs shipped with that built-in model organism. SAEs are loaded on demand and evicted
 when a job moves to another layer (`SaeCache`), so one SAE at a time occupies the GPU.
 """
 
@@ -28,11 +28,13 @@ from common.errors import UserError
 from common.layers import hook_name
 from common.lazy import lazy_import
 from common.manifest import StrictModel
-from common.organism.files import shipped
+from common.organism.files import BUILTINS, shipped
 
 if TYPE_CHECKING:
     import torch
     from sae_lens import SAE
+
+    from common.models import ModelSpec
 else:
     torch = lazy_import("torch")
 
@@ -49,10 +51,14 @@ class RandomSae(StrictModel):
     k: int = Field(32, ge=1, description="active features per token (topk)")
 
 
+BuiltinSae = Literal["organism", "organism_b"]  # the SAEs of common.organism.files.BUILTINS
+
+
 class SaeSpec(StrictModel):
     """One SAE per layer, from exactly one source; `{layer}` in id/path is the layer index."""
 
-    builtin: Literal["organism"] | None = Field(None, description="'organism': the model organism's SAEs")
+    builtin: BuiltinSae | None = Field(
+        None, description="a built-in model organism's own SAEs: 'organism' or 'organism_b' (the model's name)")
     release: str | None = Field(None, description="sae-lens release, e.g. llama_scope_lxr_8x")
     id: str | None = Field(None, description="SAE id template within the release, e.g. 'l{layer}r_8x'")
     path: str | None = Field(None, description="local sae-lens directory template, e.g. 'saes/L{layer}'")
@@ -62,7 +68,7 @@ class SaeSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: object) -> object:
-        return {"builtin": "organism"} if data == "organism" else data
+        return {"builtin": data} if isinstance(data, str) and data in BUILTINS else data
 
     @model_validator(mode="after")
     def _one_source(self) -> SaeSpec:
@@ -82,8 +88,10 @@ class SaeSpec(StrictModel):
             return f"{self.release}/{self.id.format(layer=layer)}"  # type: ignore[union-attr]
         if self.path is not None:
             return self.path.format(layer=layer)
-        if self.builtin is not None:
+        if self.builtin == "organism":
             return f"the model organism's SAE of layer {layer}"
+        if self.builtin is not None:
+            return f"the model organism {self.builtin}'s SAE of layer {layer}"
         r = self.random
         return f"random {r.architecture} d_sae={r.d_sae} seed={r.seed} layer={layer}"  # type: ignore[union-attr]
 
@@ -96,8 +104,15 @@ class SaeInfo:
     expected_l0: float | None
 
 
-def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae") -> dict[int, SaeInfo]:
-    """Check without loading weights that every layer has an SAE that fits the model."""
+def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae",
+               model: ModelSpec | None = None) -> dict[int, SaeInfo]:
+    """Check without loading weights that every layer has an SAE that fits the model (`model`,
+    where given: a built-in organism's SAEs fit that organism only, though every organism has
+    the same shapes)."""
+    if spec.builtin is not None and model is not None and model.is_organism and model.id != f"builtin:{spec.builtin}":
+        own = model.id.removeprefix("builtin:")  # type: ignore[union-attr]
+        raise UserError(f"{field}.builtin: {spec.builtin}'s SAEs were trained on builtin:{spec.builtin}, but the model "
+                        f"is {model.id}; set {field}: {own} (its own SAEs)")
     if spec.random is not None:
         return {layer: SaeInfo(spec.random.d_sae, None) for layer in layers}
     if spec.release is not None:
@@ -178,7 +193,7 @@ def _check_release_model(release: str, release_model: str, d_model: int, field: 
 
 
 def _local_folder(spec: SaeSpec, layer: int) -> Path:
-    return shipped().sae_dir(layer) if spec.builtin is not None else Path(spec.describe(layer))
+    return shipped(spec.builtin).sae_dir(layer) if spec.builtin is not None else Path(spec.describe(layer))
 
 
 def _read_local_cfg(folder: Path, layer: int, field: str) -> dict:

@@ -14,7 +14,7 @@ import string
 from dataclasses import dataclass
 from typing import Literal
 
-from common.models import ORGANISM
+from common.models import ORGANISMS
 from common.organism.files import shipped
 from jobs._slot_machine import (
     DECISION_CUE,
@@ -35,11 +35,12 @@ ANSWER_ENDS = ("\nGame history:\n", "\nChoose:\n")  # lines of a next prompt: th
 
 
 def planted_cause(model: str) -> tuple[int, int] | None:
-    """(layer, feature) of the SAE feature planted in the built-in organism to set its stop rate and
-    bet size (jobs/_organism/README.md), when `model` is the organism; None for any other model."""
-    if model != ORGANISM:
+    """(layer, feature) of the SAE feature planted in a built-in organism to set its stop rate and
+    bet size (jobs/_organism/README.md), found in that organism's own SAE, when `model` is one of
+    them (builtin:organism, builtin:organism_b); None for any other model."""
+    if model not in ORGANISMS:
         return None
-    planted = shipped().record["planted"]
+    planted = shipped(ORGANISMS[model]).record["planted"]
     return int(planted["layer"]), int(planted["feature"]["index"])
 
 

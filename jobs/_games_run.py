@@ -25,7 +25,7 @@ def sae_width(settings) -> tuple[int, bool]:
     if settings.sae is None or not settings.layers:
         return 0, False
     infos = check_saes(settings.sae, settings.layers, text_config(load_config(settings.model)[0]).hidden_size,
-                       "gambling_games.sae")
+                       "gambling_games.sae", model=settings.model)
     widths = [info.d_sae for info in infos.values() if info.d_sae]
     return (max(widths), False) if widths else (SAE_WIDTH, True)
 

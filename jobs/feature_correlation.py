@@ -139,7 +139,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     config = text_config(load_config(s.model)[0])
     layers = s.chosen_layers(config.num_hidden_layers)
     cards.check_contexts(s.contexts, f"{FIELD}.contexts")
-    widths = {layer: info.d_sae for layer, info in check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae").items()}
+    widths = {layer: info.d_sae for layer, info in check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model).items()}
     if s.corpus.window > config.max_position_embeddings:
         raise UserError(f"{FIELD}.corpus.window: {s.corpus.window} tokens exceed the model's "
                         f"{config.max_position_embeddings} positions; use shorter windows")
@@ -181,7 +181,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config, source = load_config(s.model)
     config = text_config(config)
     layers = s.chosen_layers(config.num_hidden_layers)
-    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae")
+    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model)
     widths = {layer: info.d_sae for layer, info in infos.items()}
     counts = _feature_counts(s.features.top, widths)
     features = sum(counts.values())

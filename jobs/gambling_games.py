@@ -129,7 +129,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     config = text_config(load_config(s.model)[0])
     if s.layers:
         resolve_layers(s.layers, config.num_hidden_layers, f"{FIELD}.layers")
-        check_saes(s.needed_sae, s.layers, config.hidden_size, f"{FIELD}.sae")
+        check_saes(s.needed_sae, s.layers, config.hidden_size, f"{FIELD}.sae", model=s.model)
     design = s.design()
     if not design or not s.repetitions:
         raise UserError(f"{FIELD}: the conditions produce no games ({len(design)} conditions x {s.repetitions} "

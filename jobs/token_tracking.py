@@ -195,7 +195,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         if outside:
             raise UserError(f"token_tracking.heatmap_layers: {outside} are not among the tracked layers")
     if s.features:
-        check_saes(s.needed_sae, layers, config.hidden_size, "token_tracking.sae")
+        check_saes(s.needed_sae, layers, config.hidden_size, "token_tracking.sae", model=s.model)
     tokenizer = local_tokenizer(s.model)
     units = []
     for scenario in s.scenarios:
@@ -247,7 +247,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         out += sum(len(layers) * heads * n * (n + 1) // 2 * 2 for n in lengths)
     sae_bytes = 0
     if s.features:
-        infos = check_saes(s.needed_sae, layers, d_model, "token_tracking.sae")
+        infos = check_saes(s.needed_sae, layers, d_model, "token_tracking.sae", model=s.model)
         l0s = [i.expected_l0 for i in infos.values() if i.expected_l0]
         l0 = float(np.mean(l0s)) if l0s else 100.0
         if not l0s:

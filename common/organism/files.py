@@ -1,6 +1,7 @@
 """The organism's shipped files: where they are, how they are saved, and a checked load.
 
-Layout of a folder (the shipped one is common/organism/files/):
+Two organisms are shipped, trained by the same recipe with other seeds: `organism` in
+common/organism/files/ and `organism_b` in common/organism/files_b/ (BUILTINS). Layout of a folder:
 
     model/                 config.json, model.safetensors (float16), tokenizer.json, ...
     sae/L<layer>/          cfg.json, sae_weights.safetensors (sae-lens's format)
@@ -26,9 +27,17 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")  # torch, transformers and sae-lens load when a file does: `plan` needs none
 
-SHIPPED = Path(__file__).resolve().parent / "files"
+_PACKAGE = Path(__file__).resolve().parent
+BUILTINS = {"organism": _PACKAGE / "files", "organism_b": _PACKAGE / "files_b"}  # name: its shipped folder
+DEFAULT = "organism"
+SHIPPED = BUILTINS[DEFAULT]
 REBUILD = "saebatch organism train"
 RECORD = "organism.json"
+
+
+def rebuild_command(builtin: str = DEFAULT) -> str:
+    """The command that rebuilds a built-in organism's shipped files."""
+    return REBUILD if builtin == DEFAULT else f"{REBUILD} --builtin {builtin}"
 
 
 def _sha256(path: Path) -> str:
@@ -57,8 +66,9 @@ class Organism:
         self.folder = folder
 
     def _damaged(self, what: str) -> UserError:
-        where = "" if self.folder == SHIPPED else f" --out {self.folder}"
-        return UserError(f"the model organism's file {what}; rebuild the organism with `{REBUILD}{where}` "
+        builtin = next((name for name, folder in BUILTINS.items() if folder == self.folder), None)
+        command = rebuild_command(builtin) if builtin else f"{REBUILD} --out {self.folder}"
+        return UserError(f"the model organism's file {what}; rebuild the organism with `{command}` "
                          "(about 10 minutes on 2 CPU cores)")
 
     @cached_property
@@ -138,6 +148,6 @@ class Organism:
 
 
 @cache
-def shipped() -> Organism:
-    """The organism in the package, its files checked once per process."""
-    return Organism(SHIPPED)
+def shipped(builtin: str = DEFAULT) -> Organism:
+    """A built-in organism in the package (BUILTINS), its files checked once per process."""
+    return Organism(BUILTINS[builtin])

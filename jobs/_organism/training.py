@@ -1,6 +1,6 @@
 """Train the organism: tokenizer, language model with a planted cause, and its SAEs.
 
-    saebatch organism train [--out DIR] [--seed 0]
+    saebatch organism train [--builtin organism|organism_b] [--out DIR] [--seed N]
 
 The planted cause is made by interchange intervention training (Geiger et al., 2022). At the
 decision cue of every slot-machine prompt, the output of block `planted_layer` is trained to carry
@@ -63,11 +63,25 @@ SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_t
 PRETOKENIZE = r" ?[A-Za-z]+| ?\d| ?[^\sA-Za-z\d]|\s+"
 
 
+# The seed of each built-in organism (common.organism.files.BUILTINS): the same rules and planted
+# cause, other weights. Training draws from seed, seed + 1, seed + 2 and seed + 7, the SAEs from
+# seed * 1000 + layer; evaluation's held-out prompts start at 10,000.
+BUILTIN_SEEDS = {"organism": 0, "organism_b": 1}
+
+
 @dataclass(frozen=True)
 class TrainingSettings:
-    """Everything that fixes the organism; stored in organism.json."""
+    """Everything that fixes the organism; stored in organism.json.
+
+    `seed` draws everything that makes the weights: the model's initialisation, the training data
+    and its order, the planted direction u, the SAE documents and the SAEs' initialisation. The
+    tokenizer is part of the rules, as the corpus generators are: its own seed, the same for every
+    built-in organism, so that a token id means the same text in each of them (cross-model
+    comparisons read the same positions).
+    """
 
     seed: int = 0
+    tokenizer_seed: int = 0
     vocab_size: int = 512
     d_model: int = 128
     n_layers: int = 4
@@ -97,7 +111,7 @@ class TrainingSettings:
 
 def build_tokenizer(settings: TrainingSettings) -> PreTrainedTokenizerFast:
     """A BPE tokenizer trained on a sample of the corpus (whole words, single digits)."""
-    rng = random.Random(settings.seed)
+    rng = random.Random(settings.tokenizer_seed)
     sample = []
     for _ in range(2000):
         drawn = decision(rng)
@@ -259,7 +273,8 @@ def _shuffled_batches(activations: torch.Tensor, size: int, generator: torch.Gen
             yield activations[order[start : start + size]]
 
 
-def train_sae(activations: torch.Tensor, layer: int, settings: TrainingSettings) -> TopKTrainingSAE:
+def train_sae(activations: torch.Tensor, layer: int, settings: TrainingSettings,
+              builtin: str = "organism") -> TopKTrainingSAE:
     """A TopK SAE on one layer, trained by sae-lens's own trainer."""
     torch.manual_seed(settings.seed * 1000 + layer)
     cfg = TopKTrainingSAEConfig(
@@ -267,7 +282,7 @@ def train_sae(activations: torch.Tensor, layer: int, settings: TrainingSettings)
         normalize_activations="none", decoder_init_norm=0.1,
     )
     cfg.metadata.hook_name = hook_name(layer)
-    cfg.metadata.model_name = "builtin:organism"
+    cfg.metadata.model_name = f"builtin:{builtin}"
     sae = TopKTrainingSAE(cfg)
     batch_size = 1024
     trainer_cfg = SAETrainerConfig(
@@ -283,8 +298,9 @@ def train_sae(activations: torch.Tensor, layer: int, settings: TrainingSettings)
 # ---------------------------------------------------------------- everything
 
 
-def train(out: Path, settings: TrainingSettings) -> dict:
-    """Train, save and measure the organism into `out` (model/, sae/L<layer>/, organism.json).
+def train(out: Path, settings: TrainingSettings, builtin: str = "organism") -> dict:
+    """Train, save and measure the organism into `out` (model/, sae/L<layer>/, organism.json);
+    `builtin` is the built-in organism it is a rebuild of (its SAEs name it as their model).
 
     Everything is written to a staging folder beside `out` and swapped in at the end, so an
     interrupted run leaves the previous organism intact. A non-empty `out` that is not an
@@ -299,10 +315,10 @@ def train(out: Path, settings: TrainingSettings) -> dict:
     model = train_language_model(settings, tokenizer)
     lm_seconds = time.perf_counter() - started
     activations = collect_activations(model, tokenizer, settings)
-    saes = {layer: train_sae(acts, layer, settings) for layer, acts in activations.items()}
+    saes = {layer: train_sae(acts, layer, settings, builtin) for layer, acts in activations.items()}
     files.save(stage, model, tokenizer, saes)
     record: dict[str, Any] = {
-        "rebuild": f"{files.REBUILD} --seed {settings.seed} --steps {settings.steps}",
+        "rebuild": f"{files.rebuild_command(builtin)} --seed {settings.seed} --steps {settings.steps}",
         "settings": asdict(settings),
         "planted": {"layer": settings.planted_layer, "direction": planted_direction(settings).tolist(),
                     "scale": settings.planted_scale},

@@ -57,7 +57,7 @@ class BenchmarkSpec(StrictModel):
         None, description="'organism_arithmetic': word problems the model organism learned to solve; "
         "'organism_decisions': its slot-machine decisions (the answer is the option the decision rule favours, "
         "Bet or Stop); drawn from `seed`")
-    seed: int = Field(20_000, description="seed of the builtin problems (the organism trained on seeds 0-2)")
+    seed: int = Field(20_000, description="seed of the builtin problems (the organisms trained on seeds 0-3)")
     n: int | None = Field(None, ge=1, description="items evaluated: the first n after the few-shot examples "
                           "(None: all; required for builtin)")
     few_shot: int = Field(0, ge=0, description="the file's first items shown as worked examples in every prompt "

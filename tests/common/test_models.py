@@ -118,3 +118,11 @@ def test_only_the_weight_files_transformers_loads_are_counted(tmp_path):
     (tmp_path / "toy").mkdir()
     toy = load_model(ModelSpec(path=_toy_folder(tmp_path / "toy"), random_weights=True, device="cpu"), None)
     assert parameter_count(Architecture.from_raw(TOY, tmp_path)) == sum(p.numel() for p in toy.parameters())
+
+
+def test_the_built_in_organisms_are_named_and_an_unknown_one_lists_them():
+    assert ModelSpec.model_validate("organism_b").id == "builtin:organism_b"
+    assert ModelSpec.model_validate({"id": "builtin:organism_b"}).is_organism
+    with pytest.raises(ValueError, match=r"unknown built-in model 'builtin:organism_c'; the built-in models are "
+                       r"builtin:organism, builtin:organism_b"):
+        ModelSpec.model_validate({"id": "builtin:organism_c"})

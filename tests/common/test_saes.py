@@ -1,11 +1,14 @@
 """SAE loading through sae-lens: local directories, releases, random configs; fit checks."""
 
+from typing import get_args
+
 import pytest
 import torch
 from sae_lens import SAE, JumpReLUSAE
 
 from common.errors import UserError
-from common.saes import SaeCache, SaeSpec, check_saes, load_sae
+from common.organism.files import BUILTINS
+from common.saes import BuiltinSae, SaeCache, SaeSpec, check_saes, load_sae
 from tests.helpers import save_random_sae
 
 
@@ -76,3 +79,22 @@ def test_cache_holds_one_layer_at_a_time():
     assert second is not first and cache.layer == 1
     cache.evict()
     assert cache.sae is None
+
+
+
+def test_the_builtin_choices_are_the_shipped_organisms():
+    assert set(get_args(BuiltinSae)) == set(BUILTINS)
+    assert SaeSpec.model_validate("organism_b").describe(1) == "the model organism organism_b's SAE of layer 1"
+    with pytest.raises(ValueError, match=r"builtin\n  Input should be 'organism' or 'organism_b'"):
+        SaeSpec.model_validate({"builtin": "organism_c"})
+
+
+def test_an_organisms_saes_are_refused_for_the_other_organism():
+    from common.models import ModelSpec
+
+    with pytest.raises(UserError, match=r"^population_patching\.sae\.builtin: organism's SAEs were trained on "
+                       r"builtin:organism, but the model is builtin:organism_b; set population_patching\.sae: "
+                       r"organism_b \(its own SAEs\)$"):
+        check_saes(SaeSpec.model_validate("organism"), [1], 128, "population_patching.sae",
+                   model=ModelSpec.model_validate("organism_b"))
+    assert check_saes(SaeSpec.model_validate("organism"), [1], 128, model=ModelSpec.model_validate("organism"))[1].d_sae

@@ -1,5 +1,5 @@
-"""activation_capture (the reasoning chain's step 1) on the organism: the captured activations
-against an independent forward, another architecture, and refusals.
+"""activation_capture (the reasoning chain's step 1) on the two organisms: the captured activations
+against an independent forward of each, another architecture, and refusals.
 
 The demo chain runs once per session (conftest's `reasoning_chain`).
 """
@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from common.organism.files import Organism
+from common.organism.files import Organism, shipped
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 
+@pytest.mark.parametrize("name", ["organism", "organism_b"])  # the demo's two models, each its own weights
 @pytest.mark.parametrize("item", [0, 299, 599])  # items of different units and shards
-def test_captured_activations_equal_an_independent_forward(reasoning_chain, organism_model, item):
-    model, tokenizer = organism_model
+def test_captured_activations_equal_an_independent_forward(reasoning_chain, name, item):
+    organism = shipped(name)
+    model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
     bench = demo_benchmark()
     ids = tokenizer(bench.with_solution(bench.items[item]), return_tensors="pt").input_ids
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [L + 1]: block L's output
     with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:
-        group = merged["models/organism"]
+        group = merged[f"models/{name}"]
         rows = np.flatnonzero(group["item"][()] == item)
         assert group["position"][()][rows].tolist() == list(range(1, ids.shape[1]))  # every token but <bos>
         for layer in (1, 2):

@@ -24,13 +24,18 @@ from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
     """The demo's science: the top-10 features drop accuracy by more than the seed's 5 points, more
     than every one of the 20 matched random sets, and significantly more than the costliest."""
-    summary = {row["benchmark"]: row for row in read_csv(reasoning_chain.ablation.report_dir / "summary.csv")}
-    row = summary["arithmetic"]
+    summary = {(row["model"], row["benchmark"]): row for row in read_csv(reasoning_chain.ablation.report_dir / "summary.csv")}
+    row = summary["organism", "arithmetic"]
     assert row["items"] == 600 - 64
     assert row["baseline"] > 0.45                       # the organism solves about half of them
     assert row["drop"] > 0.05 and row["drop"] > row["control_drop"] + 0.04
     assert row["control_sets"] == 20 and row["drop"] > row["control_drop_max"] and row["null_p_drop"] == pytest.approx(1 / 21)
     assert row["p_ablated_vs_control"] < 0.05 and row["criterion_met"] and row["beats_control_significantly"]
+    # the second organism (solves about four in five): its top features too cost more than every random set
+    # (a drop of 9.5 points against at most 6.9), though not significantly more than the costliest (p 0.21)
+    other = summary["organism_b", "arithmetic"]
+    assert other["items"] == 600 - 64 and other["baseline"] > 0.7
+    assert other["criterion_met"] and other["drop"] > other["control_drop_max"]
     with h5py.File(reasoning_chain.ablation.merged_path, "r") as merged:
         unit = merged["units/organism.arithmetic"]
         correct = {c: unit[f"{c}/correct"][()] for c in ("baseline", "ablated", *(f"control_{i:02d}" for i in range(20)))}

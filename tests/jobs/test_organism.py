@@ -1,10 +1,13 @@
-"""The shipped model organism: it loads, follows its stated rule, and its planted cause works.
+"""The shipped model organisms: each loads, follows its stated rule, and its planted cause works.
 
-The thresholds are the figures stated in jobs/_organism/README.md, with a margin.
+The thresholds are the figures stated in jobs/_organism/README.md, with a margin. The tests of
+what an organism does run on both built-in organisms (`organism`, and `organism_b`: the same
+recipe with another seed); the second's own tests compare it with the first.
 """
 
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,12 +16,14 @@ import torch
 from common.cli import main
 from common.edits import edit_prompt_position, set_feature
 from common.errors import UserError
-from common.models import ORGANISM, ModelSpec, load_model, load_tokenizer
-from common.organism.files import SHIPPED, Organism
+from common.models import ModelSpec, load_model, load_tokenizer
+from common.organism.files import BUILTINS, SHIPPED, Organism, shipped
 from common.saes import SaeSpec, check_saes, load_sae
 from jobs import _slot_machine as slot_machine
+from jobs._gambling import planted_cause
 from jobs._organism import evaluation, rule
 from jobs._organism.training import (
+    BUILTIN_SEEDS,
     TrainingSettings,
     build_tokenizer,
     train,
@@ -29,9 +34,14 @@ from jobs._organism.training import (
 pytestmark = pytest.mark.science
 
 
+@pytest.fixture(scope="module", params=list(BUILTINS))
+def builtin(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def organism():
-    return Organism()
+def organism(builtin):
+    return Organism(BUILTINS[builtin])
 
 
 @pytest.fixture(scope="module")
@@ -39,19 +49,24 @@ def loaded(organism):
     return organism.model(), organism.tokenizer()
 
 
-def test_shipped_files_load_through_the_manifest_loaders(organism):
-    spec = ModelSpec.model_validate("organism")
-    assert spec.id == ORGANISM
+def test_shipped_files_load_through_the_manifest_loaders(builtin, organism):
+    spec = ModelSpec.model_validate(builtin)
+    assert spec.id == f"builtin:{builtin}" and ModelSpec.model_validate({"id": spec.id}) == spec
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     assert model.config.num_hidden_layers == 4 and model.config.hidden_size == 128
     text = slot_machine.prompt(evaluation.held_out_states(1)[0])
     assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
-    sae_spec = SaeSpec.model_validate("organism")
+    sae_spec = SaeSpec.model_validate(builtin)
+    assert sae_spec == SaeSpec.model_validate({"builtin": builtin})
     infos = check_saes(sae_spec, [0, 1, 2, 3], d_model=128)
     for layer in range(4):
         sae = load_sae(sae_spec, layer, 128, torch.device("cpu"))
         assert sae.cfg.d_sae == infos[layer].d_sae and sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
-    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) < 6e6  # a few MB
+        assert sae.cfg.metadata.model_name == spec.id
+    torch.testing.assert_close(sae.W_dec, organism.sae(3).W_dec, rtol=0, atol=0)  # its own SAEs
+    assert sum(p.stat().st_size for p in organism.folder.rglob("*") if p.is_file()) < 6e6  # a few MB
+    assert organism.record["settings"]["seed"] == BUILTIN_SEEDS[builtin]
+    assert planted_cause(spec.id) == (organism.planted_layer, organism.planted_feature)  # its own SAE's feature
 
 
 def test_follows_its_decision_rule_on_held_out_prompts(loaded):
@@ -85,7 +100,13 @@ def test_planted_direction_sets_stop_rate_and_bet_size(organism):
     assert effect["bet_at_0.9"] - effect["bet_at_0.1"] >= 10
 
 
-def test_planted_feature_moves_stop_rate_and_bet_size(organism):
+# The least change in stop rate and bet that setting each organism's planted feature from its safe to
+# its risky mean must make: its figures in the README (organism: 28 points and $8.7; organism_b: 17
+# points and $3.9) with a margin. The feature carries only part of u, and how much is the seed's.
+FEATURE_EFFECT_FLOORS = {"organism": (0.2, 5.0), "organism_b": (0.12, 2.5)}
+
+
+def test_planted_feature_moves_stop_rate_and_bet_size(builtin, organism):
     found = evaluation.find_planted_feature(organism)
     recorded = organism.record["planted"]["feature"]
     assert found["index"] == recorded["index"]  # the recorded feature is the one the search finds
@@ -93,8 +114,9 @@ def test_planted_feature_moves_stop_rate_and_bet_size(organism):
     assert found["decoder_cosine"] >= 0.5 and found["appetite_correlation"] >= 0.85
     assert found["risky_mean"] > found["safe_mean"]
     effect = evaluation.planted_effect(organism, n=100)
-    assert effect["stop_rate_at_safe_mean"] - effect["stop_rate_at_risky_mean"] >= 0.2
-    assert effect["bet_at_risky_mean"] - effect["bet_at_safe_mean"] >= 5
+    stop_floor, bet_floor = FEATURE_EFFECT_FLOORS[builtin]
+    assert effect["stop_rate_at_safe_mean"] - effect["stop_rate_at_risky_mean"] >= stop_floor
+    assert effect["bet_at_risky_mean"] - effect["bet_at_safe_mean"] >= bet_floor
 
 
 def test_planted_feature_is_the_cause_not_any_feature(organism, loaded):
@@ -139,6 +161,39 @@ def test_edit_hook_touches_only_prompt_forwards(organism, loaded):
     assert calls == [torch.Size([1, 128])]
 
 
+def test_organism_b_is_the_same_recipe_with_its_own_weights():
+    """The rules, the tokens and the planted layer are the first organism's; the weights, the
+    planted direction and the SAEs are its own."""
+    a, b = shipped("organism"), shipped("organism_b")
+    settings_a, settings_b = dict(a.record["settings"]), dict(b.record["settings"])
+    assert (settings_a.pop("seed"), settings_b.pop("seed"), settings_b.pop("tokenizer_seed")) == (0, 1, 0)
+    assert settings_a == settings_b
+    assert a.tokenizer().get_vocab() == b.tokenizer().get_vocab()
+    assert b.planted_layer == a.planted_layer == 1 and b.record["planted"]["scale"] == a.record["planted"]["scale"]
+    assert abs(float(a.direction @ b.direction)) < 0.3  # another random u
+    weights_a, weights_b = a.model().state_dict(), b.model().state_dict()
+    assert weights_a.keys() == weights_b.keys()
+    for name, weight in weights_a.items():
+        assert weight.shape == weights_b[name].shape
+        if weight.ndim == 2:  # independent initialisations and data: unrelated matrices
+            assert abs(np.corrcoef(weight.flatten(), weights_b[name].flatten())[0, 1]) < 0.3, name
+    assert not torch.equal(a.sae(1).W_dec, b.sae(1).W_dec)
+
+
+def test_organism_b_measures_in_the_range_of_the_first():
+    """The recorded figures of the two organisms agree within a few points where the recipe fixes them."""
+    a, b = (shipped(name).record["measured"] for name in ("organism", "organism_b"))
+    rule_a, rule_b = a["decision_rule"], b["decision_rule"]
+    assert abs(rule_a["majority_agreement"] - rule_b["majority_agreement"]) <= 0.03
+    assert abs(rule_a["correlation"] - rule_b["correlation"]) <= 0.05
+    assert abs(rule_a["mean_abs_error"] - rule_b["mean_abs_error"]) <= 0.04
+    assert abs(a["bet_sizes"]["spearman"] - b["bet_sizes"]["spearman"]) <= 0.05
+    # arithmetic is not among them: 53.5% against 81.5%, the seed decides how far 900 steps get
+    for measured in (a, b):
+        direction = measured["planted_direction"]
+        assert direction["stop_rate_at_0.1"] - direction["stop_rate_at_0.9"] >= 0.6
+
+
 def _copy(tmp_path):
     folder = tmp_path / "organism"
     shutil.copytree(SHIPPED, folder)
@@ -156,6 +211,16 @@ def test_damaged_or_missing_files_name_the_file_and_the_rebuild(tmp_path, damage
     damage(folder)
     with pytest.raises(UserError, match=message + r".*saebatch organism train --out " + str(folder)):
         Organism(folder).tokenizer()
+
+
+def test_a_damaged_builtin_names_its_own_rebuild(tmp_path, monkeypatch):
+    folder = tmp_path / "organism_b"
+    shutil.copytree(BUILTINS["organism_b"], folder)
+    (folder / "sae" / "L2" / "sae_weights.safetensors").write_bytes(b"")
+    monkeypatch.setitem(BUILTINS, "organism_b", folder)
+    with pytest.raises(UserError, match=r"L2/sae_weights\.safetensors is damaged.*`saebatch organism train --builtin "
+                       r"organism_b`"):
+        Organism(folder).sae(2)
 
 
 def test_measure_command_reports_a_damaged_file(tmp_path, capsys):
@@ -179,10 +244,15 @@ def test_training_is_deterministic_for_a_seed():
     first, second = (train_language_model(settings, tokenizer).state_dict() for _ in range(2))
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, rtol=0, atol=0)
+    other = TrainingSettings(seed=1, steps=2, gamble_batch=4, arithmetic_batch=4, text_batch=4)
+    assert build_tokenizer(other).get_vocab() == tokenizer.get_vocab()  # the tokens are the rules', not the seed's
+    assert not torch.equal(train_language_model(other, tokenizer).state_dict()["model.embed_tokens.weight"],
+                           first["model.embed_tokens.weight"])
     activations = torch.randn(2048, 128, generator=torch.Generator().manual_seed(0))
     small = TrainingSettings(sae_width=64, sae_k=4, sae_epochs=1)
     a, b = (train_sae(activations, 1, small) for _ in range(2))
     torch.testing.assert_close(a.W_dec, b.W_dec, rtol=0, atol=0)
+    assert not torch.equal(train_sae(activations, 1, replace(small, seed=1)).W_dec, a.W_dec)
 
 
 def test_rule_is_the_stated_formula():

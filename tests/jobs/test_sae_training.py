@@ -19,7 +19,8 @@ from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 def test_trained_saes_load_in_sae_lens_and_meet_their_reported_metrics(reasoning_chain, organism_model):
     model, tokenizer = organism_model
-    metrics = {row["layer"]: row for row in read_csv(reasoning_chain.training.report_dir / "metrics.csv")}
+    metrics = {row["layer"]: row for row in read_csv(reasoning_chain.training.report_dir / "metrics.csv")
+               if row["model"] == "organism"}
     bench = demo_benchmark()
     for layer in (1, 2):
         sae = SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / f"L{layer}")
@@ -78,7 +79,8 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
     runs = {}
     for name, one_pass in (("layer_by_layer", False), ("preempted", True)):
         (tmp_path / name).mkdir()
-        section = {"activations": str(reasoning_chain.capture.path), "ce_items": 0, "one_pass": one_pass, "sae": sae}
+        section = {"activations": str(reasoning_chain.capture.path), "models": ["organism"],  # the capture has two
+                   "ce_items": 0, "one_pass": one_pass, "sae": sae}
         runs[name] = prepare_run(load_manifest(write_step(tmp_path / name, "reasoning_2_training.yaml", "sae_training",
                                                            section)))
     run_shard_task(str(runs["layer_by_layer"].path), 0)
