@@ -44,6 +44,15 @@ def planted_cause(model: str) -> tuple[int, int] | None:
     return int(planted["layer"]), int(planted["feature"]["index"])
 
 
+def planted_direction(model: str) -> tuple[int, list[float]] | None:
+    """(layer, the unit vector u) along which a built-in organism carries 3 x its risk appetite at
+    the decision cue, when `model` is one; the ground truth for SAEs trained on it later."""
+    if model not in ORGANISMS:
+        return None
+    planted = shipped(ORGANISMS[model]).record["planted"]
+    return int(planted["layer"]), list(planted["direction"])
+
+
 # ---------------------------------------------------------------- the game
 
 

@@ -47,7 +47,7 @@ from common.runtime import Work, model_size
 from common.saes import SaeSpec, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.upstream import upstream_to_estimate
-from jobs._gambling import planted_cause
+from jobs._gambling import planted_direction
 from jobs._reasoning import (
     DEVICE_FIELD,
     CaptureRun,
@@ -72,6 +72,9 @@ else:
 
 log = logging.getLogger(__name__)
 FIELD = "feature_alignment"
+# Permutations behind a block pair's null figures: a mean or share over a block's features varies
+# little between permutations, and every block pair costs a product of its two blocks per permutation.
+BLOCK_PERMUTATIONS = 20
 
 # ---------------------------------------------------------------- the manifest section
 
@@ -297,8 +300,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             for column in table.columns:
                 values = table[column].to_numpy()
                 out.create_dataset(f"{name}/{column}", data=values.astype("S") if values.dtype == object else values)
+    planted = planted_columns(aligned, read_chain(s))
     _report(Report(out_dir / "report", "Reasoning features across models"), s, aligned, moments, matches, pairs,
-            transfer, manifest)
+            transfer, planted)
 
 
 def align_rows(shard_paths: list[Path], s: Settings) -> Aligned:
@@ -355,12 +359,14 @@ class PermutationNull:
         rng = np.random.default_rng(seed)
         self.orders = [{model: rng.permutation(len(aligned.keys)) for model in models} for _ in range(permutations)]
 
-    def best(self, rows: np.ndarray, model: str, columns: np.ndarray, other: str) -> tuple[np.ndarray, np.ndarray]:
+    def best(self, rows: np.ndarray, model: str, columns: np.ndarray, other: str,
+             permutations: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(permutations, len(rows)) each of `model`'s features (columns `rows`) best r among `other`'s
-        columns `columns`, and which (an index into `columns`)."""
-        values, index = np.empty((len(self.orders), len(rows))), np.empty((len(self.orders), len(rows)), dtype=np.int64)
+        columns `columns`, and which (an index into `columns`); over the first `permutations` (None: all)."""
+        orders = self.orders[:permutations]
+        values, index = np.empty((len(orders), len(rows))), np.empty((len(orders), len(rows)), dtype=np.int64)
         mine, theirs = self.standardized[:, rows], self.standardized[:, columns]
-        for p, order in enumerate(self.orders):
+        for p, order in enumerate(orders):
             # Only the two models' relative order matters: row k of `mine` meets row paired[k] of
             # `theirs`, or equally row j of `theirs` meets row unpaired[j] of `mine`; the narrower side moves.
             paired = order[other][np.argsort(order[model])]
@@ -455,7 +461,7 @@ def pair_table(aligned: Aligned, moments: CoMoments, null: PermutationNull, s: S
         forward, backward = r.argmax(axis=1), r.argmax(axis=0)
         best = r.max(axis=1)
         null_best, _ = null.best(np.arange(a.columns.start, a.columns.stop)[varies_a], a.model,
-                                 np.arange(b.columns.start, b.columns.stop)[varies_b], b.model)
+                                 np.arange(b.columns.start, b.columns.stop)[varies_b], b.model, BLOCK_PERMUTATIONS)
         rows.append({"block_a": a.name, "block_b": b.name, "rows": len(aligned.keys), "features_a": len(a.features),
                      "varying_a": int(varies_a.sum()), "features_b": len(b.features), "varying_b": int(varies_b.sum()),
                      "mean_best_r": float(best.mean()),
@@ -483,8 +489,10 @@ def transfer_table(matches: pd.DataFrame, null_spearman: dict[tuple[str, str], n
 
 
 def _spearman(x, y) -> float:
-    """Spearman's rho; NaN with fewer than three pairs or a constant side."""
+    """Spearman's rho over the pairs where both are known; NaN with fewer than three or a constant side."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    known = ~np.isnan(x) & ~np.isnan(y)
+    x, y = x[known], y[known]
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(stats.spearmanr(x, y).statistic)
@@ -494,7 +502,7 @@ def _spearman(x, y) -> float:
 
 
 def _report(report: Report, s: Settings, aligned: Aligned, moments: CoMoments, matches: pd.DataFrame,
-            pairs: pd.DataFrame, transfer: pd.DataFrame, manifest: Manifest) -> None:
+            pairs: pd.DataFrame, transfer: pd.DataFrame, planted: dict[str, int]) -> None:
     models = list(dict.fromkeys(block.model for block in aligned.blocks))
     counts = pd.Series([anchor.split("_")[0] if anchor.startswith("step_") else anchor
                         for _, _, anchor in aligned.keys]).value_counts()
@@ -508,7 +516,8 @@ def _report(report: Report, s: Settings, aligned: Aligned, moments: CoMoments, m
         f"best r reaches the observed one. Matched: r > {s.threshold} and p < {s.alpha}. Data: `merged.h5`.")
     report.heading("Alignment between layers of different models")
     report.text("Per pair of (model, layer) SAEs: the mean of a's features' best r in b, and the share above the "
-                "threshold, beside the same under the null; over the features that vary on the anchor rows "
+                f"threshold, beside the same under the null (its first {BLOCK_PERMUTATIONS} permutations); over the "
+                "features that vary on the anchor rows "
                 "(`varying_a`, `varying_b`: a feature never active at an anchor has no match).")
     report.table(pairs, "pairs")
     _heatmap(report, aligned, pairs)
@@ -520,7 +529,7 @@ def _report(report: Report, s: Settings, aligned: Aligned, moments: CoMoments, m
                 "of permutations reaching it: `p_spearman_all`); `spearman_matched`: over the matched features alone.")
     report.table(transfer, "transfer")
     _transfer_plot(report, matches, models)
-    _ground_truth(report, aligned, moments, models, manifest)
+    _ground_truth(report, aligned, moments, planted)
     report.write()
 
 
@@ -568,27 +577,42 @@ def _transfer_plot(report: Report, matches: pd.DataFrame, models: list[str]) -> 
                   "model (blue: matched, r above the threshold and the null; grey: best match, not significant)")
 
 
-def _ground_truth(report: Report, aligned: Aligned, moments: CoMoments, models: list[str], manifest: Manifest) -> None:
-    """Where the models are organisms: whether their planted features match each other."""
-    chain = read_chain(manifest.settings)
-    planted = {entry.name: planted_cause(entry.model.name) for entry in chain.models}
+def planted_columns(aligned: Aligned, chain: Chain) -> dict[str, int]:
+    """Per organism of the study, the column of its trained SAE's feature that stands for its planted
+    cause: of the compared features at the planted layer, the one whose decoder direction is
+    closest (cosine) to the planted direction u."""
     found = {}
-    for model in models:
-        cause = planted.get(model)
-        block = next((b for b in aligned.blocks if b.model == model and cause and b.layer == cause[0]), None)
-        if cause is not None and block is not None and cause[1] in block.features:
-            found[model] = block.columns.start + int(np.searchsorted(block.features, cause[1]))
-    if len(found) < 2:
+    for entry in chain.models:
+        planted = planted_direction(entry.model.name)
+        block = next((b for b in aligned.blocks if planted and b.model == entry.name and b.layer == planted[0]), None)
+        if planted is None or block is None:
+            continue
+        d_model = text_config(load_config(entry.model)[0]).hidden_size
+        decoder = load_sae(chain.sae_spec(entry), block.layer, d_model, torch.device("cpu")).W_dec.detach()
+        rows = decoder[torch.as_tensor(block.features)].double()
+        cosine = rows @ torch.tensor(planted[1], dtype=torch.float64) / rows.norm(dim=1)
+        found[entry.name] = block.columns.start + int(cosine.abs().argmax())
+    return found
+
+
+def _ground_truth(report: Report, aligned: Aligned, moments: CoMoments, planted: dict[str, int]) -> None:
+    """Where two or more models are organisms: whether the features standing for their planted
+    causes match each other."""
+    if len(planted) < 2:
         return
     report.heading("Ground truth: the organisms' planted features")
     lines = []
-    for model, column in found.items():
-        for other, their in found.items():
+    for model, column in planted.items():
+        for other, theirs in planted.items():
             if other == model:
                 continue
             index, best = best_matches(moments, np.array([column]), aligned.model_columns(other))
-            matched = aligned.model_columns(other)[index[0]] == their
-            lines.append(f"- {model}'s planted feature: its best match in {other} is "
-                         f"{'the planted feature' if matched else 'another feature'} (r {best[0]:.2f}; r with the "
-                         f"planted one {moments.pearson(np.array([column]), np.array([their]))[0, 0]:.2f})")
-    report.text("\n".join(lines))
+            match = aligned.model_columns(other)[index[0]] if index[0] >= 0 else -1
+            layer, feature = _owner(aligned, column)
+            verdict = "the planted feature" if match == theirs else "another feature"
+            lines.append(f"- {model} L{layer} F{feature} (its SAE's feature nearest the planted direction): its best "
+                         f"match in {other} is {verdict} (r {best[0]:.2f}; r with the planted one "
+                         f"{moments.pearson(np.array([column]), np.array([theirs]))[0, 0]:.2f})")
+    report.text("Each organism carries its risk appetite along a planted direction at the decision cue "
+                "(jobs/_organism/README.md); in each trained SAE the feature whose decoder is nearest it stands for "
+                "the planted cause.\n\n" + "\n".join(lines))

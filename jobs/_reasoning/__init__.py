@@ -184,21 +184,46 @@ def token_limit(max_tokens: int | None, config) -> int:
     return max_tokens or text_config(config).max_position_embeddings
 
 
+def read_as_generated(tokenizer, bench: Benchmark, item: Item, with_solution: bool) -> tuple[list[int], int, list[bool]]:
+    """An item as a model reads it: the prompt (with the tokenizer's special tokens) and, with
+    `with_solution`, the reference solution, each tokenized on its own, as when the model writes the
+    solution after reading the prompt (a prompt ending in a space keeps that token, which joint
+    tokenization would fold into the answer's first word). The ids, the prompt's length, and per
+    token whether it is the item's own: not special, not the few-shot examples."""
+    prompt = tokenizer(bench.prompt(item), return_offsets_mapping=True, return_special_tokens_mask=True)
+    own_start = len(bench.prompt(item)) - len(bench.question_prompt(item))
+    ids = list(prompt["input_ids"])
+    own = [not special and start >= own_start
+           for (start, _), special in zip(prompt["offset_mapping"], prompt["special_tokens_mask"], strict=True)]
+    if with_solution:
+        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
+        ids += solution
+        own += [True] * len(solution)
+    return ids, len(prompt["input_ids"]), own
+
+
 def encode_items(tokenizer, bench: Benchmark, items: list[Item], text: str, max_tokens: int) -> tuple[dict, np.ndarray]:
-    """The items' texts as a right-padded batch (a text over `max_tokens` loses its beginning), and
-    (rows, seq) bool marking the tokens captured: real, not special, and the item's own (after
-    the few-shot examples)."""
-    texts = [bench.with_solution(item) if text == "prompt_and_solution" else bench.prompt(item) for item in items]
-    own_start = [len(bench.prompt(item)) - len(bench.question_prompt(item)) for item in items]
-    side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
-    try:
-        encoded = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, padding=True,
-                            truncation=True, max_length=max_tokens, return_tensors="pt")
-    finally:
-        tokenizer.truncation_side = side
-    starts = encoded["offset_mapping"][..., 0].numpy()
-    keep = (encoded["attention_mask"].numpy() == 1) & (encoded["special_tokens_mask"].numpy() == 0)
-    return encoded, keep & (starts >= np.asarray(own_start)[:, None])
+    """The items as read_as_generated reads them, right-padded (a text over `max_tokens` loses its
+    beginning after its leading special tokens), and (rows, seq) bool marking the tokens captured:
+    real, not special, and the item's own."""
+    rows, owns = [], []
+    for item in items:
+        ids, _, own = read_as_generated(tokenizer, bench, item, text == "prompt_and_solution")
+        if len(ids) > max_tokens:  # keep the leading special tokens (<bos>) and the last tokens that fit
+            leading = next((i for i, token in enumerate(ids) if token not in tokenizer.all_special_ids), 0)
+            cut = len(ids) - (max_tokens - leading)
+            ids, own = ids[:leading] + ids[cut:], own[:leading] + own[cut:]
+        rows.append(ids)
+        owns.append(own)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    keep = np.zeros((len(rows), width), dtype=bool)
+    for i, (ids, own) in enumerate(zip(rows, owns, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        keep[i, : len(ids)] = own
+    return {"input_ids": input_ids, "attention_mask": attention}, keep
 
 
 def sae_path_template(run_dir: Path, model: str) -> str:
@@ -211,21 +236,16 @@ def sae_dir(run_dir: Path, model: str, layer: int) -> Path:
 
 
 def teacher_forced(tokenizer, bench: Benchmark, items: list, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Right-padded prompt + reference solution, each tokenized on its own as in generation:
-    ids, attention mask, the solution's positions, and the real non-special positions."""
-    rows, solution_lengths = [], []
-    for item in items:
-        prompt = tokenizer(bench.prompt(item)).input_ids
-        solution = tokenizer(bench.continuation(item), add_special_tokens=False).input_ids
-        rows.append(prompt + solution)
-        solution_lengths.append(len(solution))
-    width = max(map(len, rows))
+    """Right-padded prompt + reference solution as read_as_generated reads them: ids, attention
+    mask, the solution's positions, and the real non-special positions."""
+    rows = [read_as_generated(tokenizer, bench, item, with_solution=True) for item in items]
+    width = max(len(ids) for ids, _, _ in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask, solution, positions = (torch.zeros(len(rows), width, dtype=torch.bool) for _ in range(3))
-    for i, (row, n_solution) in enumerate(zip(rows, solution_lengths, strict=True)):
+    for i, (row, prompt_length, _) in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = True
-        solution[i, len(row) - n_solution : len(row)] = True
+        solution[i, prompt_length : len(row)] = True
         special = tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
         positions[i, : len(row)] = ~torch.tensor(special, dtype=torch.bool)
     return ids.to(device), mask.long().to(device), solution.to(device), positions.to(device)

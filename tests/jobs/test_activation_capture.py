@@ -19,7 +19,9 @@ def test_captured_activations_equal_an_independent_forward(reasoning_chain, name
     organism = shipped(name)
     model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
     bench = demo_benchmark()
-    ids = tokenizer(bench.with_solution(bench.items[item]), return_tensors="pt").input_ids
+    prompt, solution = bench.prompt(bench.items[item]), bench.continuation(bench.items[item])
+    # each tokenized on its own, as when the model writes the solution after the prompt
+    ids = torch.tensor([tokenizer(prompt).input_ids + tokenizer(solution, add_special_tokens=False).input_ids])
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [L + 1]: block L's output
     with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:

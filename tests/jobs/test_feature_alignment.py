@@ -1,6 +1,8 @@
 """feature_alignment (the reasoning chain's step 4): anchors found the same way in any tokenizer,
 the statistics against an independent computation, the null, and refusals."""
 
+import shutil
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -8,10 +10,12 @@ import pytest
 import torch
 import yaml
 
+from common.cli import main
 from common.organism.files import Organism
 from jobs._reasoning import teacher_forced
 from jobs._reasoning.anchors import anchor_characters, anchor_positions, token_at
 from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
+from tests.helpers import REPO
 
 GSM8K_SOLUTION = (" Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
                   "altogether in April and May.\n#### 72")
@@ -119,3 +123,28 @@ def test_a_matchs_p_value_is_its_rank_among_the_permutations(reasoning_chain):
         null.append(np.nanmax(pearson(mine[orders[a]][:, None], theirs[orders[b]])))
     assert top.p == pytest.approx((1 + np.sum(np.array(null) >= observed - 1e-6)) / (1 + len(null)))
     assert top.null_r95 == pytest.approx(np.quantile(null, 0.95), abs=1e-4)
+
+
+def test_the_organisms_planted_features_are_each_others_match(reasoning_chain):
+    """The ground truth: in each organism's trained SAE, the feature nearest its planted direction;
+    each is the other's best match, far above the null, and the important arithmetic features
+    match above the null too."""
+    run = reasoning_chain.alignment
+    report = (run.report_dir / "report.md").read_text()
+    lines = [line for line in report.splitlines() if "nearest the planted direction" in line]
+    assert len(lines) == 2 and all("best match in" in line and "is the planted feature" in line for line in lines)
+    matches = pd.read_csv(run.report_dir / "matches.csv")
+    assert matches["matched"].mean() > 0.5 and (matches["r"] > matches["null_r95"]).mean() > 0.5
+    pairs = pd.read_csv(run.report_dir / "pairs.csv")
+    assert (pairs["share_matched"] > pairs["null_share_matched"] + 0.3).all()
+
+
+def test_alignment_needs_two_models(tmp_path, capsys):
+    """The ablation of a single-model chain is refused with what to do."""
+    for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
+        shutil.copy(step, tmp_path / step.name)
+    capture = yaml.safe_load((tmp_path / "reasoning_1_capture.yaml").read_text())
+    capture["activation_capture"]["models"] = capture["activation_capture"]["models"][:1]
+    (tmp_path / "reasoning_1_capture.yaml").write_text(yaml.safe_dump(capture))
+    assert main(["plan", str(tmp_path / "reasoning_4_alignment.yaml")]) == 2
+    assert "the ablation ran one model (organism); alignment compares two or more" in capsys.readouterr().err
