@@ -26,7 +26,7 @@ def test_captured_activations_equal_an_independent_forward(reasoning_chain, name
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states  # [L + 1]: block L's output
     with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:
         group = merged[f"models/{name}"]
-        rows = np.flatnonzero(group["item"][()] == item)
+        rows = np.flatnonzero((group["item"][()] == item) & (group["benchmark"][()] == 0))  # the arithmetic
         assert group["position"][()][rows].tolist() == list(range(1, ids.shape[1]))  # every token but <bos>
         for layer in (1, 2):
             captured = group[f"L{layer}"][()][rows].astype(np.float32)
