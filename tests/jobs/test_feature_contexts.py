@@ -246,15 +246,15 @@ def test_an_ablations_features_get_cards(reasoning_chain, tmp_path):
     ablation = reasoning_chain.ablation
     saes = sae_path_template(reasoning_chain.training.path, "organism")
     contexts = run_all(write(tmp_path, {"run": {"shards": 1}, "feature_contexts": {
-        "features_from": str(ablation.path), "sae": {"builtin": None, "path": saes}, "max_features": 5,
-        "corpus": {"window": 64, "tokens": 2048}, "tokens_per_unit": 2048}}, name="contexts.yaml"))
+        "features_from": str(ablation.path), "from_model": "organism", "sae": {"builtin": None, "path": saes},
+        "max_features": 5, "corpus": {"window": 64, "tokens": 2048}, "tokens_per_unit": 2048}}, name="contexts.yaml"))
     with h5py.File(ablation.merged_path) as merged:
-        top = [(s, int(layer), int(f)) for unit in merged["units"].values()
+        top = [(s, int(layer), int(f)) for unit in merged["units"].values() if unit.attrs["model"] == "organism"
                for s, layer, f in zip(unit["top/score"][()], unit["top/layer"][()], unit["top/feature"][()])]
     strongest = list(dict.fromkeys(FeatureId(layer=layer, feature=f) for _, layer, f in sorted(top, key=lambda t: -t[0])))
     assert list(CardBook.of_run(contexts.path, "contexts").cards) == strongest[:5]
     manifest = load_manifest(ablation.manifest_path)
-    settings = manifest.settings.model_copy(update={"contexts": contexts.path})
+    settings = manifest.settings.model_copy(update={"contexts": contexts.path, "contexts_model": "organism"})
     (tmp_path / "again").mkdir()
     feature_ablation.reduce(manifest.model_copy(update={"settings": settings}),
                             sorted(ablation.shards_dir.glob("shard_*.h5")), tmp_path / "again")

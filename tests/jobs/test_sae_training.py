@@ -13,41 +13,48 @@ from sae_lens import SAE
 from common.edits import edit_block_output
 from common.manifest_file import load_manifest
 from common.sae_quality import evaluate
+from jobs._reasoning import read_as_generated
+from jobs._reasoning.problems import load_benchmark
+from jobs.sae_training import ITEMS_PER_BENCHMARK
 from tests.helpers import failing_on_call
-from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
+from tests.jobs.reasoning import read_csv, refused, write_step
 
 
 def test_trained_saes_load_in_sae_lens_and_meet_their_reported_metrics(reasoning_chain, organism_model):
     model, tokenizer = organism_model
     metrics = {row["layer"]: row for row in read_csv(reasoning_chain.training.report_dir / "metrics.csv")
                if row["model"] == "organism"}
-    bench = demo_benchmark()
+    benches = [load_benchmark(spec) for spec in load_manifest(reasoning_chain.capture.manifest_path).settings.benchmarks]
     for layer in (1, 2):
         sae = SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / f"L{layer}")
         sae.requires_grad_(False)
         assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post" and sae.cfg.d_sae == 512
         with h5py.File(reasoning_chain.capture.merged_path, "r") as merged:
             everything = torch.from_numpy(merged[f"models/organism/L{layer}"][()])
-            item_of_token = merged["models/organism/item"][()]
+            group_of_token = (merged["models/organism/benchmark"][()].astype(np.int64) * ITEMS_PER_BENCHMARK
+                              + merged["models/organism/item"][()])
         with h5py.File(reasoning_chain.training.merged_path, "r") as merged:
-            held_out = merged[f"held_out_items/organism.L{layer}"][()] % 2**32  # one benchmark: index 0
+            held_out = merged[f"held_out_items/organism.L{layer}"][()]  # benchmark x 2^32 + item
         # split by item: the metrics are those of the held-out items' tokens, a tenth of the items
-        assert 0.05 < len(held_out) / len(np.unique(item_of_token)) < 0.2
+        assert 0.05 < len(held_out) / len(np.unique(group_of_token)) < 0.2
         assert int(metrics[layer]["held_out_items"]) == len(held_out)
-        on_held_out = evaluate(sae, everything[torch.from_numpy(np.isin(item_of_token, held_out))])
+        on_held_out = evaluate(sae, everything[torch.from_numpy(np.isin(group_of_token, held_out))])
         assert on_held_out["explained_variance"] == pytest.approx(float(metrics[layer]["explained_variance"]), rel=1e-4)
         on_all_tokens = evaluate(sae, everything)
         assert on_all_tokens["l0"] == pytest.approx(16, abs=0.01)  # topk, k = 16
-        # CE with the SAE spliced in at every non-<bos> position of the held-out items, one at a time
+        # CE with the SAE spliced in at every non-<bos> position of up to 64 held-out items of each
+        # benchmark, one at a time, read as the model writes them (prompt and solution tokenized apart)
         losses = []
-        for item in [item for item in bench.items if item.index in set(held_out.tolist())][:64]:
-            ids = tokenizer(bench.with_solution(item), return_tensors="pt").input_ids
+        for index, bench in enumerate(benches):
+            chosen = [item for item in bench.items if index * ITEMS_PER_BENCHMARK + item.index in set(held_out.tolist())]
+            for item in chosen[:64]:
+                ids = torch.tensor([read_as_generated(tokenizer, bench, item, with_solution=True)[0]])
 
-            def splice(hidden, rows, sae=sae):
-                return torch.cat([hidden[:, :1], sae.decode(sae.encode(hidden[:, 1:]))], dim=1)
+                def splice(hidden, rows, sae=sae):
+                    return torch.cat([hidden[:, :1], sae.decode(sae.encode(hidden[:, 1:]))], dim=1)
 
-            with torch.no_grad(), edit_block_output(model, layer, splice):
-                losses.append((model(input_ids=ids, labels=ids).loss.item(), ids.shape[1] - 1))
+                with torch.no_grad(), edit_block_output(model, layer, splice):
+                    losses.append((model(input_ids=ids, labels=ids).loss.item(), ids.shape[1] - 1))
         spliced = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         assert spliced == pytest.approx(float(metrics[layer]["ce_spliced"]), rel=1e-4)
         assert float(metrics[layer]["ce_recovered"]) > 0.9
