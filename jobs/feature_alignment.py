@@ -25,7 +25,6 @@ same under the null.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,7 +69,6 @@ else:
     torch = lazy_import("torch")
     stats = lazy_import("scipy.stats")
 
-log = logging.getLogger(__name__)
 FIELD = "feature_alignment"
 # Permutations behind a block pair's null figures: a mean or share over a block's features varies
 # little between permutations, and every block pair costs a product of its two blocks per permutation.

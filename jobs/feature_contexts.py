@@ -18,7 +18,6 @@ cards.html, which the contrast, patching, ablation and correlation reports link 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,7 +56,6 @@ if TYPE_CHECKING:
 else:
     torch = lazy_import("torch")
 
-log = logging.getLogger(__name__)
 
 FIELD = "feature_contexts"
 LOGITS_UNIT = "logit_effects"
@@ -153,9 +151,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
                         f"{config.max_position_embeddings} positions; use shorter windows")
     features = chosen_features(s)
     if features is not None:
-        layers = sorted({f.layer for f in features})
-        _check_features(features, {}, config.num_hidden_layers)
-        infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae")
+        _check_features(features, {}, config.num_hidden_layers)  # the layers exist, before their SAEs are looked up
+        infos = check_saes(s.sae, sorted({f.layer for f in features}), config.hidden_size, f"{FIELD}.sae")
         _check_features(features, {layer: info.d_sae for layer, info in infos.items()}, config.num_hidden_layers)
     units = token_units(s.corpus, local_tokenizer(s.model), s.tokens_per_unit, f"{FIELD}.corpus")
     return [WorkUnit(LOGITS_UNIT, {}), *units]
@@ -216,7 +213,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, corpus=s.corpus.describe(), features=listed,
                     sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in layers}))
     pending = set(shard.pending())
-    if LOGITS_UNIT in pending and any(unit.id == LOGITS_UNIT for unit in units):
+    if LOGITS_UNIT in pending:
         with shard.unit(LOGITS_UNIT) as group:
             _logit_effects(model, saes, features, s.logit_tokens, group)
     reader = FeatureReader(WindowEncoder(model, saes, device, tokenizer.pad_token_id), features)
