@@ -29,13 +29,13 @@ from results import Row, record  # noqa: E402
 
 from common.edits import edit_block_output, zero_features  # noqa: E402
 from common.organism.files import Organism  # noqa: E402
-from jobs._reasoning.problems import BenchmarkSpec, load_benchmark  # noqa: E402
-from jobs.feature_ablation import (  # noqa: E402
+from jobs._reasoning.ablation import (  # noqa: E402
     ablate_and_generate,
     attribution,
     control_sets,
     top_features,
 )
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark  # noqa: E402
 
 PROBLEMS, K, BATCH = 96, 10, 32
 CPU = torch.device("cpu")
@@ -71,8 +71,9 @@ def main() -> None:
     bench = load_benchmark(BenchmarkSpec(name="arithmetic", builtin="organism_arithmetic", n=PROBLEMS + 32,
                                          max_new_tokens=20))
     ranking, items = bench.items[:32], bench.items[32:]
-    scores, active = attribution(model, tokenizer, bench, ranking, saes, CPU)
-    top = top_features(scores, K)
+
+    per_item, active = attribution(model, tokenizer, bench, ranking, saes, CPU)
+    top = top_features({layer: values.mean(axis=0) for layer, values in per_item.items()}, K)
     ablations = {"ablated": top, "control": control_sets(active, top, 1, seed=0, unit_id="benchmark")["control_00"]}
     answers = PROBLEMS * 3
 

@@ -5,8 +5,10 @@
 
 The organism has a planted cause (layer 1, feature 402; jobs/_organism/README.md). Each row is
 one figure of the chain that must find it, beside its reference: the contrast's |d| rank, the
-patching stop and bet effects against the largest of the null controls', and the ablation's drop
-against the matched control sets'. Rows go to RESULTS.md, so the prose never goes stale.
+patching stop and bet effects against the largest of the null controls', the ablation's drop
+against the matched control sets', the two organisms' alignment against its permutation null, and
+the drop of each organism's circuit that holds its planted feature against its matched groups'.
+Rows go to RESULTS.md, so the prose never goes stale.
 """
 
 from __future__ import annotations
@@ -65,7 +67,38 @@ def figures(root: Path) -> list[Row]:
             f"null p {arithmetic['null_p_drop']:.3f}, McNemar p {arithmetic['p_ablated_vs_control']:.3f} vs the costliest set",
             f"{100 * arithmetic['control_drop']:.1f} points mean, {100 * arithmetic['control_drop_max']:.1f} max "
             f"({int(arithmetic['control_sets'])} matched sets)", _ratio(arithmetic["drop"], arithmetic["control_drop_max"])),
+        *alignment_and_circuits(root),
     ]
+
+
+def alignment_and_circuits(root: Path) -> list[Row]:
+    """Across the two organisms: their layer-1 SAEs' alignment and the transfer of importance,
+    each against its permutation null; and per organism its decision circuit holding the feature
+    nearest its planted direction, whose drop stands against the matched groups'."""
+    label = "demo figure (organism and organism_b)"
+    folder = report_of(root, "reasoning_4_alignment.yaml")
+    pairs = pd.read_csv(folder / "pairs.csv").iloc[0]
+    transfer = pd.read_csv(folder / "transfer.csv").iloc[0]
+    rows = [Row(f"{label}: alignment, {pairs.block_a} features with a match in {pairs.block_b} (r > threshold)",
+                f"{100 * pairs.share_matched:.0f}% ({pairs.mutual_matches} mutual)",
+                f"{100 * pairs.null_share_matched:.0f}% under the permutation null",
+                _ratio(pairs.share_matched, pairs.null_share_matched)),
+            Row(f"{label}: transfer of importance, {transfer.model} -> {transfer.other} (Spearman, {transfer.important} "
+                "important features)", f"{transfer.spearman_all:.2f} (p {transfer.p_spearman_all:.3f})",
+                f"{transfer.null_spearman_mean:.2f} under the null", "-")]
+    report = (report_of(root, "reasoning_5_circuits.yaml") / "report.md").read_text()
+    clusters = pd.read_csv(report_of(root, "reasoning_5_circuits.yaml") / "clusters.csv")
+    for model in ("organism", "organism_b"):
+        line = next(line for line in report.splitlines() if line.startswith(f"- {model} on decisions: "))
+        number = int(line.split(" is in C")[1].split(" ")[0])
+        row = clusters[(clusters.model == model) & (clusters.benchmark == "decisions") & (clusters.cluster == number)].iloc[0]
+        rows.append(Row(f"{label}: {model}'s decision circuit holding its planted feature ({line.split(': ')[1].split(' (')[0]}), "
+                        f"accuracy drop when ablated ({int(row['items'])} decisions)",
+                        f"{100 * row['drop']:.1f} points, {row['size']} features, q {row['q']:.1e}; "
+                        f"{'a primitive: replicates in ' + row['model_replica'] if row['primitive'] else 'no primitive'}",
+                        f"{100 * row['control_drop_max']:.1f} points (largest of the matched groups)",
+                        _ratio(row["drop"], row["control_drop_max"])))
+    return rows
 
 
 def _ratio(ours: float, reference: float) -> str:

@@ -22,13 +22,13 @@ def upstream_to_estimate(run: Path, job: str, field: str, missing: UserError) ->
     """The manifest of an upstream run that does not exist yet (and where it was read), for a plan
     that estimates in its place; outside planning, `missing` is raised (common.plan.only_estimating)."""
     only_estimating(missing)
-    manifest, where = _upstream_manifest(run, missing)
+    manifest, where = upstream_manifest(run, missing)
     if manifest.job != job:
         raise UserError(f"{field}: {where} is a {manifest.job} manifest, not {job}")
     return manifest, where
 
 
-def _upstream_manifest(run: Path, missing: UserError) -> tuple[Manifest, str]:
+def upstream_manifest(run: Path, missing: UserError) -> tuple[Manifest, str]:
     """The manifest of the upstream run at `run` and where it was read: the run directory's saved
     manifest, or, before the run exists, the manifest file this process was given for it. Without
     either, `missing` (what says the run is missing) is raised with how to plan anyway."""

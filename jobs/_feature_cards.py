@@ -26,6 +26,7 @@ from common.plan import assume, only_estimating
 from common.report import Report, format_number
 from common.rundir import RunDir
 from common.top_activations import EMPTY, HISTOGRAM_EDGES, TopActivations
+from jobs._reasoning.chain import one_model
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,8 +65,9 @@ class FeatureId(StrictModel, frozen=True):
 def features_of_run(merged: Path, model: str | None, field: str) -> list[FeatureId]:
     """The features an earlier run names, strongest first: a contrast's selected ones (by |d|), the
     ones a patching run tested (causal first, then by effect), the ones an ablation ablated (by
-    attribution score; `model` picks one of its models), or the ends of a correlation graph's edges
-    (strongest |r| first)."""
+    attribution score; `model` picks one of its models), those of a circuit run's candidate
+    primitives (else of its causal clusters; by the cluster's drop), or the ends of a correlation
+    graph's edges (strongest |r| first)."""
     pairs: Iterable[tuple[int, int]]
     with h5py.File(merged, "r") as data:
         job = str(data.attrs.get("job"))
@@ -83,13 +85,15 @@ def features_of_run(merged: Path, model: str | None, field: str) -> list[Feature
             pairs = zip(order["layer"], order["feature"], strict=True)
         elif job == "feature_ablation":
             pairs = _ablated(data, model, field)
+        elif job == "circuit_discovery":
+            pairs = _in_circuits(data, model, field)
         elif job == "feature_correlation":
             edges = data["edges"]
             ends = np.stack([edges["layer_a"][()], edges["feature_a"][()], edges["layer_b"][()], edges["feature_b"][()]], 1)
             pairs = ((int(row[i]), int(row[i + 1])) for row in ends for i in (0, 2))
         else:
             raise UserError(f"{field}: {merged} was written by {job!r}; name a feature_contrast, population_patching, "
-                            "feature_ablation or feature_correlation run")
+                            "feature_ablation, circuit_discovery or feature_correlation run")
         return list(dict.fromkeys(FeatureId(layer=int(layer), feature=int(feature)) for layer, feature in pairs))
 
 
@@ -99,16 +103,23 @@ def _table(group: h5py.Group) -> pd.DataFrame:
 
 def _ablated(data: h5py.File, model: str | None, field: str) -> list[tuple[int, int]]:
     units = list(data["units"].values())
-    models = sorted({str(unit.attrs["model"]) for unit in units})
-    if model is None and len(models) > 1:
-        raise UserError(f"{field}: the ablation ran {models}; set feature_contexts.from_model to one of them")
-    chosen = model or models[0]
-    if chosen not in models:
-        raise UserError(f"feature_contexts.from_model: the ablation ran {models}, not {chosen!r}")
+    chosen = one_model(sorted({str(unit.attrs["model"]) for unit in units}), model, field)
     rows = [(float(score), int(layer), int(feature)) for unit in units if unit.attrs["model"] == chosen
             for layer, feature, score in zip(unit["top/layer"][()], unit["top/feature"][()], unit["top/score"][()],
                                              strict=True)]
     return [(layer, feature) for _, layer, feature in sorted(rows, key=lambda row: -row[0])]
+
+
+def _in_circuits(data: h5py.File, model: str | None, field: str) -> list[tuple[int, int]]:
+    clusters = _table(data["clusters"])
+    clusters["model"] = clusters["model"].str.decode("utf-8")
+    clusters = clusters[clusters["model"] == one_model(sorted(set(clusters["model"])), model, field)]
+    shown = clusters[clusters["primitive"].astype(bool)]
+    if shown.empty:
+        shown = clusters[clusters["causal"].astype(bool)]
+    order = shown.sort_values("drop", ascending=False, kind="stable")
+    return [(int(layer[1:]), int(feature[1:])) for text in order["features"]
+            for layer, feature in (part.split() for part in text.decode().split(", "))]
 
 
 # ---------------------------------------------------------------- texts, stored with the contexts

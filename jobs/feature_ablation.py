@@ -28,28 +28,21 @@ criterion holds (a drop of more than `success_drop` and more than the control se
 from __future__ import annotations
 
 import logging
-import zlib
-from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import h5py
 import numpy as np
 from pydantic import Field
-from tqdm import tqdm
 
 from common.batching import (
     AUTO_HELP,
     BatchSize,
-    GenerationMemory,
-    generation_memory,
     planned_rows,
     rows_now,
 )
-from common.edits import BatchRows, edit_block_output, zero_features
 from common.errors import UserError
-from common.generation import greedy, left_padded
-from common.lazy import lazy_import, no_grad
+from common.lazy import lazy_import
 from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import (
     input_device,
@@ -57,10 +50,8 @@ from common.models import (
     load_model,
     load_tokenizer,
     local_tokenizer,
-    parameter_bytes,
     text_config,
 )
-from common.paired import mcnemar
 from common.plan import Estimate, WorkUnit, assume
 from common.report import Report
 from common.rundir import open_run
@@ -78,9 +69,17 @@ from jobs._reasoning import (
     read_capture_run,
     read_upstream,
     sae_path_template,
-    teacher_forced,
 )
-from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
+from jobs._reasoning.ablation import (
+    ablate_and_generate,
+    attribution,
+    control_sets,
+    generation_memory_of,
+    paired_interval,
+    summarise,
+    top_features,
+)
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -231,16 +230,6 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                            f"{PROMPT_TOKENS:,} prompt tokens and one layer's features of its prompt",))
 
 
-def generation_memory_of(config, dtype: str, widths: list[int], prompt_tokens: int,
-                         new_tokens: int) -> GenerationMemory:
-    """Weights and SAEs; per row its cache and forward, and one layer's SAE codes at every prompt
-    position (three such tensors at once inside zero_features: the codes, the chosen ones, their decoding)."""
-    hidden = text_config(config).hidden_size
-    return generation_memory(text_config(config), dtype,
-                             parameter_bytes(config, dtype) + sum(2 * hidden * width * 4 for width in widths),
-                             prompt_tokens, new_tokens, extra_per_row=3 * prompt_tokens * max(widths) * 4)
-
-
 def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batch_size: int) -> list:
     """Attribution (a gradient through the prompt and solution of each ranking item), then every
     evaluated item answered as 2 + control_sets rows, each reading its prompt and generating."""
@@ -276,7 +265,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             bench = load_benchmark(spec, f"{FIELD}.benchmarks")
             check_prompt_lengths(bench, tokenizer, text_config(model.config), entry.name, f"{FIELD}.benchmarks")
             ranking, evaluated = bench.items[: s.attribution_items], bench.items[s.attribution_items :]
-            scores, active = attribution(model, tokenizer, bench, ranking, saes, device)
+            per_item, active = attribution(model, tokenizer, bench, ranking, saes, device)
+            scores = {layer: values.mean(axis=0) for layer, values in per_item.items()}
             top = top_features(scores, s.k)
             controls = control_sets(active, top, s.control_sets, s.control_seed, unit.id)
             needs = generation_memory_of(load_config(model_spec)[0], model_spec.dtype,
@@ -304,112 +294,6 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         del model, saes
 
 
-def attribution(model, tokenizer, bench: Benchmark, items: list, saes: dict,
-                device: torch.device) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Per layer, each feature's activation x gradient of the reference solution's log-probability,
-    summed over the positions the ablation acts on (all but special tokens) and averaged over
-    items; and on how many positions each feature was active."""
-    scores = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.float64) for layer, sae in saes.items()}
-    active = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for layer, sae in saes.items()}
-    d_model = text_config(model.config).hidden_size
-    for start in range(0, len(items), 4):
-        ids, mask, solution, positions = teacher_forced(tokenizer, bench, items[start : start + 4], device)
-        outputs: dict[int, torch.Tensor] = {}
-        deltas: dict[int, torch.Tensor] = {}
-        with ExitStack() as stack:
-            for layer in saes:
-                deltas[layer] = torch.zeros(*ids.shape, d_model, device=device, dtype=model.dtype, requires_grad=True)
-                stack.enter_context(edit_block_output(model, layer, _recorder(outputs, deltas, layer)))
-            with torch.enable_grad():
-                logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                log_probs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-                (log_probs * solution[:, 1:]).sum().backward()
-        with torch.no_grad():
-            for layer, sae in saes.items():
-                features = sae.encode(outputs[layer].to(sae.dtype)) * positions[..., None]
-                gradient = cast("torch.Tensor", deltas[layer].grad).to(sae.dtype) @ sae.W_dec.T  # set by backward
-                scores[layer] += (features * gradient).sum((0, 1)).double().cpu()
-                active[layer] += (features != 0).flatten(0, 1).sum(0).cpu()
-    return ({layer: (values / len(items)).numpy() for layer, values in scores.items()},
-            {layer: values.numpy() for layer, values in active.items()})
-
-
-def _recorder(outputs: dict, deltas: dict, layer: int):
-    """An edit that keeps block `layer`'s output and adds the zero tensor whose gradient is the output's."""
-
-    def record(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        outputs[layer] = hidden.detach()
-        return hidden + deltas[layer]
-
-    return record
-
-
-def top_features(scores: dict[int, np.ndarray], k: int) -> np.ndarray:
-    """(k, 2) [layer, feature] of the k highest scores over all layers (ties: lower layer, lower id)."""
-    pairs = [(layer, feature) for layer in sorted(scores) for feature in range(len(scores[layer]))]
-    values = np.concatenate([scores[layer] for layer in sorted(scores)])
-    order = np.argsort(-values, kind="stable")[:k]
-    return np.asarray([pairs[i] for i in order], dtype=np.int64)
-
-
-def control_sets(active: dict[int, np.ndarray], top: np.ndarray, sets: int, seed: int,
-                 unit_id: str) -> dict[str, np.ndarray]:
-    """`sets` random sets of [layer, feature] matched to `top`: for each top feature, one of the
-    max(4, sets) other features of its layer whose activation count on the attribution items is
-    nearest its own (log scale; active ones first), no feature twice in a set; seeded by `seed`
-    and the unit. Named control_00, control_01, ..."""
-    rng = np.random.default_rng([seed, zlib.crc32(unit_id.encode())])
-    taken = {tuple(pair) for pair in top.tolist()}
-    pools = []
-    for layer, feature in top.tolist():
-        others = np.asarray([f for f in range(len(active[layer])) if (layer, f) not in taken])
-        distance = np.abs(np.log1p(active[layer][others]) - np.log1p(active[layer][feature]))
-        order = np.lexsort((distance, active[layer][others] == 0))  # active features first, then the nearest
-        pools.append([(layer, int(f)) for f in others[order][: max(4, sets, len(top))]])
-    drawn = {}
-    for index in range(sets):
-        chosen: list[tuple[int, int]] = []
-        for pool in pools:
-            free = [pair for pair in pool if pair not in chosen]
-            chosen.append(free[rng.integers(len(free))])
-        drawn[f"control_{index:02d}"] = np.asarray(sorted(chosen), dtype=np.int64)
-    return drawn
-
-
-@no_grad
-def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: dict,
-                        ablations: dict[str, np.ndarray], batch_size: int, device: torch.device,
-                        desc: str = "") -> dict[str, tuple[list[str], list[str | None], list[bool]]]:
-    """Greedy answers to every item unchanged ("baseline") and under each named ablation, all
-    conditions of a batch of items decoded together (row = item x condition)."""
-    conditions = ["baseline", *ablations]
-    results: dict[str, tuple[list, list, list]] = {c: ([], [], []) for c in conditions}  # texts, answers, correct
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
-        chosen = items[start : start + batch_size]
-        prompts = [bench.prompt(item) for item in chosen for _ in conditions]
-        encoded = left_padded(tokenizer, prompts, device)
-        special = torch.tensor([tokenizer.get_special_tokens_mask(row.tolist(), already_has_special_tokens=True)
-                                for row in encoded["input_ids"].cpu()], device=device).bool()
-        positions = encoded["attention_mask"].bool() & ~special
-        rows = BatchRows(len(prompts))
-        with ExitStack() as stack:
-            for layer, sae in saes.items():
-                chosen_features = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool, device=device)
-                for c, name in enumerate(conditions[1:], start=1):
-                    features = ablations[name][ablations[name][:, 0] == layer, 1]
-                    chosen_features[c :: len(conditions), torch.as_tensor(features, device=device)] = True
-                stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions),
-                                                      batch=rows))
-            texts = greedy(model, tokenizer, prompts, bench.spec.max_new_tokens, device,
-                           stop_strings=tuple(bench.spec.stop_strings), batch=rows)
-        for row, text in enumerate(texts):
-            condition, item = conditions[row % len(conditions)], chosen[row // len(conditions)]
-            answer, correct = bench.score(item, text)
-            for store, value in zip(results[condition], (text, answer, correct), strict=True):
-                store.append(value)
-    return results
-
-
 # ---------------------------------------------------------------- reduce: the aggregate report
 
 
@@ -433,8 +317,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                                                       **{n: group[f"{kind}/{n}"][()] for n in ("layer", "feature",
                                                                                                 "score")}}))
     items = pd.concat(outcomes, ignore_index=True)
-    summary = pd.concat([summarise(items, s, by=["model", "benchmark"]),
-                         summarise(items.assign(benchmark="all"), s, by=["model", "benchmark"])], ignore_index=True)
+    summary = pd.concat([summarise(items, ["model", "benchmark"], s.alpha, s.success_drop),
+                         summarise(items.assign(benchmark="all"), ["model", "benchmark"], s.alpha, s.success_drop)],
+                        ignore_index=True)
     summary = summary.merge(_sae_quality(s.saes), on="model", how="left")
     with h5py.File(out_dir / "merged.h5", "a") as out:
         for column in summary.columns:
@@ -443,42 +328,6 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
             cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest),
             pd.concat(features, ignore_index=True), items)
-
-
-def summarise(items: pd.DataFrame, s: Settings, by: list[str]) -> pd.DataFrame:
-    """Per group of items: accuracies, drops, the top set's drop among the control sets' (the null),
-    McNemar p-values and the seed's criterion. `control` and `control_drop` are the sets' means;
-    the McNemar test against the control pairs the ablated answers with the control set that cost
-    the most (the most conservative choice)."""
-    rows = []
-    for keys, group in items.groupby(by, sort=True):
-        controls = sorted(column for column in group if column.startswith("control_"))
-        base, ablated = group["baseline"].to_numpy(bool), group["ablated"].to_numpy(bool)
-        drop = base.mean() - ablated.mean()
-        drop_low, drop_high = paired_interval(base.astype(float) - ablated)
-        control_drops = np.asarray([base.mean() - group[c].mean() for c in controls])
-        strongest = group[controls[int(np.argmax(control_drops))]].to_numpy(bool)
-        p_vs_control = mcnemar(strongest, ablated)
-        null_p = (1 + int((control_drops >= drop).sum())) / (1 + len(controls))
-        rows.append({**dict(zip(by, keys, strict=True)), "items": len(group), "baseline": base.mean(),
-                     "ablated": ablated.mean(), "control": float(np.mean([group[c].mean() for c in controls])),
-                     "drop": drop, "drop_low": drop_low, "drop_high": drop_high, "control_drop": control_drops.mean(), "control_drop_max": control_drops.max(),
-                     "control_sets": len(controls), "null_p_drop": null_p, "p_ablated": mcnemar(base, ablated),
-                     "p_control": float(np.median([mcnemar(base, group[c].to_numpy(bool)) for c in controls])),
-                     "p_ablated_vs_control": p_vs_control,
-                     "criterion_met": bool(drop > s.success_drop and drop > control_drops.mean()),
-                     "beats_control_significantly": bool(null_p < s.alpha and p_vs_control < s.alpha)})
-    return pd.DataFrame(rows)
-
-
-def paired_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Student's t interval of the mean of paired differences (one per item, both conditions on the
-    same item); NaN with fewer than two items."""
-    differences = np.asarray(differences, float)
-    if len(differences) < 2:
-        return np.nan, np.nan
-    half = stats.t.ppf(0.5 + level / 2, len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
-    return float(differences.mean() - half), float(differences.mean() + half)
 
 
 def _sae_quality(training_run: Path) -> pd.DataFrame:

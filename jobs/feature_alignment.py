@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -39,25 +39,19 @@ from common.layers import capture_residuals
 from common.lazy import lazy_import, no_grad
 from common.manifest import Manifest, StrictModel, UpstreamRun
 from common.models import input_device, load_config, load_model, load_tokenizer, text_config
-from common.plan import Estimate, WorkUnit, assume
+from common.plan import Estimate, WorkUnit
 from common.report import Report
-from common.rundir import open_run
 from common.runtime import Work, model_size
-from common.saes import SaeSpec, load_sae
+from common.saes import load_sae
 from common.shards import LIBVER, ShardWriter
-from common.upstream import upstream_to_estimate
 from jobs._gambling import planted_direction
 from jobs._reasoning import (
     DEVICE_FIELD,
-    CaptureRun,
-    ModelEntry,
     benchmark_size,
-    read_capture_run,
-    read_upstream,
-    sae_path_template,
     teacher_forced,
 )
 from jobs._reasoning.anchors import ANCHOR_KINDS, AnchorKind, anchor_positions
+from jobs._reasoning.chain import Chain, importance, read_chain
 from jobs._reasoning.problems import load_benchmark
 
 if TYPE_CHECKING:
@@ -100,53 +94,8 @@ class Settings(StrictModel):
 # ---------------------------------------------------------------- the runs read
 
 
-@dataclass(frozen=True)
-class Chain:
-    """What alignment reads of the earlier steps: the ablation's settings, the SAEs' training run
-    and the capture run (estimated from manifests while planning a chain ahead of its runs)."""
-
-    ablation: Any  # jobs.feature_ablation.Settings
-    training: Path
-    capture: CaptureRun
-
-    @property
-    def models(self) -> list[ModelEntry]:
-        return self.capture.select(self.ablation.models, f"{FIELD}.ablation (its models)")
-
-    @property
-    def benchmarks(self) -> list:
-        """The capture's benchmarks (all of them, also those the ablation left out)."""
-        return self.capture.settings.benchmarks
-
-    def sae_spec(self, entry: ModelEntry) -> SaeSpec:
-        return SaeSpec(path=sae_path_template(self.training, entry.name))
-
-
-def read_chain(s: Settings) -> Chain:
-    field = f"{FIELD}.ablation"
-    ablation = _settings_of(s.ablation, "feature_ablation", field)
-    training = _settings_of(ablation.saes, "sae_training", f"{field} (its SAEs)")
-    return Chain(ablation, ablation.saes, read_capture_run(training.activations, f"{field} (its activations)"))
-
-
-def _settings_of(run: Path, job: str, field: str) -> Any:
-    """The settings of a finished run of `job`; while planning ahead of it, of its manifest."""
-    if (run / "merged.h5").is_file():
-        read_upstream(run, job, field)
-        return open_run(run).load_manifest().settings
-    missing = UserError(f"{field}: {run} has no merged.h5; run {job} first (saebatch submit <its manifest>) and "
-                        "wait for its reduce")
-    manifest, where = upstream_to_estimate(run, job, field, missing)
-    assume(f"{field}: run {run.name} does not exist yet; its settings taken from {where}")
-    return manifest.settings
-
-
-def importance(ablation: Path, model: str) -> dict[int, np.ndarray]:
-    """Per layer, each SAE feature's attribution to the correct answer, averaged over the benchmarks."""
-    with h5py.File(read_upstream(ablation, "feature_ablation", f"{FIELD}.ablation"), "r") as merged:
-        units = [unit for unit in merged["units"].values() if unit.attrs["model"] == model]
-        layers = sorted(int(name[1:]) for name in units[0]["attribution"])
-        return {layer: np.mean([unit[f"attribution/L{layer}"][()] for unit in units], axis=0) for layer in layers}
+def read(s: Settings) -> Chain:
+    return read_chain(s.ablation, f"{FIELD}.ablation")
 
 
 def compared_features(scores: dict[int, np.ndarray], per_layer: int) -> dict[int, np.ndarray]:
@@ -160,7 +109,7 @@ def compared_features(scores: dict[int, np.ndarray], per_layer: int) -> dict[int
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks that there are models to compare."""
     s = manifest.settings
-    chain = read_chain(s)
+    chain = read(s)
     models = chain.models
     if len(models) < 2:
         raise UserError(f"{FIELD}.ablation: the ablation ran one model ({models[0].name}); alignment compares two or "
@@ -171,7 +120,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
-    chain = read_chain(s)
+    chain = read(s)
     entries = {entry.name: entry for entry in chain.models}
     work, rows, memory = [], 0, 0
     for unit in units:
@@ -195,7 +144,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
-    chain = read_chain(s)
+    chain = read(s)
     pending = set(shard.pending())
     for entry in chain.models:
         todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
@@ -206,7 +155,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
         device = input_device(spec)
         d_model = text_config(model.config).hidden_size
         saes = {layer: load_sae(chain.sae_spec(entry), layer, d_model, device) for layer in entry.layers}
-        chosen = compared_features(importance(s.ablation, entry.name), s.features_per_layer)
+        chosen = compared_features(importance(s.ablation, entry.name, f"{FIELD}.ablation"), s.features_per_layer)
         for unit in todo:
             bench = load_benchmark(chain.benchmarks[unit.payload["benchmark"]], f"{FIELD}: its benchmark")
             keys, features = anchor_features(model, tokenizer, saes, chosen, bench, s, device)
@@ -298,7 +247,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             for column in table.columns:
                 values = table[column].to_numpy()
                 out.create_dataset(f"{name}/{column}", data=values.astype("S") if values.dtype == object else values)
-    planted = planted_columns(aligned, read_chain(s))
+    planted = planted_columns(aligned, read(s))
     _report(Report(out_dir / "report", "Reasoning features across models"), s, aligned, moments, matches, pairs,
             transfer, planted)
 
@@ -325,7 +274,7 @@ def align_rows(shard_paths: list[Path], s: Settings) -> Aligned:
     shared = [key for key in rows[models[0]] if all(key in rows[m] for m in models[1:])]
     blocks, columns, start = [], [], 0
     for model in models:
-        scores = importance(s.ablation, model)
+        scores = importance(s.ablation, model, f"{FIELD}.ablation")
         taken = [rows[model][key] for key in shared]
         for layer, parts in sorted(values[model].items()):
             ids = features[model][layer]

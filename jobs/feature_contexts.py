@@ -50,6 +50,7 @@ from common.top_activations import EMPTY, HISTOGRAM_EDGES, TopActivations, conte
 from common.window_encoder import WindowEncoder
 from jobs import _feature_cards as cards
 from jobs._feature_cards import FeatureId
+from jobs._reasoning.chain import tested_saes
 
 if TYPE_CHECKING:
     import torch
@@ -68,15 +69,17 @@ class Settings(StrictModel):
     """The `feature_contexts:` section of a manifest."""
 
     model: ModelSpec = Field(description="language model")
-    sae: SaeSpec = Field(description="one SAE per layer (those the features were found with)")
+    sae: SaeSpec | None = Field(None, description="one SAE per layer (those the features were found with); None: "
+                                "those a feature_ablation or circuit_discovery run in features_from tested")
     features: list[FeatureId] | None = Field(None, description="the features, as [layer, feature] pairs "
                                              "(or give features_from)")
     features_from: UpstreamRun | None = Field(
         None, description="a run whose features to show: feature_contrast (its selected features), "
-        "population_patching (those it patched), feature_ablation (those it ablated) or feature_correlation "
-        "(the ends of its strongest edges); its directory or manifest")
-    from_model: str | None = Field(None, description="feature_ablation runs: the model (its `models:` name) "
-                                   "whose features to show, when the run has several")
+        "population_patching (those it patched), feature_ablation (those it ablated), circuit_discovery (its "
+        "candidate primitives', else its causal clusters') or feature_correlation (the ends of its strongest "
+        "edges); its directory or manifest")
+    from_model: str | None = Field(None, description="feature_ablation and circuit_discovery runs: the model (its "
+                                   "`models:` name) whose features to show, when the run has several")
     max_features: int = Field(64, ge=1, description="at most this many features from features_from, the "
                               "strongest first")
     corpus: CorpusSpec = Field(description="the text, its windows and the token budget")
@@ -94,6 +97,9 @@ class Settings(StrictModel):
         if (self.features is None) == (self.features_from is None):
             raise ValueError("give exactly one of `features` (a list of [layer, feature]) and `features_from` "
                              "(an earlier run)")
+        if self.sae is None and self.features_from is None:
+            raise ValueError("`sae` is required with `features` (only a reasoning run in `features_from` names its "
+                             "SAEs)")
         if self.tokens_per_unit < self.corpus.window:
             raise ValueError(f"tokens_per_unit ({self.tokens_per_unit}) must be at least corpus.window "
                              f"({self.corpus.window}): a unit takes the windows that start in its range")
@@ -105,6 +111,14 @@ class Settings(StrictModel):
 
 
 # ---------------------------------------------------------------- the features
+
+
+def sae_of(s: Settings) -> SaeSpec:
+    """The SAEs: the manifest's, or those the reasoning run in features_from tested."""
+    if s.sae is not None:
+        return s.sae
+    assert s.features_from is not None  # _one_source
+    return tested_saes(s.features_from, s.from_model, f"{FIELD}.features_from")
 
 
 def chosen_features(s: Settings) -> list[FeatureId] | None:
@@ -152,7 +166,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     features = chosen_features(s)
     if features is not None:
         _check_features(features, {}, config.num_hidden_layers)  # the layers exist, before their SAEs are looked up
-        infos = check_saes(s.sae, sorted({f.layer for f in features}), config.hidden_size, f"{FIELD}.sae")
+        infos = check_saes(sae_of(s), sorted({f.layer for f in features}), config.hidden_size, f"{FIELD}.sae")
         _check_features(features, {layer: info.d_sae for layer, info in infos.items()}, config.num_hidden_layers)
     units = token_units(s.corpus, local_tokenizer(s.model), s.tokens_per_unit, f"{FIELD}.corpus")
     return [WorkUnit(LOGITS_UNIT, {}), *units]
@@ -164,7 +178,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     features = chosen_features(s)
     count = len(features) if features is not None else s.max_features
     layers = sorted({f.layer for f in features}) if features is not None else [config.num_hidden_layers - 1]
-    widths = [info.d_sae for info in check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae").values()]
+    widths = [info.d_sae for info in check_saes(sae_of(s), layers, config.hidden_size, f"{FIELD}.sae").values()]
     width = max(w or ASSUMED_WIDTH for w in widths)
     per_feature = s.top_k * (4 + 8 + s.width * 8) + (len(HISTOGRAM_EDGES) - 1) * 8 + 16
     token_units_here = [unit for unit in units if unit.id != LOGITS_UNIT]
@@ -204,14 +218,15 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     config = text_config(model.config)
     device = input_device(s.model)
     layers = sorted({f.layer for f in features})
-    saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in layers}
+    sae = sae_of(s)
+    saes = {layer: load_sae(sae, layer, config.hidden_size, device) for layer in layers}
     _check_features(features, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, config.num_hidden_layers)
     listed = json.dumps([[f.layer, f.feature] for f in features])
     if shard.get_attr("features", listed) != listed:
         raise UserError(f"shard {shard.shard_index} was started with other features than {FIELD} names now "
                         "(did the upstream run change?); start the run afresh (new run.dir)")
     shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, corpus=s.corpus.describe(), features=listed,
-                    sae_ids=json.dumps({layer: s.sae.describe(layer) for layer in layers}))
+                    sae_ids=json.dumps({layer: sae.describe(layer) for layer in layers}))
     pending = set(shard.pending())
     if LOGITS_UNIT in pending:
         with shard.unit(LOGITS_UNIT) as group:

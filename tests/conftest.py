@@ -99,7 +99,7 @@ def gambling_chain(tmp_path_factory) -> GamblingChain:
 @dataclass
 class ReasoningChain:
     """The demo's reasoning chain (capture -> training -> ablation), run in a copy of the demo folder;
-    `alignment` runs on first use, as only its tests need it."""
+    `alignment`, `circuits` and `contexts` run on first use, as only their tests need them."""
 
     folder: Path
     capture: RunDir
@@ -109,6 +109,16 @@ class ReasoningChain:
     @cached_property
     def alignment(self) -> RunDir:
         return _run_in(self.folder, "reasoning_4_alignment.yaml")
+
+    @cached_property
+    def circuits(self) -> RunDir:
+        assert self.alignment  # the circuits read its matches across the two organisms
+        return _run_in(self.folder, "reasoning_5_circuits.yaml")
+
+    @cached_property
+    def contexts(self) -> RunDir:
+        assert self.circuits  # the contexts are those of its primitives
+        return _run_in(self.folder, "reasoning_6_contexts.yaml")
 
 
 @pytest.fixture(scope="session")

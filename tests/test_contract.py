@@ -462,6 +462,19 @@ def ablation_run(training_run) -> Path:
     return ablation
 
 
+@pytest.fixture
+def alignment_run(ablation_run) -> Path:
+    """A stand-in of the alignment run: its manifest, plan and merged.h5."""
+    manifest = load_manifest(PAPER / "reasoning_alignment_5models.yaml")
+    alignment = RunDir.for_manifest(manifest).path
+    alignment.mkdir(parents=True)
+    (alignment / "manifest.yaml").write_text(manifest.to_yaml())
+    (alignment / "plan.json").write_text("{}")
+    with h5py.File(alignment / "merged.h5", "w") as merged:
+        merged.attrs["job"] = "feature_alignment"
+    return alignment
+
+
 @dataclass(frozen=True)
 class Paper:
     """A paper manifest: the stand-ins (fixtures) of the inputs it reads, what `saebatch plan` must
@@ -501,6 +514,8 @@ PAPER_MANIFESTS = {
     # a unit per model and benchmark
     "reasoning_alignment_5models.yaml": Paper(("ablation_run",), (
         "15 work units in 15 shard(s)",)),
+    "reasoning_circuits_5models.yaml": Paper(("alignment_run",), (
+        "15 work units in 15 shard(s)", "127 rows per evaluated item")),
     "reasoning_capture_5models.yaml": Paper(("math_file",), (
         "50 work units in 15 shard(s)",)),
     "reasoning_training_5models.yaml": Paper(("capture_run",), (

@@ -123,11 +123,14 @@ def test_gambling_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, caps
 
 
 def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):
-    """Capture, training, ablation: each submitted to Slurm, each reading the previous step's run."""
+    """Capture, training, ablation, alignment, circuits: each submitted to Slurm, each reading the
+    previous steps' runs."""
     for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
         (tmp_path / step.name).write_text(step.read_text())
     monkeypatch.chdir(tmp_path)
-    for step in ("reasoning_1_capture.yaml", "reasoning_2_training.yaml", "reasoning_3_ablation.yaml"):
+    steps = sorted(path.name for path in tmp_path.glob("reasoning_*.yaml"))
+    assert len(steps) == 5
+    for step in steps:
         assert main(["submit", step, "--wait"]) == 0, step
     training = RunDir.for_manifest(load_manifest(tmp_path / "reasoning_2_training.yaml"))
     assert (training.path / "saes" / "organism" / "L2" / "cfg.json").is_file()
@@ -135,6 +138,10 @@ def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, cap
     assert f"merged: {run.merged_path}" in capsys.readouterr().out
     report = (run.report_dir / "report.md").read_text()
     assert "**organism**: drop" in report and "criterion met" in report
+    circuits = RunDir.for_manifest(load_manifest(tmp_path / "reasoning_5_circuits.yaml"))
+    assert {"circuit_graph_organism.png", "circuit_graph_organism_b.png"} <= {p.name for p in circuits.report_dir.iterdir()}
+    with h5py.File(circuits.merged_path) as merged:
+        assert merged["clusters/causal"][()].any()
 
 
 def test_a_task_signalled_at_its_time_limit_is_requeued_and_finishes_its_shard(slurm_cluster, write_manifest):

@@ -17,7 +17,7 @@ from scipy import stats
 
 from common.edits import edit_block_output, zero_features
 from common.paired import mcnemar
-from jobs.feature_ablation import attribution, control_sets, top_features
+from jobs._reasoning.ablation import attribution, control_sets, top_features
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 
@@ -92,7 +92,7 @@ def test_attribution_equals_activation_times_gradient_computed_on_the_features(r
     sae = SAE.load_from_disk(reasoning_chain.training.path / "saes" / "organism" / "L1").requires_grad_(False)
     items = bench.items[:3]
     scores, active = attribution(model, tokenizer, bench, items, {1: sae}, torch.device("cpu"))
-    expected = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    expected = []
     leaves = {}
     for item in items:
         prompt = tokenizer(bench.prompt(item)).input_ids
@@ -108,8 +108,9 @@ def test_attribution_equals_activation_times_gradient_computed_on_the_features(r
         with torch.enable_grad(), edit_block_output(model, 1, through_features):
             log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
             log_probs.gather(1, ids[0, 1:, None])[-len(solution):].sum().backward()
-        expected += (leaves["f"] * leaves["f"].grad).sum((0, 1)).double().detach()
-    np.testing.assert_allclose(scores[1], (expected / len(items)).numpy(), rtol=1e-3, atol=1e-6)
+        expected.append((leaves["f"] * leaves["f"].grad).sum((0, 1)).double().detach().numpy())
+    assert scores[1].shape == (len(items), sae.cfg.d_sae)  # one row per item
+    np.testing.assert_allclose(scores[1], np.stack(expected), rtol=1e-3, atol=1e-6)
     assert (active[1] > 0).sum() > 16
 
 

@@ -1,0 +1,106 @@
+"""The reasoning chain as its later steps read it: through a feature_ablation run, the SAEs it
+tested (their sae_training run) and the capture run (models, layers, benchmarks); estimated from
+the manifests while a chain is planned ahead of its runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import h5py
+import numpy as np
+
+from common.errors import UserError
+from common.models import load_config, text_config
+from common.plan import assume
+from common.rundir import open_run
+from common.saes import SaeSpec, check_saes
+from common.upstream import upstream_manifest, upstream_to_estimate
+from jobs._reasoning import CaptureRun, ModelEntry, read_capture_run, read_upstream, sae_path_template
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The ablation's settings, the SAEs' training run and the capture run; `field` names the
+    manifest field that led here (in messages)."""
+
+    ablation: Any  # jobs.feature_ablation.Settings
+    training: Path
+    capture: CaptureRun
+    field: str
+
+    @property
+    def models(self) -> list[ModelEntry]:
+        return self.capture.select(self.ablation.models, f"{self.field} (its models)")
+
+    @property
+    def benchmarks(self) -> list:
+        """The capture's benchmarks (all of them, also those the ablation left out)."""
+        return self.capture.settings.benchmarks
+
+    def sae_spec(self, entry: ModelEntry) -> SaeSpec:
+        return SaeSpec(path=sae_path_template(self.training, entry.name))
+
+    def sae_widths(self, entry: ModelEntry) -> list[int]:
+        """Each layer's SAE width: of the trained SAEs (checked against the model), or, planning
+        ahead of the training run, its expansion factor x d_model."""
+        d_model = text_config(load_config(entry.model)[0]).hidden_size
+        if (self.training / "merged.h5").is_file():
+            infos = check_saes(self.sae_spec(entry), entry.layers, d_model, f"{self.field} (its SAEs)")
+            return [cast(int, info.d_sae) for info in infos.values()]  # sae_training's cfg.json records d_sae
+        training = settings_of(self.training, "sae_training", f"{self.field} (its SAEs)")
+        return [training.sae.expansion_factor * d_model] * len(entry.layers)
+
+
+def read_chain(ablation: Path, field: str) -> Chain:
+    """The chain behind the feature_ablation run (or manifest) `ablation`, read for `field`."""
+    settings = settings_of(ablation, "feature_ablation", field)
+    training = settings_of(settings.saes, "sae_training", f"{field} (its SAEs)")
+    return Chain(settings, settings.saes, read_capture_run(training.activations, f"{field} (its activations)"), field)
+
+
+def settings_of(run: Path, job: str, field: str) -> Any:
+    """The settings of a finished run of `job`; while planning ahead of it, of its manifest."""
+    if (run / "merged.h5").is_file():
+        read_upstream(run, job, field)
+        return open_run(run).load_manifest().settings
+    missing = UserError(f"{field}: {run} has no merged.h5; run {job} first (saebatch submit <its manifest>) and "
+                        "wait for its reduce")
+    manifest, where = upstream_to_estimate(run, job, field, missing)
+    assume(f"{field}: run {run.name} does not exist yet; its settings taken from {where}")
+    return manifest.settings
+
+
+def importance(ablation: Path, model: str, field: str) -> dict[int, np.ndarray]:
+    """Per layer, each SAE feature's attribution to the correct answer in the ablation run, averaged
+    over the benchmarks it ablated on."""
+    with h5py.File(read_upstream(ablation, "feature_ablation", field), "r") as merged:
+        units = [unit for unit in merged["units"].values() if unit.attrs["model"] == model]
+        layers = sorted(int(name[1:]) for name in units[0]["attribution"])
+        return {layer: np.mean([unit[f"attribution/L{layer}"][()] for unit in units], axis=0) for layer in layers}
+
+
+def tested_saes(run: Path, model: str | None, field: str) -> SaeSpec:
+    """The SAEs of `model` that a feature_ablation or circuit_discovery run (or its manifest, while
+    planning ahead of it) tested; `model` may be left out when the run studied one model."""
+    manifest, where = upstream_manifest(run, UserError(f"{field}: {run} is not a run directory and no manifest names "
+                                                       "it; name the run's manifest"))
+    if manifest.job == "feature_ablation":
+        chain = read_chain(run, field)
+    elif manifest.job == "circuit_discovery":
+        chain = read_chain(manifest.settings.ablation, field)
+    else:
+        raise UserError(f"{field}: {where} is a {manifest.job} run, whose SAEs are not known here; give `sae` "
+                        "(the SAEs its features come from)")
+    return chain.sae_spec(chain.capture.models[one_model([e.name for e in chain.models], model, field)])
+
+
+def one_model(models: list[str], model: str | None, field: str) -> str:
+    """`model`, checked to be one of `models`; or the only one of them."""
+    if model is None and len(models) > 1:
+        raise UserError(f"{field}: that run studied {models}; set from_model to one of them")
+    chosen = model or models[0]
+    if chosen not in models:
+        raise UserError(f"{field}: that run studied {models}, not {chosen!r}; set from_model to one of them")
+    return chosen
