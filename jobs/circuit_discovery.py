@@ -105,8 +105,8 @@ class Settings(StrictModel):
                            "|attribution| per item, over all its layers) that are clustered")
     attribution_items: int = Field(64, ge=3, description="first items of each benchmark: attribution and "
                                    "similarities (not evaluated)")
-    evaluated_items: int | None = Field(None, ge=1, description="items after those that answer under ablation "
-                                        "(None: all the rest)")
+    evaluated_items: int | None = Field(None, ge=1, description="items answered under ablation, taken after the "
+                                        "attribution items (None: all the rest)")
     coactivation_weight: float = Field(0.5, ge=0, le=1, description="similarity = w x co-activation r + (1 - w) x "
                                        "attribution r")
     cut: float = Field(0.7, gt=0, lt=2, description="the clustering tree is cut at this distance (1 - similarity): "
@@ -146,16 +146,28 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         if items <= s.attribution_items:
             raise UserError(f"{FIELD}.attribution_items: {spec.name} has {items} items; clustering takes the first "
                             f"{s.attribution_items} and leaves none to ablate. Lower attribution_items")
-    models = chain.capture.select(s.models or [entry.name for entry in chain.models], f"{FIELD}.models")
+    models = studied(s, chain)
     for entry in models:
         if s.important > sum(chain.sae_widths(entry)):
             raise UserError(f"{FIELD}.important: {s.important} is more than the {sum(chain.sae_widths(entry))} SAE "
                             f"features of {entry.name}; lower it")
+    names = [entry.name for entry in models]
     if s.contexts is not None and s.contexts_model is None and len(models) > 1:
         raise UserError(f"{FIELD}.contexts_model: {len(models)} models are studied; name the one whose features the "
                         "contexts run shows")
+    if s.contexts_model is not None and s.contexts_model not in names:
+        raise UserError(f"{FIELD}.contexts_model: {s.contexts_model!r} is not studied here; choose one of {names}")
     return [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
             for entry in models for index, spec in enumerate(chain.benchmarks)]
+
+
+def studied(s: Settings, chain: Chain) -> list[ModelEntry]:
+    """The models studied: `models`, each one the ablation tested, or all of those."""
+    tested = {entry.name: entry for entry in chain.models}
+    unknown = [name for name in s.models or [] if name not in tested]
+    if unknown:
+        raise UserError(f"{FIELD}.models: {unknown} were not tested by the ablation; choose among {list(tested)}")
+    return [tested[name] for name in s.models or tested]
 
 
 def _check_alignment(s: Settings) -> None:
@@ -208,7 +220,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     s = manifest.settings
     chain = read(s)
     pending = set(shard.pending())
-    for entry in chain.models:
+    for entry in studied(s, chain):
         todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
         if not todo:
             continue
@@ -276,9 +288,9 @@ def coactivation_r(model, tokenizer, bench, items: list, saes: dict, features: n
         with capture_residuals(model, sorted(saes), stop=True) as residuals:
             model(input_ids=ids, attention_mask=mask)
         taken = positions.bool()
-        columns = [saes[layer].encode(residuals[layer][taken].to(saes[layer].dtype))[:, feature]
-                   for layer, feature in features.tolist()]
-        sums.add(torch.stack(columns, dim=1).double().cpu())
+        codes = {layer: saes[layer].encode(residuals[layer][taken].to(saes[layer].dtype))
+                 for layer in sorted(set(features[:, 0].tolist()))}
+        sums.add(torch.stack([codes[layer][:, feature] for layer, feature in features.tolist()], dim=1).double().cpu())
     return sums.comoments().pearson()
 
 
@@ -386,8 +398,10 @@ def cluster_table(units: list[Unit], s: Settings) -> pd.DataFrame:
         tests.append(tested.assign(q=stats.false_discovery_control(tested["p_ablated_vs_control"].to_numpy())))
     keep = ["model", "benchmark", "cluster", "items", "baseline", "ablated", "drop", "drop_low", "drop_high",
             "control_drop", "control_drop_max", "null_p_drop", "p_ablated", "p_ablated_vs_control", "q"]
-    table = pd.DataFrame(rows).merge(pd.concat(tests, ignore_index=True)[keep] if tests else pd.DataFrame(columns=keep),
-                                     on=["model", "benchmark", "cluster"], how="left")
+    tested = (pd.concat(tests, ignore_index=True)[keep] if tests
+              else pd.DataFrame({c: pd.Series(dtype=float) for c in keep}).astype({"model": str, "benchmark": str,
+                                                                                 "cluster": np.int64}))
+    table = pd.DataFrame(rows).merge(tested, on=["model", "benchmark", "cluster"], how="left")
     table["tested"] = table["items"].notna()
     table["causal"] = (table["tested"] & (table["q"] < s.alpha) & (table["drop"] > s.min_drop)
                        & (table["drop"] > table["control_drop_max"]))
@@ -396,7 +410,9 @@ def cluster_table(units: list[Unit], s: Settings) -> pd.DataFrame:
 
 class AlignmentMatches:
     """Each feature's best match in another model, as a feature_alignment run measured it (Pearson
-    r at the anchor tokens, any layer of the other model): a match needs r above its threshold."""
+    r at the anchor tokens, any layer of the other model): a match needs r above the run's
+    threshold. (Its permutation p-values exist only for its `important` features, so they are not
+    asked for here; its report gives the null's share of features above the threshold.)"""
 
     def __init__(self, blocks: dict[tuple[str, int], np.ndarray], r: dict[tuple[str, int, str, int], np.ndarray],
                  threshold: float):
@@ -415,13 +431,17 @@ class AlignmentMatches:
                 r[(model_b, int(layer_b), model_a, int(layer_a))] = values[()].T
             return cls(blocks, r, float(merged.attrs["threshold"]))
 
+    def compared(self, model: str, layer: int, feature: int) -> bool:
+        """Whether the alignment compared this feature (its `features_per_layer` of the layer)."""
+        ids = self.blocks.get((model, layer))
+        return ids is not None and feature in ids
+
     def match(self, model: str, layer: int, feature: int, other: str) -> tuple[int, int] | None:
         """(layer, feature) of the best match in `other` when its r exceeds the threshold; None when
         there is none (or the alignment did not compare this feature)."""
-        ids = self.blocks.get((model, layer))
-        if ids is None or feature not in ids:
+        if not self.compared(model, layer, feature):
             return None
-        row = int(np.flatnonzero(ids == feature)[0])
+        row = int(np.flatnonzero(self.blocks[(model, layer)] == feature)[0])
         best, found = self.threshold, None
         for (mine, at, them, theirs), values in self.r.items():
             if (mine, at, them) == (model, layer, other) and np.nanmax(values[row], initial=-1) > best:
@@ -434,8 +454,8 @@ def replicate(table: pd.DataFrame, units: list[Unit], overlap: float,
               matches: AlignmentMatches | None) -> pd.DataFrame:
     """Each cluster's closest causal cluster of the same model on another benchmark (Jaccard of
     their features) and, with alignment matches, of each other model on the same benchmark (the
-    share of its features whose match lies there); a causal cluster that reaches `overlap` in
-    either is a candidate primitive."""
+    share of its features the alignment compared whose match lies there); a causal cluster that
+    reaches `overlap` in either is a candidate primitive."""
     by_key = {(u.model, u.benchmark): u for u in units}
     causal = [(row.model, row.benchmark, row.cluster) for row in table.itertuples() if row.causal]  # in table order
     across_benchmarks, across_models = [], []
@@ -449,10 +469,11 @@ def replicate(table: pd.DataFrame, units: list[Unit], overlap: float,
         across_benchmarks.append(best)
         best = ("", 0.0)
         for other in sorted({m for m, _ in by_key} - {row.model}) if matches is not None else ():
-            found = [matches.match(row.model, layer, feature, other) for layer, feature in sorted(mine)]  # type: ignore[union-attr]
+            compared = [f for f in sorted(mine) if matches.compared(row.model, *f)]  # type: ignore[union-attr]
+            found = [matches.match(row.model, layer, feature, other) for layer, feature in compared]  # type: ignore[union-attr]
             for (model, bench, number) in causal:
-                if model == other and bench == row.benchmark:
-                    share = sum(f in by_key[(model, bench)].members(number) for f in found if f) / len(mine)
+                if model == other and bench == row.benchmark and compared:
+                    share = sum(f in by_key[(model, bench)].members(number) for f in found if f) / len(compared)
                     best = max(best, (f"{other} C{number}", share), key=lambda b: b[1])
         across_models.append(best)
     table = table.assign(benchmark_replica=[b[0] for b in across_benchmarks],
@@ -516,7 +537,7 @@ def _ground_truth(report: Report, units: list[Unit], clusters: pd.DataFrame, cha
     """For an organism of the study: the cluster that holds its SAE's feature nearest the planted
     direction, on each benchmark, and what ablating it did."""
     lines = []
-    for entry in chain.models:
+    for entry in (e for e in chain.models if any(u.model == e.name for u in units)):
         planted = planted_feature(chain, entry)
         if planted is None:
             continue

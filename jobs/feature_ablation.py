@@ -83,12 +83,8 @@ from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
-    from scipy import stats
 else:
     pd = lazy_import("pandas")
-    torch = lazy_import("torch")
-    stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "feature_ablation"

@@ -50,7 +50,7 @@ from common.top_activations import EMPTY, HISTOGRAM_EDGES, TopActivations, conte
 from common.window_encoder import WindowEncoder
 from jobs import _feature_cards as cards
 from jobs._feature_cards import FeatureId
-from jobs._reasoning.chain import tested_saes
+from jobs._reasoning.chain import tested_model
 
 if TYPE_CHECKING:
     import torch
@@ -114,11 +114,16 @@ class Settings(StrictModel):
 
 
 def sae_of(s: Settings) -> SaeSpec:
-    """The SAEs: the manifest's, or those the reasoning run in features_from tested."""
+    """The SAEs: the manifest's, or those the reasoning run in features_from tested (for the
+    model it names, which must be this manifest's model)."""
     if s.sae is not None:
         return s.sae
     assert s.features_from is not None  # _one_source
-    return tested_saes(s.features_from, s.from_model, f"{FIELD}.features_from")
+    entry, spec = tested_model(s.features_from, s.from_model, f"{FIELD}.features_from")
+    if entry.model.name != s.model.name:
+        raise UserError(f"{FIELD}.model: {s.model.name} is not {entry.name} ({entry.model.name}), whose SAEs "
+                        f"{s.features_from.name} tested; set model to it, or from_model to the model you mean")
+    return spec
 
 
 def chosen_features(s: Settings) -> list[FeatureId] | None:
@@ -218,15 +223,15 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     config = text_config(model.config)
     device = input_device(s.model)
     layers = sorted({f.layer for f in features})
-    sae = sae_of(s)
-    saes = {layer: load_sae(sae, layer, config.hidden_size, device) for layer in layers}
+    spec = sae_of(s)
+    saes = {layer: load_sae(spec, layer, config.hidden_size, device) for layer in layers}
     _check_features(features, {layer: sae.cfg.d_sae for layer, sae in saes.items()}, config.num_hidden_layers)
     listed = json.dumps([[f.layer, f.feature] for f in features])
     if shard.get_attr("features", listed) != listed:
         raise UserError(f"shard {shard.shard_index} was started with other features than {FIELD} names now "
                         "(did the upstream run change?); start the run afresh (new run.dir)")
     shard.set_attrs(model=s.model.name, model_dtype=s.model.dtype, corpus=s.corpus.describe(), features=listed,
-                    sae_ids=json.dumps({layer: sae.describe(layer) for layer in layers}))
+                    sae_ids=json.dumps({layer: spec.describe(layer) for layer in layers}))
     pending = set(shard.pending())
     if LOGITS_UNIT in pending:
         with shard.unit(LOGITS_UNIT) as group:

@@ -92,7 +92,7 @@ def top_features(scores: dict[int, np.ndarray], k: int) -> np.ndarray:
 def control_sets(active: dict[int, np.ndarray], top: np.ndarray, sets: int, seed: int, unit_id: str,
                  excluded: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """`sets` random sets of [layer, feature] matched to `top`: for each top feature, one of the
-    max(4, sets) other features of its layer whose activation count on the attribution items is
+    max(4, sets, len(top)) other features of its layer whose activation count on the attribution items is
     nearest its own (log scale; active ones first), never one of `excluded` ([layer, feature]
     rows), no feature twice in a set; seeded by `seed` and the unit. Named control_00, control_01, ..."""
     rng = np.random.default_rng([seed, zlib.crc32(unit_id.encode())])
@@ -146,7 +146,6 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
             for store, value in zip(results[condition], (text, answer, correct), strict=True):
                 store.append(value)
     return results
-
 
 
 def summarise(items: pd.DataFrame, by: list[str], alpha: float, success_drop: float) -> pd.DataFrame:

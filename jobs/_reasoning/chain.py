@@ -81,19 +81,23 @@ def importance(ablation: Path, model: str, field: str) -> dict[int, np.ndarray]:
         return {layer: np.mean([unit[f"attribution/L{layer}"][()] for unit in units], axis=0) for layer in layers}
 
 
-def tested_saes(run: Path, model: str | None, field: str) -> SaeSpec:
-    """The SAEs of `model` that a feature_ablation or circuit_discovery run (or its manifest, while
-    planning ahead of it) tested; `model` may be left out when the run studied one model."""
+def tested_model(run: Path, model: str | None, field: str) -> tuple[ModelEntry, SaeSpec]:
+    """The model named `model` that a feature_ablation or circuit_discovery run (or its manifest,
+    while planning ahead of it) studied, and its SAEs; `model` may be left out when the run
+    studied one model."""
     manifest, where = upstream_manifest(run, UserError(f"{field}: {run} is not a run directory and no manifest names "
                                                        "it; name the run's manifest"))
     if manifest.job == "feature_ablation":
         chain = read_chain(run, field)
+        names = [entry.name for entry in chain.models]
     elif manifest.job == "circuit_discovery":
         chain = read_chain(manifest.settings.ablation, field)
+        names = manifest.settings.models or [entry.name for entry in chain.models]
     else:
         raise UserError(f"{field}: {where} is a {manifest.job} run, whose SAEs are not known here; give `sae` "
                         "(the SAEs its features come from)")
-    return chain.sae_spec(chain.capture.models[one_model([e.name for e in chain.models], model, field)])
+    entry = chain.capture.models[one_model(names, model, field)]
+    return entry, chain.sae_spec(entry)
 
 
 def one_model(models: list[str], model: str | None, field: str) -> str:

@@ -125,10 +125,14 @@ def test_a_cluster_is_causal_by_mcnemar_against_its_strongest_control_adjusted_o
 
 
 class _Matches:
-    """Alignment matches given as a table: (model, layer, feature, other) -> (layer, feature)."""
+    """Alignment matches given as a table: (model, layer, feature, other) -> (layer, feature); every
+    feature compared but those of `unseen`, (model, layer, feature)."""
 
-    def __init__(self, table):
-        self.table = table
+    def __init__(self, table, unseen=()):
+        self.table, self.unseen = table, set(unseen)
+
+    def compared(self, model, layer, feature):
+        return (model, layer, feature) not in self.unseen
 
     def match(self, model, layer, feature, other):
         return self.table.get((model, layer, feature, other))
@@ -140,18 +144,19 @@ def test_a_causal_cluster_that_replicates_across_benchmarks_or_models_is_a_primi
     drop = base & (rng.random(300) > 0.4)
     keep = [base.copy() for _ in range(3)]
     causal = lambda model, bench, number: _outcomes(model, bench, number, base, drop, keep)  # noqa: E731
-    units = [_unit("a", "x", {1: [(1, 0), (1, 1), (2, 2)], 2: [(1, 9)]}, pd.concat([causal("a", "x", 1),
+    units = [_unit("a", "x", {1: [(1, 0), (1, 1), (2, 2)], 2: [(1, 9), (2, 4)]}, pd.concat([causal("a", "x", 1),
                                                                                     causal("a", "x", 2)])),
              _unit("a", "y", {1: [(1, 0), (1, 1), (2, 5)]}, causal("a", "y", 1)),  # Jaccard 2/4 with a.x C1
              _unit("b", "x", {1: [(1, 7), (2, 8)], 2: [(1, 3)]}, causal("b", "x", 1))]  # b.x C2 never ablated
-    matches = _Matches({("a", 1, 9, "b"): (1, 7), ("a", 1, 0, "b"): (1, 3), ("a", 1, 1, "b"): (1, 3)})
+    matches = _Matches({("a", 1, 9, "b"): (1, 7), ("a", 1, 0, "b"): (1, 3), ("a", 1, 1, "b"): (1, 3)},
+                       unseen=[("a", 2, 4)])  # the alignment did not compare L2 F4: the share is of the others
     s = Settings(ablation="/nowhere/run")
     table = replicate(cluster_table(units, s), units, 0.5, matches).set_index(["model", "benchmark", "cluster"])
     assert table.loc[("a", "x", 1), "benchmark_replica"] == "y C1"
     assert table.loc[("a", "x", 1), "benchmark_overlap"] == pytest.approx(0.5)
     assert table.loc[("a", "x", 1), "model_overlap"] == 0  # its matches lie in b.x C2, which is not causal
     assert table.loc[("a", "x", 2), "model_replica"] == "b C1"  # L1 F9's match is in b.x C1
-    assert table.loc[("a", "x", 2), "model_overlap"] == 1.0
+    assert table.loc[("a", "x", 2), "model_overlap"] == 1.0  # 1 of the 1 compared
     assert table["primitive"].to_dict() == {("a", "x", 1): True, ("a", "x", 2): True, ("a", "y", 1): True,
                                             ("b", "x", 1): False, ("b", "x", 2): False}
     without = replicate(cluster_table(units, s), units, 0.6, None).set_index(["model", "benchmark", "cluster"])
@@ -272,6 +277,18 @@ def test_circuits_refuse_an_alignment_of_another_ablation_and_too_few_items(reas
     path = write_step(tmp_path, "reasoning_5_circuits.yaml", "circuit_discovery", {
         "ablation": str(reasoning_chain.ablation.path), "alignment": None, "contexts": str(tmp_path)})
     refused(capsys, path, "circuit_discovery.contexts_model: 2 models are studied")
+    path = write_step(tmp_path, "reasoning_5_circuits.yaml", "circuit_discovery", {
+        "ablation": str(reasoning_chain.ablation.path), "alignment": None, "models": ["organism", "nobody"]})
+    refused(capsys, path, "circuit_discovery.models: ['nobody'] were not tested by the ablation")
+
+
+def test_contexts_take_the_saes_of_the_model_a_circuit_run_studied(reasoning_chain, tmp_path, capsys):
+    path = write_step(tmp_path, "reasoning_6_contexts.yaml", "feature_contexts", {
+        "features_from": str(reasoning_chain.circuits.path), "model": {"id": "builtin:organism_b"}})
+    refused(capsys, path, "feature_contexts.model: builtin:organism_b is not organism (builtin:organism), whose SAEs")
+    path = write_step(tmp_path, "reasoning_6_contexts.yaml", "feature_contexts", {
+        "features_from": str(reasoning_chain.circuits.path), "from_model": None})
+    refused(capsys, path, "feature_contexts.features_from: that run studied ['organism', 'organism_b']; set from_model")
 
 
 def test_contexts_take_the_saes_of_a_reasoning_run_only(tmp_path, capsys):
