@@ -123,13 +123,13 @@ def test_gambling_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, caps
 
 
 def test_reasoning_chain_through_slurm(slurm_cluster, tmp_path, monkeypatch, capsys):
-    """Capture, training, ablation, alignment, circuits: each submitted to Slurm, each reading the
-    previous steps' runs."""
+    """Capture, training, ablation, alignment, circuits, the primitives' contexts: each submitted to
+    Slurm, each reading the previous steps' runs."""
     for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
         (tmp_path / step.name).write_text(step.read_text())
     monkeypatch.chdir(tmp_path)
     steps = sorted(path.name for path in tmp_path.glob("reasoning_*.yaml"))
-    assert len(steps) == 5
+    assert len(steps) == 6
     for step in steps:
         assert main(["submit", step, "--wait"]) == 0, step
     training = RunDir.for_manifest(load_manifest(tmp_path / "reasoning_2_training.yaml"))
