@@ -394,8 +394,8 @@ def cluster_table(units: list[Unit], s: Settings) -> pd.DataFrame:
                                                                             strict=True))})
     tests = []
     for unit in (u for u in units if len(u.outcomes)):
-        tested = summarise(unit.outcomes, ["model", "benchmark", "cluster"], s.alpha, s.min_drop)
-        tests.append(tested.assign(q=stats.false_discovery_control(tested["p_ablated_vs_control"].to_numpy())))
+        summary = summarise(unit.outcomes, ["model", "benchmark", "cluster"], s.alpha, s.min_drop)
+        tests.append(summary.assign(q=stats.false_discovery_control(summary["p_ablated_vs_control"].to_numpy())))
     keep = ["model", "benchmark", "cluster", "items", "baseline", "ablated", "drop", "drop_low", "drop_high",
             "control_drop", "control_drop_max", "null_p_drop", "p_ablated", "p_ablated_vs_control", "q"]
     tested = (pd.concat(tests, ignore_index=True)[keep] if tests
