@@ -428,17 +428,23 @@ def capture_run(math_file) -> RunDir:
     return capture
 
 
+def _standin_run(name: str) -> Path:
+    """A stand-in of the run of paper manifest `name`: its manifest, plan and a merged.h5 that says
+    which job wrote it."""
+    manifest = load_manifest(PAPER / name)
+    run = RunDir.for_manifest(manifest).path
+    run.mkdir(parents=True)
+    (run / "manifest.yaml").write_text(manifest.to_yaml())
+    (run / "plan.json").write_text("{}")
+    with h5py.File(run / "merged.h5", "w") as merged:
+        merged.attrs["job"] = manifest.job
+    return run
+
+
 @pytest.fixture
 def training_run(capture_run) -> Path:
-    """A stand-in of the training run: its manifest, plan and merged.h5, and each SAE's cfg.json
-    (8 x the model's width)."""
-    manifest = load_manifest(PAPER / "reasoning_training_5models.yaml")
-    training = RunDir.for_manifest(manifest).path
-    training.mkdir(parents=True)
-    (training / "manifest.yaml").write_text(manifest.to_yaml())
-    (training / "plan.json").write_text("{}")
-    with h5py.File(training / "merged.h5", "w") as merged:
-        merged.attrs["job"] = "sae_training"
+    """A stand-in of the training run, with each SAE's cfg.json (8 x the model's width)."""
+    training = _standin_run("reasoning_training_5models.yaml")
     for entry in capture_run.load_manifest().settings.models:
         for layer in entry.layers:
             folder = training / "saes" / entry.name / f"L{layer}"
@@ -451,28 +457,12 @@ def training_run(capture_run) -> Path:
 
 @pytest.fixture
 def ablation_run(training_run) -> Path:
-    """A stand-in of the ablation run: its manifest, plan and merged.h5."""
-    manifest = load_manifest(PAPER / "reasoning_ablation_5models.yaml")
-    ablation = RunDir.for_manifest(manifest).path
-    ablation.mkdir(parents=True)
-    (ablation / "manifest.yaml").write_text(manifest.to_yaml())
-    (ablation / "plan.json").write_text("{}")
-    with h5py.File(ablation / "merged.h5", "w") as merged:
-        merged.attrs["job"] = "feature_ablation"
-    return ablation
+    return _standin_run("reasoning_ablation_5models.yaml")
 
 
 @pytest.fixture
 def alignment_run(ablation_run) -> Path:
-    """A stand-in of the alignment run: its manifest, plan and merged.h5."""
-    manifest = load_manifest(PAPER / "reasoning_alignment_5models.yaml")
-    alignment = RunDir.for_manifest(manifest).path
-    alignment.mkdir(parents=True)
-    (alignment / "manifest.yaml").write_text(manifest.to_yaml())
-    (alignment / "plan.json").write_text("{}")
-    with h5py.File(alignment / "merged.h5", "w") as merged:
-        merged.attrs["job"] = "feature_alignment"
-    return alignment
+    return _standin_run("reasoning_alignment_5models.yaml")
 
 
 @dataclass(frozen=True)
