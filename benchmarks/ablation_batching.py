@@ -6,7 +6,7 @@ The same work both ways, on the built-in model organism and its shipped SAEs of 
 96 arithmetic problems, each answered greedily three ways (unchanged, the 10 features with the
 highest attribution zero-ablated, 10 random active features zero-ablated), at most 20 new tokens.
 
-- ours: `jobs.feature_ablation.ablate_and_generate`, 32 problems x 3 conditions per generate call;
+- ours: `jobs._reasoning.ablation.ablate_and_generate` (feature_ablation's path), 32 problems x 3 conditions per generate call;
 - one at a time, as the seed's scripts loop: one generate call per problem and condition, the
   condition's ablation hooked in.
 

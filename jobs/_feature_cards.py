@@ -294,6 +294,18 @@ def check_contexts(run: Path | None, field: str) -> None:
 
 CONTEXTS_HELP = ("a feature_contexts run (directory or manifest): each feature named in the report gets its first "
                  "contexts inline and a link to its card")
+CONTEXTS_MODEL_HELP = ("the model whose features the contexts run shows (needed when the report names the "
+                       "features of more than one model)")
+
+
+def check_contexts_model(run: Path | None, model: str | None, models: list[str], field: str) -> None:
+    """Check `contexts_model` (`field`) against the studied `models`: one of them when given, and
+    required when a contexts run is named and several models are studied."""
+    if model is not None and model not in models:
+        raise UserError(f"{field}: {model!r} is not studied here; choose one of {models}")
+    if run is not None and model is None and len(models) > 1:
+        raise UserError(f"{field}: {len(models)} models are studied ({', '.join(models)}); name the one whose "
+                        "features the contexts run shows")
 
 
 def _pairs(texts: np.ndarray, values: np.ndarray) -> list[tuple[str, float]]:

@@ -48,6 +48,7 @@ from jobs._reasoning import (
     check_models,
     encode_items,
     token_limit,
+    units_per_model,
 )
 from jobs._reasoning.problems import Benchmark, BenchmarkSpec, load_benchmark
 
@@ -135,12 +136,8 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
     shard.set_attrs(layer_convention=CONVENTION, text=s.text, dtype="float16")
-    pending = set(shard.pending())
     benchmarks: dict[int, Benchmark] = {}
-    for entry in s.models:
-        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
-        if not todo:
-            continue
+    for entry, todo in units_per_model(s.models, units, shard.pending()):
         model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
         for unit in tqdm(todo, desc=f"{entry.name} shard {shard.shard_index}", unit="unit"):
             index = unit.payload["benchmark"]

@@ -64,6 +64,7 @@ from jobs._reasoning import (
     check_prompt_lengths,
     read_upstream,
     teacher_forced,
+    units_per_model,
 )
 from jobs._reasoning.ablation import (
     ablate_and_generate,
@@ -124,8 +125,7 @@ class Settings(StrictModel):
                            "common (Jaccard; across models, the share of matches in one cluster)")
     device: str = DEVICE_FIELD
     contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
-    contexts_model: str | None = Field(None, description="the model whose features the contexts run shows (needed "
-                                       "when more than one model is studied)")
+    contexts_model: str | None = Field(None, description=cards.CONTEXTS_MODEL_HELP)
 
 
 def read(s: Settings) -> Chain:
@@ -151,12 +151,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
         if s.important > sum(chain.sae_widths(entry)):
             raise UserError(f"{FIELD}.important: {s.important} is more than the {sum(chain.sae_widths(entry))} SAE "
                             f"features of {entry.name}; lower it")
-    names = [entry.name for entry in models]
-    if s.contexts is not None and s.contexts_model is None and len(models) > 1:
-        raise UserError(f"{FIELD}.contexts_model: {len(models)} models are studied; name the one whose features the "
-                        "contexts run shows")
-    if s.contexts_model is not None and s.contexts_model not in names:
-        raise UserError(f"{FIELD}.contexts_model: {s.contexts_model!r} is not studied here; choose one of {names}")
+    cards.check_contexts_model(s.contexts, s.contexts_model, [entry.name for entry in models], f"{FIELD}.contexts_model")
     return [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
             for entry in models for index, spec in enumerate(chain.benchmarks)]
 
@@ -219,11 +214,7 @@ def _evaluated(items: int, s: Settings) -> int:
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
     chain = read(s)
-    pending = set(shard.pending())
-    for entry in studied(s, chain):
-        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
-        if not todo:
-            continue
+    for entry, todo in units_per_model(studied(s, chain), units, shard.pending()):
         spec = entry.placed(s.device)
         model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
         device = input_device(spec)

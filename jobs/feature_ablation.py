@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -52,23 +52,17 @@ from common.models import (
     local_tokenizer,
     text_config,
 )
-from common.plan import Estimate, WorkUnit, assume
+from common.plan import Estimate, WorkUnit
 from common.report import Report
-from common.rundir import open_run
 from common.runtime import Work, model_size
-from common.saes import SaeSpec, check_saes, load_sae
+from common.saes import load_sae
 from common.shards import LIBVER, ShardWriter
-from common.upstream import upstream_to_estimate
 from jobs import _feature_cards as cards
 from jobs._reasoning import (
     DEVICE_FIELD,
-    CaptureRun,
-    ModelEntry,
     benchmark_size,
     check_prompt_lengths,
-    read_capture_run,
-    read_upstream,
-    sae_path_template,
+    units_per_model,
 )
 from jobs._reasoning.ablation import (
     ablate_and_generate,
@@ -79,6 +73,7 @@ from jobs._reasoning.ablation import (
     summarise,
     top_features,
 )
+from jobs._reasoning.chain import read_trained
 from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 
 if TYPE_CHECKING:
@@ -111,8 +106,7 @@ class Settings(StrictModel):
                                 "(and above the control's)")
     device: str = DEVICE_FIELD
     contexts: UpstreamRun | None = Field(None, description=cards.CONTEXTS_HELP)
-    contexts_model: str | None = Field(None, description="the model (of `models`) whose features the contexts run "
-                                       "shows; needed when more than one model is tested")
+    contexts_model: str | None = Field(None, description=cards.CONTEXTS_MODEL_HELP)
 
 
 # ---------------------------------------------------------------- plan
@@ -121,7 +115,8 @@ class Settings(StrictModel):
 def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, benchmark); checks the SAEs against the models, k, and the item counts."""
     s = manifest.settings
-    capture, expansion, trained = _upstream(s)
+    trained = read_trained(s.saes, f"{FIELD}.saes")
+    capture = trained.capture
     cards.check_contexts(s.contexts, f"{FIELD}.contexts")
     benchmarks = s.benchmarks or capture.settings.benchmarks
     for index, spec in enumerate(benchmarks):
@@ -131,8 +126,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
                             f"first {s.attribution_items} and leaves none to evaluate. Lower attribution_items or "
                             "raise the benchmark's n")
     units = []
-    for entry in capture.select(s.models or trained, f"{FIELD}.models"):
-        widths = _widths(s, entry, expansion)
+    for entry in capture.select(s.models or trained.models, f"{FIELD}.models"):
+        widths = trained.sae_widths(entry)
         if s.k > sum(widths):
             raise UserError(f"{FIELD}.k: {s.k} is larger than the SAE width of {entry.name} ({sum(widths)} features "
                             f"over layers {entry.layers}); lower k")
@@ -145,63 +140,15 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
                                          f"{FIELD}.benchmarks[{index}]")
         units += [WorkUnit(f"{entry.name}.{spec.name}", {"model": entry.name, "benchmark": index})
                   for index, spec in enumerate(benchmarks)]
-    _check_contexts_model(s, list(dict.fromkeys(unit.payload["model"] for unit in units)))
+    tested = list(dict.fromkeys(unit.payload["model"] for unit in units))
+    cards.check_contexts_model(s.contexts, s.contexts_model, tested, f"{FIELD}.contexts_model")
     return units
-
-
-def _check_contexts_model(s: Settings, models: list[str]) -> None:
-    if s.contexts is None:
-        return
-    if s.contexts_model is None and len(models) > 1:
-        raise UserError(f"{FIELD}.contexts_model: {len(models)} models are tested ({', '.join(models)}); name the one "
-                        "whose features the contexts run shows")
-    if s.contexts_model is not None and s.contexts_model not in models:
-        raise UserError(f"{FIELD}.contexts_model: {s.contexts_model!r} is not tested here; choose one of {models}")
-
-
-def _capture(s: Settings) -> CaptureRun:
-    return _upstream(s)[0]
-
-
-def _upstream(s: Settings) -> tuple[CaptureRun, int | None, list[str] | None]:
-    """The capture run (read through the training run) and, while the training run does not exist
-    yet (planning only), the SAEs' expansion factor and the models it trains (None: every one)."""
-    if (s.saes / "merged.h5").is_file():
-        read_upstream(s.saes, "sae_training", f"{FIELD}.saes")
-        training = open_run(s.saes).load_manifest().settings
-        return read_capture_run(training.activations, f"{FIELD}.saes (its activations)"), None, None
-    missing = UserError(f"{FIELD}.saes: {s.saes} has no merged.h5; run sae_training first (saebatch submit "
-                        "<its manifest>) and wait for its reduce")
-    manifest, where = upstream_to_estimate(s.saes, "sae_training", f"{FIELD}.saes", missing)
-    training = manifest.settings
-    assume(f"{FIELD}.saes: run {s.saes.name} does not exist yet; taken from {where}: an SAE of "
-           f"{training.sae.expansion_factor} x d_model features at each captured layer")
-    capture = read_capture_run(training.activations, f"{FIELD}.saes (its activations)")
-    return capture, training.sae.expansion_factor, training.models
-
-
-def _sae_spec(s: Settings, entry: ModelEntry) -> SaeSpec:
-    return SaeSpec(path=sae_path_template(s.saes, entry.name))
-
-
-def _check_saes(s: Settings, entry: ModelEntry) -> list[int]:
-    """Each layer's SAE width, after checking its d_in and hook against the model."""
-    d_model = text_config(load_config(entry.model)[0]).hidden_size
-    infos = check_saes(_sae_spec(s, entry), entry.layers, d_model, f"{FIELD}.saes")
-    return [cast(int, info.d_sae) for info in infos.values()]  # sae_training's cfg.json records d_sae
-
-
-def _widths(s: Settings, entry: ModelEntry, expansion: int | None) -> list[int]:
-    """Each layer's SAE width: checked in the training run, or, before that run exists, the
-    training's `expansion` x d_model."""
-    if expansion is None:
-        return _check_saes(s, entry)
-    return [expansion * text_config(load_config(entry.model)[0]).hidden_size] * len(entry.layers)
 
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
-    capture, expansion, _ = _upstream(s)
+    trained = read_trained(s.saes, f"{FIELD}.saes")
+    capture = trained.capture
     benchmarks = s.benchmarks or capture.settings.benchmarks
     rows = 2 + s.control_sets  # per item: unchanged, top k ablated, each control set ablated
     out = memory = 0
@@ -209,12 +156,12 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     for name in dict.fromkeys(unit.payload["model"] for unit in units):  # a shard loads each model once
         entry = capture.models[name]
         d_model = text_config(load_config(entry.model)[0]).hidden_size
-        sae_bytes = sum(2 * d_model * width * 4 for width in _widths(s, entry, expansion))
+        sae_bytes = sum(2 * d_model * width * 4 for width in trained.sae_widths(entry))
         work.append(Work("load", model_size(entry.model).weight_bytes + sae_bytes, label=f"{name} and its SAEs"))
     for unit in units:
         entry, spec = capture.models[unit.payload["model"]], benchmarks[unit.payload["benchmark"]]
         full_config = load_config(entry.model)[0]
-        widths = _widths(s, entry, expansion)
+        widths = trained.sae_widths(entry)
         size = benchmark_size(spec, f"{FIELD}.benchmarks[{unit.payload['benchmark']}]")
         out += size.items * rows * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
         needs = generation_memory_of(full_config, entry.model.dtype, widths, PROMPT_TOKENS, spec.max_new_tokens)
@@ -243,19 +190,17 @@ def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batc
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
-    capture = _capture(s)
+    trained = read_trained(s.saes, f"{FIELD}.saes")
+    capture = trained.capture
     benchmarks = s.benchmarks or capture.settings.benchmarks
     shard.set_attrs(saes=str(s.saes), k=s.k, attribution_items=s.attribution_items)
-    pending = set(shard.pending())
-    for entry in capture.select(s.models, f"{FIELD}.models"):
-        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
-        if not todo:
-            continue
+    models = capture.select(s.models or trained.models, f"{FIELD}.models")
+    for entry, todo in units_per_model(models, units, shard.pending()):
         model_spec = entry.placed(s.device)
         model, tokenizer = load_model(model_spec, attn_implementation=None), load_tokenizer(model_spec)
         device = input_device(model_spec)
         d_model = text_config(model.config).hidden_size
-        saes = {layer: load_sae(_sae_spec(s, entry), layer, d_model, device) for layer in entry.layers}
+        saes = {layer: load_sae(trained.sae_spec(entry), layer, d_model, device) for layer in entry.layers}
         for unit in todo:
             spec = benchmarks[unit.payload["benchmark"]]
             bench = load_benchmark(spec, f"{FIELD}.benchmarks")

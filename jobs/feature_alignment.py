@@ -49,6 +49,7 @@ from jobs._reasoning import (
     DEVICE_FIELD,
     benchmark_size,
     teacher_forced,
+    units_per_model,
 )
 from jobs._reasoning.anchors import ANCHOR_KINDS, AnchorKind, anchor_positions
 from jobs._reasoning.chain import Chain, importance, read_chain
@@ -145,11 +146,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
     chain = read(s)
-    pending = set(shard.pending())
-    for entry in chain.models:
-        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
-        if not todo:
-            continue
+    for entry, todo in units_per_model(chain.models, units, shard.pending()):
         spec = entry.placed(s.device)
         model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
         device = input_device(spec)

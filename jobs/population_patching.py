@@ -2,15 +2,16 @@
 
     saebatch submit manifests/demo/gambling_4_patching.yaml --executor local
 
-For each feature of the table (a work unit): the feature is set to its safe mean and to its
-bankrupt mean at the last prompt token (optionally at every generated token too), keeping the
-SAE's error term, and the model answers each fixed prompt `trials` times, sampling at the
-manifest's temperature. The unpatched answers ("none") are generated once per prompt, in their
-own unit, and shared by every feature. Rows of many features and layers share one generate call,
-each with its own edit; a call's rows share their prompt, whose cache is computed once. Trial t of a prompt draws the same sampling noise in every condition
-(common random numbers), so conditions differ by the edit alone. Shards hold the raw answers;
-reduce parses them (jobs._gambling, versioned), so a newer parser needs no GPU, and tests each
-feature: Spearman between the condition order (safe, none, bankrupt) and the outcome over all
+For each feature of the table (a work unit): the feature is set to its safe mean and to its bankrupt
+mean at the last prompt token (optionally at every generated token too), keeping the SAE's error
+term, and the model answers each fixed prompt `trials` times, sampling at the manifest's
+temperature. The unpatched answers ("none") are generated once per prompt, in their own unit, and
+shared by every feature. Rows of many features and layers share one generate call, each with its own
+edit; a call's rows share their prompt, whose cache is computed once. Trial t of a prompt draws the
+same sampling noise in every condition (common random numbers), so conditions differ by the edit
+alone. Shards hold the raw answers; reduce parses them (jobs._gambling_parser, versioned), so a
+newer parser needs no GPU, and tests each feature (jobs/_patching_results.py, which also writes the
+report): Spearman between the condition order (safe, none, bankrupt) and the outcome over all
 trials; on the trials paired by their shared noise, Wilcoxon's signed-rank test for bets and
 McNemar's exact test for stopping (unpaired Mann-Whitney and Fisher kept as columns), with
 Bonferroni and Benjamini-Hochberg across features.
@@ -55,7 +56,6 @@ from common.models import (
     parameter_bytes,
     text_config,
 )
-from common.paired import mcnemar, signed_rank
 from common.plan import Estimate, WorkUnit, assume, only_estimating
 from common.report import Report
 from common.runtime import CHARS_PER_TOKEN, Work, model_size
@@ -67,26 +67,30 @@ from jobs import _gambling as task
 from jobs import _gambling_parser as parser
 from jobs import _slot_machine as slot_machine
 from jobs._games_run import games_of
+from jobs._patching_results import (
+    BASELINE,
+    EXACT_COLUMNS,
+    UNIT_ATTRS,
+    Effects,
+    classify_exact,
+    exact_effects,
+    feature_effects,
+    null_p_values,
+    write_report,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-    from scipy import stats
 else:
     pd = lazy_import("pandas")
     torch = lazy_import("torch")
-    stats = lazy_import("scipy.stats")
 
 log = logging.getLogger(__name__)
 FIELD = "population_patching"
 NEEDED_COLUMNS = ("layer", "feature", "mean_safe", "mean_bankrupt")
 FREQUENCY_COLUMNS = ("active_bankrupt", "active_safe")  # shares of games in which a feature is active
-UNIT_ATTRS = ("layer", "feature", "control", "mean_safe", "mean_bankrupt")  # what a unit's shard group records
 EXACT_BETS = ("bet_given_bet", "bet_mass", "bet_expected")  # the expected bet; variable bets: over `bet_amounts`
-EXACT_COLUMNS = ("p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt", "stop_shift_exact", "coverage_min",
-                 "bet_exact_safe", "bet_exact_none", "bet_exact_bankrupt", "bet_shift_exact", "bet_mass_min")
-CONDITIONS = ("safe", "none", "bankrupt")  # the order Spearman's test runs along
-BASELINE = "baseline"  # the unit of unpatched answers
 BET_ANSWER_TOKENS = 8  # assumed: "1) Bet $100" and the token after it, teacher-forced per candidate bet
 
 
@@ -121,15 +125,6 @@ PROMPTS = [
     PatchPrompt(name="safe", bet_type="fixed",
                 text=_published_prompt(140, [(10, True, 130), (10, False, 120), (10, True, 140)], "fixed")),
 ]
-
-
-class Effects(StrictModel):
-    """When a feature counts as causal (the seed's thresholds, after a correction over features)."""
-
-    bet_effect: float = Field(8.0, ge=0, description="dollars the bankrupt-mean patch must add to the average bet")
-    stop_effect: float = Field(0.15, ge=0, description="stop rate the safe-mean patch must add")
-    alpha: float = Field(0.05, gt=0, lt=1, description="corrected p-value below which an effect is significant")
-    correction: Literal["bonferroni", "bh"] = Field("bonferroni", description="over the features tested")
 
 
 class Settings(StrictModel):
@@ -595,7 +590,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
         trials, results = None, classify_exact(exact_effects(exact), s.effects)
     else:
         trials = parsed_trials(shard_paths, s)
-        results = feature_effects(trials, s)
+        results = feature_effects(trials, s.effects)
         if exact is not None:
             shifts = exact_effects(exact)
             results = results.merge(shifts[["unit", "prompt", *EXACT_COLUMNS]], on=["unit", "prompt"], how="left")
@@ -618,11 +613,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     if s.retest is not None:
         report.text(f"The seed's follow-up: a re-test of the causal features of `{s.retest}` (at most {s.retest_top}, the "
                     f"largest effects first), {s.trials} trials per prompt and condition.")
-    book = cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest)
-    if trials is None:
-        _report_exact(report, results, s, book)
-    else:
-        _report(report, trials, results, s, book)
+    write_report(report, trials, results, s, cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest))
 
 
 def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
@@ -665,368 +656,3 @@ def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def exact_effects(exact: pd.DataFrame) -> pd.DataFrame:
-    """Per feature and prompt: P(stop) and the expected bet under each condition (the unpatched
-    ones shared), the exact stop shift (safe-mean minus bankrupt-mean patch, as `stop_effect`), the
-    exact bet shift (bankrupt-mean minus safe-mean, as `bet_effect`) and the lowest coverages."""
-    baseline = exact[exact["unit"] == BASELINE].set_index("prompt")
-    rows = []
-    for (unit, prompt), part in exact[exact["unit"] != BASELINE].groupby(["unit", "prompt"], sort=False):
-        p_stop, bet = part.set_index("condition")["p_stop"], part.set_index("condition")["bet_expected"]
-        rows.append({"unit": unit, "prompt": prompt, **part.iloc[0][list(UNIT_ATTRS)].to_dict(),
-                     "p_stop_exact_safe": p_stop["safe"],
-                     "p_stop_exact_none": baseline.loc[prompt, "p_stop"], "p_stop_exact_bankrupt": p_stop["bankrupt"],
-                     "stop_shift_exact": p_stop["safe"] - p_stop["bankrupt"],
-                     "coverage_min": min(part["coverage"].min(), baseline.loc[prompt, "coverage"]),
-                     "bet_exact_safe": bet["safe"], "bet_exact_none": baseline.loc[prompt, "bet_expected"],
-                     "bet_exact_bankrupt": bet["bankrupt"], "bet_shift_exact": bet["bankrupt"] - bet["safe"],
-                     "bet_mass_min": min(part["bet_mass"].min(), baseline.loc[prompt, "bet_mass"])})
-    return pd.DataFrame(rows)
-
-
-def classify_exact(shifts: pd.DataFrame, effects: Effects) -> pd.DataFrame:
-    """Without sampling there is no noise to test against: a chosen feature is causal when its exact
-    P(stop) shift exceeds `effects.stop_effect` or its exact bet shift `effects.bet_effect` (the
-    null controls say how unusual that is)."""
-    causal = ~shifts["control"].astype(bool) & ((shifts["stop_shift_exact"] > effects.stop_effect)
-                                                | (shifts["bet_shift_exact"] > effects.bet_effect))
-    kind = np.where(shifts["mean_safe"] > shifts["mean_bankrupt"], "safe", "risky")
-    return shifts.assign(control=shifts["control"].astype(bool), causal=causal,
-                         effect_class=np.where(shifts["control"].astype(bool), "control", np.where(causal, kind, "none")))
-
-
-def feature_effects(trials: pd.DataFrame, s: Settings) -> pd.DataFrame:
-    """Per feature and prompt: rates and averages per condition, the tests, effects, the class."""
-    baseline = trials[trials["unit"] == BASELINE]
-    rows = []
-    for (unit, prompt), part in trials[trials["unit"] != BASELINE].groupby(["unit", "prompt_name"], sort=False):
-        shared = baseline[baseline["prompt_name"] == prompt]
-        first = part.iloc[0]
-        row = {"unit": unit, "layer": int(first["layer"]), "feature": int(first["feature"]), "prompt": prompt,
-               "control": bool(first["control"]), "mean_safe": first["mean_safe"], "mean_bankrupt": first["mean_bankrupt"]}
-        by_condition = {"none": shared, "safe": part[part["condition"] == "safe"],
-                        "bankrupt": part[part["condition"] == "bankrupt"]}
-        for condition, answers in by_condition.items():
-            valid = answers[answers["action"] != "invalid"]
-            row |= {f"n_{condition}": len(answers), f"invalid_{condition}": float((answers["action"] == "invalid").mean()),
-                    f"stop_rate_{condition}": float((valid["action"] == "stop").mean()) if len(valid) else np.nan,
-                    f"avg_bet_{condition}": float(valid["bet"].mean()) if len(valid) else np.nan}
-            row[f"bankruptcy_risk_{condition}"] = 1 - row[f"stop_rate_{condition}"]  # the seed's measure: going on
-        row |= _tests(by_condition)
-        rows.append(row)
-    return _classify(pd.DataFrame(rows), s.effects)
-
-
-def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
-    valid = {c: frame[frame["action"] != "invalid"] for c, frame in by_condition.items()}
-    order = np.concatenate([np.full(len(valid[c]), i) for i, c in enumerate(CONDITIONS)])
-    outcome = np.concatenate([valid[c]["bet"].to_numpy() for c in CONDITIONS])
-    safe, bankrupt = valid["safe"], valid["bankrupt"]
-    with np.errstate(invalid="ignore"):
-        rho, p_spearman = stats.spearmanr(order, outcome) if _varies(outcome) else (np.nan, np.nan)
-    if len(safe) and len(bankrupt) and _varies(np.r_[safe["bet"], bankrupt["bet"]]):
-        p_bets = stats.mannwhitneyu(bankrupt["bet"], safe["bet"], alternative="two-sided").pvalue
-    else:
-        p_bets = np.nan
-    stops = [[int((safe["action"] == "stop").sum()), int((safe["action"] == "bet").sum())],
-             [int((bankrupt["action"] == "stop").sum()), int((bankrupt["action"] == "bet").sum())]]
-    p_stops = stats.fisher_exact(stops)[1] if len(safe) and len(bankrupt) else np.nan
-    # Trial t draws the same noise under both patches: pair them (both answers readable).
-    pairs = safe[["trial", "action", "bet"]].merge(bankrupt[["trial", "action", "bet"]], on="trial",
-                                                    suffixes=("_safe", "_bankrupt"))
-    p_stops_paired = mcnemar(pairs["action_safe"] == "stop", pairs["action_bankrupt"] == "stop") if len(pairs) else np.nan
-    p_bets_paired = signed_rank(pairs["bet_bankrupt"] - pairs["bet_safe"]) if len(pairs) else np.nan
-    bet_effect = bankrupt["bet"].mean() - safe["bet"].mean()
-    stop_safe, stop_bankrupt = (safe["action"] == "stop").mean(), (bankrupt["action"] == "stop").mean()
-    stop_se = np.sqrt(stop_safe * (1 - stop_safe) / max(len(safe), 1) + stop_bankrupt * (1 - stop_bankrupt) / max(len(bankrupt), 1))
-    varied = min(len(safe), len(bankrupt)) >= 2 and safe["bet"].var() > 0 and bankrupt["bet"].var() > 0
-    bet_ci = (stats.ttest_ind(bankrupt["bet"], safe["bet"], equal_var=False).confidence_interval()
-              if varied else (np.nan, np.nan))  # Welch's interval; none for a constant group
-    return {"spearman_rho": rho, "p_spearman": p_spearman, "paired_trials": len(pairs), "p_bets": p_bets_paired,
-            "p_stops": p_stops_paired, "p_bets_unpaired": p_bets, "p_stops_unpaired": p_stops,
-            "bet_effect": bet_effect, "bet_effect_low": bet_ci[0], "bet_effect_high": bet_ci[1],
-            "stop_effect": stop_safe - stop_bankrupt, "stop_effect_low": stop_safe - stop_bankrupt - 1.96 * stop_se,
-            "stop_effect_high": stop_safe - stop_bankrupt + 1.96 * stop_se}
-
-
-def _varies(values: np.ndarray) -> bool:
-    """Whether a rank test can say anything: at least two values, not all equal (none when every
-    answer of a condition was unreadable)."""
-    return len(values) > 1 and np.ptp(values) > 0
-
-
-def _classify(results: pd.DataFrame, effects: Effects) -> pd.DataFrame:
-    """Corrected p-values per prompt over the features; then a causal feature is "safe" when its
-    safe mean is the higher (raising it makes the model stop), else "risky"."""
-    parts = []
-    for _, part in results.groupby("prompt", sort=False):
-        part = part.copy()
-        for test in ("p_bets", "p_stops", "p_spearman", "p_bets_unpaired", "p_stops_unpaired"):
-            p = part[test].to_numpy()
-            tested = ~np.isnan(p) & ~part["control"].to_numpy(bool)  # controls are the null, not candidates
-            corrected = np.full(len(p), np.nan)
-            if tested.any():
-                corrected[tested] = (np.minimum(p[tested] * tested.sum(), 1.0) if effects.correction == "bonferroni"
-                                     else stats.false_discovery_control(p[tested], method="bh"))
-            part[f"{test}_corrected"] = corrected
-        with np.errstate(invalid="ignore"):
-            causal = ((part["bet_effect"] > effects.bet_effect) & (part["p_bets_corrected"] < effects.alpha)) | (
-                (part["stop_effect"] > effects.stop_effect) & (part["p_stops_corrected"] < effects.alpha))
-        kind = np.where(part["mean_safe"] > part["mean_bankrupt"], "safe", "risky")
-        parts.append(part.assign(causal=causal, effect_class=np.where(part["control"], "control",
-                                                                      np.where(causal, kind, "none"))))
-    return pd.concat(parts, ignore_index=True)
-
-
-def null_p_values(results: pd.DataFrame) -> pd.DataFrame:
-    """Where each chosen feature's effect falls among its layer's controls on the same prompt:
-    (1 + controls at least as large in |effect|) / (1 + controls), per effect, over the controls whose
-    effect is computable; NaN without any."""
-    effects = [c for c in ("stop_effect", "bet_effect", "stop_shift_exact", "bet_shift_exact") if c in results]
-    columns = {f"null_p_{effect}": np.full(len(results), np.nan) for effect in effects}
-    counts = np.zeros(len(results), dtype=int)
-    for i, row in enumerate(results.itertuples(index=False)):
-        null = results[results["control"] & (results["layer"] == row.layer) & (results["prompt"] == row.prompt)]
-        counts[i] = 0 if row.control else len(null)
-        if row.control:
-            continue
-        for effect in effects:
-            value, computable = abs(getattr(row, effect)), null[effect].dropna().abs()  # unreadable controls say nothing
-            if not np.isnan(value) and len(computable):
-                columns[f"null_p_{effect}"][i] = (1 + int((computable >= value).sum())) / (1 + len(computable))
-    return results.assign(controls_in_layer=counts, **columns)
-
-
-# ---------------------------------------------------------------- report
-
-
-def _report(report: Report, trials: pd.DataFrame, results: pd.DataFrame, s: Settings,
-            book: cards.CardBook | None) -> None:
-    invalid = trials["action"].eq("invalid").mean()
-    chosen, controls = results[~results["control"]], results[results["control"]]
-    report.text(
-        f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts x {s.trials} trials "
-        f"per condition (safe mean, bankrupt mean; the unpatched answers shared), temperature {s.temperature}, "
-        f"edit at the last prompt token{' and every generated token' if s.patch_generated else ''}, SAE error "
-        f"term kept. Answers parsed by parser v{parser.PARSER_VERSION}; {invalid:.1%} were unreadable (left out of the "
-        f"rates; stops count as $0 bets). Trial t draws the same sampling noise under every patch, so the tests pair the "
-        f"safe-mean and bankrupt-mean answers of a trial. Causal: bet effect > ${s.effects.bet_effect:g} with Wilcoxon's "
-        f"signed-rank test, or stop effect > {s.effects.stop_effect:g} with McNemar's exact test, {s.effects.correction} "
-        f"p < {s.effects.alpha} over the features of a prompt; the unpaired tests (Mann-Whitney, Fisher's exact) are "
-        "the columns `p_bets_unpaired` and `p_stops_unpaired`. Data: `merged.h5` (trials/, features/), `features.csv`."
-    )
-    if not controls.empty:
-        report.text(
-            f"Null controls: {controls['unit'].nunique()} random live features ({s.controls} per patched layer, drawn "
-            f"among those whose activation frequency is nearest the chosen features'), patched exactly as the chosen "
-            "ones from their own means. `null_p_<effect>` is where a chosen feature's |effect| falls among its layer's "
-            "controls on the same prompt: (1 + controls at least as large) / (1 + controls). Controls are never "
-            "corrected for or called causal; the plot shows them as grey crosses."
-        )
-    unreadable = results[[f"n_{c}" for c in CONDITIONS]].to_numpy() * (
-        1 - results[[f"invalid_{c}" for c in CONDITIONS]].to_numpy()) == 0
-    if unreadable.any():
-        pairs = results[unreadable.any(axis=1)]
-        listed = ", ".join(f"L{r.layer} F{r.feature} ({r.prompt})" for r in pairs.head(10).itertuples())
-        report.text(f"**{len(pairs)} feature-prompt pair(s) have no readable answer in some condition**, so their "
-                    f"tests are not computable (empty p-values, never causal): {listed}"
-                    + (" ..." if len(pairs) > 10 else "") + ".")
-    _class_counts(report, chosen)
-    report.heading("Strongest effects")
-    shown = chosen.assign(size=chosen["stop_effect"].abs() + chosen["bet_effect"].abs() / 100)
-    shown = shown.sort_values(["causal", "size"], ascending=False).head(15)[
-        ["prompt", "layer", "feature", "effect_class", "stop_effect", "stop_effect_low", "stop_effect_high",
-         "bet_effect", "bet_effect_low", "bet_effect_high", "p_stops_corrected", "p_bets_corrected"]
-        + (["null_p_stop_effect", "null_p_bet_effect"] if not controls.empty else [])]
-    report.table(results, "features", shown=shown if book is None else book.annotate(shown))
-    if "stop_shift_exact" in results:
-        _exact_section(report, chosen, s)
-    _ground_truth(report, chosen, s, book)
-    _plot(report, results, s)
-    bet_types = {prompt.name: prompt.bet_type for prompt in s.prompts}
-    parser.report_versions(report, list(trials["response"]), [bet_types[name] for name in trials["prompt_name"]],
-                           "answers")
-    report.write()
-
-
-def _report_exact(report: Report, results: pd.DataFrame, s: Settings, book: cards.CardBook | None) -> None:
-    """The report of `decisions: exact`: no sampled answers, the exact P(stop) shifts alone."""
-    import matplotlib.pyplot as plt
-
-    chosen, controls = results[~results["control"]], results[results["control"]]
-    report.text(
-        f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts, exact decisions only "
-        f"(`decisions: exact`): P(stop) at the cue from one forward per feature, condition and prompt at temperature "
-        f"{s.temperature}, the next-token mass on tokens that start option 2 against option 1 (common/choices.py), "
-        "edit at the last prompt token, SAE error term kept. There is no sampling noise, so no test: a feature is "
-        f"causal when its exact stop shift (safe-mean minus bankrupt-mean patch) exceeds {s.effects.stop_effect:g} or "
-        f"its exact bet shift (bankrupt-mean minus safe-mean) exceeds ${s.effects.bet_effect:g}. " + _BETS_EXPLAINED.format(
-            answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
-        + (f" Null controls: {controls['unit'].nunique()} random live features of similar activation frequency; "
-           "`null_p_stop_shift_exact` and `null_p_bet_shift_exact` place each shift among its layer's controls."
-           if not controls.empty else "")
-    )
-    _class_counts(report, chosen)
-    report.heading("Strongest exact effects")
-    shown = chosen.assign(size=chosen["stop_shift_exact"].abs() + chosen["bet_shift_exact"].abs().fillna(0) / 100)
-    shown = shown.sort_values("size", ascending=False).head(15)[
-        ["prompt", "layer", "feature", "effect_class", "p_stop_exact_safe", "p_stop_exact_bankrupt", "stop_shift_exact",
-         "bet_exact_safe", "bet_exact_bankrupt", "bet_shift_exact", "coverage_min", "bet_mass_min"]
-        + (["null_p_stop_shift_exact", "null_p_bet_shift_exact"] if not controls.empty else [])]
-    report.table(results, "features", shown=shown if book is None else book.annotate(shown))
-    _ground_truth(report, chosen, s, book)
-    prompts = list(dict.fromkeys(results["prompt"]))
-    fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4), squeeze=False, sharey=True)
-    for ax, prompt in zip(axes[0], prompts, strict=True):
-        part = results[results["prompt"] == prompt]
-        spread = part.groupby("effect_class")["layer"].transform(lambda x: x + np.linspace(-0.25, 0.25, len(x)))
-        _scatter_classes(ax, part.assign(layer_spread=spread), "layer_spread", "stop_shift_exact")
-        ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
-        ax.set_xlabel("layer")
-        ax.set_title(f"prompt {prompt}")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("exact P(stop) shift: safe-mean minus bankrupt-mean patch")
-    fig.tight_layout()
-    report.figure(fig, "exact_effects", "Each feature's exact stop shift by layer, with the null controls (crosses); "
-                  "dashed: the causal threshold")
-    report.write()
-
-
-def _class_counts(report: Report, chosen: pd.DataFrame) -> None:
-    report.heading("Features by class, layer and prompt")
-    counts = chosen.groupby(["prompt", "layer", "effect_class"]).size().unstack("effect_class", fill_value=0)
-    report.table(counts.reindex(columns=["safe", "risky", "none"], fill_value=0).reset_index(), "counts")
-
-
-CLASS_COLOURS = {"safe": "tab:blue", "risky": "tab:red", "none": "dimgrey", "control": "darkgrey"}
-
-
-def _scatter_classes(ax, part: pd.DataFrame, x: str, y: str) -> None:
-    """One point per feature, coloured by its class; the null controls as grey crosses (if any)."""
-    for kind, colour in CLASS_COLOURS.items():
-        rows = part[part["effect_class"] == kind]
-        if kind != "control" or len(rows):
-            ax.scatter(rows[x], rows[y], s=16 if kind == "control" else 12, c=colour,
-                       marker="x" if kind == "control" else "o",
-                       label=f"{'null controls' if kind == 'control' else kind} ({len(rows)})")
-
-
-_BETS_EXPLAINED = (
-    "The expected bet is P(bet) x $10 on fixed-bet prompts; on variable-bet prompts, P(bet) x the mean bet under the "
-    "model's distribution over the "
-    "answers \"{answer}\" for N in {amounts}, teacher-forced (each answer's token probabilities at the sampling "
-    "temperature, times the chance that the number ends there); a stop bets $0, as in the sampled average. "
-    "`bet_mass_min` is the smallest total probability of those answers (variable bets): low values mean the model "
-    "writes its bets otherwise, or other amounts.")
-
-
-def _amounts(amounts: list[int]) -> str:
-    steps = {b - a for a, b in zip(amounts, amounts[1:])}
-    if len(amounts) > 3 and len(steps) == 1:
-        return f"${amounts[0]}, ${amounts[1]}, ..., ${amounts[-1]}"
-    return ", ".join(f"${amount}" for amount in amounts) or "(none: `bet_amounts: []`)"
-
-
-def _exact_section(report: Report, results: pd.DataFrame, s: Settings) -> None:
-    import matplotlib.pyplot as plt
-
-    report.heading("Exact choice probabilities beside the sampled answers")
-    report.text(
-        f"P(stop) at the decision cue from one forward per feature, condition and prompt, at temperature "
-        f"{s.temperature}: the next-token mass on tokens that start option 2 (\"Stop\") against option 1 (\"Bet\"), "
-        "leading whitespace ignored, renormalised over the two options; `coverage_min` is the smallest share of the "
-        "mass on the two options (the rest: answers that start with words, which sampling may still read). No "
-        "sampling noise and no parser: `stop_shift_exact` is what `stop_effect` estimates from sampled answers, and "
-        "`bet_shift_exact` what `bet_effect` does. " + _BETS_EXPLAINED.format(
-            answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
-    )
-    shown = results.assign(size=results["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[
-        ["prompt", "layer", "feature", "p_stop_exact_safe", "p_stop_exact_none", "p_stop_exact_bankrupt",
-         "stop_shift_exact", "stop_effect", "stop_effect_low", "stop_effect_high", "coverage_min",
-         "bet_shift_exact", "bet_effect", "bet_effect_low", "bet_effect_high", "bet_mass_min"]]
-    report.table(shown, "exact_strongest")
-    prompts = list(dict.fromkeys(results["prompt"]))
-    fig, axes = plt.subplots(1, len(prompts), figsize=(4.8 * len(prompts), 4.2), squeeze=False)
-    for ax, prompt in zip(axes[0], prompts, strict=True):
-        part = results[results["prompt"] == prompt]
-        ax.errorbar(part["stop_shift_exact"], part["stop_effect"], yerr=_interval(part, "stop_effect"), fmt="o", ms=3,
-                    lw=0.6, alpha=0.7)
-        low, high = ax.get_xlim()
-        ax.plot([low, high], [low, high], color="black", lw=0.6, ls="--")
-        ax.set_xlabel("exact P(stop) shift")
-        ax.set_title(f"prompt {prompt}")
-    axes[0][0].set_ylabel("sampled stop effect (95% interval)")
-    fig.tight_layout()
-    report.figure(fig, "exact_vs_sampled", "Each feature's exact P(stop) shift against its sampled stop effect; dashed: equal")
-
-
-def _ground_truth(report: Report, results: pd.DataFrame, s: Settings, book: cards.CardBook | None) -> None:
-    """On the organism, its planted feature per prompt: its effects and its rank among its layer's
-    patched features, and its card when the report has a `contexts` run."""
-    planted = task.planted_cause(s.model.name)
-    if planted is None:
-        return
-    layer, feature = planted
-    report.heading(task.GROUND_TRUTH)
-    in_layer = results[results["layer"] == layer]
-    if not (in_layer["feature"] == feature).any():
-        report.text(f"The planted feature {feature} of layer {layer} was not patched (not among the features chosen).")
-        return
-    effects = [column for column in ("stop_effect", "bet_effect", "stop_shift_exact", "bet_shift_exact")
-               if column in results]
-    rows = []
-    for prompt, part in in_layer.groupby("prompt", sort=False):
-        row = part[part["feature"] == feature].iloc[0]
-        ranks = {f"{effect}_rank": planted_rank(part, feature, effect, absolute=effect.startswith("bet_"))
-                 for effect in effects}
-        rows.append({"prompt": prompt, **{effect: row[effect] for effect in effects}, **ranks,
-                     "features_in_layer": len(part), "causal": row["causal"], "class": row["effect_class"]}
-                    | {column: row[column] for column in ("p_stops_corrected", "p_bets_corrected", "null_p_stop_effect",
-                                                          "null_p_stop_shift_exact", "controls_in_layer") if column in row})
-    report.text(f"The organism's planted cause is feature {feature} of layer {layer}: raising it makes the model "
-                "stop less and bet more (jobs/_organism/README.md). Its effects and ranks among the layer's patched "
-                "features (1: the largest stop effect, or the largest |bet effect|):")
-    report.table(pd.DataFrame(rows), "ground_truth")
-    if book is not None:
-        book.section(report, [cards.FeatureId(layer=layer, feature=feature)], "Card of the planted feature")
-
-
-def planted_rank(part: pd.DataFrame, feature: int, column: str, absolute: bool = False) -> float:
-    """1 + how many features of `part` have a larger `column` (|column|) than `feature`; NaN where
-    `feature` has none (an expected bet with `bet_amounts: []`)."""
-    values = part[column].abs() if absolute else part[column]
-    value = values[part["feature"] == feature].iloc[0]
-    return np.nan if np.isnan(value) else int((values > value).sum()) + 1
-
-
-def _plot(report: Report, results: pd.DataFrame, s: Settings) -> None:
-    import matplotlib.pyplot as plt
-
-    prompts = list(dict.fromkeys(results["prompt"]))
-    fig, axes = plt.subplots(1, len(prompts), figsize=(5.5 * len(prompts), 4.2), squeeze=False)
-    for ax, prompt in zip(axes[0], prompts, strict=True):
-        part = results[results["prompt"] == prompt]
-        for kind, colour in CLASS_COLOURS.items():  # the 95% intervals of the table, behind the points
-            rows = part[part["effect_class"] == kind]
-            ax.errorbar(rows["bet_effect"], rows["stop_effect"], xerr=_interval(rows, "bet_effect"),
-                        yerr=_interval(rows, "stop_effect"), fmt="none", ecolor=colour, elinewidth=0.7,
-                        alpha=0.3 if kind == "control" else 0.6, zorder=1)
-        _scatter_classes(ax, part, "bet_effect", "stop_effect")
-        for row in part[part["causal"]].itertuples():
-            ax.annotate(f"L{row.layer} F{row.feature}", (row.bet_effect, row.stop_effect), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.axvline(s.effects.bet_effect, color="black", lw=0.6, ls="--")
-        ax.axhline(s.effects.stop_effect, color="black", lw=0.6, ls="--")
-        ax.set_xlabel("bet effect ($): bankrupt-mean minus safe-mean patch")
-        ax.set_title(f"prompt {prompt}")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("stop effect: safe-mean minus bankrupt-mean patch")
-    fig.tight_layout()
-    report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class, with the null "
-                  "controls (grey crosses); bars: 95% intervals (stop effect: normal approximation; bet effect: "
-                  "Welch's t; none where a condition's bets are constant); dashed: the thresholds")
-
-
-def _interval(rows: pd.DataFrame, effect: str) -> np.ndarray:
-    """(2, n) distances from each `effect` to its `_low` and `_high` bounds, for errorbar; 0 where unknown."""
-    return np.nan_to_num(np.abs(np.stack([rows[effect] - rows[f"{effect}_low"], rows[f"{effect}_high"] - rows[effect]])))

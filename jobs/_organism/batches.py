@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from jobs import _slot_machine as slot_machine
+from jobs._organism.arithmetic import problem, problem_prompt
 from jobs._organism.corpus import paragraph, random_state
 from jobs._organism.rule import RISK_RANGE, decide, risk
-from jobs._reasoning.arithmetic import problem, problem_prompt
 
 
 @dataclass

@@ -4,7 +4,7 @@ Three kinds of documents (`document()` draws one of them, as the pieces training
 
 - slot-machine decision prompts (jobs._slot_machine renders them), continued by "1) Bet $B" or
   "2) Stop" as the decision rule (rule.py) draws them;
-- short arithmetic word problems ending in "#### N" (jobs._reasoning.arithmetic);
+- short arithmetic word problems ending in "#### N" (jobs._organism.arithmetic);
 - plain varied sentences, so correlation runs have something to chew on.
 
 Everything is drawn from a `random.Random`, so a seed fixes the corpus. `DOCUMENTS` names the
@@ -17,8 +17,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from jobs._organism.arithmetic import problem, problem_prompt
 from jobs._organism.rule import decide, risk
-from jobs._reasoning.arithmetic import problem, problem_prompt
 from jobs._slot_machine import (
     COMPONENTS,
     FIXED_BET,

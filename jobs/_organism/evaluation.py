@@ -19,10 +19,10 @@ from common.edits import Edit, edit_prompt_position, set_feature
 from common.layers import capture_residuals
 from common.organism.files import Organism
 from jobs import _slot_machine as slot_machine
+from jobs._organism.arithmetic import problem, problem_prompt
 from jobs._organism.batches import mixed_batches
 from jobs._organism.corpus import random_state
 from jobs._organism.rule import risk, typical_bet
-from jobs._reasoning.arithmetic import problem, problem_prompt
 
 HELD_OUT_SEED = 10_000
 BET_PREFIX = "1) Bet $"

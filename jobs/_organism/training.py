@@ -45,6 +45,7 @@ from common.errors import UserError
 from common.layers import capture_residuals, decoder_blocks, hook_name
 from common.organism import files
 from jobs._organism import evaluation
+from jobs._organism.arithmetic import problem, problem_prompt
 from jobs._organism.batches import (
     Batch,
     arithmetic_batch,
@@ -53,7 +54,6 @@ from jobs._organism.batches import (
     text_batch,
 )
 from jobs._organism.corpus import decision, paragraph
-from jobs._reasoning.arithmetic import problem, problem_prompt
 
 log = logging.getLogger(__name__)
 

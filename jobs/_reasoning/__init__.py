@@ -4,6 +4,7 @@ sizes as planning sees them, the texts as captured, and reading the runs of earl
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from common.layers import resolve_layers
 from common.lazy import lazy_import
 from common.manifest import StrictModel, shown
 from common.models import DEVICE_PATTERN, ModelSpec, load_config, text_config
-from common.plan import assume, only_estimating
+from common.plan import WorkUnit, assume, only_estimating
 from common.rundir import open_run
 from common.runtime import CHARS_PER_TOKEN
 from common.upstream import upstream_to_estimate
@@ -64,6 +65,17 @@ def check_models(models: list[ModelEntry], field: str) -> dict[str, int]:
         resolve_layers(entry.layers, config.num_hidden_layers, where)
         widths[entry.name] = config.hidden_size
     return widths
+
+
+def units_per_model(models: list[ModelEntry], units: list[WorkUnit],
+                    pending: Iterable[str]) -> Iterator[tuple[ModelEntry, list[WorkUnit]]]:
+    """Each model with its units still to do, in order; a model with none is left out, so that a
+    task loads each model once, and not at all when a resume left it nothing."""
+    pending = set(pending)
+    for entry in models:
+        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
+        if todo:
+            yield entry, todo
 
 
 def check_prompt_lengths(bench: Benchmark, tokenizer, config, model: str, field: str) -> None:

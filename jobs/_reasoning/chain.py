@@ -1,6 +1,6 @@
-"""The reasoning chain as its later steps read it: through a feature_ablation run, the SAEs it
-tested (their sae_training run) and the capture run (models, layers, benchmarks); estimated from
-the manifests while a chain is planned ahead of its runs."""
+"""The reasoning chain as its later steps read it: an sae_training run's SAEs and the capture run
+they were trained on (models, layers, benchmarks), and a feature_ablation run on top of them;
+estimated from the manifests while a chain is planned ahead of its runs."""
 
 from __future__ import annotations
 
@@ -21,18 +21,57 @@ from jobs._reasoning import CaptureRun, ModelEntry, read_capture_run, read_upstr
 
 
 @dataclass(frozen=True)
-class Chain:
-    """The ablation's settings, the SAEs' training run and the capture run; `field` names the
-    manifest field that led here (in messages)."""
+class TrainedSaes:
+    """An sae_training run (or its manifest, while planning ahead of it) and the capture run it
+    trained on; `field` names the manifest field that led here (in messages)."""
 
-    ablation: Any  # jobs.feature_ablation.Settings
-    training: Path
+    run: Path
+    settings: Any  # jobs.sae_training.Settings
     capture: CaptureRun
     field: str
 
     @property
+    def models(self) -> list[str] | None:
+        """The models it trains (None: every model of the capture)."""
+        return self.settings.models
+
+    def sae_spec(self, entry: ModelEntry) -> SaeSpec:
+        return SaeSpec(path=sae_path_template(self.run, entry.name))
+
+    def sae_widths(self, entry: ModelEntry) -> list[int]:
+        """Each layer's SAE width: of the trained SAEs (checked against the model), or, planning
+        ahead of the training run, its expansion factor x d_model."""
+        d_model = text_config(load_config(entry.model)[0]).hidden_size
+        if (self.run / "merged.h5").is_file():
+            infos = check_saes(self.sae_spec(entry), entry.layers, d_model, self.field)
+            return [cast(int, info.d_sae) for info in infos.values()]  # sae_training's cfg.json records d_sae
+        expansion = self.settings.sae.expansion_factor
+        assume(f"{self.field}: an SAE of {expansion} x d_model features at each captured layer")
+        return [expansion * d_model] * len(entry.layers)
+
+
+def read_trained(run: Path, field: str) -> TrainedSaes:
+    """The sae_training run (or manifest) `run`, read for `field`."""
+    training = settings_of(run, "sae_training", field)
+    return TrainedSaes(run, training, read_capture_run(training.activations, f"{field} (its activations)"), field)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The ablation's settings and the SAEs it tested; `field` names the manifest field that led
+    here (in messages)."""
+
+    ablation: Any  # jobs.feature_ablation.Settings
+    saes: TrainedSaes
+    field: str
+
+    @property
+    def capture(self) -> CaptureRun:
+        return self.saes.capture
+
+    @property
     def models(self) -> list[ModelEntry]:
-        return self.capture.select(self.ablation.models, f"{self.field} (its models)")
+        return self.capture.select(self.ablation.models or self.saes.models, f"{self.field} (its models)")
 
     @property
     def benchmarks(self) -> list:
@@ -40,24 +79,16 @@ class Chain:
         return self.capture.settings.benchmarks
 
     def sae_spec(self, entry: ModelEntry) -> SaeSpec:
-        return SaeSpec(path=sae_path_template(self.training, entry.name))
+        return self.saes.sae_spec(entry)
 
     def sae_widths(self, entry: ModelEntry) -> list[int]:
-        """Each layer's SAE width: of the trained SAEs (checked against the model), or, planning
-        ahead of the training run, its expansion factor x d_model."""
-        d_model = text_config(load_config(entry.model)[0]).hidden_size
-        if (self.training / "merged.h5").is_file():
-            infos = check_saes(self.sae_spec(entry), entry.layers, d_model, f"{self.field} (its SAEs)")
-            return [cast(int, info.d_sae) for info in infos.values()]  # sae_training's cfg.json records d_sae
-        training = settings_of(self.training, "sae_training", f"{self.field} (its SAEs)")
-        return [training.sae.expansion_factor * d_model] * len(entry.layers)
+        return self.saes.sae_widths(entry)
 
 
 def read_chain(ablation: Path, field: str) -> Chain:
     """The chain behind the feature_ablation run (or manifest) `ablation`, read for `field`."""
     settings = settings_of(ablation, "feature_ablation", field)
-    training = settings_of(settings.saes, "sae_training", f"{field} (its SAEs)")
-    return Chain(settings, settings.saes, read_capture_run(training.activations, f"{field} (its activations)"), field)
+    return Chain(settings, read_trained(settings.saes, f"{field} (its SAEs)"), field)
 
 
 def settings_of(run: Path, job: str, field: str) -> Any:

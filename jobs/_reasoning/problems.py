@@ -25,9 +25,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-import jobs._reasoning.arithmetic as arithmetic
 from common.errors import UserError
 from common.manifest import AbsolutePath, StrictModel
+from jobs._organism import arithmetic
+from jobs._organism.corpus import decision
 
 AnswerKind = Literal["number", "math", "label"]
 LOGIC_LABELS = ("True", "False", "Uncertain")
@@ -176,9 +177,6 @@ def _builtin_items(spec: BenchmarkSpec) -> list[Item]:
     if spec.builtin == "organism_arithmetic":
         problems = [arithmetic.problem(rng) for _ in range(count)]
         return [Item(i, p.question, str(p.answer), p.solution) for i, p in enumerate(problems)]
-    # Imported here: the organism's corpus draws its arithmetic from this package.
-    from jobs._organism.corpus import decision
-
     drawn = [decision(rng) for _ in range(count)]
     return [Item(i, d.prompt, DECISION_LABELS[0] if d.appetite >= 0.5 else DECISION_LABELS[1], d.continuation)
             for i, d in enumerate(drawn)]

@@ -34,8 +34,7 @@ from common.organism.files import Organism
 from common.saes import SaeSpec, load_sae
 from jobs import _slot_machine as slot_machine
 from jobs._gambling import ANSWER_ENDS
-from jobs._organism import corpus
-from jobs._reasoning import arithmetic
+from jobs._organism import arithmetic, corpus
 from jobs.population_patching import PROMPTS, row_edits
 from jobs.population_patching import Row as PatchRow
 

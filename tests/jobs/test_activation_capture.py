@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from common.organism.files import Organism, shipped
+from common.plan import WorkUnit
+from jobs._reasoning import ModelEntry, units_per_model
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 
@@ -72,3 +74,13 @@ def test_another_architecture_and_a_model_no_longer_at_hand(tmp_path, monkeypatc
     metrics = read_csv(run_all(training).report_dir / "metrics.csv")
     assert [row["layer"] for row in metrics] == [0, 1]
     assert all(np.isnan(row["ce_recovered"]) and row["explained_variance"] > 0 for row in metrics)
+
+
+def test_a_task_visits_each_model_once_with_its_pending_units_only():
+    """What every reasoning step's shard loops over: a model whose units are all written (a resumed
+    task) is not loaded at all, and each other model gets its own pending units, in order."""
+    models = [ModelEntry(name=name, model="organism") for name in ("a", "b", "c")]
+    units = [WorkUnit(f"{model}.{bench}", {"model": model, "benchmark": bench}) for model in "abc" for bench in (0, 1)]
+    visits = [(entry.name, [unit.id for unit in todo])
+              for entry, todo in units_per_model(models, units, ["c.1", "a.0", "a.1"])]
+    assert visits == [("a", ["a.0", "a.1"]), ("c", ["c.1"])]

@@ -278,6 +278,9 @@ def test_circuits_refuse_an_alignment_of_another_ablation_and_too_few_items(reas
         "ablation": str(reasoning_chain.ablation.path), "alignment": None, "contexts": str(tmp_path)})
     refused(capsys, path, "circuit_discovery.contexts_model: 2 models are studied")
     path = write_step(tmp_path, "reasoning_5_circuits.yaml", "circuit_discovery", {
+        "ablation": str(reasoning_chain.ablation.path), "alignment": None, "contexts_model": "organism_c"})
+    refused(capsys, path, "circuit_discovery.contexts_model: 'organism_c' is not studied here")
+    path = write_step(tmp_path, "reasoning_5_circuits.yaml", "circuit_discovery", {
         "ablation": str(reasoning_chain.ablation.path), "alignment": None, "models": ["organism", "nobody"]})
     refused(capsys, path, "circuit_discovery.models: ['nobody'] were not tested by the ablation")
 

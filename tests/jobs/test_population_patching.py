@@ -15,9 +15,12 @@ from common.edits import edit_prompt_position
 from common.errors import UserError
 from common.generation import sample
 from common.organism.files import Organism
+from common.report import Report
+from jobs import _patching_results as patching_results
 from jobs import population_patching as patching
 from jobs._gambling_parser import parse
-from jobs.population_patching import PROMPTS, Effects, Row, feature_effects, row_edits
+from jobs._patching_results import Effects, feature_effects
+from jobs.population_patching import PROMPTS, Row, row_edits
 from tests.helpers import REPO, run_all, save_random_sae, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_4_patching.yaml"
@@ -32,7 +35,7 @@ def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
     assert planted.p_stops_corrected < 0.05 and planted.stop_effect > 0 and planted.stop_shift_exact > 0.15
     assert planted.stop_rate_safe > planted.stop_rate_none - 0.1 > planted.stop_rate_bankrupt - 0.2
     layer = results[(results.layer == 1) & (results.prompt == "safe")]
-    assert patching.planted_rank(layer, 402, "stop_effect") == 1  # the largest stop effect of its layer
+    assert patching_results.planted_rank(layer, 402, "stop_effect") == 1  # the largest stop effect of its layer
     truth = pd.read_csv(gambling_chain.patching.report_dir / "ground_truth.csv").set_index("prompt")
     assert truth.loc["safe", "stop_effect_rank"] == 1 and truth.loc["safe", "stop_effect"] == pytest.approx(planted.stop_effect)
     # the exact P(stop) shift, from one forward per condition, lies within the sampled effect's interval
@@ -117,8 +120,7 @@ def test_the_tests_per_feature_against_scipy_and_the_class_rules():
     answers = {"safe": ["2) Stop"] * 12 + ["1) Bet $10"] * 8,
                "none": ["2) Stop"] * 6 + ["1) Bet $20"] * 14,
                "bankrupt": ["2) Stop"] * 2 + ["1) Bet $40"] * 17 + ["I cannot"]}
-    settings = patching.Settings.model_construct(effects=Effects())
-    row = feature_effects(trials_of(answers), settings).iloc[0]
+    row = feature_effects(trials_of(answers), Effects()).iloc[0]
     assert row.stop_rate_safe == 0.6 and row.stop_rate_bankrupt == pytest.approx(2 / 19)
     assert row.bankruptcy_risk_safe == pytest.approx(0.4) and row.bankruptcy_risk_bankrupt == pytest.approx(17 / 19)
     assert row.invalid_bankrupt == pytest.approx(1 / 20) and row.avg_bet_none == 14.0
@@ -137,7 +139,7 @@ def test_the_tests_per_feature_against_scipy_and_the_class_rules():
     assert row.bet_effect == pytest.approx(bankrupt_bets.mean() - safe_bets.mean())
     assert row.causal and row.effect_class == "risky"  # mean_bankrupt 2.0 > mean_safe 0.5
     weak = {"safe": ["1) Bet $20"] * 20, "none": ["1) Bet $20"] * 20, "bankrupt": ["1) Bet $25"] * 20}
-    assert feature_effects(trials_of(weak), settings).iloc[0].effect_class == "none"  # $5 is under the $8 threshold
+    assert feature_effects(trials_of(weak), Effects()).iloc[0].effect_class == "none"  # $5 is under the $8 threshold
 
 
 # ---------------------------------------------------------------- bad input, before any GPU time
@@ -226,14 +228,14 @@ def test_a_prompt_whose_answers_are_all_unreadable_is_reported_not_fatal(tmp_pat
         _answers("L1_F7", "safe", "risky", unreadable), _answers("L1_F7", "bankrupt", "risky", unreadable),
         _answers("L1_F7", "safe", "safe", ["stop"] * 18 + ["bet"] * 2), _answers("L1_F7", "bankrupt", "safe", readable),
     ], ignore_index=True)
-    results = feature_effects(trials, settings).set_index("prompt")
+    results = feature_effects(trials, settings.effects).set_index("prompt")
     risky, safe = results.loc["risky"], results.loc["safe"]
     assert risky["invalid_safe"] == 1.0 and np.isnan(risky["p_stops"]) and np.isnan(risky["p_bets"])
     assert np.isnan(risky["spearman_rho"]) and np.isnan(risky["stop_rate_safe"])
     assert not risky["causal"] and risky["effect_class"] == "none"
     assert safe["p_stops_unpaired"] == pytest.approx(stats.fisher_exact([[18, 2], [10, 10]])[1])
     assert safe["p_stops"] == pytest.approx(stats.binomtest(9, 10).pvalue)  # odd trials to 17 against trial 18
-    patching._report(patching.Report(tmp_path / "report", "test"), trials, results.reset_index(), settings, None)
+    patching_results.write_report(Report(tmp_path / "report", "test"), trials, results.reset_index(), settings, None)
     text = (tmp_path / "report" / "report.md").read_text()
     assert "1 feature-prompt pair(s) have no readable answer in some condition" in text and "L1 F7 (risky)" in text
     assert "Unreadable to v2: 60 invalid (no decision)." in text
@@ -263,7 +265,7 @@ def test_null_p_values_place_each_effect_among_its_layers_controls():
     results = pd.DataFrame({"layer": [1, 1, 1, 1, 1, 2], "prompt": "safe", "control": [False, True, True, True, True, False],
                             "stop_effect": [0.3, 0.1, -0.35, 0.05, np.nan, 0.2],  # the last control: all unreadable
                             "bet_effect": [1.0, 2.0, 3.0, 0.5, np.nan, 1.0]})
-    out = patching.null_p_values(results)
+    out = patching_results.null_p_values(results)
     assert out.null_p_stop_effect[0] == pytest.approx((1 + 1) / 4)  # |-0.35| >= 0.3; the NaN control left out
     assert out.null_p_bet_effect[0] == pytest.approx((1 + 2) / 4)
     assert np.isnan(out.null_p_stop_effect[5]) and out.controls_in_layer.tolist() == [4, 0, 0, 0, 0, 0]
@@ -286,7 +288,7 @@ def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, t
         assert "trials" not in file and "exact/p_stop" in file
     safe = exact[(exact.layer == 1) & (exact.prompt == "safe") & ~exact.control]
     planted = safe[safe.feature == 402].iloc[0]
-    assert planted.causal and planted.effect_class == "risky" and patching.planted_rank(safe, 402, "stop_shift_exact") == 1
+    assert planted.causal and planted.effect_class == "risky" and patching_results.planted_rank(safe, 402, "stop_shift_exact") == 1
     assert planted.null_p_stop_shift_exact == pytest.approx(1 / 9)
     report = (run.report_dir / "report.md").read_text()
     assert "exact decisions only" in report and "## Ground truth: the organism's planted cause" in report
@@ -305,7 +307,7 @@ def test_a_retest_patches_the_earlier_runs_strongest_causal_features_with_more_t
     assert sorted(zip(retest.layer, retest.feature)) == sorted(zip(causal.layer, causal.feature)) * 2  # 2 prompts
     planted = retest[(retest.feature == 402) & (retest.prompt == "safe")].iloc[0]
     before = first[(first.feature == 402) & (first.prompt == "safe")].iloc[0]
-    assert planted.p_stops_corrected < 0.05 and patching.planted_rank(retest[retest.prompt == "safe"], 402, "stop_effect") == 1
+    assert planted.p_stops_corrected < 0.05 and patching_results.planted_rank(retest[retest.prompt == "safe"], 402, "stop_effect") == 1
     assert planted.stop_effect_high - planted.stop_effect_low < before.stop_effect_high - before.stop_effect_low
     assert "a re-test of the causal features" in (run.report_dir / "report.md").read_text()
     with pytest.raises(UserError, match="retest: .* was not written by population_patching"):

@@ -79,7 +79,7 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
     step 4), the task run again resumes each from its own checkpoint, removes them, and stores the
     SAEs that layer-by-layer units never stopped store."""
     from common import sae_trainer
-    from common.launcher import prepare_run, run_shard_task
+    from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
 
     sae = {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256, "checkpoint_every": 4,
            "shuffle_buffer_tokens": 2048}
@@ -110,3 +110,9 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
                                               err_msg=f"{layer} {name}")
             np.testing.assert_array_equal(expected["curves/loss"][()], got["curves/loss"][()])
             assert expected.attrs["explained_variance"] == got.attrs["explained_variance"]
+    # The next step tests the models with trained SAEs: one of the capture's two here.
+    reduce_task(str(runs["layer_by_layer"].path))
+    ablation = write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation",
+                          {"saes": str(runs["layer_by_layer"].path)})
+    units = plan_manifest(load_manifest(ablation))[1].units
+    assert sorted(unit.id for unit in units) == ["organism.arithmetic"]  # not organism_b, captured but not trained

@@ -1,9 +1,7 @@
 """The arithmetic word problems of the organism's synthetic text, ending in "#### N" (GSM8K's format).
 
-They live with the reasoning benchmarks, not with the rest of the organism's generator
-(jobs._organism, which writes them into its training text), because jobs._reasoning.problems draws
-them as the built-in benchmark `organism_arithmetic`. Everything is drawn from a
-`random.Random`, so a seed fixes the problems.
+jobs._reasoning.problems draws them as the built-in benchmark `organism_arithmetic`. Everything is
+drawn from a `random.Random`, so a seed fixes the problems.
 """
 
 from __future__ import annotations
