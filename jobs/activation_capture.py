@@ -137,9 +137,9 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     s = manifest.settings
     shard.set_attrs(layer_convention=CONVENTION, text=s.text, dtype="float16")
     benchmarks: dict[int, Benchmark] = {}
-    for entry, todo in units_per_model(s.models, units, shard.pending()):
+    for entry, units_left in units_per_model(s.models, units, shard.pending()):
         model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
-        for unit in tqdm(todo, desc=f"{entry.name} shard {shard.shard_index}", unit="unit"):
+        for unit in tqdm(units_left, desc=f"{entry.name} shard {shard.shard_index}", unit="unit"):
             index = unit.payload["benchmark"]
             if index not in benchmarks:
                 benchmarks[index] = load_benchmark(s.benchmarks[index], f"{FIELD}.benchmarks[{index}]")

@@ -214,13 +214,13 @@ def _evaluated(items: int, s: Settings) -> int:
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
     chain = read(s)
-    for entry, todo in units_per_model(studied(s, chain), units, shard.pending()):
+    for entry, units_left in units_per_model(studied(s, chain), units, shard.pending()):
         spec = entry.placed(s.device)
         model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
         device = input_device(spec)
         d_model = text_config(model.config).hidden_size
         saes = {layer: load_sae(chain.sae_spec(entry), layer, d_model, device) for layer in entry.layers}
-        for unit in todo:
+        for unit in units_left:
             bench = load_benchmark(chain.benchmarks[unit.payload["benchmark"]], f"{FIELD}: its benchmark")
             check_prompt_lengths(bench, tokenizer, text_config(model.config), entry.name, f"{FIELD}.ablation")
             ranking = bench.items[: s.attribution_items]

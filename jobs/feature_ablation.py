@@ -195,13 +195,13 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     benchmarks = s.benchmarks or capture.settings.benchmarks
     shard.set_attrs(saes=str(s.saes), k=s.k, attribution_items=s.attribution_items)
     models = capture.select(s.models or trained.models, f"{FIELD}.models")
-    for entry, todo in units_per_model(models, units, shard.pending()):
+    for entry, units_left in units_per_model(models, units, shard.pending()):
         model_spec = entry.placed(s.device)
         model, tokenizer = load_model(model_spec, attn_implementation=None), load_tokenizer(model_spec)
         device = input_device(model_spec)
         d_model = text_config(model.config).hidden_size
         saes = {layer: load_sae(trained.sae_spec(entry), layer, d_model, device) for layer in entry.layers}
-        for unit in todo:
+        for unit in units_left:
             spec = benchmarks[unit.payload["benchmark"]]
             bench = load_benchmark(spec, f"{FIELD}.benchmarks")
             check_prompt_lengths(bench, tokenizer, text_config(model.config), entry.name, f"{FIELD}.benchmarks")

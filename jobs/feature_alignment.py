@@ -146,14 +146,14 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
     chain = read(s)
-    for entry, todo in units_per_model(chain.models, units, shard.pending()):
+    for entry, units_left in units_per_model(chain.models, units, shard.pending()):
         spec = entry.placed(s.device)
         model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
         device = input_device(spec)
         d_model = text_config(model.config).hidden_size
         saes = {layer: load_sae(chain.sae_spec(entry), layer, d_model, device) for layer in entry.layers}
         chosen = compared_features(importance(s.ablation, entry.name, f"{FIELD}.ablation"), s.features_per_layer)
-        for unit in todo:
+        for unit in units_left:
             bench = load_benchmark(chain.benchmarks[unit.payload["benchmark"]], f"{FIELD}: its benchmark")
             keys, features = anchor_features(model, tokenizer, saes, chosen, bench, s, device)
             with shard.unit(unit.id) as group:

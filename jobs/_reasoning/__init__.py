@@ -73,9 +73,9 @@ def units_per_model(models: list[ModelEntry], units: list[WorkUnit],
     task loads each model once, and not at all when a resume left it nothing."""
     pending = set(pending)
     for entry in models:
-        todo = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
-        if todo:
-            yield entry, todo
+        units_left = [unit for unit in units if unit.payload["model"] == entry.name and unit.id in pending]
+        if units_left:
+            yield entry, units_left
 
 
 def check_prompt_lengths(bench: Benchmark, tokenizer, config, model: str, field: str) -> None:

@@ -81,6 +81,6 @@ def test_a_task_visits_each_model_once_with_its_pending_units_only():
     task) is not loaded at all, and each other model gets its own pending units, in order."""
     models = [ModelEntry(name=name, model="organism") for name in ("a", "b", "c")]
     units = [WorkUnit(f"{model}.{bench}", {"model": model, "benchmark": bench}) for model in "abc" for bench in (0, 1)]
-    visits = [(entry.name, [unit.id for unit in todo])
-              for entry, todo in units_per_model(models, units, ["c.1", "a.0", "a.1"])]
+    visits = [(entry.name, [unit.id for unit in units_left])
+              for entry, units_left in units_per_model(models, units, ["c.1", "a.0", "a.1"])]
     assert visits == [("a", ["a.0", "a.1"]), ("c", ["c.1"])]
