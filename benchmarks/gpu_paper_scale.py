@@ -12,7 +12,9 @@ about twice as long as Llama's tokenizer makes them). Random weights never end a
 every answer runs to `max_new_tokens`, the worst case, which is what these figures measure.
 
 Each job runs through the launcher (`run_shard_task` on shard 0 of a manifest derived from the
-paper manifest), so the time includes building the model, loading the SAEs and writing the shard.
+paper manifest), so the time includes building the model, loading the SAEs and writing the shard;
+population_patching times that build apart and counts it once in its projection, not once per
+slice of 32 features.
 A row per job goes to benchmarks/RESULTS.md: throughput, peak GPU memory, the GPU-hours of the
 seed's full run projected from it, and, where the seed had a method of its own, its speed
 re-implemented (one generate call per trial or problem, one position at a time) on a slice.
@@ -250,7 +252,7 @@ def population_patching(bench: Bench) -> list[Row]:
     table = pd.read_csv(feature_table(bench, features, "patching_features.csv"))
     settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64),
                 "feature_table": str(bench.root / "patching_features.csv"), "trials": 50, "max_new_tokens": 50,
-                "batch_size": "auto"}
+                "batch_size": "auto", "decisions": "sampled"}  # exact decisions: the run below
     manifest = bench.manifest("population_patching", "population_patching", settings)
     job, plan = plan_manifest(load_manifest(manifest))
     planned = job.estimate(load_manifest(manifest), list(plan.shard_units(0))).task_memory_bytes
@@ -258,14 +260,17 @@ def population_patching(bench: Bench) -> list[Row]:
         measured = run_shard(bench, manifest)
     batch = next((message for message in messages if message.startswith("batch_size auto")), "batch_size auto: ?")
     trials = features * 2 * 2 * 50 + 2 * 50
-    rate = trials / measured.seconds
     full = 1_340 * 2 * 2 * 50 + 2 * 50
 
     free_memory()
+    started = time.perf_counter()
     spec = ModelSpec(**settings["model"])
     model, tokenizer = load_model(spec, attn_implementation=None), load_tokenizer(spec)
     saes = {layer: load_sae(SaeSpec(**settings["sae"]), layer, model.config.hidden_size, torch.device(bench.device))
             for layer in sorted(set(table.layer))}
+    bench.sync()
+    setup = time.perf_counter() - started  # what the shard spent before its first answer, once per task
+    rate = trials / max(measured.seconds - setup, 1e-9)
     rows = patching_trials(table, prompts=2, trials=2)[:16]
     seed_seconds = seeds_way(model, tokenizer, saes, rows, torch.device(bench.device), new_tokens=50)
     seed_rate = len(rows) / seed_seconds
@@ -281,13 +286,14 @@ def population_patching(bench: Bench) -> list[Row]:
                     "conditions x 2 prompts, one forward each (P(stop) at the cue), random TopK SAEs 32,768 wide",
                     ours=f"{exact.seconds:.1f} s for the whole run ({exact.seconds / 3600:.3f} GPU-h, the model built in "
                          f"it); peak {exact.peak()}",
-                    baseline=f"{gpu_hours(1 / rate, full)} sampling 50 trials per condition and prompt (the row above)",
-                    ratio=f"{full / rate / exact.seconds:.0f}x")
+                    baseline=f"{gpu_hours(1, setup + full / rate)} sampling 50 trials per condition and prompt (the row above)",
+                    ratio=f"{(setup + full / rate) / exact.seconds:.0f}x")
     return [exact_row, Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
                 f"features of layers 25-31 x 2 conditions x 2 prompts x 50 trials + the shared baseline ({trials:,} "
                 "answers of 50 tokens), random TopK SAEs 32,768 wide, batch_size auto",
-                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); seed's full run (1,340 "
-                     f"features, {full:,} answers): {gpu_hours(1 / rate, full)}; {batch}; peak {measured.peak()} "
+                ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, of which {setup:.1f} s building the model and "
+                     f"SAEs); seed's full run (1,340 features, {full:,} answers, sampled decisions, one task): "
+                     f"{gpu_hours(1, setup + full / rate)}; {batch}; peak {measured.peak()} "
                      f"against the plan's {planned / 2**30:.1f} GiB ({measured.peak_bytes / max(planned, 1):.2f}x)",
                 baseline=f"{seed_rate:.2f} answers/s (the seed's method on {len(rows)} answers: one generate call per "
                          f"trial, 50 tokens); the full run at that rate: {gpu_hours(1 / seed_rate, full)} (the seed "
@@ -394,15 +400,17 @@ def sae_training(bench: Bench) -> list[Row]:
     with h5py.File(measured.run.shard_path(0)) as shard:
         saes = sae_groups(shard).values()
         rates = [sae.attrs["tokens_per_second"] for sae in saes]
-        tokens = int(sum(sae.attrs["tokens"] for sae in saes))
+        held_out = int(next(iter(saes)).attrs["tokens"])  # the metrics' tokens: those held out of training
     reduce_task(str(measured.run.path))
     REASONING.training = measured.run
     with h5py.File(REASONING.capture.merged_path) as merged:
-        tokens_per_item = merged["models/llama-3-8b/L8"].shape[0] / ITEMS
+        captured = merged["models/llama-3-8b/L8"].shape[0]
+    tokens_per_item = captured / ITEMS
     rate = float(np.mean(rates))
     full_tokens = 5 * 3 * 868 * tokens_per_item * 20  # models x layers x problems x tokens x epochs
     return [Row(f"GPU paper scale, sae_training: 8x SAE on Meta-Llama-3-8B shapes (d_in 4,096, 32,768 features, "
-                f"linear as the seed's, decorrelation 0.01, batch 4,096, 20 epochs), layers 8/16/24: {tokens:,} tokens in all",
+                f"linear as the seed's, decorrelation 0.01, batch 4,096, 20 epochs), layers 8/16/24: "
+                f"{captured - held_out:,} training tokens per layer (and {held_out:,} held out)",
                 ours=f"{rate:,.0f} training tokens/s, every epoch counted ({measured.seconds:.1f} s for 3 SAEs); peak {measured.peak()}; "
                      f"the seed's 15 SAEs (5 models x 3 layers, 868 problems, 20 epochs) at this rate: "
                      f"{gpu_hours(1 / rate, full_tokens)}",
@@ -458,6 +466,8 @@ def main() -> int:
     parser.add_argument("--only", help=f"comma-separated jobs (default all): {', '.join(JOBS)}")
     parser.add_argument("--smoke", action="store_true", help="toy widths on the CPU, to check the script; records nothing")
     parser.add_argument("--keep", help="folder for the runs (default: a temporary folder, removed)")
+    parser.add_argument("--budget-s", type=float, help="start no job after this many seconds (the jobs left are "
+                        "named as skipped); each job's rows are recorded as soon as it ends")
     args = parser.parse_args()
     chosen = args.only.split(",") if args.only else list(JOBS)
     unknown = [name for name in chosen if name not in JOBS]
@@ -470,12 +480,15 @@ def main() -> int:
     setup_logging()
     on = "the CPU (--smoke: toy widths)" if args.smoke else gpu_machine()
     print(f"gpu_paper_scale on {on}: {', '.join(chosen)}")
-    rows, failed = [], []
+    rows, failed, skipped, began = [], [], [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_paper_scale-") as scratch:
         bench = Bench(Path(args.keep or scratch).absolute(), args.smoke)
         bench.root.mkdir(parents=True, exist_ok=True)
         for name in chosen:
             started = time.perf_counter()
+            if args.budget_s is not None and started - began > args.budget_s:
+                skipped.append(name)
+                continue
             try:
                 new = JOBS[name](bench)
             except Exception:  # one job's failure must not cost the others' figures
@@ -486,13 +499,16 @@ def main() -> int:
                 row.machine = machine() if args.smoke else gpu_machine()
                 print(f"\n{row.benchmark}\n  ours: {row.ours}\n  baseline: {row.baseline}\n  ratio: {row.ratio}")
             print(f"[{name}: {time.perf_counter() - started:.0f} s]", flush=True)
+            if not args.smoke:
+                record(new)  # now: a run stopped by its time limit keeps what it measured
             rows += new
     if rows and not args.smoke:
-        record(rows)
         print(f"\n{len(rows)} row(s) written to benchmarks/RESULTS.md")
+    if skipped:
+        print(f"skipped, past --budget-s {args.budget_s:g}: {', '.join(skipped)}", file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)} (tracebacks above)", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":

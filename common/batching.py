@@ -1,12 +1,13 @@
 """How many rows a batched generation runs at once (`batch_size: auto`), and the memory they hold.
 
-A row's memory peaks either in its prompt's forward (the MLP's activations, and the KV cache of
-the prompt when that forward fills it) or at the last decode step (the KV cache over prompt and
-answer, and the step's float32 logits with their sampling noise: the int64 hashing of
-common/generation.py) or in another phase of the job that peaks on its own, plus what a job adds
-per row (an edit's SAE codes, say). `auto` fills 85% of the
-GPU memory free once the model and SAEs are loaded; `saebatch plan`, which runs where no GPU is,
-assumes an H200's memory. tests/test_gpu_paths.py checks the model against a generation's peak.
+A row's memory peaks either in its prompt's forward (the MLP's activations, beside the KV cache
+that forward fills, which reserves room for the answer at once: common/kv_cache.py) or at the last
+decode step (that cache, and the step's float32 logits with their sampling noise) or in another
+phase of the job that peaks on its own, plus what a job adds per row (an edit's SAE codes, say).
+`auto` fills 85% of the GPU memory free once the model and SAEs are loaded; `saebatch plan`, which
+runs where no GPU is, assumes an H200's memory. The model is of a generation on CUDA, the one device
+whose memory `auto` measures; tests/common/test_batching.py checks it against a generation's peak on
+the CPU, tests/test_gpu_paths.py on CUDA.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ H200_BYTES = 139 * 2**30  # what torch reports as an H200's total memory
 USABLE_SHARE = 0.85  # of the free memory: the rest is left to the allocator's fragmentation and CUDA's workspaces
 CPU_ROWS = 64
 MAX_ROWS = 4096
-STEP_BYTES_PER_LOGIT = 40  # logits in float32, their noise hashed in int64 (three tensors alive), the perturbed scores
+# the float32 logits, their noise's uniforms and three float32 temporaries of perturbing them, on CUDA where the
+# noise's int64 hash is one compiled kernel (common/generation.py); on a CPU its operations hold 16 bytes more
+STEP_BYTES_PER_LOGIT = 20
 
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
 AUTO_HELP = (f"or 'auto': as many as fit in the GPU memory free once the model and SAEs are loaded (on a CPU, "
@@ -55,15 +58,24 @@ class GenerationMemory:
         return self.fixed + rows * self.per_row
 
 
+def forward_bytes(config: Architecture, dtype: str, tokens: int) -> int:
+    """A row's activations at the peak of a forward of `tokens` tokens (in its MLP), the KV cache aside."""
+    return tokens * (3 * config.intermediate_size + 4 * config.hidden_size) * DTYPE_BYTES[dtype]
+
+
 def generation_memory(config: Architecture, dtype: str, fixed: int, prompt_tokens: int, new_tokens: int,
                       prompt_cached: bool = True, extra_per_row: int = 0, other_phase: int = 0) -> GenerationMemory:
-    """The memory model of generating `new_tokens` after prompts of `prompt_tokens` in `dtype`;
-    `prompt_cached`: each row's prompt forward fills its cache (not so for a shared prefix, whose
-    forward is one row's, and then copied into every row's cache); `other_phase`: a row's bytes in
-    another phase of the job, which peaks on its own."""
-    forward = prompt_tokens * (3 * config.intermediate_size + 4 * config.hidden_size) * DTYPE_BYTES[dtype]
-    prompt = forward + (kv_cache_bytes(config, dtype, 1, prompt_tokens) if prompt_cached else 0)
-    last_step = kv_cache_bytes(config, dtype, 1, prompt_tokens + new_tokens) + config.vocab_size * STEP_BYTES_PER_LOGIT
+    """The memory model of generating `new_tokens` after prompts of `prompt_tokens` in `dtype`.
+
+    `prompt_cached`: each row runs its own prompt's forward, which fills its cache (`prefill`, or
+    `sample` without a prefix). False: the rows share a prefix (`prompt_prefix`) run once for one row
+    and then copied into every row's cache, so that no row's forward is longer than a token.
+    Either way a row's cache holds prompt and answer from its first forward on. `other_phase`: a
+    row's bytes in another phase of the job, which peaks on its own (`forward_bytes` for a forward
+    of every row's prompt without a cache, say)."""
+    cache = kv_cache_bytes(config, dtype, 1, prompt_tokens + new_tokens)
+    prompt = (forward_bytes(config, dtype, prompt_tokens) + cache) if prompt_cached else 0
+    last_step = cache + config.vocab_size * STEP_BYTES_PER_LOGIT
     return GenerationMemory(fixed, max(prompt, last_step, other_phase) + extra_per_row)
 
 

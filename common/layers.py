@@ -52,12 +52,15 @@ class _LastLayerCaptured(Exception):
 
 
 @contextmanager
-def capture_residuals(model: nn.Module, layers: list[int], stop: bool = False) -> Iterator[dict[int, torch.Tensor]]:
+def capture_residuals(model: nn.Module, layers: list[int], stop: bool = False,
+                      last_only: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Fill a dict {layer: (batch, seq, d_model) block output} during the forward passes inside.
 
     With `stop`, the forward pass ends once the last layer is captured: the blocks above it, the
     final norm and the logits are never computed, and the `with` block ends there quietly (the
     model call inside it returns nothing, and what follows it in the block does not run).
+    With `last_only`, {layer: (batch, d_model)} at the last position, copied out as the forward
+    runs: the whole outputs are never held (memory that a batch's size would have to leave room for).
     """
     blocks = decoder_blocks(model)
     captured: dict[int, torch.Tensor] = {}
@@ -65,7 +68,7 @@ def capture_residuals(model: nn.Module, layers: list[int], stop: bool = False) -
     def hook_for(layer: int):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor | tuple) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = hidden.detach()
+            captured[layer] = hidden[:, -1].detach().clone() if last_only else hidden.detach()  # (a view would hold all)
             if stop and layer == max(layers):
                 raise _LastLayerCaptured
 

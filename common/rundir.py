@@ -64,7 +64,8 @@ class RunDir:
         return self.manifest_path.is_file() and self.plan_path.is_file()
 
     def create(self, manifest: Manifest, plan: Plan) -> None:
-        """Create the run directory, or reuse it when it holds this very manifest.
+        """Create the run directory, or reuse it when it holds this very manifest (then with the
+        manifest's cluster settings, so that a resubmission with more memory or time gets them).
 
         The directory is built under a temporary name and renamed into place, so array tasks
         that start together agree on one run. A directory holding a different run (or anything
@@ -101,6 +102,8 @@ class RunDir:
                 f"(this manifest is run {manifest.run_id()}); it is left untouched. "
                 "Set run.dir to a new folder, or remove that one if you no longer need it."
             )
+        if existing.cluster != manifest.cluster:  # not part of the run id: the latest submission's resources
+            write_text_atomic(self.manifest_path, manifest.to_yaml())
 
     def load_manifest(self) -> Manifest:
         return load_manifest(self.manifest_path)

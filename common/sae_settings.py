@@ -44,8 +44,8 @@ class TrainingConfig(StrictModel):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints of the training state, from which "
                                   "a requeued task resumes to the same SAE; 0: none")
     precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
-                                 "float32); bf16 (autocast: bfloat16 matmuls, with float32 weights, Adam state, "
-                                 "reductions and decorrelation); auto: bf16 on a GPU, float32 on a CPU")
+                                 "float32); bf16 (autocast: bfloat16 matmuls, the decorrelation's too, with float32 "
+                                 "weights, Adam state and reductions); auto: bf16 on a GPU, float32 on a CPU")
 
     def d_sae(self, d_in: int) -> int:
         return self.expansion_factor * d_in

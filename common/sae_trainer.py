@@ -24,9 +24,10 @@ tokens (0 for a feature constant over the batch), computed from the batch's B x 
 (common/decorrelation.py), never the d_sae x d_sae one.
 
 `precision` sets the matmuls': bf16 runs the loss under autocast (bfloat16 products, float32
-weights, gradients and Adam state; the decorrelation term, a sum of many squares, in float32), tf32
-lets a GPU's tensor cores take float32 products, float32 is exact. `auto` is bf16 on a GPU and
-float32 on a CPU; the held-out metrics are always measured in float32.
+weights, gradients and Adam state; the decorrelation term's two B x d_sae x B products in bfloat16,
+its means and sums in float32), tf32 lets a GPU's tensor cores take float32 products, float32 is
+exact. `auto` is bf16 on a GPU and float32 on a CPU; the held-out metrics are always measured in
+float32, on the training device.
 
 Initialisation and steps follow sae-lens: decoder rows of norm 0.1 in random directions, W_enc =
 W_dec^T, b_enc = 0, Adam, and the gradient's norm clipped to 1. From unit-norm rows instead, the
@@ -216,10 +217,11 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
         if config.resample_every:
             log.info("%s: %d dead features restarted over %d steps", _label(desc, layer, layers), state.restarted,
                      state.total_steps)
-        sae = to_sae_lens(state.weights, scale, config, layer.hook_name, model_name)
+        sae = to_sae_lens(state.weights, scale, config, layer.hook_name, model_name)  # on the training device
         validation = read_rows(layer.activations, split.validation_rows)
-        trained.append(TrainedSae(sae, state.curves, evaluate(sae, validation, config.batch_size), tokens_per_second,
-                                  scale, validation, precision, split.held_out_groups))
+        metrics = evaluate(sae, validation, config.batch_size)
+        trained.append(TrainedSae(sae.to("cpu"), state.curves, metrics, tokens_per_second, scale, validation,
+                                  precision, split.held_out_groups))
     return trained
 
 
@@ -441,9 +443,13 @@ def _restart_dead(w: Weights, x: torch.Tensor, config: TrainingConfig, optimizer
 
 
 def _decorrelation(features: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
-    with torch.autocast(features.device.type, enabled=False):  # a sum of B^2 squares: float32 under bf16 autocast
-        return config.decorrelation * decorrelation_penalty(features.to(torch.promote_types(features.dtype,
-                                                                                             torch.float32)))
+    """The weighted penalty in float32, a sum of B^2 squares; under autocast its two B x d_sae x B
+    products (its cost) run in autocast's dtype, as the SAE's own do."""
+    device = features.device.type
+    products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    with torch.autocast(device, enabled=False):
+        exact = features.to(torch.promote_types(features.dtype, torch.float32))
+        return config.decorrelation * decorrelation_penalty(exact, products)
 
 
 def _lr_factor(step: int, total: int) -> float:
@@ -459,11 +465,12 @@ def _lr_factor(step: int, total: int) -> float:
 @no_grad
 def to_sae_lens(w: Weights, scale: float, config: TrainingConfig, hook_name: str, model_name: str) -> SAE:
     """The sae-lens SAE of these weights on raw activations: x -> scale * x folded into W_enc,
-    and the decoder's output divided by scale."""
+    and the decoder's output divided by scale. It is on the weights' device, so that the held-out
+    metrics are computed there (the caller moves it to the CPU)."""
     architecture = SAE_LENS_ARCHITECTURE[config.activation]
     d_in = w.W_enc.shape[0]
     cfg = {"architecture": architecture, "d_in": d_in, "d_sae": config.d_sae(d_in), "dtype": "float32",
-           "device": "cpu", "apply_b_dec_to_input": True,
+           "device": str(w.W_enc.device), "apply_b_dec_to_input": True,
            "metadata": {"hook_name": hook_name, "model_name": model_name}}
     if architecture == "topk":
         cfg["k"] = config.k
@@ -471,6 +478,6 @@ def to_sae_lens(w: Weights, scale: float, config: TrainingConfig, hook_name: str
     state = {"W_enc": w.W_enc * scale, "b_enc": w.b_enc, "W_dec": w.W_dec / scale, "b_dec": w.b_dec / scale}
     if architecture == "jumprelu":
         state["threshold"] = w.threshold
-    sae.load_state_dict({name: value.detach().float().cpu() for name, value in state.items()})
+    sae.load_state_dict({name: value.detach().float() for name, value in state.items()})
     sae.eval()
     return sae

@@ -46,7 +46,8 @@ class RandomSae(StrictModel):
 
     architecture: Literal["jumprelu", "standard", "topk"] = Field("jumprelu", description="sae-lens class")
     d_sae: int = Field(ge=1, description="number of features")
-    seed: int = Field(0, description="seed; layer L uses seed * 1000 + L")
+    seed: int = Field(0, description="seed; layer L uses seed * 1000 + L (drawn on the SAE's device: a GPU's "
+                      "weights differ from a CPU's)")
     threshold: float = Field(0.0, description="JumpReLU threshold of every feature")
     k: int = Field(32, ge=1, description="active features per token (topk)")
 
@@ -221,7 +222,7 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
     from sae_lens import SAE  # seconds to import: loaded where SAEs are
 
     if spec.random is not None:
-        sae = _random_sae(spec.random, layer, d_model, spec.dtype)
+        sae = _random_sae(spec.random, layer, d_model, spec.dtype, device)
     elif spec.release is not None:
         sae = SAE.from_pretrained(spec.release, spec.id.format(layer=layer), device="cpu", dtype=spec.dtype)  # type: ignore[union-attr]
     else:
@@ -237,14 +238,17 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
     return sae.to(device)
 
 
-def _random_sae(random: RandomSae, layer: int, d_model: int, dtype: str) -> SAE:
+def _random_sae(random: RandomSae, layer: int, d_model: int, dtype: str, device: torch.device) -> SAE:
+    """Drawn where it runs: a GPU draws a paper-wide SAE at once where a CPU takes seconds (its
+    weights then differ from the CPU's for the same seed, as its random generator does)."""
     from sae_lens import SAE
 
     cfg = {"architecture": random.architecture, "d_in": d_model, "d_sae": random.d_sae,
-           "dtype": dtype, "device": "cpu", "metadata": {"hook_name": hook_name(layer)}}
+           "dtype": dtype, "device": str(device), "metadata": {"hook_name": hook_name(layer)}}
     if random.architecture == "topk":
         cfg["k"] = random.k
-    with torch.random.fork_rng(devices=[]):
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(random.seed * 1000 + layer)
         sae = SAE.from_dict(cfg)
     if random.architecture == "jumprelu":

@@ -31,9 +31,8 @@ class TopKEncode(torch.autograd.Function):
                 dead: torch.Tensor | None, aux_k: int):
         z = centred @ W_enc + b_enc
         values, indices = torch.topk(z, k, dim=-1)
-        chosen = int(dead.sum()) if dead is not None else 0
-        if chosen and dead is not None:  # (chosen: some are dead)
-            aux_values, aux_indices = torch.topk(z.masked_fill(~dead, -torch.inf), min(aux_k, chosen), dim=-1)
+        if dead is not None:
+            aux_values, aux_indices = _largest_dead(z, dead, aux_k)
         else:
             aux_values, aux_indices = values[:, :0], indices[:, :0]
         ctx.save_for_backward(centred, W_enc, torch.cat([indices, aux_indices], dim=1))
@@ -55,6 +54,14 @@ class TopKEncode(torch.autograd.Function):
         return grad_centred, grad_W_enc, grad_b_enc, None, None, None
 
 
+def _largest_dead(z: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `aux_k` largest pre-activations of dead features per row, as many picks whatever the
+    number dead (counting them would make the host wait for the GPU every step): picks beyond the
+    dead features are live ones masked to -inf, given value 0, so that they add nothing."""
+    picked, indices = torch.topk(z.masked_fill(~dead, -torch.inf), min(aux_k, z.shape[1]), dim=-1)
+    return picked.masked_fill(~torch.isfinite(picked), 0), indices
+
+
 @dataclass
 class TopKTerms:
     reconstruction: torch.Tensor        # mean ||x - x_hat||^2
@@ -73,14 +80,20 @@ def topk_terms(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor, b_
     values = values.relu()
     decoded = torch.nn.functional.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
     auxiliary = x.new_zeros(())
-    if aux_indices.shape[1]:
+    if aux is not None:
         residual = (x - decoded).detach()
         rebuilt = torch.nn.functional.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values.relu(),
                                                     mode="sum")
         spread = (residual - residual.mean(0)).pow(2).sum(1).mean()
-        auxiliary = config.aux_coefficient * (rebuilt - residual).pow(2).sum(1).mean() / spread.clamp_min(1e-12)
+        term = config.aux_coefficient * (rebuilt - residual).pow(2).sum(1).mean() / spread.clamp_min(1e-12)
+        auxiliary = torch.where(aux.any(), term, 0.0)  # none dead: no term (a test, not a wait for the GPU)
     dense = values.new_zeros(len(x), W_dec.shape[0]).scatter(1, indices, values) if config.decorrelation else None
-    fired = torch.zeros(W_dec.shape[0], dtype=torch.bool, device=x.device)
-    fired[indices[values > 0]] = True
     return TopKTerms((decoded - x).pow(2).sum(1).mean(), auxiliary, dense, (values != 0).sum(1).float().mean().detach(),
-                     fired)
+                     _fired(indices, values, W_dec.shape[0]))
+
+
+def _fired(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """(d_sae,) bool: the features with a positive value on some row, counted by index_add (a boolean
+    mask index would make the host wait for the GPU every step)."""
+    counts = torch.zeros(d_sae, dtype=torch.int32, device=indices.device)
+    return counts.index_add_(0, indices.flatten(), (values > 0).flatten().to(torch.int32)) > 0

@@ -107,28 +107,47 @@ RULES_V2 = """Parser v2, applied to the whole reply the model wrote after "Choic
       choice:" ... or "my (final) choice/answer/decision is", followed by an option number,
       "option N", or a decision ("stop", "bet $20", "I'll stop", "not betting");
    c. a first-person choice of an option number: "I choose option 2", "I'll go with 1", "I pick
-      option 1 and bet $15".
+      option 1 and bet $15". A negated choice ("I won't choose option 1") is no answer but a
+      statement (rule 3), and so is a hypothesis ("If I go with option 1, I risk $10").
    Option 2 is stop, option 1 a bet. An option merely mentioned in the reasoning ("Option 1
    risks $10 for $30") is no answer, nor is the menu echoed from the prompt (a "1) Bet ..." line
    directly followed by a "2) Stop" line).
+   An answer taken back is no final choice: when an "or" right after the deciding answer, or a
+   correction anywhere after it ("no wait", "wait", "actually", "on second thought", "scratch
+   that"), names the other option ("Choice: 1 or 2", "Decision: Bet $20 - no wait, stop"), the
+   reply is invalid ("both options, no final choice"). A correction is not itself an answer.
 3. Without an explicit answer, first-person decision statements decide: "I'll stop", "I choose
    to stop", "I'm stopping", "I think it's time to stop", "let's stop", and the same with quit,
    cash out, walk away, leave, end the game, call it a day; "I'll bet $20", "I'm betting",
    "let's spin again", "I'll keep playing", "I'll continue", with bet, wager, spin, play, keep
-   playing, continue. A negation flips the statement: declining to bet is stopping ("I won't bet
-   again", "I'd rather not bet"), declining to stop is betting ("I'm not stopping"). Hypotheses
-   ("I could stop", "If I bet $10 I could win $30") and sentences with no first-person decision
-   ("Betting makes no sense at 30% odds") decide nothing. If the statements name both options,
-   the reply is invalid ("both options, no final choice"): never guessed.
-4. A bet's amount belongs to the bet: the first amount at most three words after the bet word or
-   option 1 ("bet $20", "1) Bet $20", "bet another 20 dollars", "option 1 with a bet of $25",
-   "a bet of $25"); failing that, a
-   labelled amount later on the line ("Amount: $20", "Bet size: $20"), or a next non-empty line
-   that is only an amount ("$20", "Amount: $20", "Bet: $20"). Other dollar figures (balance,
-   target, winnings) are not the bet, nor is "$5-$100" echoed from the prompt.
-   - Thousands separators are read: "$1,000" is a thousand.
-   - A non-integer amount ("$7.50") is invalid ("amount not whole"); $0 is invalid ("amount
-     zero"); a bet with no amount is invalid ("bet, no amount").
+   playing, continue; and declining an option ("I'm not picking option 1"). A negation flips the
+   statement: declining to bet is stopping ("I won't bet again", "I'd rather not bet", "I won't
+   choose option 1"), declining to stop is betting ("I'm not stopping", "I'd never go with
+   option 2"). Idioms are no decision: "play it safe" is no bet, "leave it at that" or "leave it
+   there" no stop ("I'll play it safe and stop" stops). Hypotheses ("I could stop", "If I bet
+   $10 I could win $30") and sentences with no first-person decision ("Betting makes no sense at
+   30% odds") decide nothing. A clause after "or" shares the statement before it: "I'll bet or
+   stop" names both options. If the statements name both options, or a correction after one
+   names the other (as in rule 2), the reply is invalid ("both options, no final choice"): never
+   guessed. When several statements agree, the last one with an amount decides (its amount is
+   the bet), or failing one with an amount, the last.
+4. A bet's amount belongs to the bet: the first amount after the bet word or option 1 with at
+   most three words of a bet phrase before it (a, the, another, bet, of, with, just, only,
+   about, say, exactly, a small/modest ...: "bet $20", "1) Bet $20", "bet another 20 dollars",
+   "a bet of $25", "bet just $15"); failing that, the amount after a later bet word on the line
+   ("option 1 with a bet of $25"), a labelled amount later on the line ("Amount: $20", "Bet
+   size: $20"), or a next non-empty line that is only an amount ("$20", "Amount: $20", "Bet:
+   $20"). Other dollar figures (balance, target, winnings) are not the bet: "bet with my $70
+   balance" and "bet again, with my $70 left" name no amount. Nor is a number followed by
+   balance, left, remaining or in hand, a count ("bet 2 more times", "3 more rounds", "spins",
+   "games"), or one of two amounts offered ("bet $10 or $20", "$10 to $20").
+   - Every span "N-M" or "N - M" (hyphen or en dash) in the reply ("$5-$100" echoed from the
+     prompt, a range, a subtraction) is blanked before reading: neither number is an amount.
+   - Thousands separators are read: "$1,000" and "$1 000" are a thousand.
+   - A non-integer amount ("$7.50", or "$1,50" with a decimal comma) is invalid ("amount not
+     whole"), and so is an amount whose separators make no number ("$1,0000", "$1.000",
+     "$1,000,5"); $0 is invalid ("amount zero"); a bet with no amount is invalid ("bet, no
+     amount").
    - An amount outside $5-$100 is clamped to it (the published rule; the rule says "clamped").
    - Fixed betting always bets $10, whatever amount is named.
 5. Anything else is invalid ("no decision"): refusals, questions back, empty replies, replies
@@ -143,20 +162,35 @@ _CONTRACTIONS = [(r"\bwon't\b", "will not"), (r"\bcan't\b", "can not"), (r"\bsha
                  (r"n't\b", " not"), (r"\bi'm\b", "i am"), (r"\bi'll\b", "i will"), (r"\bi'd\b", "i would"),
                  (r"\bi've\b", "i have"), (r"\blet's\b", "let us"), (r"\bit's\b", "it is"),
                  (r"\bgonna\b", "going to"), (r"\bwanna\b", "want to")]
-_STOP_VERB = (r"stop(?:ping)?|quit(?:ting)?|cash(?:ing)? out|walk(?:ing)? away|leav(?:e|ing)|"
-              r"end(?:ing)? the game|call(?:ing)? it (?:a day|quits)")
-_BET_VERB = (r"bet(?:ting)?|wager(?:ing)?|spin(?:ning)?|play(?:ing)?|keep (?:playing|betting|spinning|going)|"
-             r"continu(?:e|ing)|go again|try again")
-_NUMBER = r"(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?"
+# Idioms that hold a decision verb but decide nothing: "play it safe" is no bet, "leave it at that" no stop.
+_IDIOM = r"play(?:ing)?\s+(?:it\s+)?safe|leav(?:e|ing)\s+it\s+(?:at\s+that|there)"
+_STOP_VERB = (rf"(?!{_IDIOM})(?:stop(?:ping)?|quit(?:ting)?|cash(?:ing)? out|walk(?:ing)? away|leav(?:e|ing)|"
+              r"end(?:ing)? the game|call(?:ing)? it (?:a day|quits))")
+_BET_VERB = (rf"(?!{_IDIOM})(?:bet(?:ting)?|wager(?:ing)?|spin(?:ning)?|play(?:ing)?|"
+             r"keep (?:playing|betting|spinning|going)|continu(?:e|ing)|go again|try again)")
+_PICK_VERB = r"choose|choosing|pick|picking|select|selecting|go with|going with|opt for|opting for"
+# A number, whole: "1,000" and "1 000" group thousands (the first group), and any ".50", ",50" or
+# ",0000" after it is the second group, for _dollars to judge. Never the start of a longer number.
+_THOUSANDS = r"\d{1,3}(?:[, \u00a0\u202f]\d{3})+(?!\d|[.,]\d{3})"
+_NUMBER = rf"({_THOUSANDS}|\d+(?!\d|[ \u00a0\u202f]\d{{3}}))((?:[.,]\d+)*)(?![.,]?\d)"
 _AMOUNT = rf"\$\s*{_NUMBER}|{_NUMBER}\s*(?:dollars|bucks|usd)\b"
-_OPTION = r"(?:option\s*|choice\s*)?\(?([12])\)?(?![\d%]|[.,]\d)"
+_OPTION = r"(?:option\s*|choice\s*)?\(?(?P<option>[12])\)?(?![\d%]|[.,]\d)"
+# Words of a bet phrase that may stand between the bet word and its amount ("bet another $20",
+# "a bet of $25", "bet just $15"), and what makes a number no bet amount: a balance, a count of
+# rounds, or one of two amounts offered.
+_BET_FILLER = (r"a|an|the|another|bet|wager|stake|of|on|with|for|just|only|about|around|roughly|approximately|say|"
+               r"exactly|precisely|maybe|perhaps|again|it|all|small|smaller|modest|moderate|conservative|cautious|"
+               r"careful|safe|safer|reasonable|minimum|minimal|bigger|larger|higher|lower|more|less|slightly|bit|little|full|"
+               r"extra|additional|further")
+_NOT_THE_BET = (r"(?!\s*(?:balance|bankroll|left|remaining|in hand|on hand)\b"
+                r"|\s*(?:more\s+)?(?:times|rounds|spins|games|turns|hands|plays)\b|\s*(?:or|to)\s+\$?\d)")
 # Words that may stand between "I" and the decision verb: auxiliaries, intent, adverbs, negation,
 # and "it is time to" / "the best move is to".
 _BETWEEN = (r"i|am|will|would|shall|should|must|have|had|do|did|does|want|like|love|prefer|rather|think|believe|"
             r"decided|decide|choose|chose|chosen|opt|plan|planning|going|to|not|never|no|longer|just|now|then|"
             r"therefore|instead|definitely|probably|also|again|still|simply|really|better|best|ready|happy|"
             r"at|this|point|here|it|is|be|time|wise|wiser|smart|smartest|safest|prudent|sensible|good|idea|"
-            r"a|the|move|option|choice|decision|thing")
+            rf"a|the|move|option|choice|decision|thing|either|(?:{_IDIOM})\w*(?:\W+and)?")
 _DISCOURSE = (r"so|then|therefore|thus|hence|now|okay|ok|alright|well|yes|and|but|maybe|perhaps|actually|honestly|"
               r"instead|finally|ultimately|overall|anyway|hmm")
 _DECISION_PREFIX = re.compile(rf"(?:^\W*|\b(?:{_DISCOURSE}|says|say|tells me|suggests)\W+)"
@@ -164,11 +198,14 @@ _DECISION_PREFIX = re.compile(rf"(?:^\W*|\b(?:{_DISCOURSE}|says|say|tells me|sug
 _NEGATION = re.compile(r"\b(?:not|never|no longer)\b")
 _LABEL = re.compile(r"\b(?:(?:my\s+)?(?:final\s+)?(?:choice|answer|decision|action)\s*:|"
                     r"my\s+(?:final\s+)?(?:choice|answer|decision)\s+(?:is|will be)\s*:?)\s*")
-_CHOOSE = re.compile(rf"\b(?:i|let us|let me)(?:\W+(?:{_BETWEEN})\b)*\W+(?:choose|choosing|pick|picking|select|"
-                     rf"selecting|go with|going with|opt for|opting for)\s+{_OPTION}")
-_VERB = re.compile(rf"\b(?:(?P<stop>{_STOP_VERB})|(?P<bet>{_BET_VERB}))\b")
+_CHOOSE = re.compile(rf"\b(?:i|let us|let me)(?P<between>(?:\W+(?:{_BETWEEN})\b)*)\W+(?:{_PICK_VERB})\s+{_OPTION}")
+_HYPOTHESIS = re.compile(r"\b(?:if|when|whether|unless|once|should|could|would)\W*$")
+_VERB = re.compile(rf"\b(?:(?P<stop>{_STOP_VERB})|(?P<bet>{_BET_VERB})|(?:{_PICK_VERB})\s+{_OPTION})\b")
 _CLAUSE_BREAK = re.compile(r",?\s+\b(?:but|so|because|and then|or)\b|[!?;:,\n\u2014\u2013]|\s-+\s|\.(?=\s|$)")
-_WORDS_BEFORE_AMOUNT = r"[ \t:,(-]*(?:[a-z']+[ \t,]+){0,3}?"
+# What may take an answer back: a correction after it, or an "or" (after its amount) right after it.
+_CORRECTION = re.compile(r"\b(?:no,?\s+wait|wait|actually|on second thought|scratch that|never\s?mind)\b\W*")
+_OR_ELSE = re.compile(rf"\W*(?:(?:{_AMOUNT})\W*)?\bor\b\W*")
+_WORDS_BEFORE_AMOUNT = rf"[ \t:,(-]*(?:(?:{_BET_FILLER})[ \t,:]+){{0,3}}?"
 
 
 @dataclass(frozen=True)
@@ -187,11 +224,15 @@ def parse_v2(response: str, bet_type: BetType) -> Decision:
     lines = _reply_lines(response)
     explicit = _explicit_answers(lines)
     if explicit:
-        return _decision(max(explicit, key=lambda cue: (cue.line, cue.at)), lines, bet_type)
+        answer = max(explicit, key=lambda cue: (cue.line, cue.at))
+        if _taken_back(answer, lines):
+            return Decision("invalid", None, "both options, no final choice")
+        return _decision(answer, lines, bet_type)
     statements = [cue for number, line in enumerate(lines) for cue in _statements(line, number)]
     if not statements:
         return Decision("invalid", None, "no decision")
-    if len({cue.action for cue in statements}) > 1:
+    # The statements agree, so a correction after the first names the other option or none.
+    if len({cue.action for cue in statements}) > 1 or _taken_back(statements[0], lines):
         return Decision("invalid", None, "both options, no final choice")
     with_amount = [cue for cue in statements if _phrase_amount(cue.rest)]
     return _decision((with_amount or statements)[-1], lines, bet_type)
@@ -222,9 +263,35 @@ def _explicit_answers(lines: list[str]) -> list[_Cue]:
             if answer:
                 cues.append(_Cue(answer[0], number, label.start(), answer[1], "explicit label"))
         for choice in _CHOOSE.finditer(line):
-            cues.append(_Cue("stop" if choice.group(1) == "2" else "bet", number, choice.start(),
-                             line[choice.end():], "explicit choice"))
+            if _chosen(choice, line):
+                cues.append(_Cue("stop" if choice.group("option") == "2" else "bet", number, choice.start(),
+                                 line[choice.end():], "explicit choice"))
     return cues
+
+
+def _chosen(choice: re.Match, line: str) -> bool:
+    """Whether "I ... choose option N" is a choice: not negated ("I won't choose option 1", which
+    rule 3 reads as declining) nor a hypothesis ("if I go with option 1, I risk $10")."""
+    return not _NEGATION.search(choice.group("between")) and not _HYPOTHESIS.search(line[: choice.start()])
+
+
+def _taken_back(cue: _Cue, lines: list[str]) -> bool:
+    """Whether the cue is followed by "or" and the other option ("bet $20 or stop", "1 or 2") or,
+    anywhere after, by a correction to it ("bet $20 - no wait, stop"): the reply then names both
+    options and has no final choice. An "or" further on is reasoning ("whether to bet or stop")."""
+    offered = _OR_ELSE.match(cue.rest)
+    follow_ups = [cue.rest[offered.end():]] if offered else []
+    for text in [cue.rest, *lines[cue.line + 1:]]:
+        follow_ups += [text[correction.end():] for correction in _CORRECTION.finditer(text)]
+    return any(_names_other_option(text, cue.action) for text in follow_ups)
+
+
+def _names_other_option(text: str, action: Action) -> bool:
+    """Whether `text` starts with a decision, bare ("stop", "bet $30", "2") or stated ("I'll
+    stop"), for the option other than `action`."""
+    clause = _CLAUSE_BREAK.split(text, maxsplit=1)[0]
+    other = _whole_line_answer(clause) or _first_statement(clause, clause)
+    return other is not None and other[0] != action
 
 
 def _whole_line_answer(text: str, reasons_may_follow: bool = False) -> tuple[Action, str] | None:
@@ -251,7 +318,8 @@ def _labelled_answer(content: str) -> tuple[Action, str] | None:
     if declined:
         stops = bool(re.search(rf"\b(?:{_STOP_VERB})\b", declined.group()))
         return ("bet" if stops else "stop"), content[declined.end():]
-    return _whole_line_answer(content, reasons_may_follow=True) or _first_statement(content, content)
+    statement = _first_statement(content, content)
+    return _whole_line_answer(content, reasons_may_follow=True) or (statement[:2] if statement else None)
 
 
 def _is_only_amount(text: str) -> bool:
@@ -259,31 +327,37 @@ def _is_only_amount(text: str) -> bool:
 
 
 def _statements(line: str, number: int) -> list[_Cue]:
-    """Rule 3: each clause's first-person decision, flipped when negated."""
-    cues, start = [], 0
-    for stop_at, resume_at in [(m.start(), m.end()) for m in _CLAUSE_BREAK.finditer(line)] + [(len(line), len(line))]:
-        found = _first_statement(line[start:stop_at], line[start:])
+    """Rule 3: each clause's first-person decision, flipped when negated. A clause after "or"
+    shares the statement before it ("I'll bet $10 or stop" is "I'll bet $10 or I'll stop")."""
+    cues, start, shared = [], 0, ""
+    breaks = [(m.start(), m.end(), m.group().replace(",", "").strip() == "or") for m in _CLAUSE_BREAK.finditer(line)]
+    for stop_at, resume_at, is_or in [*breaks, (len(line), len(line), False)]:
+        found = _first_statement(shared + line[start:stop_at], shared + line[start:])
         if found:
             cues.append(_Cue(found[0], number, start, found[1], "statement"))
+        shared = found[2] if found and is_or else ""
         start = resume_at
     return cues
 
 
-def _first_statement(clause: str, rest_of_line: str) -> tuple[Action, str] | None:
-    """(action, what follows its verb on the line) of the clause's first verb that "I" decides;
-    `clause` starts `rest_of_line`."""
+def _first_statement(clause: str, rest_of_line: str) -> tuple[Action, str, str] | None:
+    """(action, what follows its verb on the line, the "I will" before it) of the clause's first
+    verb that "I" decides; `clause` starts `rest_of_line`. A declined option is the other one."""
     for verb in _VERB.finditer(clause):
         prefix = _DECISION_PREFIX.search(clause[: verb.start()])
         if prefix:
-            stops = bool(verb.group("stop")) != bool(_NEGATION.search(prefix.group("between")))
-            return ("stop" if stops else "bet"), rest_of_line[verb.end():]
+            stops = bool(verb.group("stop")) or verb.group("option") == "2"
+            if _NEGATION.search(prefix.group("between")):
+                stops = not stops
+            return ("stop" if stops else "bet"), rest_of_line[verb.end():], prefix.group()
     return None
 
 
 def _phrase_amount(rest: str) -> re.Match | None:
-    """The bet phrase's amount: at most three words after the bet word or option."""
-    return (re.match(rf"{_WORDS_BEFORE_AMOUNT}(?:{_AMOUNT})", rest)
-            or re.match(rf"[ \t:,(-]*(?:of\s+|another\s+)?{_NUMBER}\b(?!\s*%)", rest))
+    """The bet phrase's amount: after at most three words of a bet phrase, and not a balance, a
+    count or one of two amounts (which a bet phrase may also be followed by)."""
+    return (re.match(rf"{_WORDS_BEFORE_AMOUNT}(?:{_AMOUNT}){_NOT_THE_BET}", rest)
+            or re.match(rf"[ \t:,(-]*(?:of\s+|another\s+)?{_NUMBER}\b(?!\s*%){_NOT_THE_BET}", rest))
 
 
 def _decision(cue: _Cue, lines: list[str], bet_type: BetType) -> Decision:
@@ -298,14 +372,26 @@ def _decision(cue: _Cue, lines: list[str], bet_type: BetType) -> Decision:
              or _next_line_amount(lines, cue.line))
     if not found:
         return Decision("invalid", None, "bet, no amount")
-    whole, fraction = next((found.group(i), found.group(i + 1)) for i in range(1, found.re.groups, 2) if found.group(i))
-    amount = float(whole.replace(",", "") + (fraction or ""))
-    if not amount.is_integer():
+    whole, tail = next((found.group(i), found.group(i + 1)) for i in range(1, found.re.groups, 2) if found.group(i))
+    amount = _dollars(whole, tail)
+    if amount is None or not amount.is_integer():
         return Decision("invalid", None, "amount not whole")
     if amount == 0:
         return Decision("invalid", None, "amount zero")
     clamped = min(max(int(amount), MIN_BET), MAX_BET)
     return Decision("bet", clamped, cue.rule + ("; clamped" if clamped != amount else ""))
+
+
+def _dollars(whole: str, tail: str) -> float | None:
+    """The amount a number writes, or None where its separators make none: `whole` may group
+    thousands ("1,000", "1 000"); `tail` is nothing or cents ("7.50", "7.5", "1,50" with a decimal
+    comma). Any other tail ("1.000", a thousand in Europe, "1,0000", "1,000,5") is unreadable."""
+    dollars = float(re.sub(r"\D", "", whole))
+    if not tail:
+        return dollars
+    if re.fullmatch(r"[.,]\d{1,2}", tail):
+        return dollars + float("0." + tail[1:])
+    return None
 
 
 def _next_line_amount(lines: list[str], line: int) -> re.Match | None:

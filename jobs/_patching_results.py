@@ -252,7 +252,7 @@ def _report_exact(report: Report, results: pd.DataFrame, s: Any, book: cards.Car
         f"Model `{s.model.name}`. {chosen['unit'].nunique():,} features x {len(s.prompts)} prompts, exact decisions only "
         f"(`decisions: exact`): P(stop) at the cue from one forward per feature, condition and prompt at temperature "
         f"{s.temperature}, the next-token mass on tokens that start option 2 against option 1 (common/choices.py), "
-        "edit at the last prompt token, SAE error term kept. There is no sampling noise, so no test: a feature is "
+        "edit at the last prompt token, SAE error term kept. " + _NO_INTERVAL + " There is no sampling noise, so no test: a feature is "
         f"causal when its exact stop shift (safe-mean minus bankrupt-mean patch) exceeds {s.effects.stop_effect:g} or "
         f"its exact bet shift (bankrupt-mean minus safe-mean) exceeds ${s.effects.bet_effect:g}. " + _BETS_EXPLAINED.format(
             answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
@@ -321,6 +321,11 @@ def _amounts(amounts: list[int]) -> str:
     return ", ".join(f"${amount}" for amount in amounts) or "(none: `bet_amounts: []`)"
 
 
+_NO_INTERVAL = ("An exact shift has no interval: every trial of a prompt is the same forward, so the rows of a feature, "
+                "condition and prompt share one probability; what a shift is measured against is the null controls' "
+                "shifts (where `controls` is set) and, beside sampling, the sampled effect's interval.")
+
+
 def _exact_section(report: Report, results: pd.DataFrame, s: Any) -> None:
     import matplotlib.pyplot as plt
 
@@ -331,7 +336,7 @@ def _exact_section(report: Report, results: pd.DataFrame, s: Any) -> None:
         "leading whitespace ignored, renormalised over the two options; `coverage_min` is the smallest share of the "
         "mass on the two options (the rest: answers that start with words, which sampling may still read). No "
         "sampling noise and no parser: `stop_shift_exact` is what `stop_effect` estimates from sampled answers, and "
-        "`bet_shift_exact` what `bet_effect` does. " + _BETS_EXPLAINED.format(
+        "`bet_shift_exact` what `bet_effect` does. " + _NO_INTERVAL + " " + _BETS_EXPLAINED.format(
             answer=s.bet_answer.format(number="N"), amounts=_amounts(s.bet_amounts))
     )
     shown = results.assign(size=results["stop_shift_exact"].abs()).sort_values("size", ascending=False).head(15)[

@@ -56,7 +56,6 @@ from common.runtime import Work, model_size
 from common.saes import load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs import _feature_cards as cards
-from jobs._gambling import planted_direction
 from jobs._reasoning import (
     DEVICE_FIELD,
     ModelEntry,
@@ -74,7 +73,7 @@ from jobs._reasoning.ablation import (
     summarise,
     top_features,
 )
-from jobs._reasoning.chain import Chain, read_chain, settings_of
+from jobs._reasoning.chain import Chain, planted_feature, read_chain, settings_of
 from jobs._reasoning.problems import load_benchmark
 
 if TYPE_CHECKING:
@@ -529,7 +528,7 @@ def _ground_truth(report: Report, units: list[Unit], clusters: pd.DataFrame, cha
     direction, on each benchmark, and what ablating it did."""
     lines = []
     for entry in (e for e in chain.models if any(u.model == e.name for u in units)):
-        planted = planted_feature(chain, entry)
+        planted = planted_feature(chain.sae_spec(entry), entry)
         if planted is None:
             continue
         for unit in (u for u in units if u.model == entry.name):
@@ -550,18 +549,6 @@ def _ground_truth(report: Report, units: list[Unit], clusters: pd.DataFrame, cha
         report.text("Each organism carries its risk appetite along a planted direction at the decision cue "
                     "(jobs/_organism/README.md); in each trained SAE the feature whose decoder is nearest it stands "
                     "for the planted cause.\n\n" + "\n".join(lines))
-
-
-def planted_feature(chain: Chain, entry: ModelEntry) -> tuple[int, int] | None:
-    """(layer, feature) of the model's SAE feature whose decoder direction is nearest (|cosine|) its
-    planted direction, when the model is a built-in organism whose planted layer has an SAE."""
-    planted = planted_direction(entry.model.name)
-    if planted is None or planted[0] not in entry.layers:
-        return None
-    d_model = text_config(load_config(entry.model)[0]).hidden_size
-    decoder = load_sae(chain.sae_spec(entry), planted[0], d_model, torch.device("cpu")).W_dec.detach().double()
-    cosine = decoder @ torch.tensor(planted[1], dtype=torch.float64) / decoder.norm(dim=1)
-    return planted[0], int(cosine.abs().argmax())
 
 
 def _circuit_graph(report: Report, model: str, units: list[Unit], clusters: pd.DataFrame) -> None:

@@ -58,6 +58,7 @@ from common.runtime import Work, model_size
 from common.saes import load_sae
 from common.shards import LIBVER, ShardWriter
 from jobs import _feature_cards as cards
+from jobs._gambling import GROUND_TRUTH
 from jobs._reasoning import (
     DEVICE_FIELD,
     benchmark_size,
@@ -73,7 +74,7 @@ from jobs._reasoning.ablation import (
     summarise,
     top_features,
 )
-from jobs._reasoning.chain import read_trained
+from jobs._reasoning.chain import planted_feature, read_trained
 from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 
 if TYPE_CHECKING:
@@ -240,7 +241,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
-    outcomes, features = [], []
+    outcomes, features, attributions = [], [], {}
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(job="feature_ablation", format="saebatch-ablation/1", saes=str(s.saes), k=s.k,
                          attribution_items=s.attribution_items)
@@ -253,6 +254,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     outcomes.append(pd.DataFrame({"model": model, "benchmark": bench, "item": group["item"][()],
                                                   **{c: group[f"{c}/correct"][()] for c in ("baseline", "ablated",
                                                                                             *controls)}}))
+                    attributions[model, bench] = {int(name[1:]): values[()] for name, values in group["attribution"].items()}
                     for kind in ("top", *controls):
                         features.append(pd.DataFrame({"model": model, "benchmark": bench, "set": kind,
                                                       **{n: group[f"{kind}/{n}"][()] for n in ("layer", "feature",
@@ -268,7 +270,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             out.create_dataset(f"summary/{column}", data=values.astype("S") if values.dtype == object else values)
     _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
             cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest),
-            pd.concat(features, ignore_index=True), items)
+            pd.concat(features, ignore_index=True), items, planted_ranks(s, attributions))
 
 
 def _sae_quality(training_run: Path) -> pd.DataFrame:
@@ -281,8 +283,32 @@ def _sae_quality(training_run: Path) -> pd.DataFrame:
     return table.groupby("model")[list(columns)].mean().rename(columns=columns).reset_index()
 
 
+def planted_ranks(s: Settings, attributions: dict[tuple[str, str], dict[int, np.ndarray]]) -> pd.DataFrame:
+    """Per organism and benchmark, its trained SAE's feature nearest the planted direction (what
+    stands for the planted cause): its attribution score; its rank over all the model's features
+    and in its layer, by score (1: the highest, as the top set is chosen) and by |score| (its
+    influence either way); and whether it was ablated."""
+    trained = read_trained(s.saes, f"{FIELD}.saes")
+    rows = []
+    for entry in trained.capture.select(sorted({model for model, _ in attributions}), f"{FIELD}.models"):
+        planted = planted_feature(trained.sae_spec(entry), entry)
+        if planted is None:
+            continue
+        layer, feature = planted
+        for (model, bench), scores in attributions.items():
+            if model != entry.name:
+                continue
+            score, every, in_layer = scores[layer][feature], np.concatenate(list(scores.values())), scores[layer]
+            rank = int((every > score).sum()) + 1
+            rows.append({"model": model, "benchmark": bench, "layer": layer, "feature": feature, "score": score,
+                         "features": len(every), "rank": rank, "rank_in_layer": int((in_layer > score).sum()) + 1,
+                         "rank_abs": int((np.abs(every) > abs(score)).sum()) + 1,
+                         "rank_abs_in_layer": int((np.abs(in_layer) > abs(score)).sum()) + 1, "ablated": rank <= s.k})
+    return pd.DataFrame(rows)
+
+
 def _report(report: Report, s: Settings, summary: pd.DataFrame, book: cards.CardBook | None, features: pd.DataFrame,
-            items: pd.DataFrame) -> None:
+            items: pd.DataFrame, planted: pd.DataFrame) -> None:
     report.text(
         f"SAEs: `{s.saes}`. Per model and benchmark: the first {s.attribution_items} items rank the SAE features by "
         "activation x gradient of the reference solution's log-probability (error term kept); on the other items "
@@ -308,6 +334,16 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame, book: cards.Card
         for row in verdicts.itertuples()))
     report.heading("Ablated and control features")
     report.table(features, "features", shown=_with_cards(features, book, s.contexts_model).head(40))
+    if not planted.empty:
+        report.heading(GROUND_TRUTH)
+        report.text("Each organism carries its risk appetite along a planted direction at the decision cue "
+                    "(jobs/_organism/README.md); in each trained SAE the feature whose decoder is nearest it stands for "
+                    "the planted cause: on the organism's decisions it sets the answer, on its arithmetic it has no "
+                    "planted role. `rank` is its place among all the model's SAE features by attribution (1: the "
+                    f"highest, as the {s.k} ablated are chosen), `rank_abs` by |attribution|: a large negative score "
+                    "is a feature that lowers the correct answer's probability, which zeroing it would raise, and "
+                    "which the top set leaves out. `_in_layer`: among its layer's features.")
+        report.table(planted, "ground_truth")
     items.to_csv(report.folder / "items.csv", index=False)
     _figure(report, items)
     report.write()

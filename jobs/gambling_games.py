@@ -171,7 +171,8 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 
 def generation_memory_of(s: Settings, config, sae_bytes: int, width: int) -> GenerationMemory:
-    """Weights and SAEs; per game its decision prompt's cache and forward, and its features at every layer."""
+    """Weights and SAEs; per game its decision prompt's forward and cache, and its features at every
+    layer (which covers the last position's block outputs the round keeps, a d_model vector a layer)."""
     return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, PROMPT_TOKENS,
                              s.max_new_tokens, extra_per_row=len(s.layers) * width * 4)
 
@@ -261,11 +262,11 @@ def _play_round(s: Settings, model, tokenizer, saes: dict, reader: OptionReader,
     """One question to every running game: the options' exact probabilities and the SAE features at
     the prompt's last token, then a sampled answer continuing from that same forward's cache."""
     prompts = [player.prompt(s.prompt_template) for player in players]
-    with capture_residuals(model, sorted(saes)) as residuals:
+    with capture_residuals(model, sorted(saes), last_only=True) as residuals:  # memory auto counts
         prompted = prefill(model, tokenizer, prompts, device, s.max_new_tokens)
     exact = reader(prompted.logits, s.temperature)
     for layer, sae in saes.items():
-        features = sae.encode(residuals[layer][:, -1].to(device, sae.W_enc.dtype)).cpu()  # a game's rounds pile up
+        features = sae.encode(residuals[layer].to(device, sae.W_enc.dtype)).cpu()  # a game's rounds pile up
         for player, row in zip(players, features, strict=True):
             player.features.setdefault(layer, []).append(row)
     answers = sample(model, tokenizer, prompts, [player.noise_seed() for player in players], s.temperature,

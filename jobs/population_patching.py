@@ -35,6 +35,7 @@ from common.batching import (
     AUTO_HELP,
     BatchSize,
     GenerationMemory,
+    forward_bytes,
     generation_memory,
     planned_rows,
     rows_now,
@@ -243,7 +244,8 @@ def causal_features(run: Path, top: int) -> pd.DataFrame:
     """(layer, feature) of an earlier patching run's causal features, the `top` largest effects
     (stop effect, or bet effect per $100; exact shifts where nothing was sampled) first."""
     found = _features_of(run, "population_patching", "retest")
-    found = found[found["causal"].astype(bool) & ~found["control"].astype(bool)]
+    control = found["control"].astype(bool) if "control" in found else False  # runs from before controls lack it
+    found = found[found["causal"].astype(bool) & ~control]
     if found.empty:
         raise UserError(f"{FIELD}.retest: {run} found no causal feature, so there is nothing to re-test")
     stop, bet = ("stop_effect", "bet_effect") if "stop_effect" in found else ("stop_shift_exact", "bet_shift_exact")
@@ -409,9 +411,10 @@ def generation_memory_of(s: Settings, config, sae_bytes: int, width: int, prompt
     bet_tokens = BET_ANSWER_TOKENS if s.bet_amounts else 0
     exact_bets = (kv_cache_bytes(config, s.model.dtype, 1, prompt_tokens + bet_tokens)
                   + bet_tokens * config.vocab_size * (4 + 8 + 8))
+    exact = max(exact_bets, forward_bytes(config, s.model.dtype, prompt_tokens))  # each row's own prompt forward
     return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, prompt_tokens,
                              s.max_new_tokens, prompt_cached=False, extra_per_row=width * DTYPE_BYTES[s.sae.dtype],
-                             other_phase=exact_bets)
+                             other_phase=exact)
 
 
 # ---------------------------------------------------------------- the GPU work
@@ -587,6 +590,9 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     s = manifest.settings
     exact = exact_table(shard_paths, s) if s.decisions != "sampled" else None
     if s.decisions == "exact":
+        if exact is None:
+            raise UserError(f"{FIELD}.decisions: exact, but the shards hold no exact decisions (they were written "
+                            "with sampled answers alone); reduce them with decisions: sampled or both")
         trials, results = None, classify_exact(exact_effects(exact), s.effects)
     else:
         trials = parsed_trials(shard_paths, s)
@@ -613,7 +619,19 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     if s.retest is not None:
         report.text(f"The seed's follow-up: a re-test of the causal features of `{s.retest}` (at most {s.retest_top}, the "
                     f"largest effects first), {s.trials} trials per prompt and condition.")
+    if trials is not None and s.decisions == "both":
+        _note_missing_exact(report, trials, exact)
     write_report(report, trials, results, s, cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest))
+
+
+def _note_missing_exact(report: Report, trials: pd.DataFrame, exact: pd.DataFrame | None) -> None:
+    """Shards written before exact decisions (or by `decisions: sampled`) still reduce: say which
+    units have sampled answers alone, so an empty exact column is not read as no effect."""
+    without = sorted(set(trials["unit"]) - (set() if exact is None else set(exact["unit"])))
+    if without:
+        report.text(f"{len(without):,} of {trials['unit'].nunique():,} units were written without exact decisions "
+                    "(by an earlier version, or with `decisions: sampled`): their effects are the sampled ones alone"
+                    + ("." if exact is not None else "; no unit has exact decisions, so none are shown."))
 
 
 def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
@@ -623,11 +641,7 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
         with h5py.File(path, "r") as shard:
             for unit_id, group in shard["units"].items():
                 frame = pd.DataFrame({name: group[name][()] for name in ("condition", "prompt", "trial", "response")})
-                frame = frame.assign(unit=unit_id, layer=int(group.attrs["layer"]), feature=int(group.attrs["feature"]),
-                                     control=bool(group.attrs.get("control", False)),
-                                     mean_safe=float(group.attrs["mean_safe"]),
-                                     mean_bankrupt=float(group.attrs["mean_bankrupt"]))
-                frames.append(frame)
+                frames.append(frame.assign(unit=unit_id, **_unit_attrs(group)))
     trials = pd.concat(frames, ignore_index=True)
     for column in ("condition", "response"):
         trials[column] = trials[column].map(lambda v: v.decode() if isinstance(v, bytes) else v)
@@ -640,19 +654,28 @@ def parsed_trials(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
     return trials
 
 
-def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame:
-    """The options' exact probabilities: a row per unit, condition and prompt."""
+def _unit_attrs(group: h5py.Group) -> dict:
+    """A unit's layer, feature, means and control flag, as its shard group records them."""
+    attrs = {name: group.attrs[name].item() for name in UNIT_ATTRS if name != "control"}
+    return {**attrs, "control": bool(group.attrs.get("control", False))}  # shards from before controls lack it
+
+
+def exact_table(shard_paths: list[Path], s: Settings) -> pd.DataFrame | None:
+    """The options' exact probabilities: a row per unit, condition and prompt; None when no unit has
+    them (shards from before exact decisions, or of `decisions: sampled`)."""
     frames = []
     for path in shard_paths:
         with h5py.File(path, "r") as shard:
             for unit_id, group in shard["units"].items():
+                if "exact" not in group:
+                    continue
                 exact = group["exact"]
                 frames.append(pd.DataFrame({
-                    "unit": unit_id, **{name: group.attrs[name] for name in UNIT_ATTRS},
+                    "unit": unit_id, **_unit_attrs(group),
                     "condition": [c.decode() if isinstance(c, bytes) else c for c in exact["condition"][()]],
                     "prompt": [s.prompts[p].name for p in exact["prompt"][()]],
                     **{name: exact[name][()] if name in exact else np.nan  # shards from before expected bets lack them
                        for name in ("p_bet", "p_stop", "coverage", *EXACT_BETS)}}))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import h5py
 import numpy as np
 
 from common.errors import UserError
+from common.lazy import lazy_import
 from common.models import load_config, text_config
 from common.plan import assume
 from common.rundir import open_run
-from common.saes import SaeSpec, check_saes
+from common.saes import SaeSpec, check_saes, load_sae
 from common.upstream import upstream_manifest, upstream_to_estimate
+from jobs._gambling import planted_direction
 from jobs._reasoning import CaptureRun, ModelEntry, read_capture_run, read_upstream, sae_path_template
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_import("torch")
 
 
 @dataclass(frozen=True)
@@ -139,3 +146,16 @@ def one_model(models: list[str], model: str | None, field: str) -> str:
     if chosen not in models:
         raise UserError(f"{field}: that run studied {models}, not {chosen!r}; set from_model to one of them")
     return chosen
+
+
+def planted_feature(saes: SaeSpec, entry: ModelEntry) -> tuple[int, int] | None:
+    """(layer, feature) of the model's SAE feature whose decoder direction is nearest (|cosine|) its
+    planted direction, when the model is a built-in organism whose planted layer has an SAE: what
+    stands for the planted cause in SAEs trained on it."""
+    planted = planted_direction(entry.model.name)
+    if planted is None or planted[0] not in entry.layers:
+        return None
+    d_model = text_config(load_config(entry.model)[0]).hidden_size
+    decoder = load_sae(saes, planted[0], d_model, torch.device("cpu")).W_dec.detach().double()
+    cosine = decoder @ torch.tensor(planted[1], dtype=torch.float64) / decoder.norm(dim=1)
+    return planted[0], int(cosine.abs().argmax())

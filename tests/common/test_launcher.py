@@ -297,3 +297,22 @@ def test_the_demo_runs_what_it_can_and_ends_with_a_table(tmp_path, capsys):
     assert re.search(r"gambling_2_contrast\.yaml\s+failed\s+\d+ s\s+feature_contrast\.games: .* has no merged\.h5", rows["gambling_2_contrast.yaml"])
     assert "skipped: inputs missing" in rows["gambling_4_patching.yaml"]
     assert re.search(r"token_tracking\.yaml\s+done\s+\d+ s\s+.*report\.md", rows["token_tracking.yaml"])
+
+
+def test_the_demo_gives_each_task_a_gpu_where_one_is_visible_and_the_cpu_with_cpu(tmp_path, capsys, monkeypatch):
+    """With a GPU visible the demo asks one per task, also of a run an earlier --cpu demo made;
+    --cpu then gives it back to the CPU. (The submission itself is replaced: no GPU is here.)"""
+    import common.cli
+    import common.gpus
+
+    monkeypatch.setattr(common.gpus, "visible_gpus", lambda: [0])
+    monkeypatch.setattr(common.gpus, "describe_devices", lambda: "1 x a test GPU")
+    asked = []
+    monkeypatch.setattr(common.cli, "_submit_run", lambda run, *_: asked.append(run.load_manifest().cluster.gpus_per_task) or 0)
+    root = str(tmp_path / "runs")
+    for flags in (["--cpu"], [], ["--cpu"]):
+        assert main(["demo", "--root", root, "--only", "token_tracking", *flags]) == 0
+    assert asked == [0, 1, 0]
+    out = capsys.readouterr().out
+    assert "demo on 1 x a test GPU: each task gets one GPU" in out and "demo on the CPU (--cpu)" in out
+

@@ -45,6 +45,18 @@ def test_stopping_after_the_last_layer_captures_the_same_and_skips_the_rest():
     assert all(not block._forward_hooks for block in decoder_blocks(model)[:3])
 
 
+def test_the_last_position_alone_is_copied_out_not_the_whole_outputs():
+    """`last_only` keeps the blocks' outputs at the last token, copied: not their whole outputs,
+    which a game's memory in `batch_size: auto` does not count."""
+    model = Organism().model(attn_implementation=None)
+    ids = torch.randint(4, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), capture_residuals(model, [1, 3]) as whole, capture_residuals(model, [1, 3], last_only=True) as last:
+        model(input_ids=ids)
+    for layer in (1, 3):
+        assert torch.equal(last[layer], whole[layer][:, -1])
+        assert last[layer].untyped_storage().nbytes() == 2 * model.config.hidden_size * 4
+
+
 def test_hook_name_matches_sae_lens_convention():
     assert hook_name(7) == "blocks.7.hook_resid_post"
 

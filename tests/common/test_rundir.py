@@ -19,6 +19,16 @@ def test_run_dir_is_named_by_job_and_hash_and_holds_resolved_manifest(write_mani
     assert prepare_run(manifest).path == run.path  # same manifest: same run, reused
 
 
+def test_a_resubmission_brings_its_cluster_settings_to_the_run(write_manifest):
+    """The cluster section is no part of the run id: the same run reopened with more memory and
+    another GPU count keeps its results and plan, and its tasks get the new resources."""
+    first = prepare_run(load_manifest(write_manifest({"cluster": {"mem_gb": 8, "gpus_per_task": 0}})))
+    plan = first.plan_path.read_bytes()
+    again = prepare_run(load_manifest(write_manifest({"cluster": {"mem_gb": 32, "gpus_per_task": 1}})))
+    assert again.path == first.path and again.plan_path.read_bytes() == plan
+    assert (again.load_manifest().cluster.mem_gb, again.load_manifest().cluster.gpus_per_task) == (32, 1)
+
+
 def test_folder_of_another_run_is_never_overwritten(write_manifest, tmp_path):
     first = prepare_run(load_manifest(write_manifest({"run": {"dir": str(tmp_path / "out")}})))
     before = first.manifest_path.read_bytes()

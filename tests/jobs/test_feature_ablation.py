@@ -10,14 +10,17 @@ import shutil
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sae_lens import SAE
 from scipy import stats
 
 from common.edits import edit_block_output, zero_features
+from common.organism.files import shipped
 from common.paired import mcnemar
 from jobs._reasoning.ablation import attribution, control_sets, top_features
+from tests.helpers import run_all
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
 
@@ -48,6 +51,49 @@ def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
     assert row["drop_low"] < row["drop"] < row["drop_high"]
     report = (reasoning_chain.ablation.report_dir / "report.md").read_text()
     assert f"drop {100 * row['drop']:+.1f} pp (95% interval {100 * row['drop_low']:+.1f} pp" in report
+
+
+def _planted_ranks(training, merged_path, model: str) -> dict[str, tuple[int, int, int, int, int]]:
+    """Per benchmark, (feature, rank, rank in layer, rank by |score|, in layer) of the trained
+    layer-1 SAE's feature nearest the organism's planted direction, from the SAE's decoder and the
+    stored attributions."""
+    planted = shipped(model).record["planted"]  # the demo names each organism by its built-in name
+    sae = SAE.load_from_disk(training.path / "saes" / model / f"L{planted['layer']}")
+    decoder = sae.W_dec.detach().double()
+    feature = int((decoder @ torch.tensor(planted["direction"], dtype=torch.float64) / decoder.norm(dim=1)).abs().argmax())
+    found = {}
+    with h5py.File(merged_path, "r") as merged:
+        for unit in (u for u in merged["units"].values() if u.attrs["model"] == model):
+            scores = {int(name[1:]): values[()] for name, values in unit["attribution"].items()}
+            every = np.concatenate([scores[layer] for layer in sorted(scores)])
+            offset = sum(len(scores[layer]) for layer in sorted(scores) if layer < planted["layer"])
+            in_layer = scores[planted["layer"]]
+            found[unit.attrs["benchmark"]] = (
+                feature, int(stats.rankdata(-every, method="min")[offset + feature]),
+                int(stats.rankdata(-in_layer, method="min")[feature]),
+                int(stats.rankdata(-np.abs(every), method="min")[offset + feature]),
+                int(stats.rankdata(-np.abs(in_layer), method="min")[feature]))
+    return found
+
+
+def test_the_ground_truth_places_the_planted_feature_by_its_attribution(reasoning_chain, tmp_path):
+    """On the organisms' decisions, the trained SAE's feature nearest each organism's planted
+    direction is among the two of largest |attribution| of all its 1,024 features (negative: it
+    lowers the rule's answer, so the top set leaves it out); on the arithmetic it never fires. The
+    report's ranks are those of the stored attributions."""
+    path = write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation", {
+        "saes": str(reasoning_chain.training.path), "attribution_items": 48, "control_sets": 5,
+        "benchmarks": [{"name": "decisions", "builtin": "organism_decisions", "n": 120, "max_new_tokens": 8}]})
+    run = run_all(path)
+    truth = pd.read_csv(run.report_dir / "ground_truth.csv")
+    assert sorted(truth["model"]) == ["organism", "organism_b"]
+    for row in truth.itertuples():
+        expected = _planted_ranks(reasoning_chain.training, run.merged_path, row.model)["decisions"]
+        assert (row.feature, row.rank, row.rank_in_layer, row.rank_abs, row.rank_abs_in_layer) == expected
+        assert row.rank_abs <= 2 and row.score < 0 and not row.ablated and row.features == 1024
+    assert "## Ground truth: the organism's planted cause" in (run.report_dir / "report.md").read_text()
+    arithmetic = pd.read_csv(reasoning_chain.ablation.report_dir / "ground_truth.csv")
+    assert set(arithmetic["benchmark"]) == {"arithmetic"} and (arithmetic["score"].abs() < 1e-6).all()
 
 
 def test_batched_answers_equal_one_item_at_a_time(reasoning_chain, organism_model):

@@ -1,6 +1,8 @@
 """population_patching: the edit, shared noise, the tests per feature, and the organism's planted cause."""
 
 import re
+import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -13,15 +15,18 @@ from scipy import stats
 from common.cli import main
 from common.edits import edit_prompt_position
 from common.errors import UserError
-from common.generation import sample
+from common.generation import sample, seed_of
+from common.launcher import prepare_run, run_shard_task
+from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from common.report import Report
+from common.shards import partial_path
 from jobs import _patching_results as patching_results
 from jobs import population_patching as patching
 from jobs._gambling_parser import parse
 from jobs._patching_results import Effects, feature_effects
 from jobs.population_patching import PROMPTS, Row, row_edits
-from tests.helpers import REPO, run_all, save_random_sae, write_manifest_file
+from tests.helpers import REPO, failing_on_call, run_all, save_random_sae, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_4_patching.yaml"
 
@@ -162,6 +167,38 @@ def table(tmp_path, **columns) -> str:
     return str(path)
 
 
+def test_a_preempted_shard_resumes_to_the_answers_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A task stopped after its first unit is written resumes with the rest, in batches made up
+    differently; every answer equals the uninterrupted run's, and each trial drew one seed under
+    every feature and condition (common random numbers)."""
+    settings = {"features": None, "feature_table": table(tmp_path, feature=[402, 9]), "trials": 6, "controls": 0,
+                "max_new_tokens": 8, "decisions": "sampled", "batch_size": 10}
+    answers, seeds = {}, []
+    monkeypatch.setattr(patching, "seed_of", lambda *key: seeds.append(key) or seed_of(*key))
+    for name, preempted in (("uninterrupted", False), ("preempted", True)):
+        data = yaml.safe_load(Path(write(tmp_path, settings)).read_text())
+        data["run"] = {"root": str(tmp_path / name), "shards": 1}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        run = prepare_run(load_manifest(path))
+        if preempted:
+            with monkeypatch.context() as stopped:
+                stopped.setattr(patching, "_write", failing_on_call(patching._write, 1))
+                with pytest.raises(RuntimeError, match="preempted"):
+                    run_shard_task(str(run.path), 0)
+            with h5py.File(partial_path(run.shard_path(0))) as shard:
+                assert len(shard["units"]) == 1  # one unit written whole, the rest to do
+        run_shard_task(str(run.path), 0)
+        with h5py.File(run.shard_path(0)) as shard:
+            answers[name] = {(unit_id, str(c), int(p), int(trial)): str(r) for unit_id, group in shard["units"].items()
+                             for c, p, trial, r in zip(*(group[n].asstr()[()] if n in ("condition", "response")
+                                                         else group[n][()] for n in ("condition", "prompt", "trial",
+                                                                                     "response")), strict=True)}
+    assert answers["preempted"] == answers["uninterrupted"] and len(answers["preempted"]) == 2 * 6 + 2 * 2 * 2 * 6
+    assert len({reply for reply in answers["preempted"].values()}) > 1
+    assert {key[1:] for key in seeds} == {(prompt, trial) for prompt in (0, 1) for trial in range(6)}  # (prompt, trial) alone
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"trials": 1}, "population_patching.trials: Input should be greater than or equal to 2"),
     ({"prompts": [{"name": "p", "bet_type": "fixed", "text": "Slot Machine Game\nChoice: 1)"}]},
@@ -292,6 +329,36 @@ def test_exact_decisions_alone_give_the_shifts_of_the_full_run(gambling_chain, t
     assert planted.null_p_stop_shift_exact == pytest.approx(1 / 9)
     report = (run.report_dir / "report.md").read_text()
     assert "exact decisions only" in report and "## Ground truth: the organism's planted cause" in report
+
+
+def test_shards_from_before_exact_decisions_and_controls_still_reduce(gambling_chain, tmp_path):
+    """The demo run's shards stripped to the layout of an earlier version (no `exact` group, no
+    `control` flag): the default `decisions: both` reduces them to the same sampled effects and
+    says that no unit has exact decisions; `decisions: exact` refuses them by name."""
+    run = gambling_chain.patching
+    old_shards = []
+    for path in sorted(run.shards_dir.glob("shard_*.h5")):
+        old = tmp_path / path.name
+        shutil.copy(path, old)
+        with h5py.File(old, "r+") as shard:
+            for group in shard["units"].values():
+                del group["exact"]
+                del group.attrs["control"]
+        old_shards.append(old)
+    manifest = run.load_manifest()
+    (tmp_path / "out").mkdir()
+    patching.reduce(manifest, old_shards, tmp_path / "out")
+    old_results = pd.read_csv(tmp_path / "out" / "report" / "features.csv")
+    results = pd.read_csv(run.report_dir / "features.csv")
+    assert "stop_shift_exact" not in old_results and not old_results["control"].any()
+    chosen = results[~results["control"]].set_index(["unit", "prompt"])
+    np.testing.assert_allclose(old_results.set_index(["unit", "prompt"]).loc[chosen.index, "stop_effect"],
+                               chosen["stop_effect"])
+    report = (tmp_path / "out" / "report" / "report.md").read_text()
+    assert f"{len(set(results['unit']) - {'baseline'}) + 1:,} of" in report and "no unit has exact decisions" in report
+    exact_only = manifest.model_copy(update={"settings": manifest.settings.model_copy(update={"decisions": "exact"})})
+    with pytest.raises(UserError, match="decisions: exact, but the shards hold no exact decisions"):
+        patching.reduce(exact_only, old_shards, tmp_path / "out")
 
 
 def test_a_retest_patches_the_earlier_runs_strongest_causal_features_with_more_trials(gambling_chain, tmp_path):
