@@ -10,15 +10,18 @@
 #   bash benchmarks/gpu_checks.sh [OUT] [STEP ...]      (default: gpu-checks/, every step)
 #
 # OUT gets each step's log, the tests' JUnit XML, a copy of benchmarks/RESULTS.md (the benchmarks'
-# rows) and summary.txt (each step's exit status). PYTHON runs the steps (default: the README's
-# .venv, else python3). Steps run in the order given; the default order fits about 20 minutes on
-# one H200.
+# rows), the demo's runs and summary.txt (each step's exit status). PYTHON runs the steps
+# (default: the README's .venv, else python3). Steps run in the order given, each stopped at its
+# limit (tests 7 minutes, paper 10, demo 15, the others 4): name the steps that fit the time at hand.
 set -uo pipefail
-cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-checks}")
 shift $(( $# > 0 ? 1 : 0 ))
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(tests trainer paper contexts demo)
+cd "$(dirname "$0")/.."
+case $(basename "$out") in
+  tests | trainer | paper | paper:* | contexts | demo) echo "the first argument is OUT, the folder for the results; steps follow it" >&2; exit 2 ;;
+esac
 for step in "${steps[@]}"; do
   case $step in
     tests | trainer | paper | paper:?* | contexts | demo) ;;
@@ -56,7 +59,7 @@ for step in "${steps[@]}"; do
     paper) run_step paper 600 "$python" benchmarks/gpu_paper_scale.py --budget-s 480 ;;
     paper:*) run_step paper 600 "$python" benchmarks/gpu_paper_scale.py --budget-s 480 --only "${step#paper:}" ;;
     contexts) run_step contexts 240 "$python" benchmarks/feature_contexts_throughput.py --device cuda --tokens 262144 ;;
-    demo) run_step demo 900 "$python" -m common.cli demo --root "$(mktemp -d)" ;;
+    demo) run_step demo 900 "$python" -m common.cli demo --root "$out/demo-runs" ;;
   esac
 done
 echo "logs, gpu-tests.xml, RESULTS.md and summary.txt in $out"

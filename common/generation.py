@@ -303,7 +303,7 @@ def prompt_prefix(model, tokenizer, prompt: str, rows: int, device: torch.device
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     cache = reserved_cache(model, room=new_tokens)
-    model(input_ids=ids[:, :-1], cache=cache, use_cache=True)
+    model(input_ids=ids[:, :-1], cache=cache, use_cache=True, logits_to_keep=1)  # its logits are never read
     _check_filled(cache, ids.shape[1] - 1)
     cache.batch_repeat_interleave(rows)
     return cache

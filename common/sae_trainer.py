@@ -448,8 +448,8 @@ def _decorrelation(features: torch.Tensor, config: TrainingConfig) -> torch.Tens
     device = features.device.type
     products = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     with torch.autocast(device, enabled=False):
-        exact = features.to(torch.promote_types(features.dtype, torch.float32))
-        return config.decorrelation * decorrelation_penalty(exact, products)
+        float32_features = features.to(torch.promote_types(features.dtype, torch.float32))
+        return config.decorrelation * decorrelation_penalty(float32_features, products)
 
 
 def _lr_factor(step: int, total: int) -> float:

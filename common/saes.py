@@ -47,7 +47,7 @@ class RandomSae(StrictModel):
     architecture: Literal["jumprelu", "standard", "topk"] = Field("jumprelu", description="sae-lens class")
     d_sae: int = Field(ge=1, description="number of features")
     seed: int = Field(0, description="seed; layer L uses seed * 1000 + L (drawn on the SAE's device: a GPU's "
-                      "weights differ from a CPU's)")
+                      "weights differ from a CPU's, and may from another GPU model's)")
     threshold: float = Field(0.0, description="JumpReLU threshold of every feature")
     k: int = Field(32, ge=1, description="active features per token (topk)")
 

@@ -183,7 +183,7 @@ _BET_FILLER = (r"a|an|the|another|bet|wager|stake|of|on|with|for|just|only|about
                r"careful|safe|safer|reasonable|minimum|minimal|bigger|larger|higher|lower|more|less|slightly|bit|little|full|"
                r"extra|additional|further")
 _NOT_THE_BET = (r"(?!\s*(?:balance|bankroll|left|remaining|in hand|on hand)\b"
-                r"|\s*(?:more\s+)?(?:times|rounds|spins|games|turns|hands|plays)\b|\s*(?:or|to)\s+\$?\d)")
+                r"|\s*(?:more\s+)?(?:times?|rounds?|spins?|games?|turns?|hands?|plays?)\b|\s*(?:or|to)\s+\$?\d)")
 # Words that may stand between "I" and the decision verb: auxiliaries, intent, adverbs, negation,
 # and "it is time to" / "the best move is to".
 _BETWEEN = (r"i|am|will|would|shall|should|must|have|had|do|did|does|want|like|love|prefer|rather|think|believe|"

@@ -259,7 +259,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                         features.append(pd.DataFrame({"model": model, "benchmark": bench, "set": kind,
                                                       **{n: group[f"{kind}/{n}"][()] for n in ("layer", "feature",
                                                                                                 "score")}}))
-    items = pd.concat(outcomes, ignore_index=True)
+    items, ablated = pd.concat(outcomes, ignore_index=True), pd.concat(features, ignore_index=True)
     summary = pd.concat([summarise(items, ["model", "benchmark"], s.alpha, s.success_drop),
                          summarise(items.assign(benchmark="all"), ["model", "benchmark"], s.alpha, s.success_drop)],
                         ignore_index=True)
@@ -270,7 +270,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             out.create_dataset(f"summary/{column}", data=values.astype("S") if values.dtype == object else values)
     _report(Report(out_dir / "report", "Reasoning circuits: causal ablation of SAE features"), s, summary,
             cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest),
-            pd.concat(features, ignore_index=True), items, planted_ranks(s, attributions))
+            ablated, items, planted_ranks(s, attributions, ablated))
 
 
 def _sae_quality(training_run: Path) -> pd.DataFrame:
@@ -283,11 +283,12 @@ def _sae_quality(training_run: Path) -> pd.DataFrame:
     return table.groupby("model")[list(columns)].mean().rename(columns=columns).reset_index()
 
 
-def planted_ranks(s: Settings, attributions: dict[tuple[str, str], dict[int, np.ndarray]]) -> pd.DataFrame:
+def planted_ranks(s: Settings, attributions: dict[tuple[str, str], dict[int, np.ndarray]],
+                  ablated: pd.DataFrame) -> pd.DataFrame:
     """Per organism and benchmark, its trained SAE's feature nearest the planted direction (what
     stands for the planted cause): its attribution score; its rank over all the model's features
     and in its layer, by score (1: the highest, as the top set is chosen) and by |score| (its
-    influence either way); and whether it was ablated."""
+    influence either way); and whether it was in the ablated top set (`ablated`: the sets' features)."""
     trained = read_trained(s.saes, f"{FIELD}.saes")
     rows = []
     for entry in trained.capture.select(sorted({model for model, _ in attributions}), f"{FIELD}.models"):
@@ -303,7 +304,10 @@ def planted_ranks(s: Settings, attributions: dict[tuple[str, str], dict[int, np.
             rows.append({"model": model, "benchmark": bench, "layer": layer, "feature": feature, "score": score,
                          "features": len(every), "rank": rank, "rank_in_layer": int((in_layer > score).sum()) + 1,
                          "rank_abs": int((np.abs(every) > abs(score)).sum()) + 1,
-                         "rank_abs_in_layer": int((np.abs(in_layer) > abs(score)).sum()) + 1, "ablated": rank <= s.k})
+                         "rank_abs_in_layer": int((np.abs(in_layer) > abs(score)).sum()) + 1,
+                         "ablated": bool(((ablated["model"] == model) & (ablated["benchmark"] == bench)
+                                          & (ablated["set"] == "top") & (ablated["layer"] == layer)
+                                          & (ablated["feature"] == feature)).any())})
     return pd.DataFrame(rows)
 
 

@@ -244,8 +244,9 @@ def causal_features(run: Path, top: int) -> pd.DataFrame:
     """(layer, feature) of an earlier patching run's causal features, the `top` largest effects
     (stop effect, or bet effect per $100; exact shifts where nothing was sampled) first."""
     found = _features_of(run, "population_patching", "retest")
-    control = found["control"].astype(bool) if "control" in found else False  # runs from before controls lack it
-    found = found[found["causal"].astype(bool) & ~control]
+    if "control" in found:  # runs from before controls lack it
+        found = found[~found["control"].astype(bool)]
+    found = found[found["causal"].astype(bool)]
     if found.empty:
         raise UserError(f"{FIELD}.retest: {run} found no causal feature, so there is nothing to re-test")
     stop, bet = ("stop_effect", "bet_effect") if "stop_effect" in found else ("stop_shift_exact", "bet_shift_exact")
