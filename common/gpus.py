@@ -23,21 +23,18 @@ else:
 CPU_FIX = "or set cluster.gpus_per_task: 0 and model.device: cpu to run on the CPU"
 
 
-def visible_gpus() -> list[int]:
-    """The indices of the GPUs this process may use, as CUDA_VISIBLE_DEVICES numbers them for
-    child processes (so that a task given index i gets the same physical GPU as here)."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them for child processes: its
+    indices or UUIDs (GPU-..., MIG-...), so that a task handed an entry gets the same physical GPU
+    as here; every GPU by index when it is unset."""
     count = torch.cuda.device_count()
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is None:
-        return list(range(count))
-    entries = [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
-    if not all(entry.isdigit() for entry in entries):
-        raise UserError(f"CUDA_VISIBLE_DEVICES={listed} names GPUs by UUID; --executor local hands out "
-                        "GPUs by index: set CUDA_VISIBLE_DEVICES to indices (e.g. 0,1)")
-    return [int(entry) for entry in entries]
+        return [str(index) for index in range(count)]
+    return [entry.strip() for entry in listed.split(",") if entry.strip()][:count]
 
 
-def gpu_slots(gpus: list[int], gpus_per_task: int) -> list[list[int]]:
+def gpu_slots(gpus: list[str], gpus_per_task: int) -> list[list[str]]:
     """Disjoint groups of `gpus_per_task` GPUs, one per task that may run at once."""
     if gpus_per_task < 1:
         raise ValueError("gpu slots are for tasks that ask for at least one GPU")

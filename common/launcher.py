@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -279,7 +280,7 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: Seque
     return submission
 
 
-def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[list[int]]) -> Submission:
+def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[list[str]]) -> Submission:
     """Start the shards locally a GPU slot at a time, showing the progress of those started while
     later ones wait; a `saebatch cancel` meanwhile stops the rest from starting."""
     plan = run.load_plan()
@@ -299,7 +300,7 @@ def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[l
     return submission
 
 
-def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[int]], poll_seconds: float = 1.0,
+def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[str]], poll_seconds: float = 1.0,
                      idle: Callable[[], None] | None = None, stop: Callable[[], bool] | None = None) -> Iterator[Any]:
     """Start `function(*call)` for each call on the local executor, each with a slot of GPUs to
     itself (its CUDA_VISIBLE_DEVICES): as many at once as there are slots, the next one as soon
@@ -316,9 +317,13 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[in
         if stop is not None and stop():
             return
         slot = free[0]
-        executor.update_parameters(gpus_per_node=len(slots[slot]), visible_gpus=slots[slot])
+        gpus = ",".join(slots[slot])
+        # Set by the task's shell, not submitit's `visible_gpus`, which takes indices only: a
+        # machine may name its GPUs by UUID.
+        executor.update_parameters(gpus_per_node=len(slots[slot]),
+                                   setup=[f"export CUDA_VISIBLE_DEVICES={shlex.quote(gpus)}"])
         running[slot] = executor.submit(function, *call)
-        log.info("local task %s runs on GPU(s) %s", running[slot].job_id, ",".join(map(str, slots[slot])))
+        log.info("local task %s runs on GPU(s) %s", running[slot].job_id, gpus)
         yield running[slot]
 
 

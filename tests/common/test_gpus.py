@@ -13,7 +13,7 @@ import torch
 
 from common.cli import main
 from common.errors import UserError
-from common.gpus import gpu_slots, require_gpus
+from common.gpus import gpu_slots, require_gpus, visible_gpus
 from common.launcher import prepare_run, run_in_gpu_slots, run_shard_task
 from common.manifest_file import load_manifest
 from common.models import ModelSpec, input_device
@@ -23,15 +23,29 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happe
 
 
 def test_gpu_slots_are_disjoint_groups_of_the_requested_size():
-    assert gpu_slots([0, 1, 2, 3], 1) == [[0], [1], [2], [3]]
-    assert gpu_slots([0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
-    assert gpu_slots([2, 5, 7], 2) == [[2, 5]]  # the third GPU cannot hold a task of two
+    assert gpu_slots(["0", "1", "2", "3"], 1) == [["0"], ["1"], ["2"], ["3"]]
+    assert gpu_slots(["0", "1", "2", "3"], 2) == [["0", "1"], ["2", "3"]]
+    assert gpu_slots(["2", "5", "7"], 2) == [["2", "5"]]  # the third GPU cannot hold a task of two
+
+
+@pytest.mark.parametrize(("listed", "expected"), [(None, ["0", "1"]), ("3,1", ["3", "1"]), (" 1 , ", ["1"]),
+                                                  ("GPU-8f6a1c2e-aa,GPU-11d0", ["GPU-8f6a1c2e-aa", "GPU-11d0"]),
+                                                  ("MIG-4a2e", ["MIG-4a2e"]), ("0,1,2,3", ["0", "1"])])
+def test_visible_gpus_are_named_as_cuda_visible_devices_names_them(monkeypatch, listed, expected):
+    """Indices or UUIDs, as a task's CUDA_VISIBLE_DEVICES must name them to reach the same GPU;
+    no more than CUDA counts (2 here)."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    if listed is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert visible_gpus() == expected
 
 
 def test_too_few_gpus_for_a_task_names_the_fields():
     with pytest.raises(UserError, match=r"cluster\.gpus_per_task is 2, but --executor local sees 1 GPU.*"
                                         r"cluster\.gpus_per_task: 0 and model\.device: cpu"):
-        gpu_slots([0], 2)
+        gpu_slots(["0"], 2)
 
 
 @no_gpu
@@ -78,11 +92,12 @@ def test_local_tasks_take_turns_on_gpu_slots(tmp_path):
     executor = submitit.LocalExecutor(folder=tmp_path / "logs")
     executor.update_parameters(timeout_min=2)
     outs = [str(tmp_path / f"task{k}.json") for k in range(3)]
-    jobs = list(run_in_gpu_slots(executor, _record_visible_gpus, [(out, 2.0) for out in outs], [[3], [5]], poll_seconds=0.2))
+    slots = [["3"], ["GPU-5b0e7c1d-uuid"]]  # by index or by UUID, as CUDA_VISIBLE_DEVICES names them
+    jobs = list(run_in_gpu_slots(executor, _record_visible_gpus, [(out, 2.0) for out in outs], slots, poll_seconds=0.2))
     for job in jobs:
         job.result()
     records = [json.loads(open(out).read()) for out in outs]
-    assert [r["gpus"] for r in records[:2]] == ["3", "5"]
-    assert records[2]["gpus"] in ("3", "5")
+    assert [r["gpus"] for r in records[:2]] == ["3", "GPU-5b0e7c1d-uuid"]
+    assert records[2]["gpus"] in ("3", "GPU-5b0e7c1d-uuid")
     earlier = next(r for r in records[:2] if r["gpus"] == records[2]["gpus"])
     assert records[2]["start"] >= earlier["end"]  # waited for its GPU to be free

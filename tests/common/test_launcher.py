@@ -305,7 +305,7 @@ def test_the_demo_gives_each_task_a_gpu_where_one_is_visible_and_the_cpu_with_cp
     import common.cli
     import common.gpus
 
-    monkeypatch.setattr(common.gpus, "visible_gpus", lambda: [0])
+    monkeypatch.setattr(common.gpus, "visible_gpus", lambda: ["0"])
     monkeypatch.setattr(common.gpus, "describe_devices", lambda: "1 x a test GPU")
     asked = []
     monkeypatch.setattr(common.cli, "_submit_run", lambda run, *_: asked.append(run.load_manifest().cluster.gpus_per_task) or 0)
