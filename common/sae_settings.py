@@ -42,7 +42,11 @@ class TrainingConfig(StrictModel):
     log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
     seed: int = Field(0, description="seed of the initialisation, split and batch order")
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints of the training state, from which "
-                                  "a requeued task resumes to the same SAE; 0: none")
+                                  "a requeued task resumes to the same SAE, at the least; 0: none")
+    checkpoint_minutes: float = Field(10, ge=0, description="minutes between checkpoints, at the least: a checkpoint "
+                                      "is written at the first multiple of checkpoint_every steps this long after "
+                                      "the last (a GPU takes 500 steps in seconds, and a checkpoint of a wide SAE's "
+                                      "weights and Adam state is gigabytes); 0: at every multiple")
     precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
                                  "float32); bf16 (autocast: bfloat16 matmuls, the decorrelation's too, with float32 "
                                  "weights, Adam state and reductions); auto: bf16 on a GPU, float32 on a CPU")

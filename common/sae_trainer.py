@@ -53,7 +53,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -173,7 +173,7 @@ def train_sae(activations: Source, config: TrainingConfig, hook_name: str, model
     """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed,
     whole groups at a time when `groups` (a group id per token: its item or document) is given.
 
-    With `checkpoint`, the training state is saved there every `checkpoint_every` steps, and a run
+    With `checkpoint`, the training state is saved there (`CheckpointClock` says when), and a run
     that finds one resumes from it, ending with the weights an uninterrupted run ends with (the
     caller removes it once the SAE is stored)."""
     return train_saes([LayerToTrain(activations, hook_name, checkpoint)], config, model_name, device, desc, groups)[0]
@@ -196,16 +196,20 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
     precision = resolved_precision(config.precision, device)
     first_step = min(state.step for state in states)
     batches = Batches([layer.activations for layer in layers], order, split.generator, first_step, device, scales)
+    checkpoints = CheckpointClock(config.checkpoint_every, 60 * config.checkpoint_minutes)
     started = time.perf_counter()
     with tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
             tf32_products(precision == "tf32"):
         for step, xs in batches:
+            saving = checkpoints.due(step + 1)
             for state, x in zip(states, xs, strict=True):
                 if step < state.step:
                     continue  # done before this SAE's checkpoint
                 state.train_step(x, config, precision)
-                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                if saving:
                     state.save()
+            if saving:
+                checkpoints.saved()
             progress.update()
             shown = states[0].curves
             progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}")
@@ -225,6 +229,27 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
     return trained
 
 
+@dataclass
+class CheckpointClock:
+    """When training state is saved: at a multiple of `every` steps once `seconds` have passed
+    since the last save (or the start). On a GPU, 500 steps of a 32k SAE take some ten seconds,
+    and each checkpoint (weights and Adam state, 3 GB at d_in 4096) would take seconds to write."""
+
+    every: int
+    seconds: float
+    clock: Callable[[], float] = time.monotonic
+    last: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.last = self.clock()
+
+    def due(self, steps_done: int) -> bool:
+        return bool(self.every) and steps_done % self.every == 0 and self.clock() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
 def _start(layer: LayerToTrain, split: Split, order: DataOrder, config: TrainingConfig, device: torch.device,
            label: str) -> tuple[TrainingState, float]:
     """A layer's training state, resumed from its checkpoint if one of this training is there, and
@@ -234,8 +259,8 @@ def _start(layer: LayerToTrain, split: Split, order: DataOrder, config: Training
     state = TrainingState.start(initial_weights(mean, scale, config, split.generator, device), config, order.steps,
                                 device)
     state.checkpoint = layer.checkpoint
-    state.fingerprint = json.dumps([config.model_dump(mode="json"), len(split.train_rows), len(mean), scale,
-                                    layer.hook_name])
+    trained_by = config.model_dump(mode="json", exclude={"checkpoint_every", "checkpoint_minutes"})  # not by these
+    state.fingerprint = json.dumps([trained_by, len(split.train_rows), len(mean), scale, layer.hook_name])
     if state.resume():
         log.info("%s: resuming from step %d of %d (%s)", label, state.step, order.steps, layer.checkpoint)
     return state, scale

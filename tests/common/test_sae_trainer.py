@@ -10,6 +10,7 @@ from common.decorrelation import decorrelation_penalty
 from common.sae_quality import evaluate
 from common.sae_trainer import (
     DECODER_INIT_NORM,
+    CheckpointClock,
     TrainingConfig,
     _JumpReLU,
     _loss_terms,
@@ -432,7 +433,7 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     from common import sae_trainer
 
     data = sparse_data(tokens=2000, d_in=16)
-    settings = config(activation=activation, k=3, epochs=4, checkpoint_every=10, decorrelation=0.01,
+    settings = config(activation=activation, k=3, epochs=4, checkpoint_every=10, checkpoint_minutes=0, decorrelation=0.01,
                       dead_after_tokens=300, resample_every=7, aux_k=4 if activation == "topk" else 0)
     whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
     checkpoint = tmp_path / "unit.pt"
@@ -450,3 +451,35 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     fresh = train_sae(data, other, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert "was written by another training" in caplog.text
     assert torch.equal(fresh.sae.W_dec, train_sae(data, other, "h", "m", torch.device("cpu")).sae.W_dec)
+
+
+def test_checkpoints_wait_for_their_minutes_then_the_next_multiple_of_their_steps():
+    """A clock of one minute a reading: saves at multiples of 5 steps, once 2 minutes have passed."""
+    minutes = iter(range(1000))
+    clock = CheckpointClock(every=5, seconds=120, clock=lambda: 60 * next(minutes))  # starts at minute 0
+    saved = []
+    for step in range(1, 41):
+        if clock.due(step):  # reads the clock at multiples of 5 only
+            saved.append(step)
+            clock.saved()
+    assert saved == [10, 20, 30, 40]  # at 5: 1 minute; at 10: 2, saved (minute 3); at 15: minute 4...
+    assert not any(CheckpointClock(every=0, seconds=0).due(step) for step in range(1, 20))
+    assert [step for step in range(1, 12) if CheckpointClock(every=5, seconds=0).due(step)] == [5, 10]
+
+
+def test_a_short_training_writes_no_checkpoint_before_its_minutes_and_resumes_whatever_they_are(tmp_path, caplog):
+    """The default ten minutes: seconds of training save nothing. A checkpoint written at another
+    interval is still this training's: the interval changes when it is saved, not what is trained."""
+    data = sparse_data(tokens=2000, d_in=16)
+    checkpoint = tmp_path / "unit.pt"
+    train_sae(data, config(epochs=2, checkpoint_every=5), "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    assert not checkpoint.exists()
+    train_sae(data, config(epochs=2, checkpoint_every=5, checkpoint_minutes=0), "h", "m", torch.device("cpu"),
+              checkpoint=checkpoint)
+    steps = torch.load(checkpoint, weights_only=False)["step"]
+    assert steps % 5 == 0 and steps > 0
+    with caplog.at_level("INFO", logger="common.sae_trainer"):
+        resumed = train_sae(data, config(epochs=2, checkpoint_every=7), "h", "m", torch.device("cpu"),
+                            checkpoint=checkpoint)
+    assert f"resuming from step {steps} of 14" in caplog.text
+    assert resumed.curves == train_sae(data, config(epochs=2), "h", "m", torch.device("cpu")).curves

@@ -82,7 +82,7 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
     from common.launcher import plan_manifest, prepare_run, reduce_task, run_shard_task
 
     sae = {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2, "batch_size": 256, "checkpoint_every": 4,
-           "shuffle_buffer_tokens": 2048}
+           "checkpoint_minutes": 0, "shuffle_buffer_tokens": 2048}
     runs = {}
     for name, one_pass in (("layer_by_layer", False), ("preempted", True)):
         (tmp_path / name).mkdir()
