@@ -52,7 +52,7 @@ from common.models import (
 )
 from common.plan import Estimate, WorkUnit
 from common.report import Report
-from common.runtime import Work, model_size
+from common.runtime import CHARS_PER_TOKEN, Work, model_size
 from common.saes import SaeSpec, check_saes, load_sae
 from common.shards import ShardWriter, merge_shards
 from common.sparse import to_csr, write_csr
@@ -144,7 +144,16 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
 
 
 DECISIONS_PER_GAME = 10  # assumed: games of the published runs last a few rounds to a few dozen
-PROMPT_TOKENS = 400  # assumed: a decision prompt with its history of up to five rounds
+
+
+def longest_prompt(s: Settings) -> str:
+    """A bound on these games' decision prompts: every component, the largest numbers a game can
+    show (the balance after winning every round at the largest bet), a full history of losses and
+    its warning, and the longer bet option."""
+    top = slot_machine.START_BALANCE + s.max_rounds * slot_machine.net_win(slot_machine.MAX_BET)
+    history = [slot_machine.Round(number, slot_machine.MAX_BET, False, top) for number in range(1, s.max_rounds)]
+    return max((slot_machine.render(s.prompt_template, top, s.max_rounds, history, tuple(s.components), bet_type)
+                for bet_type in s.bet_types), key=len, default="")
 
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
@@ -153,27 +162,29 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config = text_config(config)
     width, assumed_width = sae_width(s)
     decisions = len(units) * DECISIONS_PER_GAME
+    prompt_tokens = int(len(longest_prompt(s)) / CHARS_PER_TOKEN) + 1
     notes = [f"model architecture from {source}",
              f"output and runtime assume {DECISIONS_PER_GAME} decisions per game (a game may last up to "
              f"{s.max_rounds} rounds), 100 active SAE features per layer at each; memory assumes prompts of "
-             f"{PROMPT_TOKENS} tokens" + (f" and SAEs {width} wide" if assumed_width else "")]
+             f"{prompt_tokens} tokens (the longest prompt at {CHARS_PER_TOKEN} characters a token; a task counts "
+             "them)" + (f" and SAEs {width} wide" if assumed_width else "")]
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
     saes = len(s.layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype if s.sae else "float32"]
-    memory = generation_memory_of(s, config, saes, width)  # every layer's SAE stays loaded
+    memory = generation_memory_of(s, config, saes, width, prompt_tokens)  # every layer's SAE stays loaded
     batch_size = planned_rows(s.batch_size, memory)
     model = model_size(s.model)
     work = (Work("load", model.weight_bytes + saes, label=f"{model.name} and {len(s.layers)} SAE(s)"),
-            Work("forward", decisions * PROMPT_TOKENS, model, label=f"{decisions:,} decision prompts"),
+            Work("forward", decisions * prompt_tokens, model, label=f"{decisions:,} decision prompts"),
             Work("decode", decisions * s.max_new_tokens, model, rows=min(batch_size, len(units)),
                  label=f"{decisions:,} answers of up to {s.max_new_tokens} tokens"))
     return Estimate(output_bytes=out, task_memory_bytes=memory.peak(min(batch_size, len(units))), notes=tuple(notes),
                     work=work)
 
 
-def generation_memory_of(s: Settings, config, sae_bytes: int, width: int) -> GenerationMemory:
+def generation_memory_of(s: Settings, config, sae_bytes: int, width: int, prompt_tokens: int) -> GenerationMemory:
     """Weights and SAEs; per game its decision prompt's forward and cache, and its features at every
     layer (which covers the last position's block outputs the round keeps, a d_model vector a layer)."""
-    return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, PROMPT_TOKENS,
+    return generation_memory(config, s.model.dtype, parameter_bytes(config, s.model.dtype) + sae_bytes, prompt_tokens,
                              s.max_new_tokens, extra_per_row=len(s.layers) * width * 4)
 
 
@@ -234,7 +245,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     saes = {layer: load_sae(s.needed_sae, layer, config.hidden_size, device) for layer in s.layers}
     memory = generation_memory_of(s, text_config(load_config(s.model)[0]),
                                   sum(p.numel() * p.element_size() for sae in saes.values() for p in sae.parameters()),
-                                  max((sae.cfg.d_sae for sae in saes.values()), default=0))
+                                  max((sae.cfg.d_sae for sae in saes.values()), default=0),
+                                  len(tokenizer(longest_prompt(s)).input_ids))
     s = s.model_copy(update={"batch_size": rows_now(s.batch_size, memory, device)})
     assert isinstance(s.batch_size, int)  # "auto" resolved
     shard.set_attrs(batch_size=s.batch_size, model=s.model.name, model_dtype=s.model.dtype, layers=s.layers, layer_convention=CONVENTION,
