@@ -16,6 +16,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -318,10 +319,11 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[st
             return
         slot = free[0]
         gpus = ",".join(slots[slot])
-        # Set by the task's shell, not submitit's `visible_gpus`, which takes indices only: a
-        # machine may name its GPUs by UUID.
-        executor.update_parameters(gpus_per_node=len(slots[slot]),
-                                   setup=[f"export CUDA_VISIBLE_DEVICES={shlex.quote(gpus)}"])
+        # Set in the task's command, not by submitit's `visible_gpus`, which takes indices only (a
+        # machine may name its GPUs by UUID); `env` execs the Python, so the task is still the
+        # controller's child, which `saebatch cancel` interrupts.
+        executor.update_parameters(gpus_per_node=len(slots[slot]))
+        executor.python = f"env CUDA_VISIBLE_DEVICES={shlex.quote(gpus)} {shlex.quote(sys.executable)}"
         running[slot] = executor.submit(function, *call)
         log.info("local task %s runs on GPU(s) %s", running[slot].job_id, gpus)
         yield running[slot]

@@ -83,12 +83,14 @@ def _record_visible_gpus(out: str, seconds: float) -> None:
     start = time.time()
     time.sleep(seconds)
     with open(out, "w") as file:
-        json.dump({"gpus": os.environ["CUDA_VISIBLE_DEVICES"], "start": start, "end": time.time()}, file)
+        json.dump({"gpus": os.environ["CUDA_VISIBLE_DEVICES"], "parent": os.getppid(), "start": start,
+                   "end": time.time()}, file)
 
 
 def test_local_tasks_take_turns_on_gpu_slots(tmp_path):
-    """Three tasks on two one-GPU slots: each sees only its own GPU, and no GPU runs two at once.
-    (CUDA_VISIBLE_DEVICES is only an environment variable here; no GPU is touched.)"""
+    """Three tasks on two one-GPU slots: each sees only its own GPU, and no GPU runs two at once;
+    each is its controller's child, where `saebatch cancel` looks for it. (CUDA_VISIBLE_DEVICES
+    is only an environment variable here; no GPU is touched.)"""
     executor = submitit.LocalExecutor(folder=tmp_path / "logs")
     executor.update_parameters(timeout_min=2)
     outs = [str(tmp_path / f"task{k}.json") for k in range(3)]
@@ -99,5 +101,6 @@ def test_local_tasks_take_turns_on_gpu_slots(tmp_path):
     records = [json.loads(open(out).read()) for out in outs]
     assert [r["gpus"] for r in records[:2]] == ["3", "GPU-5b0e7c1d-uuid"]
     assert records[2]["gpus"] in ("3", "GPU-5b0e7c1d-uuid")
+    assert [r["parent"] for r in records] == [int(job.job_id) for job in jobs]
     earlier = next(r for r in records[:2] if r["gpus"] == records[2]["gpus"])
     assert records[2]["start"] >= earlier["end"]  # waited for its GPU to be free
