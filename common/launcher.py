@@ -16,7 +16,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -308,6 +307,7 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[st
     as a slot is free. Yields the submitit jobs in the order of `calls` as they start; calls
     `idle()` while it waits for a slot, and starts no more once `stop()` is true."""
     running: dict[int, Any] = {}  # slot index -> the job holding it
+    python = executor.python
     for call in calls:
         free = [k for k in range(len(slots)) if k not in running or running[k].done()]
         while not free:
@@ -322,9 +322,11 @@ def run_in_gpu_slots(executor, function, calls: list[tuple], slots: list[list[st
         # Set in the task's command, not by submitit's `visible_gpus`, which takes indices only (a
         # machine may name its GPUs by UUID); `env` execs the Python, so the task is still the
         # controller's child, which `saebatch cancel` interrupts.
-        executor.update_parameters(gpus_per_node=len(slots[slot]))
-        executor.python = f"env CUDA_VISIBLE_DEVICES={shlex.quote(gpus)} {shlex.quote(sys.executable)}"
-        running[slot] = executor.submit(function, *call)
+        executor.python = f"env CUDA_VISIBLE_DEVICES={shlex.quote(gpus)} {python}"
+        try:
+            running[slot] = executor.submit(function, *call)
+        finally:
+            executor.python = python
         log.info("local task %s runs on GPU(s) %s", running[slot].job_id, gpus)
         yield running[slot]
 

@@ -41,12 +41,12 @@ class TrainingConfig(StrictModel):
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="tokens held out for the reported metrics")
     log_every: int = Field(10, ge=1, description="steps between points of the loss curves")
     seed: int = Field(0, description="seed of the initialisation, split and batch order")
-    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints of the training state, from which "
-                                  "a requeued task resumes to the same SAE, at the least; 0: none")
-    checkpoint_minutes: float = Field(10, ge=0, description="minutes between checkpoints, at the least: a checkpoint "
-                                      "is written at the first multiple of checkpoint_every steps this long after "
-                                      "the last (a GPU takes 500 steps in seconds, and a checkpoint of a wide SAE's "
-                                      "weights and Adam state is gigabytes); 0: at every multiple")
+    checkpoint_every: int = Field(500, ge=0, description="checkpoints of the training state, from which a requeued "
+                                  "task resumes to the same SAE, fall on multiples of this many steps; 0: none")
+    checkpoint_minutes: float = Field(10, ge=0, description="a checkpoint is written at the first multiple of "
+                                      "checkpoint_every steps this many minutes after the last (at GPU speed 500 "
+                                      "steps take seconds, and a wide SAE's checkpoint is gigabytes); 0: at every "
+                                      "multiple. Keep it under half of cluster.timeout_min")
     precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
                                  "float32); bf16 (autocast: bfloat16 matmuls, the decorrelation's too, with float32 "
                                  "weights, Adam state and reductions); auto: bf16 on a GPU, float32 on a CPU")

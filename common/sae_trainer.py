@@ -232,8 +232,8 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
 @dataclass
 class CheckpointClock:
     """When training state is saved: at a multiple of `every` steps once `seconds` have passed
-    since the last save (or the start). On a GPU, 500 steps of a 32k SAE take some ten seconds,
-    and each checkpoint (weights and Adam state, 3 GB at d_in 4096) would take seconds to write."""
+    since the last save (or the start). On a GPU, 500 steps of a 32k SAE on d_in 4096 take some
+    ten seconds, and its checkpoint (weights and Adam state, 3 GB) seconds to write."""
 
     every: int
     seconds: float
@@ -244,9 +244,11 @@ class CheckpointClock:
         self.last = self.clock()
 
     def due(self, steps_done: int) -> bool:
+        """Whether to save once `steps_done` steps are done."""
         return bool(self.every) and steps_done % self.every == 0 and self.clock() - self.last >= self.seconds
 
     def saved(self) -> None:
+        """Count the next interval from now."""
         self.last = self.clock()
 
 
@@ -259,7 +261,8 @@ def _start(layer: LayerToTrain, split: Split, order: DataOrder, config: Training
     state = TrainingState.start(initial_weights(mean, scale, config, split.generator, device), config, order.steps,
                                 device)
     state.checkpoint = layer.checkpoint
-    trained_by = config.model_dump(mode="json", exclude={"checkpoint_every", "checkpoint_minutes"})  # not by these
+    # when checkpoints are written does not change the weights: a checkpoint outlives a change of it
+    trained_by = config.model_dump(mode="json", exclude={"checkpoint_every", "checkpoint_minutes"})
     state.fingerprint = json.dumps([trained_by, len(split.train_rows), len(mean), scale, layer.hook_name])
     if state.resume():
         log.info("%s: resuming from step %d of %d (%s)", label, state.step, order.steps, layer.checkpoint)

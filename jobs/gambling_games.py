@@ -156,18 +156,25 @@ def longest_prompt(s: Settings) -> str:
                 for bet_type in s.bet_types), key=len, default="")
 
 
+def estimated_tokens(text: str) -> int:
+    """Tokens of a prompt of many numbers, without its tokenizer: some tokenizers (Gemma's, the
+    organism's) split numbers into digits."""
+    digits = sum(character.isdigit() for character in text)
+    return int((len(text) - digits) / CHARS_PER_TOKEN) + digits + 1
+
+
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
     config, source = load_config(s.model)
     config = text_config(config)
     width, assumed_width = sae_width(s)
     decisions = len(units) * DECISIONS_PER_GAME
-    prompt_tokens = int(len(longest_prompt(s)) / CHARS_PER_TOKEN) + 1
+    prompt_tokens = estimated_tokens(longest_prompt(s))
     notes = [f"model architecture from {source}",
              f"output and runtime assume {DECISIONS_PER_GAME} decisions per game (a game may last up to "
-             f"{s.max_rounds} rounds), 100 active SAE features per layer at each; memory assumes prompts of "
-             f"{prompt_tokens} tokens (the longest prompt at {CHARS_PER_TOKEN} characters a token; a task counts "
-             "them)" + (f" and SAEs {width} wide" if assumed_width else "")]
+             f"{s.max_rounds} rounds), 100 active SAE features per layer at each, and prompts of {prompt_tokens} "
+             f"tokens, the longest a game can ask (a digit a token, {CHARS_PER_TOKEN} characters a token of the "
+             "rest; a task counts them)" + (f"; memory assumes SAEs {width} wide" if assumed_width else "")]
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
     saes = len(s.layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype if s.sae else "float32"]
     memory = generation_memory_of(s, config, saes, width, prompt_tokens)  # every layer's SAE stays loaded

@@ -101,6 +101,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     """A unit per (model, captured layer), or per model with `one_pass`; checks the SAE fits and
     every layer has a batch of tokens."""
     s = manifest.settings
+    _check_checkpoints(s.sae, manifest.cluster.timeout_min)
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shapes = capture.shapes(f"{FIELD}.activations")
     units = []
@@ -120,6 +121,16 @@ def sae_id(model: str, layer: int) -> str:
     return f"{model}.L{layer}"
 
 
+def _check_checkpoints(config: TrainingConfig, timeout_min: int) -> None:
+    """A task stopped at its time limit exits at once, keeping only its last checkpoint: one that
+    waits half the limit or more between checkpoints could be requeued forever without one."""
+    if config.checkpoint_every and config.checkpoint_minutes * 2 >= timeout_min:
+        raise UserError(f"{FIELD}.sae.checkpoint_minutes: {config.checkpoint_minutes:g} is half of "
+                        f"cluster.timeout_min ({timeout_min}) or more, so a task could reach its time limit "
+                        f"before its first checkpoint and be requeued with nothing saved; lower "
+                        f"checkpoint_minutes below {timeout_min / 2:g}, or raise cluster.timeout_min")
+
+
 def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int | None, d_in: int) -> None:
     """The SAE's k fits its width, and the captured tokens (None: not captured yet) fill a batch."""
     d_sae = config.d_sae(d_in)
@@ -136,6 +147,7 @@ def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int | No
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
+    _check_checkpoints(s.sae, manifest.cluster.timeout_min)
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shapes = capture.shapes(f"{FIELD}.activations")
     out = memory = 0

@@ -103,8 +103,8 @@ def test_batches_resumed_at_a_step_read_only_what_is_left():
 
 def settings(**overrides) -> TrainingConfig:
     return TrainingConfig(**{"expansion_factor": 2, "epochs": 3, "batch_size": 128, "lr": 3e-3, "activation": "topk",
-                             "k": 3, "decorrelation": 0.01, "shuffle_buffer_tokens": 512, "checkpoint_every": 10, "checkpoint_minutes": 0,
-                             **overrides})
+                             "k": 3, "decorrelation": 0.01, "shuffle_buffer_tokens": 512, "checkpoint_every": 10,
+                             "checkpoint_minutes": 0, **overrides})
 
 
 def assert_same_sae(a, b):

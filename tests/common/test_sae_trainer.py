@@ -433,8 +433,9 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     from common import sae_trainer
 
     data = sparse_data(tokens=2000, d_in=16)
-    settings = config(activation=activation, k=3, epochs=4, checkpoint_every=10, checkpoint_minutes=0, decorrelation=0.01,
-                      dead_after_tokens=300, resample_every=7, aux_k=4 if activation == "topk" else 0)
+    settings = config(activation=activation, k=3, epochs=4, checkpoint_every=10, checkpoint_minutes=0,
+                      decorrelation=0.01, dead_after_tokens=300, resample_every=7,
+                      aux_k=4 if activation == "topk" else 0)
     whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
     checkpoint = tmp_path / "unit.pt"
     clip = torch.nn.utils.clip_grad_norm_
@@ -482,4 +483,7 @@ def test_a_short_training_writes_no_checkpoint_before_its_minutes_and_resumes_wh
         resumed = train_sae(data, config(epochs=2, checkpoint_every=7), "h", "m", torch.device("cpu"),
                             checkpoint=checkpoint)
     assert f"resuming from step {steps} of 14" in caplog.text
-    assert resumed.curves == train_sae(data, config(epochs=2), "h", "m", torch.device("cpu")).curves
+    whole = train_sae(data, config(epochs=2), "h", "m", torch.device("cpu"))
+    assert resumed.curves == whole.curves
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name

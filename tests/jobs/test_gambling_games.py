@@ -104,23 +104,25 @@ def test_a_game_replays_from_its_seed_in_any_batch(demo):
 
 def test_the_longest_prompt_bounds_every_prompt_a_game_asks(demo):
     """`batch_size: auto` sizes a game's memory by `longest_prompt`: no recorded prompt has more
-    tokens, and neither has any prompt of games that bet the most every round to the round limit."""
+    tokens, and neither has any prompt of games that bet the most every round to the round limit;
+    the plan's estimate of its tokens, made without the tokenizer, is within 10% of its count."""
     run, manifest = demo
     s = manifest.settings
     tokenizer = Organism().tokenizer()
     bound = gambling_games.longest_prompt(s)
+    bound_tokens = len(tokenizer(bound).input_ids)
     with h5py.File(run.merged_path) as merged:
         asked = [d["prompt"] for group in merged["units"].values() for d in decisions_of(group)]
-    assert max(len(tokenizer(prompt).input_ids) for prompt in asked) <= len(tokenizer(bound).input_ids)
-    longest = ""
+    played = []
     for seed, condition in enumerate(s.design() * 20):
         game = task.Game(condition, seed, s.max_rounds)
         while game.outcome is None:
-            prompt = slot_machine.render(s.prompt_template, game.balance, game.round, game.history,
-                                         condition.components, condition.bet_type)
-            longest = max(longest, prompt, key=len)
+            played.append(slot_machine.render(s.prompt_template, game.balance, game.round, game.history,
+                                              condition.components, condition.bet_type))
             game.play(slot_machine.MAX_BET)
-    assert len(longest) <= len(bound) and "Warning:" in bound
+    assert max(len(ids) for ids in tokenizer(asked + played).input_ids) <= bound_tokens
+    assert "Warning:" in bound
+    assert gambling_games.estimated_tokens(bound) == pytest.approx(bound_tokens, rel=0.1)
 
 
 def test_features_are_the_saes_at_the_prompts_last_token(demo):

@@ -69,6 +69,9 @@ def test_training_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):
     too_wide = {**training, "sae": {"activation": "topk", "k": 600, "expansion_factor": 4}}
     refused(capsys, write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", too_wide),
             "sae_training.sae.k: 600 is larger than the SAE width 512")
+    rare_checkpoints = {**training, "sae": {"checkpoint_minutes": 30}}  # the demo's tasks have 60 minutes
+    refused(capsys, write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", rare_checkpoints),
+            "sae_training.sae.checkpoint_minutes: 30 is half of cluster.timeout_min (60) or more")
 
 
 def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_layer(reasoning_chain, tmp_path,
