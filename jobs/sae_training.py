@@ -147,7 +147,6 @@ def _check_fits(config: TrainingConfig, model: str, layer: int, tokens: int | No
 
 def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     s = manifest.settings
-    _check_checkpoints(s.sae, manifest.cluster.timeout_min)
     capture = read_capture_run(s.activations, f"{FIELD}.activations")
     shapes = capture.shapes(f"{FIELD}.activations")
     out = memory = 0
