@@ -288,13 +288,14 @@ def population_patching(bench: Bench) -> list[Row]:
                          f"it); peak {exact.peak()}",
                     baseline=f"{gpu_hours(1, setup + full / rate)} sampling 50 trials per condition and prompt (the row above)",
                     ratio=f"{(setup + full / rate) / exact.seconds:.0f}x")
+    against_plan = (f" against the plan's {planned / 2**30:.1f} GiB ({measured.peak_bytes / planned:.2f}x)"
+                    if measured.peak_bytes and planned else "")  # no peak on a CPU
     return [exact_row, Row(f"GPU paper scale, population_patching: Llama-3.1-8B shapes (random weights, bf16), {features} "
                 f"features of layers 25-31 x 2 conditions x 2 prompts x 50 trials + the shared baseline ({trials:,} "
                 "answers of 50 tokens), random TopK SAEs 32,768 wide, batch_size auto",
                 ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, of which {setup:.1f} s building the model and "
                      f"SAEs); seed's full run (1,340 features, {full:,} answers, sampled decisions, one task): "
-                     f"{gpu_hours(1, setup + full / rate)}; {batch}; peak {measured.peak()} "
-                     f"against the plan's {planned / 2**30:.1f} GiB ({measured.peak_bytes / max(planned, 1):.2f}x)",
+                     f"{gpu_hours(1, setup + full / rate)}; {batch}; peak {measured.peak()}{against_plan}",
                 baseline=f"{seed_rate:.2f} answers/s (the seed's method on {len(rows)} answers: one generate call per "
                          f"trial, 50 tokens); the full run at that rate: {gpu_hours(1 / seed_rate, full)} (the seed "
                          "itself estimated 78 GPU-h at 0.7 s a trial)",

@@ -73,6 +73,7 @@ from common.activation_stream import (
 from common.dead_features import FiringRecord, resample
 from common.decorrelation import decorrelation_penalty
 from common.lazy import no_grad
+from common.preemption import HeldWarning
 from common.sae_quality import evaluate
 from common.sae_settings import Activation, Precision, TrainingConfig
 from common.topk_training import topk_terms
@@ -173,7 +174,8 @@ def train_sae(activations: Source, config: TrainingConfig, hook_name: str, model
     """Train on `activations` (tokens, d_in), any dtype; the held-out tokens are chosen by the seed,
     whole groups at a time when `groups` (a group id per token: its item or document) is given.
 
-    With `checkpoint`, the training state is saved there (`CheckpointClock` says when), and a run
+    With `checkpoint`, the training state is saved there (`CheckpointClock` says when, and at once
+    when the batch system warns that it will stop the task: common/preemption.py), and a run
     that finds one resumes from it, ending with the weights an uninterrupted run ends with (the
     caller removes it once the SAE is stored)."""
     return train_saes([LayerToTrain(activations, hook_name, checkpoint)], config, model_name, device, desc, groups)[0]
@@ -198,7 +200,7 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
     batches = Batches([layer.activations for layer in layers], order, split.generator, first_step, device, scales)
     checkpoints = CheckpointClock(config.checkpoint_every, 60 * config.checkpoint_minutes)
     started = time.perf_counter()
-    with tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
+    with HeldWarning() as warning, tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
             tf32_products(precision == "tf32"):
         for step, xs in batches:
             saving = checkpoints.due(step + 1)
@@ -212,7 +214,8 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
                 checkpoints.saved()
             progress.update()
             shown = states[0].curves
-            progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}")
+            progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}", refresh=False)
+            warning.at_safe_point(lambda: _save_all(states, config))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tokens_per_second = (order.steps - first_step) * config.batch_size * len(layers) / (time.perf_counter() - started)
@@ -227,6 +230,12 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
         trained.append(TrainedSae(sae.to("cpu"), state.curves, metrics, tokens_per_second, scale, validation,
                                   precision, split.held_out_groups))
     return trained
+
+
+def _save_all(states: list[TrainingState], config: TrainingConfig) -> None:
+    if config.checkpoint_every:  # 0: no checkpoints, not even at the batch system's warning
+        for state in states:
+            state.save()
 
 
 @dataclass

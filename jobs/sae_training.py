@@ -122,12 +122,13 @@ def sae_id(model: str, layer: int) -> str:
 
 
 def _check_checkpoints(config: TrainingConfig, timeout_min: int) -> None:
-    """A task stopped at its time limit exits at once, keeping only its last checkpoint: one that
+    """The batch system's warning before a time limit saves the state (common/preemption.py), but a
+    task stopped without one (no `--signal`, a lost node) keeps only its last checkpoint: one that
     waits half the limit or more between checkpoints could be requeued forever without one."""
     if config.checkpoint_every and config.checkpoint_minutes * 2 >= timeout_min:
         raise UserError(f"{FIELD}.sae.checkpoint_minutes: {config.checkpoint_minutes:g} is half of "
-                        f"cluster.timeout_min ({timeout_min}) or more, so a task could reach its time limit "
-                        f"before its first checkpoint and be requeued with nothing saved; lower "
+                        f"cluster.timeout_min ({timeout_min}) or more, so a task stopped without warning could "
+                        f"reach its time limit before its first checkpoint and be requeued with nothing saved; lower "
                         f"checkpoint_minutes below {timeout_min / 2:g}, or raise cluster.timeout_min")
 
 

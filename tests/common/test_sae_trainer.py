@@ -1,5 +1,9 @@
 """The project's SAE trainer: its loss terms, its saved sae-lens SAEs, and its metrics."""
 
+import itertools
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +11,7 @@ from sae_lens import SAE
 from safetensors.torch import load_file
 
 from common.decorrelation import decorrelation_penalty
+from common.preemption import WARNING
 from common.sae_quality import evaluate
 from common.sae_trainer import (
     DECODER_INIT_NORM,
@@ -452,6 +457,46 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     fresh = train_sae(data, other, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert "was written by another training" in caplog.text
     assert torch.equal(fresh.sae.W_dec, train_sae(data, other, "h", "m", torch.device("cpu")).sae.W_dec)
+
+
+@pytest.mark.parametrize("checkpoint_every", [10, 0])
+def test_a_training_warned_by_the_batch_system_saves_at_once_and_resumes_from_there(tmp_path, monkeypatch,
+                                                                                  checkpoint_every):
+    """Slurm's warning signal during step 23 (of 28), with no checkpoint due for an hour: the state
+    after that step is saved before submitit's handler stops the task (none with checkpoint_every 0,
+    which stops at once), and the resumed training ends with the weights of an uninterrupted one."""
+    from common import sae_trainer
+
+    data = sparse_data(tokens=2000, d_in=16)
+    settings = config(epochs=4, checkpoint_every=checkpoint_every, checkpoint_minutes=60)
+    whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
+    checkpoint = tmp_path / "unit.pt"
+    clip, calls = torch.nn.utils.clip_grad_norm_, itertools.count()
+
+    def warned_on_step_23(*args, **kwargs):
+        if next(calls) == 23:
+            os.kill(os.getpid(), WARNING)
+        return clip(*args, **kwargs)
+
+    def requeue(signum, frame):  # submitit's handler requeues the task and exits
+        raise RuntimeError("requeued")
+
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", warned_on_step_23)
+    before = signal.signal(WARNING, requeue)
+    try:
+        with pytest.raises(RuntimeError, match="requeued"):
+            train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    finally:
+        signal.signal(WARNING, before)
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
+    if not checkpoint_every:
+        assert not checkpoint.exists()
+        return
+    assert torch.load(checkpoint, weights_only=False)["step"] == 24
+    resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    assert resumed.curves == whole.curves
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
 
 
 def test_checkpoints_wait_for_their_minutes_then_the_next_multiple_of_their_steps():
