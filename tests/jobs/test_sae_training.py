@@ -1,8 +1,16 @@
 """sae_training (the reasoning chain's step 2) on the organism: the trained SAEs against their
-reported metrics recomputed here, a preempted one-pass training, and refusals.
+reported metrics recomputed here, a preempted one-pass training, a task warned by the batch system
+before its time limit, and refusals.
 
 The demo chain runs once per session (conftest's `reasoning_chain`).
 """
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,7 +19,9 @@ import torch
 from sae_lens import SAE
 
 from common.edits import edit_block_output
+from common.launcher import load_submissions
 from common.manifest_file import load_manifest
+from common.rundir import RunDir
 from common.sae_quality import evaluate
 from jobs._reasoning import read_as_generated
 from jobs._reasoning.problems import load_benchmark
@@ -119,3 +129,40 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
                           {"saes": str(runs["layer_by_layer"].path)})
     units = plan_manifest(load_manifest(ablation))[1].units
     assert sorted(unit.id for unit in units) == ["organism.arithmetic"]  # not organism_b, captured but not trained
+
+
+def test_a_task_warned_by_the_batch_system_saves_mid_training_and_its_requeued_run_resumes_there(reasoning_chain,
+                                                                                                  tmp_path):
+    """`submit --executor local`, then USR2 to the task mid-training, as Slurm sends before a time
+    limit, with no periodic checkpoint due for ten minutes: the task saves after the step in
+    progress, submitit's own handler requeues it, and the requeued task resumes from that step."""
+    section = {"activations": str(reasoning_chain.capture.path), "models": ["organism"], "ce_items": 0,
+               "one_pass": True, "sae": {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 10,
+                                         "batch_size": 512}}
+    path = write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", section)
+    submit = subprocess.Popen([sys.executable, "-m", "common.cli", "submit", str(path), "--executor", "local", "--wait"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = RunDir.for_manifest(load_manifest(path))
+    job_id, log = "", None
+    try:
+        for _ in range(3000):  # until the task has trained 100 steps
+            if submissions := load_submissions(run):
+                job_id = submissions[0]["shards"]["0"]
+                log = run.logs_dir / "submitit" / f"{job_id}_0_log.err"
+                done = re.findall(r"(\d+)/\d+ \[", log.read_text()) if log.exists() else []
+                if done and int(done[-1]) >= 100:
+                    break
+            time.sleep(0.1)
+        (task,) = Path(f"/proc/{job_id}/task/{job_id}/children").read_text().split()  # the controller's child
+        subprocess.run(["kill", f"-{signal.SIGUSR2.name}", task], check=True)
+        out, err = submit.communicate(timeout=600)
+    finally:
+        submit.kill()
+    assert submit.returncode == 0, (out, err)
+    text = log.read_text()
+    assert "saving the state before the task stops" in text and "Requeued job" in text
+    resumed = re.findall(r"organism blocks\.(\d)\.hook_resid_post: resuming from step (\d+) of (\d+)", text)
+    assert [layer for layer, _, _ in resumed] == ["1", "2"] and len({step for _, step, _ in resumed}) == 1
+    assert 100 <= int(resumed[0][1]) < int(resumed[0][2])
+    assert not list(run.checkpoints_dir.glob("*.pt"))
+    assert {sae.name for sae in (run.path / "saes" / "organism").iterdir()} == {"L1", "L2"}
