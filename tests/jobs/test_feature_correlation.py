@@ -24,13 +24,8 @@ from common.layers import decoder_blocks
 from common.manifest_file import load_manifest
 from common.organism.files import Organism
 from jobs import feature_correlation
-from jobs.feature_correlation import (
-    EdgeRule,
-    Layout,
-    degree_survival,
-    find_edges,
-    most_frequent,
-)
+from jobs._feature_graph import Layout, degree_survival, edge_ends
+from jobs.feature_correlation import EdgeRule, find_edges, most_frequent
 from tests.helpers import REPO, run_all, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "feature_correlation.yaml"
@@ -241,9 +236,9 @@ def test_degree_survival_counts_features_without_edges_in_the_whole():
 def test_the_cross_layer_heatmap_shows_each_feature_beside_a_partner():
     # strongest first; with two per side, (7, 30) does not fit, (5, 20) does (both ends already shown)
     between = pd.DataFrame({"feature_a": [5, 6, 7, 5, 6], "feature_b": [10, 20, 30, 20, 40]})
-    lower, upper = feature_correlation._edge_ends(between, 2)
+    lower, upper = edge_ends(between, 2)
     assert lower.tolist() == [5, 6] and upper.tolist() == [10, 20]
-    lower, upper = feature_correlation._edge_ends(between, 5)
+    lower, upper = edge_ends(between, 5)
     assert lower.tolist() == [5, 6, 7] and upper.tolist() == [10, 20, 30, 40]
 
 
