@@ -200,7 +200,8 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
     batches = Batches([layer.activations for layer in layers], order, split.generator, first_step, device, scales)
     checkpoints = CheckpointClock(config.checkpoint_every, 60 * config.checkpoint_minutes)
     started = time.perf_counter()
-    with HeldWarning() as warning, tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
+    with HeldWarning(lambda: _save_all(states, config)) as warning, \
+            tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
             tf32_products(precision == "tf32"):
         for step, xs in batches:
             saving = checkpoints.due(step + 1)
@@ -212,10 +213,10 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
                     state.save()
             if saving:
                 checkpoints.saved()
-            progress.update()
             shown = states[0].curves
             progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}", refresh=False)
-            warning.at_safe_point(lambda: _save_all(states, config))
+            progress.update()
+            warning.at_safe_point()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     tokens_per_second = (order.steps - first_step) * config.batch_size * len(layers) / (time.perf_counter() - started)
@@ -296,6 +297,7 @@ class TrainingState:
     restarted: int = 0
     step: int = 0                    # steps done
     checkpoint: Path | None = None   # where the state is saved (None: nowhere)
+    saved_step: int = -1             # the step its checkpoint holds (none is written twice)
     fingerprint: str = ""            # the training's settings and data, which a checkpoint must match
 
     @classmethod
@@ -332,7 +334,7 @@ class TrainingState:
     def save(self) -> None:
         """Write the state to its checkpoint, if it has one, at once (a temporary file, then a rename)."""
         path = self.checkpoint
-        if path is None:
+        if path is None or self.saved_step == self.step:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.partial")
@@ -343,6 +345,7 @@ class TrainingState:
                     "last_fired": self.firing.last_fired.cpu(), "seen": self.firing.seen,
                     "restarts": self.restarts.get_state()}, temporary)
         os.replace(temporary, path)
+        self.saved_step = self.step
 
     def resume(self) -> bool:
         """Continue from its checkpoint; False when there is none or another training wrote it."""
@@ -362,6 +365,7 @@ class TrainingState:
         self.firing.seen = saved["seen"]
         self.restarts.set_state(saved["restarts"])
         self.step, self.restarted, self.curves = saved["step"], saved["restarted"], saved["curves"]
+        self.saved_step = self.step
         return True
 
 
