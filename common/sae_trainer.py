@@ -152,7 +152,7 @@ class TrainedSae:
     sae: SAE                                   # sae-lens SAE on raw activations (scale folded in)
     curves: dict[str, list[float]]             # step, the loss and its terms (auxiliary: AuxK), l0
     metrics: dict[str, float]                  # on the held-out tokens, see `evaluate`
-    tokens_per_second: float                   # of training, counted per SAE (a pass of n layers: n x its tokens)
+    tokens_per_second: float                   # per SAE (n layers in a pass: n x its tokens); nan: no step run here
     scale: float                               # the activations' scaling constant
     validation: torch.Tensor = field(repr=False)  # the held-out raw activations
     precision: Precision = "float32"           # the matmuls' precision it was trained at
@@ -200,36 +200,39 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
     batches = Batches([layer.activations for layer in layers], order, split.generator, first_step, device, scales)
     checkpoints = CheckpointClock(config.checkpoint_every, 60 * config.checkpoint_minutes)
     started = time.perf_counter()
-    with HeldWarning(lambda: _save_all(states, config)) as warning, \
-            tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
-            tf32_products(precision == "tf32"):
-        for step, xs in batches:
-            saving = checkpoints.due(step + 1)
-            for state, x in zip(states, xs, strict=True):
-                if step < state.step:
-                    continue  # done before this SAE's checkpoint
-                state.train_step(x, config, precision)
+    # the evaluation after the loop is a safe point too: a warning there saves the final state
+    with HeldWarning(lambda: _save_all(states, config)) as warning:
+        with tqdm(total=order.steps, initial=first_step, desc=desc, unit="step") as progress, \
+                tf32_products(precision == "tf32"):
+            for step, xs in batches:
+                saving = checkpoints.due(step + 1)
+                for state, x in zip(states, xs, strict=True):
+                    if step < state.step:
+                        continue  # done before this SAE's checkpoint
+                    state.train_step(x, config, precision)
+                    if saving:
+                        state.save()
                 if saving:
-                    state.save()
-            if saving:
-                checkpoints.saved()
-            shown = states[0].curves
-            progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}", refresh=False)
-            progress.update()
-            warning.at_safe_point()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tokens_per_second = (order.steps - first_step) * config.batch_size * len(layers) / (time.perf_counter() - started)
-    trained = []
-    for layer, state, scale in zip(layers, states, scales, strict=True):
-        if config.resample_every:
-            log.info("%s: %d dead features restarted over %d steps", _label(desc, layer, layers), state.restarted,
-                     state.total_steps)
-        sae = to_sae_lens(state.weights, scale, config, layer.hook_name, model_name)  # on the training device
-        validation = read_rows(layer.activations, split.validation_rows)
-        metrics = evaluate(sae, validation, config.batch_size)
-        trained.append(TrainedSae(sae.to("cpu"), state.curves, metrics, tokens_per_second, scale, validation,
-                                  precision, split.held_out_groups))
+                    checkpoints.saved()
+                shown = states[0].curves
+                progress.set_postfix(loss=f"{shown['loss'][-1]:.3g}", l0=f"{shown['l0'][-1]:.1f}", refresh=False)
+                progress.update()
+                warning.at_safe_point()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        steps_run = order.steps - first_step  # none when resumed from the last step's state: no speed measured
+        seconds = time.perf_counter() - started
+        tokens_per_second = steps_run * config.batch_size * len(layers) / seconds if steps_run else math.nan
+        trained = []
+        for layer, state, scale in zip(layers, states, scales, strict=True):
+            if config.resample_every:
+                log.info("%s: %d dead features restarted over %d steps", _label(desc, layer, layers), state.restarted,
+                         state.total_steps)
+            sae = to_sae_lens(state.weights, scale, config, layer.hook_name, model_name)  # on the training device
+            validation = read_rows(layer.activations, split.validation_rows)
+            metrics = evaluate(sae, validation, config.batch_size)
+            trained.append(TrainedSae(sae.to("cpu"), state.curves, metrics, tokens_per_second, scale, validation,
+                                      precision, split.held_out_groups))
     return trained
 
 

@@ -1,6 +1,7 @@
 """The project's SAE trainer: its loss terms, its saved sae-lens SAEs, and its metrics."""
 
 import itertools
+import math
 import os
 import signal
 
@@ -495,6 +496,41 @@ def test_a_training_warned_by_the_batch_system_saves_at_once_and_resumes_from_th
     assert torch.load(checkpoint, weights_only=False)["step"] == 24
     resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert resumed.curves == whole.curves
+    for name, value in whole.sae.state_dict().items():
+        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+
+
+def test_a_warning_during_the_held_out_metrics_saves_the_final_state_and_the_resumed_run_trains_no_more(
+        tmp_path, monkeypatch):
+    """The warning while the trained SAE is evaluated: the state after the last step is saved before
+    the task is requeued, and the requeued run evaluates the same SAE without a step of training."""
+    from common import sae_trainer
+
+    data = sparse_data(tokens=2000, d_in=16)
+    settings = config(epochs=4, checkpoint_every=10, checkpoint_minutes=60)
+    whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
+    checkpoint = tmp_path / "unit.pt"
+    evaluate = sae_trainer.evaluate
+
+    def warned_while_evaluating(*args, **kwargs):
+        os.kill(os.getpid(), WARNING)
+        return evaluate(*args, **kwargs)
+
+    def requeue(signum, frame):
+        raise RuntimeError("requeued")
+
+    monkeypatch.setattr(sae_trainer, "evaluate", warned_while_evaluating)
+    before = signal.signal(WARNING, requeue)
+    try:
+        with pytest.raises(RuntimeError, match="requeued"):
+            train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    finally:
+        signal.signal(WARNING, before)
+    monkeypatch.setattr(sae_trainer, "evaluate", evaluate)
+    assert torch.load(checkpoint, weights_only=False)["step"] == whole.curves["step"][-1] + 1
+    resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    assert resumed.curves == whole.curves and resumed.metrics == whole.metrics
+    assert math.isnan(resumed.tokens_per_second) and whole.tokens_per_second > 0  # no step run: no speed
     for name, value in whole.sae.state_dict().items():
         assert torch.equal(value, resumed.sae.state_dict()[name]), name
 
