@@ -178,23 +178,24 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     """Concatenate each model's units in plan order (benchmark, then item) into one array per layer."""
     s = manifest.settings
     bench_index = {b.name: i for i, b in enumerate(s.benchmarks)}
-    groups = [(path, name) for path in shard_paths for name in _unit_names(path)]
+    groups = [(path, name, model) for path in shard_paths for name, model in _unit_models(path).items()]
     summary = []
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(job="activation_capture", format="saebatch-activations/1", layer_convention=CONVENTION,
                          text=s.text, models=json.dumps({e.name: e.model.name for e in s.models}),
                          benchmarks=json.dumps([b.name for b in s.benchmarks]))
         for entry in s.models:
-            mine = [(path, name) for path, name in groups if name.startswith(f"{entry.name}.")]
+            mine = [(path, name) for path, name, model in groups if model == entry.name]  # not by name: "a" prefixes "a.b"
             model_group = out.create_group(f"models/{entry.name}")
             model_group.attrs.update(model=entry.model.name, layers=entry.layers)
             summary += _concatenate(model_group, mine, entry, bench_index)
     _report(Report(out_dir / "report", "Captured residual-stream activations"), s, pd.DataFrame(summary))
 
 
-def _unit_names(path: Path) -> list[str]:
+def _unit_models(path: Path) -> dict[str, str]:
+    """The shard's units and the model each captured."""
     with h5py.File(path, "r") as shard:
-        return list(shard["units"])
+        return {name: unit.attrs["model"] for name, unit in shard["units"].items()}
 
 
 def _concatenate(target: h5py.Group, parts: list[tuple[Path, str]], entry: ModelEntry,

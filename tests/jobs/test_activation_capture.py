@@ -84,3 +84,22 @@ def test_a_task_visits_each_model_once_with_its_pending_units_only():
     visits = [(entry.name, [unit.id for unit in units_left])
               for entry, units_left in units_per_model(models, units, ["c.1", "a.0", "a.1"])]
     assert visits == [("a", ["a.0", "a.1"]), ("c", ["c.1"])]
+
+
+def test_a_model_whose_name_begins_another_s_keeps_its_own_tokens(tmp_path, monkeypatch):
+    """Models 'organism' and 'organism.b': the merged file holds each one's tokens once, under its
+    own name (units are a model's by the model they captured, not by a name's prefix)."""
+    from tests.helpers import run_all
+
+    monkeypatch.chdir(tmp_path)
+    capture = write_step(tmp_path, "reasoning_1_capture.yaml", "activation_capture", {
+        "models": [{"name": "organism", "model": "organism", "layers": [1]},
+                   {"name": "organism.b", "model": "organism_b", "layers": [1]}],
+        "benchmarks": [{"name": "arithmetic", "builtin": "organism_arithmetic", "n": 20, "max_new_tokens": 8}],
+        "items_per_unit": 10})
+    with h5py.File(run_all(capture).merged_path, "r") as merged:
+        first, second = merged["models/organism"], merged["models/organism.b"]
+        assert len(first["item"]) == len(second["item"])  # the same texts, tokenized alike
+        keys = list(zip(first["item"][()], first["position"][()], strict=True))
+        assert len(keys) == len(set(keys))  # no token twice
+        assert not np.allclose(first["L1"][()], second["L1"][()])  # each its own model's activations
