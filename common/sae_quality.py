@@ -19,7 +19,8 @@ else:
 def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
     """Over tokens `x` (raw activations): L0 (non-zero features per token), explained variance
     1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, the fraction of features never non-zero, and
-    the mean squared correlation of distinct feature pairs (per batch, averaged)."""
+    the mean squared correlation of distinct feature pairs (per batch, averaged over the full batches:
+    a remainder of a few tokens would read as near-perfect correlation)."""
     from common.decorrelation import decorrelation_penalty
 
     device = sae.W_dec.device
@@ -35,7 +36,7 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, flo
         total += float((part - mean.to(device)).pow(2).sum())
         l0 += float((features != 0).sum())
         fired |= (features != 0).any(0)
-        if len(part) > 1:
+        if len(part) == min(batch_size, len(x)) > 1:
             correlations.append(float(decorrelation_penalty(features)))
     return {"tokens": len(x), "l0": l0 / len(x), "explained_variance": 1 - error / total,
             "dead_fraction": float((~fired).float().mean()), "mse_per_token": error / len(x),

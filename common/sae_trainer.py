@@ -233,6 +233,7 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
             metrics = evaluate(sae, validation, config.batch_size)
             trained.append(TrainedSae(sae.to("cpu"), state.curves, metrics, tokens_per_second, scale, validation,
                                       precision, split.held_out_groups))
+            warning.at_safe_point()  # saving soon after the warning: the kill follows it (90 s under submitit)
     return trained
 
 
@@ -276,6 +277,7 @@ def _start(layer: LayerToTrain, split: Split, order: DataOrder, config: Training
     state.checkpoint = layer.checkpoint
     # when checkpoints are written does not change the weights: a checkpoint outlives a change of it
     trained_by = config.model_dump(mode="json", exclude={"checkpoint_every", "checkpoint_minutes"})
+    trained_by["precision"] = resolved_precision(config.precision, device)  # "auto" is another on another device
     state.fingerprint = json.dumps([trained_by, len(split.train_rows), len(mean), scale, layer.hook_name])
     if state.resume():
         log.info("%s: resuming from step %d of %d (%s)", label, state.step, order.steps, layer.checkpoint)

@@ -165,6 +165,10 @@ def test_evaluate_counts_dead_features():
     assert metrics["dead_fraction"] == pytest.approx(1 / 3)
     expected = 1 - (x[:, 2:] ** 2).sum() / (x - x.mean(0)).pow(2).sum()
     assert metrics["explained_variance"] == pytest.approx(float(expected), rel=1e-5)
+    # features 0 and 1 are x's first two columns, 2 is silent: of 6 ordered pairs, 2 correlate, in
+    # each of the 3 full batches; the last 2 tokens (r = +-1 whatever x is) are not a batch to read
+    per_batch = [np.corrcoef(x[start : start + 16, :2].T.numpy())[0, 1] ** 2 * 2 / 6 for start in (0, 16, 32)]
+    assert metrics["mean_squared_correlation"] == pytest.approx(np.mean(per_batch), rel=1e-4)
 
 
 def test_groups_are_held_out_whole():
@@ -503,11 +507,12 @@ def test_a_training_warned_by_the_batch_system_saves_at_once_and_resumes_from_th
 def test_a_warning_during_the_held_out_metrics_saves_the_final_state_and_the_resumed_run_trains_no_more(
         tmp_path, monkeypatch):
     """The warning while the trained SAE is evaluated: the state after the last step is saved before
-    the task is requeued, and the requeued run evaluates the same SAE without a step of training."""
+    the task is requeued, and the requeued run evaluates the same SAE without a step of training.
+    The state is that of float32 training, which "auto" is on a CPU: the requeued run resumes it."""
     from common import sae_trainer
 
     data = sparse_data(tokens=2000, d_in=16)
-    settings = config(epochs=4, checkpoint_every=10, checkpoint_minutes=60)
+    settings = config(epochs=4, checkpoint_every=10, checkpoint_minutes=60, precision="float32")
     whole = train_sae(data, settings, "h", "m", torch.device("cpu"))
     checkpoint = tmp_path / "unit.pt"
     evaluate = sae_trainer.evaluate
@@ -528,6 +533,7 @@ def test_a_warning_during_the_held_out_metrics_saves_the_final_state_and_the_res
         signal.signal(WARNING, before)
     monkeypatch.setattr(sae_trainer, "evaluate", evaluate)
     assert torch.load(checkpoint, weights_only=False)["step"] == whole.curves["step"][-1] + 1
+    settings = settings.model_copy(update={"precision": "auto"})
     resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert resumed.curves == whole.curves and resumed.metrics == whole.metrics
     assert math.isnan(resumed.tokens_per_second) and whole.tokens_per_second > 0  # no step run: no speed
