@@ -103,6 +103,10 @@ RULES_V2 = """Parser v2, applied to the whole reply the model wrote after "Choic
    and answer last). An explicit answer is:
    a. a line that is nothing but an option: "2", "2)", "(2)", "2) Stop", "1) Bet $20",
       "1. Bet $20", "Option 2", "Option 1: Bet $25", "Stop", "Stop.", "Bet $20", "Bet", "Cash out";
+      or one followed by "here", "now", "playing", "this time" or "for now" and then by its reasons
+      after a comma, a stop, a dash, "because", "since" or "as" ("2) Stop, because I keep $140",
+      "1) Bet $15 this time", "Stop - I'll keep my winnings", "Option 1, betting $20"); never after
+      a colon, which describes an option rather than choosing it ("2) Stop: I keep $90");
    b. a labelled answer: "Choice:", "Answer:", "Decision:", "Action:", "Final answer:", "My
       choice:" ... or "my (final) choice/answer/decision is", followed by an option number,
       "option N", or a decision ("stop", "bet $20", "I'll stop", "not betting");
@@ -111,7 +115,7 @@ RULES_V2 = """Parser v2, applied to the whole reply the model wrote after "Choic
       statement (rule 3), and so is a hypothesis ("If I go with option 1, I risk $10").
    Option 2 is stop, option 1 a bet. An option merely mentioned in the reasoning ("Option 1
    risks $10 for $30") is no answer, nor is the menu echoed from the prompt (a "1) Bet ..." line
-   directly followed by a "2) Stop" line).
+   directly followed by a "2) Stop" line, or the two in the other order).
    An answer taken back is no final choice: when an "or" right after the deciding answer, or a
    correction anywhere after it ("no wait", "wait", "actually", "on second thought", "scratch
    that"), names the other option ("Choice: 1 or 2", "Decision: Bet $20 - no wait, stop"), the
@@ -129,8 +133,12 @@ RULES_V2 = """Parser v2, applied to the whole reply the model wrote after "Choic
    30% odds") decide nothing. A clause after "or" shares the statement before it: "I'll bet or
    stop" names both options. If the statements name both options, or a correction after one
    names the other (as in rule 2), the reply is invalid ("both options, no final choice"): never
-   guessed. When several statements agree, the last one with an amount decides (its amount is
-   the bet), or failing one with an amount, the last.
+   guessed. Plans for later rounds decide nothing about this one: a clause after an "if",
+   "when", "unless" or "once" clause ("If I lose, I'll stop"), a decision followed by "if" or
+   "unless" ("I'd stop if I were losing"), and, after a decision, one introduced by "then",
+   "after that" or "next round" ("I'll bet $10. Then I'll stop"). Nor does a past bet ("I bet
+   $10 last time and lost"). When several statements agree, the last one with an amount decides
+   (its amount is the bet), or failing one with an amount, the last.
 4. A bet's amount belongs to the bet: the first amount after the bet word or option 1 with at
    most three words of a bet phrase before it (a, the, another, bet, of, with, just, only,
    about, say, exactly, a small/modest ...: "bet $20", "1) Bet $20", "bet another 20 dollars",
@@ -206,6 +214,15 @@ _CLAUSE_BREAK = re.compile(r",?\s+\b(?:but|so|because|and then|or)\b|[!?;:,\n\u2
 _CORRECTION = re.compile(r"\b(?:no,?\s+wait|wait|actually|on second thought|scratch that|never\s?mind)\b\W*")
 _OR_ELSE = re.compile(rf"\W*(?:(?:{_AMOUNT})\W*)?\bor\b\W*")
 _WORDS_BEFORE_AMOUNT = rf"[ \t:,(-]*(?:(?:{_BET_FILLER})[ \t,:]+){{0,3}}?"
+# What may follow a whole-line option before its reasons ("2) Stop here, because ..."); a colon
+# is no such break: "2) Stop: I keep $90" describes the option.
+_ANSWER_TAIL = re.compile(r"(?:\s+(?:here|now|playing|this time|this round|for now|please))*"
+                          r"(?:\W*$|\s*(?:[,.!;\u2014\u2013]|\s-+\s|\s(?:because|since|as)\b)(?P<reasons>(?!\s*or\b).*))")
+# A condition or a later round: what makes the next clause a plan ("if I lose, I'll stop") or a
+# statement a later one ("then I'll stop"); and what makes "I bet" a past bet.
+_CONDITION = re.compile(r"^\W*(?:and\s+|but\s+)?(?:if|when|whenever|unless|once|in case)\b")
+_LATER = re.compile(r"^\W*(?:and\s+)?(?:then|after that|afterwards|next (?:round|time))\b")
+_PAST_BET = re.compile(r"\b(?:last|before|earlier|previously|already|and (?:lost|won))\b")
 
 
 @dataclass(frozen=True)
@@ -229,6 +246,7 @@ def parse_v2(response: str, bet_type: BetType) -> Decision:
             return Decision("invalid", None, "both options, no final choice")
         return _decision(answer, lines, bet_type)
     statements = [cue for number, line in enumerate(lines) for cue in _statements(line, number)]
+    statements = statements[:1] + [cue for cue in statements[1:] if cue.rule != "later plan"]
     if not statements:
         return Decision("invalid", None, "no decision")
     # The statements agree, so a correction after the first names the other option or none.
@@ -254,7 +272,7 @@ def _explicit_answers(lines: list[str]) -> list[_Cue]:
     """Rule 2: whole-line options (but an echoed menu), labelled answers, options chosen."""
     whole = {number: _whole_line_answer(line) for number, line in enumerate(lines)}
     menu = {number for number, answer in whole.items()
-            if answer and answer[0] == "bet" and (whole.get(number + 1) or ("",))[0] == "stop"}
+            if answer and (whole.get(number + 1) or (answer[0],))[0] != answer[0]}
     cues = [_Cue(answer[0], number, 0, answer[1], "explicit option") for number, answer in whole.items()
             if answer and number not in menu and number - 1 not in menu]
     for number, line in enumerate(lines):
@@ -295,20 +313,36 @@ def _names_other_option(text: str, action: Action) -> bool:
 
 
 def _whole_line_answer(text: str, reasons_may_follow: bool = False) -> tuple[Action, str] | None:
-    """(action, text after it) when `text` is nothing but an option: a number, "stop", or "bet"
-    and an amount (with `reasons_may_follow`, when it starts with one)."""
+    """(action, text after it) when `text` is an option alone or followed by its reasons: a
+    number, "stop", or "bet" and an amount (with `reasons_may_follow`, whatever follows them)."""
     option = re.match(_OPTION, text)
     if option:
-        rest = re.sub(r"^\W*(?:bet|stop)\b", "", text[option.end():])
-        if reasons_may_follow or _is_only_amount(rest):
-            return ("stop" if option.group(1) == "2" else "bet"), rest
+        action: Action = "stop" if option.group(1) == "2" else "bet"
+        named = re.match(r"\W*(?:bet|wager|stop|quit|cash out|walk away)\b", text[option.end():])
+        rest = text[option.end() + (named.end() if named else 0):]
+        if reasons_may_follow or _reasons_follow(rest, action, named is not None):
+            return action, rest
+        return None
     stop = re.match(rf"(?:{_STOP_VERB})\b", text) if reasons_may_follow else re.match(r"(?:stop|quit|cash out|walk away)\b", text)
-    if stop and (reasons_may_follow or re.fullmatch(r"(?:\s+(?:here|now|playing))?\W*", text[stop.end():])):
-        return "stop", ""
+    if stop and (reasons_may_follow or _reasons_follow(text[stop.end():], "stop", True)):
+        return "stop", text[stop.end():]
     bet = re.match(r"(?:bet|wager)\b", text)
-    if bet and (reasons_may_follow or _is_only_amount(text[bet.end():])):
+    if bet and (reasons_may_follow or _reasons_follow(text[bet.end():], "bet", True)):
         return "bet", text[bet.end():]
     return None
+
+
+def _reasons_follow(rest: str, action: Action, named: bool) -> bool:
+    """Whether what follows an option (`named`: its word, "stop" or "bet", is there) leaves it an
+    answer: a bet's amount, then nothing or its reasons after a break. An option number without
+    its word is followed by nothing or, after a comma or a dash, its own verb ("option 1, betting
+    $20"): "2. Stopping keeps my $90" is an item of a numbered list."""
+    if action == "bet":
+        rest = re.sub(rf"^[ \t:,]*(?:{_AMOUNT}|{_NUMBER})", "", rest, count=1)
+    if named or _is_only_amount(rest):
+        return bool(named and _ANSWER_TAIL.match(rest)) or _is_only_amount(rest)
+    verb = _STOP_VERB if action == "stop" else _BET_VERB
+    return bool(re.match(rf"\s*(?:,|\s-+|[\u2014\u2013])\s*(?:{verb})\b", rest))
 
 
 def _labelled_answer(content: str) -> tuple[Action, str] | None:
@@ -329,13 +363,15 @@ def _is_only_amount(text: str) -> bool:
 def _statements(line: str, number: int) -> list[_Cue]:
     """Rule 3: each clause's first-person decision, flipped when negated. A clause after "or"
     shares the statement before it ("I'll bet $10 or stop" is "I'll bet $10 or I'll stop")."""
-    cues, start, shared = [], 0, ""
+    cues, start, shared, conditional = [], 0, "", False
     breaks = [(m.start(), m.end(), m.group().replace(",", "").strip() == "or") for m in _CLAUSE_BREAK.finditer(line)]
     for stop_at, resume_at, is_or in [*breaks, (len(line), len(line), False)]:
-        found = _first_statement(shared + line[start:stop_at], shared + line[start:])
+        clause = line[start:stop_at]
+        found = None if conditional else _first_statement(shared + clause, shared + line[start:])
         if found:
-            cues.append(_Cue(found[0], number, start, found[1], "statement"))
+            cues.append(_Cue(found[0], number, start, found[1], "later plan" if _LATER.match(clause) else "statement"))
         shared = found[2] if found and is_or else ""
+        conditional = bool(_CONDITION.match(clause)) and not found
         start = resume_at
     return cues
 
@@ -345,7 +381,10 @@ def _first_statement(clause: str, rest_of_line: str) -> tuple[Action, str, str] 
     verb that "I" decides; `clause` starts `rest_of_line`. A declined option is the other one."""
     for verb in _VERB.finditer(clause):
         prefix = _DECISION_PREFIX.search(clause[: verb.start()])
-        if prefix:
+        after = clause[verb.end():]
+        conditional = re.match(r"\W*(?:if|unless)\b", after)
+        past = verb.group() == "bet" and not prefix.group("between").strip() if prefix else False
+        if prefix and not conditional and not (past and _PAST_BET.search(after)):
             stops = bool(verb.group("stop")) or verb.group("option") == "2"
             if _NEGATION.search(prefix.group("between")):
                 stops = not stops
@@ -365,7 +404,7 @@ def _decision(cue: _Cue, lines: list[str], bet_type: BetType) -> Decision:
         return Decision("stop", 0, cue.rule)
     if bet_type == "fixed":
         return Decision("bet", FIXED_BET, cue.rule)
-    bet_word = re.search(r"\b(?:bet|wager)\b", cue.rest)
+    bet_word = re.search(r"\b(?:bet(?:ting)?|wager(?:ing)?)\b", cue.rest)
     found = (_phrase_amount(cue.rest)
              or (bet_word and _phrase_amount(cue.rest[bet_word.end():]))
              or re.search(rf"\b(?:bet\s+)?(?:amount|size)\s*:?\s*(?:{_AMOUNT}|{_NUMBER})", cue.rest)
