@@ -14,7 +14,7 @@ from pydantic import Field
 
 from common.lazy import lazy_import
 from common.manifest import StrictModel
-from common.paired import mcnemar, signed_rank
+from common.paired import mcnemar, mean_difference_interval, proportion_difference_interval, signed_rank
 from common.report import Report
 from jobs import _feature_cards as cards
 from jobs import _gambling as task
@@ -118,17 +118,17 @@ def _tests(by_condition: dict[str, pd.DataFrame]) -> dict:
                                                     suffixes=("_safe", "_bankrupt"))
     p_stops_paired = mcnemar(pairs["action_safe"] == "stop", pairs["action_bankrupt"] == "stop") if len(pairs) else np.nan
     p_bets_paired = signed_rank(pairs["bet_bankrupt"] - pairs["bet_safe"]) if len(pairs) else np.nan
-    bet_effect = bankrupt["bet"].mean() - safe["bet"].mean()
-    stop_safe, stop_bankrupt = (safe["action"] == "stop").mean(), (bankrupt["action"] == "stop").mean()
-    stop_se = np.sqrt(stop_safe * (1 - stop_safe) / max(len(safe), 1) + stop_bankrupt * (1 - stop_bankrupt) / max(len(bankrupt), 1))
-    varied = min(len(safe), len(bankrupt)) >= 2 and safe["bet"].var() > 0 and bankrupt["bet"].var() > 0
-    bet_ci = (stats.ttest_ind(bankrupt["bet"], safe["bet"], equal_var=False).confidence_interval()
-              if varied else (np.nan, np.nan))  # Welch's interval; none for a constant group
+    # The effects and their intervals on those pairs too, as the tests: the shared noise cancels.
+    stopped_safe, stopped_bankrupt = pairs["action_safe"] == "stop", pairs["action_bankrupt"] == "stop"
+    bet_shifts = pairs["bet_bankrupt"] - pairs["bet_safe"]
+    stop_low, stop_high = proportion_difference_interval(stopped_safe, stopped_bankrupt) if len(pairs) else (np.nan, np.nan)
+    bet_low, bet_high = mean_difference_interval(bet_shifts)
     return {"spearman_rho": rho, "p_spearman": p_spearman, "paired_trials": len(pairs), "p_bets": p_bets_paired,
             "p_stops": p_stops_paired, "p_bets_unpaired": p_bets, "p_stops_unpaired": p_stops,
-            "bet_effect": bet_effect, "bet_effect_low": bet_ci[0], "bet_effect_high": bet_ci[1],
-            "stop_effect": stop_safe - stop_bankrupt, "stop_effect_low": stop_safe - stop_bankrupt - 1.96 * stop_se,
-            "stop_effect_high": stop_safe - stop_bankrupt + 1.96 * stop_se}
+            "bet_effect": bet_shifts.mean() if len(pairs) else np.nan, "bet_effect_low": bet_low,
+            "bet_effect_high": bet_high,
+            "stop_effect": (stopped_safe.mean() - stopped_bankrupt.mean()) if len(pairs) else np.nan,
+            "stop_effect_low": stop_low, "stop_effect_high": stop_high}
 
 
 def _varies(values: np.ndarray) -> bool:
@@ -422,8 +422,8 @@ def _plot(report: Report, results: pd.DataFrame, s: Any) -> None:
     axes[0][0].set_ylabel("stop effect: safe-mean minus bankrupt-mean patch")
     fig.tight_layout()
     report.figure(fig, "effects", "Each feature's effects per prompt, coloured by its class, with the null "
-                  "controls (grey crosses); bars: 95% intervals (stop effect: normal approximation; bet effect: "
-                  "Welch's t; none where a condition's bets are constant); dashed: the thresholds")
+                  "controls (grey crosses); bars: 95% intervals over the paired trials (stop effect: Agresti-Min; bet "
+                  "effect: paired t; none where the bet shifts are constant); dashed: the thresholds")
 
 
 def _interval(rows: pd.DataFrame, effect: str) -> np.ndarray:

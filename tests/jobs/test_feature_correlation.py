@@ -298,7 +298,7 @@ def test_a_gemma2_model_from_a_folder_runs_with_its_own_attention(tmp_path):
         assert merged.attrs["rows"] == 640 and merged["blocks/L0-L1/r"].shape == (48, 48)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu  # skipped, saying why, where torch sees no GPU (conftest)
 def test_sums_on_the_gpu_equal_those_on_the_cpu(monkeypatch):
     from common.comoments import SparseSums
 

@@ -141,7 +141,12 @@ def test_the_tests_per_feature_against_scipy_and_the_class_rules():
     order = np.r_[[0] * 20, [1] * 20, [2] * 19]
     outcome = np.r_[safe_bets, [0] * 6 + [20] * 14, bankrupt_bets]
     assert row.spearman_rho == pytest.approx(stats.spearmanr(order, outcome).statistic)
-    assert row.bet_effect == pytest.approx(bankrupt_bets.mean() - safe_bets.mean())
+    # the effects and their 95% intervals on the same pairs: 10 of the 19 stop under the safe patch alone
+    assert row.stop_effect == pytest.approx(10 / 19) and row.bet_effect == pytest.approx(differences.mean())
+    half = 1.96 * np.sqrt(11 - 10**2 / 21) / 21  # Agresti-Min: half a pair added to each cell
+    assert (row.stop_effect_low, row.stop_effect_high) == pytest.approx((10 / 21 - half, 10 / 21 + half))
+    t_interval = stats.ttest_1samp(differences, 0).confidence_interval()
+    assert (row.bet_effect_low, row.bet_effect_high) == pytest.approx((t_interval.low, t_interval.high))
     assert row.causal and row.effect_class == "risky"  # mean_bankrupt 2.0 > mean_safe 0.5
     weak = {"safe": ["1) Bet $20"] * 20, "none": ["1) Bet $20"] * 20, "bankrupt": ["1) Bet $25"] * 20}
     assert feature_effects(trials_of(weak), Effects()).iloc[0].effect_class == "none"  # $5 is under the $8 threshold
