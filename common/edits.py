@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from common.layers import decoder_blocks
 from common.lazy import lazy_import
+from common.saes import check_editable
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +88,7 @@ def edit_prompt_position(model: nn.Module, layer: int, edit: Edit, offset: int =
 def set_feature(sae: SAE, feature: int | torch.Tensor, value: float | torch.Tensor) -> Edit:
     """An edit that sets an SAE feature to `value`, error term kept; a tensor of features or of
     values (one per batch row) gives each row its own."""
+    check_editable(sae.cfg.normalize_activations, f"at {sae.cfg.metadata.hook_name}")
 
     def edit(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         index = per_row(feature, rows)
@@ -128,6 +130,7 @@ def zero_features(sae: SAE, chosen: torch.Tensor, prompt_positions: torch.Tensor
     `prompt_positions` ((batch, prompt length) bool) limits the edit of the forward over the whole
     prompt to those positions (not <bos> or padding, where the SAE was never trained); forwards
     over generated tokens edit every position."""
+    check_editable(sae.cfg.normalize_activations, f"at {sae.cfg.metadata.hook_name}")
 
     def edit(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         features = sae.encode(hidden.to(sae.dtype))

@@ -106,10 +106,10 @@ class SaeInfo:
 
 
 def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae",
-               model: ModelSpec | None = None) -> dict[int, SaeInfo]:
+               model: ModelSpec | None = None, edited: bool = False) -> dict[int, SaeInfo]:
     """Check without loading weights that every layer has an SAE that fits the model (`model`,
     where given: a built-in organism's SAEs fit that organism only, though every organism has
-    the same shapes)."""
+    the same shapes), and one whose features a job can edit (`edited`, see `check_editable`)."""
     if spec.builtin is not None and model is not None and model.is_organism and model.id != f"builtin:{spec.builtin}":
         own = model.id.removeprefix("builtin:")  # type: ignore[union-attr]
         raise UserError(f"{field}.builtin: {spec.builtin}'s SAEs were trained on builtin:{spec.builtin}, but the model "
@@ -137,6 +137,8 @@ def check_saes(spec: SaeSpec, layers: list[int], d_model: int, field: str = "sae
         cfg = _read_local_cfg(_local_folder(spec, layer), layer, field)
         _check_fit(cfg.get("d_in"), cfg.get("metadata", {}).get("hook_name") or cfg.get("hook_name"),
                    layer, d_model, spec.describe(layer))
+        if edited:
+            check_editable(cfg.get("normalize_activations"), spec.describe(layer))
         infos[layer] = SaeInfo(cfg.get("d_sae"), None)
     return infos
 
@@ -206,6 +208,20 @@ def _read_local_cfg(folder: Path, layer: int, field: str) -> dict:
         return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"{field}.path: {cfg_path} is not valid JSON ({error})") from None
+
+
+# sae-lens's normalizations that rescale each token at run time (the others are folded into the
+# weights when loaded, or scale nothing)
+RUN_TIME_NORMALIZATIONS = ("constant_norm_rescale", "layer_norm")
+
+
+def check_editable(normalization: str | None, where: str) -> None:
+    """Refuse an SAE whose features are in each token's own scale: an edit adds f_i x W_dec[i] to
+    the residual stream as it is, which such an SAE never decodes into."""
+    if normalization in RUN_TIME_NORMALIZATIONS:
+        raise UserError(f"SAE {where} rescales each token's activations at run time (normalize_activations: "
+                        f"{normalization}), so its features cannot be edited in the residual stream's own scale "
+                        "(f_i x W_dec[i]); pick an SAE with normalize_activations none or expected_average_only_in")
 
 
 def _check_fit(d_in: int | None, hook: str | None, layer: int, d_model: int, where: str) -> None:

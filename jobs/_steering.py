@@ -17,6 +17,7 @@ import numpy as np
 
 from common.errors import UserError
 from common.lazy import lazy_import
+from common.saes import check_editable
 from common.upstream import open_merged
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def directions(saes: dict, target: TargetInGraph, corrected: bool) -> dict[int, 
     result = {}
     for layer, chosen in sorted(coefficients.items()):
         sae = saes[layer]
+        check_editable(sae.cfg.normalize_activations, f"at layer {layer}")
         change = torch.zeros((1, sae.cfg.d_sae), dtype=sae.W_dec.dtype, device=sae.W_dec.device)
         for feature, value in chosen.items():
             change[0, feature] = value

@@ -146,10 +146,10 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if not s.target.layer < config.num_hidden_layers:
         raise UserError(f"{FIELD}.target.layer: {s.target.layer} is beyond the model's {config.num_hidden_layers} "
                         f"blocks (0-{config.num_hidden_layers - 1})")
-    _check_feature(s, check_saes(s.sae, [s.target.layer], config.hidden_size, f"{FIELD}.sae", model=s.model)[s.target.layer].d_sae)
+    _check_feature(s, check_saes(s.sae, [s.target.layer], config.hidden_size, f"{FIELD}.sae", model=s.model, edited=True)[s.target.layer].d_sae)
     if (s.correlation / "merged.h5").is_file():
         target = read_target(s)
-        check_saes(s.sae, sorted({g.layer for g in target.neighbours}), config.hidden_size, f"{FIELD}.sae", model=s.model)
+        check_saes(s.sae, sorted({g.layer for g in target.neighbours}), config.hidden_size, f"{FIELD}.sae", model=s.model, edited=True)
     else:
         _graph_to_come(s, config.num_hidden_layers)
     try:

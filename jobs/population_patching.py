@@ -268,7 +268,7 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if outside:
         raise UserError(f"{FIELD}: the feature table has layer(s) {outside}, outside the model's "
                         f"{config.num_hidden_layers} blocks")
-    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model)
+    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model, edited=True)
     for layer, info in infos.items():
         _check_ids(table[table["layer"] == layer]["feature"], layer, info.d_sae)
     controls = control_features(read_table(s, chosen_only=False), table, s.controls, s.control_seed)
@@ -334,7 +334,7 @@ def _estimated_units(s: Settings, config) -> list[WorkUnit]:
     if outside:
         raise UserError(f"{FIELD}: the features would come from layer(s) {outside}, outside the model's "
                         f"{config.num_hidden_layers} blocks")
-    check_saes(s.sae, sorted(per_layer), config.hidden_size, f"{FIELD}.sae", model=s.model)
+    check_saes(s.sae, sorted(per_layer), config.hidden_size, f"{FIELD}.sae", model=s.model, edited=True)
     units = [WorkUnit(BASELINE, {})]
     for control, counts in ((False, per_layer), (True, dict.fromkeys(per_layer, s.controls))):
         units += [WorkUnit(f"L{layer}_{'control' if control else 'feature'}{index:05d}_estimated", {
@@ -379,7 +379,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     conditions = sum(1 if unit.id == BASELINE else 2 for unit in units)  # per prompt
     answers = conditions * len(s.prompts) * s.trials
     layers = sorted({unit.payload["layer"] for unit in units if unit.id != BASELINE})
-    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model)
+    infos = check_saes(s.sae, layers, config.hidden_size, f"{FIELD}.sae", model=s.model, edited=True)
     widths = [info.d_sae for info in infos.values() if info.d_sae]
     width = max(widths) if widths else 32768
     sae_bytes = len(layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype]

@@ -28,6 +28,28 @@ def test_d_in_mismatch_is_refused_before_loading(tmp_path):
         check_saes(spec, [0], d_model=64)
 
 
+@pytest.mark.parametrize("normalization", ["layer_norm", "constant_norm_rescale"])
+def test_an_sae_that_rescales_each_token_is_read_but_never_edited(tmp_path, normalization):
+    """Its features are in each token's own scale, where an edit's f_i x W_dec[i] is not: a job
+    that edits refuses it at planning (a local SAE) and at the edit (a release's too), one that
+    reads features takes it."""
+    import json
+
+    from common.edits import set_feature, zero_features
+
+    spec = SaeSpec(path=save_random_sae(tmp_path, d_in=64, layers=(0,)))
+    cfg = tmp_path / "L0" / "cfg.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "normalize_activations": normalization}))
+    assert check_saes(spec, [0], d_model=64)[0].d_sae == 32
+    refusal = rf"SAE .*L0 rescales each token's activations at run time \(normalize_activations: {normalization}\)"
+    with pytest.raises(UserError, match=refusal):
+        check_saes(spec, [0], d_model=64, edited=True)
+    sae = load_sae(spec, 0, 64, torch.device("cpu"))
+    for edit in (lambda: set_feature(sae, 3, 1.0), lambda: zero_features(sae, torch.ones(1, 32, dtype=torch.bool))):
+        with pytest.raises(UserError, match="at blocks.0.hook_resid_post rescales each token's activations"):
+            edit()
+
+
 def test_sae_of_another_hook_is_refused(tmp_path):
     spec = SaeSpec(path=save_random_sae(tmp_path, d_in=64, hook="blocks.{layer}.hook_resid_pre"))
     with pytest.raises(UserError, match=r"trained on blocks\.0\.hook_resid_pre, but layer 0 here means blocks\.0\.hook_resid_post"):
