@@ -68,7 +68,9 @@ def seed_of(*parts: int) -> int:
 
 def row_key(seed: int) -> tuple[int, int]:
     """A 64-bit key of any integer seed, as two 32-bit halves: a million rows' keys collide with a
-    chance of 3e-8 (32 bits would give about a hundred collisions)."""
+    chance of 3e-8 (32 bits would give about a hundred collisions), and rows whose keys collide
+    would draw the same noise at every step. Each step hashes the key with the step into 32 bits,
+    so two rows may share a step's noise by chance (2^-32 a pair of steps), never a whole answer's."""
     digest = hashlib.blake2b(str(seed).encode(), digest_size=8).digest()
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 

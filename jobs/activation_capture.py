@@ -8,7 +8,9 @@ random. A work unit is one model on one slice of a benchmark's items; units of a
 together so that a shard loads each model once. Captured are the tokens of the item itself (its
 question, and with `text: prompt_and_solution` the reference solution after it, the text the
 model is asked to produce); few-shot examples, identical in every prompt, and special tokens such
-as <bos>, whose outlying norm would dominate an SAE, are left out. Stored as float16.
+as <bos>, whose outlying norm would dominate an SAE, are left out. Stored as float16 (`dtype`),
+which holds values up to 65,504: a model whose residual stream goes beyond is refused with the
+fix (float32), never stored as inf.
 
 merged.h5 holds, per model: `L<layer>` (tokens, d_model) activations and, per token, the index of
 its benchmark, item and position. sae_training reads it.
@@ -74,6 +76,9 @@ class Settings(StrictModel):
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     max_tokens: int | None = Field(None, ge=8, description="longer texts keep their last max_tokens tokens "
                                    "(None: the model's positions)")
+    dtype: Literal["float16", "float32"] = Field(
+        "float16", description="how activations are stored: float16 halves the disk and SAE training's reads; "
+        "float32 for a model whose residual stream exceeds float16's range (65,504), which a float16 capture refuses")
 
 
 # ---------------------------------------------------------------- plan
@@ -118,7 +123,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
             size, (start, stop) = sizes[unit.payload["benchmark"]], unit.payload["items"]
             read += (stop - start) * min(size.prompt_tokens + (size.solution_tokens if solution else 0), limit)
             kept += (stop - start) * min(size.own_tokens - (0 if solution else size.solution_tokens), limit)
-        out += int(kept) * len(entry.layers) * config.hidden_size * 2
+        out += int(kept) * len(entry.layers) * config.hidden_size * np.dtype(s.dtype).itemsize
         activations = s.batch_size * limit * config.hidden_size * 4 * (len(entry.layers) + 4)
         memory = max(memory, parameter_bytes(config, entry.model.dtype) + activations)
         model = model_size(entry.model)
@@ -127,7 +132,8 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                  Work("forward", read * depth, model, label=f"{name}: {read:,.0f} tokens through {depth:.0%} of the blocks")]
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=(f"tokens counted from the benchmarks' texts at {CHARS_PER_TOKEN} characters a token; "
-                           "activations stored as float16",))
+                           f"activations stored as {s.dtype}",))
+
 
 
 # ---------------------------------------------------------------- the work (GPU)
@@ -135,7 +141,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardWriter) -> None:
     s = manifest.settings
-    shard.set_attrs(layer_convention=CONVENTION, text=s.text, dtype="float16")
+    shard.set_attrs(layer_convention=CONVENTION, text=s.text, dtype=s.dtype)
     benchmarks: dict[int, Benchmark] = {}
     for entry, units_left in units_per_model(s.models, units, shard.pending()):
         model, tokenizer = load_model(entry.model, attn_implementation=None), load_tokenizer(entry.model)
@@ -155,7 +161,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 @no_grad
 def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: range,
                   s: Settings) -> dict[str, np.ndarray]:
-    """{`L<layer>`: (tokens, d_model) float16, `item`, `position`} for the items' own tokens."""
+    """{`L<layer>`: (tokens, d_model) in `s.dtype`, `item`, `position`} for the items' own tokens."""
     device = input_device(entry.model)
     parts: dict[str, list[np.ndarray]] = {"item": [], "position": [], **{f"L{layer}": [] for layer in entry.layers}}
     for start in range(items.start, items.stop, s.batch_size):
@@ -165,10 +171,21 @@ def capture_items(model, tokenizer, entry: ModelEntry, bench: Benchmark, items: 
         with capture_residuals(model, entry.layers, stop=True) as residuals:
             model(input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device))
         for layer in entry.layers:
-            parts[f"L{layer}"].append(residuals[layer][rows, positions].to(torch.float16).cpu().numpy())
+            parts[f"L{layer}"].append(_stored(residuals[layer][rows, positions], s.dtype, entry.name, layer))
         parts["item"].append(np.asarray([chosen[r].index for r in rows], dtype=np.int32))
         parts["position"].append(positions.astype(np.int32))
     return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def _stored(values: torch.Tensor, dtype: str, model: str, layer: int) -> np.ndarray:
+    """`values` in the dtype they are stored in; float16 refuses what it cannot hold (inf where the
+    model wrote a finite value: an SAE trained on it would learn NaN)."""
+    stored = values.to(getattr(torch, dtype))
+    if dtype == "float16" and bool(torch.isinf(stored).any()) and not bool(torch.isinf(values).any()):
+        largest = float(values.abs().max())
+        raise UserError(f"{FIELD}.dtype: {model}'s layer {layer} reaches |{largest:,.0f}|, beyond float16's range "
+                        "(65,504), where it would be stored as inf; set dtype: float32 (twice the disk)")
+    return stored.cpu().numpy()
 
 
 # ---------------------------------------------------------------- reduce
@@ -212,8 +229,8 @@ def _concatenate(target: h5py.Group, parts: list[tuple[Path, str]], entry: Model
         arrays["benchmark"] = np.full(len(arrays["item"]), bench_index[bench], dtype=np.int16)
         for name, values in arrays.items():
             if name not in target:
-                target.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
-                                      chunks=(min(4096, max(1, len(values))), *values.shape[1:]))
+                target.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),  # chunks of 4,096
+                                      chunks=(4096, *values.shape[1:]))  # tokens whatever the first unit holds
             else:
                 dataset = target[name]
                 dataset.resize(len(dataset) + len(values), axis=0)
@@ -229,7 +246,7 @@ def _concatenate(target: h5py.Group, parts: list[tuple[Path, str]], entry: Model
 def _report(report: Report, s: Settings, summary: pd.DataFrame) -> None:
     report.text(f"Residual-stream activations ({CONVENTION}) of {len(s.models)} model(s) on {len(s.benchmarks)} "
                 f"benchmark(s), captured over each item's {s.text.replace('_', ' ')} (few-shot examples and "
-                "special tokens left out), float16. `merged.h5`: models/<name>/L<layer> (tokens, d_model), with "
+                f"special tokens left out), {s.dtype}. `merged.h5`: models/<name>/L<layer> (tokens, d_model), with "
                 "each token's benchmark, item and position.")
     report.heading("Tokens and mean activation norm")
     report.table(summary, "tokens")

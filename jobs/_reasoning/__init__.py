@@ -131,6 +131,11 @@ class CaptureRun:
     def merged(self) -> Path:
         return self.path / "merged.h5"
 
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of one stored activation value (the capture's `dtype`)."""
+        return np.dtype(self.settings.dtype).itemsize
+
     def shapes(self, field: str) -> dict[tuple[str, int], tuple[int, int]]:
         """(tokens, d_model) captured per (model name, layer): as stored, or estimated from the
         benchmarks' sizes (each item's own tokens, at most max_tokens) before the run exists."""

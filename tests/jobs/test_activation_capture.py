@@ -103,3 +103,24 @@ def test_a_model_whose_name_begins_another_s_keeps_its_own_tokens(tmp_path, monk
         keys = list(zip(first["item"][()], first["position"][()], strict=True))
         assert len(keys) == len(set(keys))  # no token twice
         assert not np.allclose(first["L1"][()], second["L1"][()])  # each its own model's activations
+
+
+def test_activations_beyond_float16_are_refused_and_float32_stores_them(monkeypatch):
+    """The organism's embeddings scaled by 10^6: its residual stream exceeds float16's 65,504, which
+    a float16 capture refuses (naming the field and the fix) rather than store inf; float32 stores
+    the values themselves."""
+    from common.errors import UserError
+    from jobs.activation_capture import Settings, capture_items
+
+    organism = shipped("organism")
+    model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e6)
+    entry = ModelEntry(name="organism", model="organism", layers=[0])
+    settings = {"models": [entry], "benchmarks": [{"name": "arithmetic", "builtin": "organism_arithmetic", "n": 4}]}
+    with pytest.raises(UserError, match=r"activation_capture.dtype: organism's layer 0 reaches \|[\d,]+\|, beyond "
+                                        r"float16's range \(65,504\), .* set dtype: float32"):
+        capture_items(model, tokenizer, entry, demo_benchmark(), range(2), Settings(**settings))
+    captured = capture_items(model, tokenizer, entry, demo_benchmark(), range(2), Settings(**settings, dtype="float32"))
+    assert captured["L0"].dtype == np.float32 and np.isfinite(captured["L0"]).all()
+    assert np.abs(captured["L0"]).max() > 65504
