@@ -24,16 +24,17 @@ def evaluate(sae: SAE, x: torch.Tensor, batch_size: int = 4096) -> dict[str, flo
     from common.decorrelation import decorrelation_penalty
 
     device = sae.W_dec.device
-    x = x.float()
-    mean = x.mean(0)
+    batches = range(0, len(x), batch_size)  # x stays as stored (float16): a float32 copy would double it
+    mean = torch.stack([x[start : start + batch_size].double().sum(0) for start in batches]).sum(0).div(len(x))
+    mean = mean.float().to(device)
     error = total = l0 = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)
     correlations = []
-    for start in range(0, len(x), batch_size):
-        part = x[start : start + batch_size].to(device)
+    for start in batches:
+        part = x[start : start + batch_size].to(device).float()
         features = sae.encode(part)
         error += float((sae.decode(features) - part).pow(2).sum())
-        total += float((part - mean.to(device)).pow(2).sum())
+        total += float((part - mean).pow(2).sum())
         l0 += float((features != 0).sum())
         fired |= (features != 0).any(0)
         if len(part) == min(batch_size, len(x)) > 1:

@@ -162,7 +162,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
             batch = s.sae.batch_size * s.sae.d_sae(d_in) * 4 * 6 + s.sae.batch_size**2 * 4 * 2
             train = int(tokens * (1 - s.sae.validation_fraction))
             buffers = (1 if train <= s.sae.shuffle_buffer_tokens else 2) * min(train, s.sae.shuffle_buffer_tokens)
-            unit_memory += buffers * d_in * stored + (tokens - train) * d_in * 4 + 4 * sae_bytes + batch
+            unit_memory += (buffers + tokens - train) * d_in * stored + 4 * sae_bytes + batch  # held out: as stored
             # the scaling pass, then the buffers: once when one holds every token, else every epoch
             read = tokens * d_in * stored * (1 + (1 if train <= s.sae.shuffle_buffer_tokens else s.sae.epochs))
             work += [Work("load", read, label=f"{sae_id(unit.payload['model'], layer)}: activations"),
