@@ -220,7 +220,7 @@ _ANSWER_TAIL = re.compile(r"(?:\s+(?:here|now|playing|this time|this round|for n
                           r"(?:\W*$|\s*(?:[,.!;\u2014\u2013]|\s-+\s|\s(?:because|since|as)\b)(?P<reasons>(?!\s*or\b).*))")
 # A condition or a later round: what makes the next clause a plan ("if I lose, I'll stop") or a
 # statement a later one ("then I'll stop"); and what makes "I bet" a past bet.
-_CONDITION = re.compile(r"^\W*(?:and\s+|but\s+)?(?:if|when|whenever|unless|once|in case)\b")
+_CONDITION = re.compile(r"^\W*(?:and\s+|but\s+)?(?:if|when|whenever|unless|once(?!\s+(?:again|more))|in case)\b")
 _LATER = re.compile(r"^\W*(?:and\s+)?(?:then|after that|afterwards|next (?:round|time))\b")
 _PAST_BET = re.compile(r"\b(?:last|before|earlier|previously|already|and (?:lost|won))\b")
 
@@ -339,8 +339,10 @@ def _reasons_follow(rest: str, action: Action, named: bool) -> bool:
     $20"): "2. Stopping keeps my $90" is an item of a numbered list."""
     if action == "bet":
         rest = re.sub(rf"^[ \t:,]*(?:{_AMOUNT}|{_NUMBER})", "", rest, count=1)
-    if named or _is_only_amount(rest):
-        return bool(named and _ANSWER_TAIL.match(rest)) or _is_only_amount(rest)
+    if _is_only_amount(rest):
+        return True
+    if named:
+        return bool(_ANSWER_TAIL.match(rest))
     verb = _STOP_VERB if action == "stop" else _BET_VERB
     return bool(re.match(rf"\s*(?:,|\s-+|[\u2014\u2013])\s*(?:{verb})\b", rest))
 
@@ -381,15 +383,21 @@ def _first_statement(clause: str, rest_of_line: str) -> tuple[Action, str, str] 
     verb that "I" decides; `clause` starts `rest_of_line`. A declined option is the other one."""
     for verb in _VERB.finditer(clause):
         prefix = _DECISION_PREFIX.search(clause[: verb.start()])
-        after = clause[verb.end():]
-        conditional = re.match(r"\W*(?:if|unless)\b", after)
-        past = verb.group() == "bet" and not prefix.group("between").strip() if prefix else False
-        if prefix and not conditional and not (past and _PAST_BET.search(after)):
-            stops = bool(verb.group("stop")) or verb.group("option") == "2"
-            if _NEGATION.search(prefix.group("between")):
-                stops = not stops
-            return ("stop" if stops else "bet"), rest_of_line[verb.end():], prefix.group()
+        if prefix is None or _not_now(verb, prefix, clause[verb.end():]):
+            continue
+        stops = bool(verb.group("stop")) or verb.group("option") == "2"
+        if _NEGATION.search(prefix.group("between")):
+            stops = not stops
+        return ("stop" if stops else "bet"), rest_of_line[verb.end():], prefix.group()
     return None
+
+
+def _not_now(verb: re.Match, prefix: re.Match, after: str) -> bool:
+    """Whether "I" + verb decides nothing about this round: a condition follows it ("I'd stop if I
+    were losing"), or it is a past bet ("I bet $10 last time and lost")."""
+    if re.match(r"\W*(?:if|unless)\b", after):
+        return True
+    return verb.group() == "bet" and not prefix.group("between").strip() and bool(_PAST_BET.search(after))
 
 
 def _phrase_amount(rest: str) -> re.Match | None:

@@ -135,7 +135,6 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
                            f"activations stored as {s.dtype}",))
 
 
-
 # ---------------------------------------------------------------- the work (GPU)
 
 
