@@ -44,6 +44,11 @@ def config(**overrides) -> TrainingConfig:
                              "decorrelation": 0.0, **overrides})
 
 
+def assert_same_weights(expected: SAE, actual: SAE) -> None:
+    for name, value in expected.state_dict().items():
+        assert torch.equal(value, actual.state_dict()[name]), name
+
+
 def test_decorrelation_penalty_is_the_mean_squared_pairwise_correlation():
     features = torch.relu(torch.randn(300, 12, dtype=torch.float64))
     features[:, 5] = 0.0                       # a dead feature: correlation 0 with everything
@@ -455,13 +460,27 @@ def test_a_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tmp_pa
     monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
     assert torch.load(checkpoint, weights_only=False)["step"] == 20
     resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
-    for name, value in whole.sae.state_dict().items():
-        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    assert_same_weights(whole.sae, resumed.sae)
     assert resumed.curves == whole.curves and resumed.metrics == whole.metrics
     other = settings.model_copy(update={"lr": 1e-3})  # a checkpoint of other training is not resumed
     fresh = train_sae(data, other, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert "was written by another training" in caplog.text
     assert torch.equal(fresh.sae.W_dec, train_sae(data, other, "h", "m", torch.device("cpu")).sae.W_dec)
+
+
+def trained_until_requeued(data: torch.Tensor, settings: TrainingConfig, checkpoint) -> None:
+    """Train under a stand-in for submitit's warning handler, which requeues the task and exits:
+    the training must end there."""
+
+    def requeue(signum, frame):
+        raise RuntimeError("requeued")
+
+    before = signal.signal(WARNING, requeue)
+    try:
+        with pytest.raises(RuntimeError, match="requeued"):
+            train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
+    finally:
+        signal.signal(WARNING, before)
 
 
 @pytest.mark.parametrize("checkpoint_every", [10, 0])
@@ -483,16 +502,8 @@ def test_a_training_warned_by_the_batch_system_saves_at_once_and_resumes_from_th
             os.kill(os.getpid(), WARNING)
         return clip(*args, **kwargs)
 
-    def requeue(signum, frame):  # submitit's handler requeues the task and exits
-        raise RuntimeError("requeued")
-
     monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", warned_on_step_23)
-    before = signal.signal(WARNING, requeue)
-    try:
-        with pytest.raises(RuntimeError, match="requeued"):
-            train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
-    finally:
-        signal.signal(WARNING, before)
+    trained_until_requeued(data, settings, checkpoint)
     monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
     if not checkpoint_every:
         assert not checkpoint.exists()
@@ -500,8 +511,7 @@ def test_a_training_warned_by_the_batch_system_saves_at_once_and_resumes_from_th
     assert torch.load(checkpoint, weights_only=False)["step"] == 24
     resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert resumed.curves == whole.curves
-    for name, value in whole.sae.state_dict().items():
-        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    assert_same_weights(whole.sae, resumed.sae)
 
 
 def test_a_warning_during_the_held_out_metrics_saves_the_final_state_and_the_resumed_run_trains_no_more(
@@ -521,24 +531,15 @@ def test_a_warning_during_the_held_out_metrics_saves_the_final_state_and_the_res
         os.kill(os.getpid(), WARNING)
         return evaluate(*args, **kwargs)
 
-    def requeue(signum, frame):
-        raise RuntimeError("requeued")
-
     monkeypatch.setattr(sae_trainer, "evaluate", warned_while_evaluating)
-    before = signal.signal(WARNING, requeue)
-    try:
-        with pytest.raises(RuntimeError, match="requeued"):
-            train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
-    finally:
-        signal.signal(WARNING, before)
+    trained_until_requeued(data, settings, checkpoint)
     monkeypatch.setattr(sae_trainer, "evaluate", evaluate)
     assert torch.load(checkpoint, weights_only=False)["step"] == whole.curves["step"][-1] + 1
     settings = settings.model_copy(update={"precision": "auto"})
     resumed = train_sae(data, settings, "h", "m", torch.device("cpu"), checkpoint=checkpoint)
     assert resumed.curves == whole.curves and resumed.metrics == whole.metrics
     assert math.isnan(resumed.tokens_per_second) and whole.tokens_per_second > 0  # no step run: no speed
-    for name, value in whole.sae.state_dict().items():
-        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    assert_same_weights(whole.sae, resumed.sae)
 
 
 def test_checkpoints_wait_for_their_minutes_then_the_next_multiple_of_their_steps():
@@ -572,5 +573,4 @@ def test_a_short_training_writes_no_checkpoint_before_its_minutes_and_resumes_wh
     assert f"resuming from step {steps} of 14" in caplog.text
     whole = train_sae(data, config(epochs=2), "h", "m", torch.device("cpu"))
     assert resumed.curves == whole.curves
-    for name, value in whole.sae.state_dict().items():
-        assert torch.equal(value, resumed.sae.state_dict()[name]), name
+    assert_same_weights(whole.sae, resumed.sae)
