@@ -60,9 +60,10 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from sae_lens import SAE, StandardSAE, StandardSAEConfig, register_sae_class
+from sae_lens import SAE
 from tqdm import tqdm
 
+import common.linear_sae  # noqa: F401 (registers "linear": to_sae_lens builds it)
 from common.activation_stream import (
     Batches,
     DataOrder,
@@ -84,23 +85,6 @@ CURVES = ("step", "reconstruction", "sparsity", "decorrelation", "auxiliary", "l
 WEIGHT_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 MAX_GRAD_NORM = 1.0
 SAE_LENS_ARCHITECTURE = {"relu": "standard", "jumprelu": "jumprelu", "topk": "topk", "none": "linear"}
-
-
-class LinearSAEConfig(StandardSAEConfig):
-    @classmethod
-    def architecture(cls) -> str:
-        return "linear"
-
-
-class LinearSAE(StandardSAE):
-    """sae-lens's standard SAE without the ReLU: what `activation: none` trains. Registered with
-    sae-lens as architecture "linear", so `SAE.load_from_disk` reads it once saebatch is imported."""
-
-    def get_activation_fn(self):
-        return torch.nn.Identity()
-
-
-register_sae_class("linear", LinearSAE, LinearSAEConfig)
 
 
 class _JumpReLU(torch.autograd.Function):

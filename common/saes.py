@@ -237,6 +237,8 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
     """Load (or build) the SAE of one layer onto `device`, checking that it fits the model."""
     from sae_lens import SAE  # seconds to import: loaded where SAEs are
 
+    import common.linear_sae  # noqa: F401 (registers "linear": sae_training's `activation: none`)
+
     if spec.random is not None:
         sae = _random_sae(spec.random, layer, d_model, spec.dtype, device)
     elif spec.release is not None:
@@ -249,9 +251,22 @@ def load_sae(spec: SaeSpec, layer: int, d_model: int, device: torch.device) -> S
             raise UserError(f"cannot load the SAE in {folder}: {error}. Re-create it, or point "
                             "sae.path at a directory with cfg.json and sae_weights.safetensors") from None
     _check_fit(sae.cfg.d_in, sae.cfg.metadata.hook_name, layer, d_model, spec.describe(layer))
+    _fold_decoder_norms(sae)
     sae.eval()
     sae.requires_grad_(False)
     return sae.to(device)
+
+
+def _fold_decoder_norms(sae: SAE) -> None:
+    """A TopK SAE that decodes with W_dec's rows divided by their norms (rescale_acts_by_decoder_norm)
+    gets those unit rows in W_dec and the norms in its encoder (sae-lens's fold, the same features
+    and reconstruction): an edit then adds f_i x W_dec[i], what the SAE decodes. Rows already of
+    unit norm (to 0.1%) are left as they are."""
+    norms = sae.W_dec.detach().float().norm(dim=-1)
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False) and \
+            not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        sae.fold_W_dec_norm()
+        sae.cfg.rescale_acts_by_decoder_norm = False  # the norms are 1 now
 
 
 def _random_sae(random: RandomSae, layer: int, d_model: int, dtype: str, device: torch.device) -> SAE:

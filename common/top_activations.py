@@ -43,9 +43,9 @@ class TopActivations:
     position: torch.Tensor           # (F, k) corpus positions of the token, int64
     context: torch.Tensor            # (F, k, width) token ids around it (EMPTY outside its window)
     context_activation: torch.Tensor  # (F, k, width) the feature's activation on each of them
-    histogram: torch.Tensor          # (F, bins) counts of non-zero activations, int64
-    active: torch.Tensor             # (F,) tokens with a non-zero activation, int64
-    total: torch.Tensor              # (F,) sum of activations, float64
+    histogram: torch.Tensor          # (F, bins) counts of positive activations, int64
+    active: torch.Tensor             # (F,) tokens with a positive activation, int64
+    total: torch.Tensor              # (F,) sum of the positive activations, float64 (mean when active: total / active)
     tokens: int = 0
 
     @classmethod
@@ -71,7 +71,7 @@ class TopActivations:
         active = values > 0
         self.tokens += len(values)
         self.active += active.sum(dim=0)
-        self.total += values.sum(dim=0, dtype=torch.float64)
+        self.total += values.clamp(min=0).sum(dim=0, dtype=torch.float64)  # a signed feature's negatives are inactive
         rows, columns = torch.nonzero(active, as_tuple=True)
         edges = torch.as_tensor(HISTOGRAM_EDGES, dtype=torch.float32, device=values.device)
         bins = (torch.bucketize(values[rows, columns], edges, right=True) - 1).clamp(0, len(edges) - 2)

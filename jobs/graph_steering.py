@@ -177,7 +177,16 @@ def read_target(s: Settings) -> TargetInGraph:
         if graph.attrs["model"] != s.model.name or saes != ours:
             raise UserError(f"{field}: the graph was computed on {graph.attrs['model']} with SAEs {saes}, not on "
                             f"{s.model.name} with {ours}; steer with the graph's model and SAEs")
+        _check_pooling(str(graph.attrs.get("pooling", "token")), s.correlation.name)
         return target_in_graph(graph, s.target.layer, s.target.feature, s.neighbours, FIELD)
+
+
+def _check_pooling(pooling: str, where: str) -> None:
+    """Steering edits every token, so strengths, slopes and neighbours must be per-token ones: a
+    graph of per-window means has another scale (the organism's planted feature: 75x smaller)."""
+    if pooling != "token":
+        raise UserError(f"{FIELD}.correlation: {where} pools each window (feature_correlation.pooling "
+                        f"{pooling}), but steering edits each token; steer with a graph of pooling: token")
 
 
 def _graph_to_come(s: Settings, n_layers: int) -> None:
@@ -189,6 +198,7 @@ def _graph_to_come(s: Settings, n_layers: int) -> None:
     graph = upstream.settings
     if graph.model.name != s.model.name:
         raise UserError(f"{field}: {where} computes the graph on {graph.model.name}, not {s.model.name}")
+    _check_pooling(graph.pooling, where)
     layers = _graph_layers(s, n_layers)
     if s.target.layer not in layers:
         raise UserError(f"{FIELD}.target.layer: layer {s.target.layer} is not in the correlation graph ({where}), "

@@ -63,9 +63,9 @@ NOT_MEASURED = float("nan")
 LINEAR_LOADING = """# A linear autoencoder (`activation: none`), not a sparse SAE
 
 sae-lens has no architecture "linear", so plain `SAE.load_from_disk` refuses this folder. Either
-import saebatch's trainer first, which registers it:
+import saebatch's `common.linear_sae` first, which registers it:
 
-    import common.sae_trainer  # noqa: F401 (registers "linear" with sae-lens)
+    import common.linear_sae  # noqa: F401 (registers "linear" with sae-lens)
     from sae_lens import SAE
     sae = SAE.load_from_disk("<this folder>")
 
@@ -300,7 +300,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
     """Each SAE saved for sae-lens, the metrics table and curves in merged.h5, and the report."""
     from sae_lens import SAE
 
-    from common.sae_trainer import LinearSAE  # registers "linear" with sae-lens
+    from common.linear_sae import LinearSAE  # registers "linear" with sae-lens
 
     s = manifest.settings
     rows, curves = [], {}

@@ -1,5 +1,7 @@
 """SAE loading through sae-lens: local directories, releases, random configs; fit checks."""
 
+import subprocess
+import sys
 from typing import get_args
 
 import pytest
@@ -20,6 +22,46 @@ def test_local_directory_loads_the_saved_weights(tmp_path):
     saved = SAE.load_from_disk(tmp_path / "L1")
     assert isinstance(sae, JumpReLUSAE)
     torch.testing.assert_close(sae.W_enc, saved.W_enc)
+
+
+def test_a_linear_sae_loads_in_a_job_that_never_imports_the_trainer(tmp_path):
+    """sae_training's `activation: none` saves architecture "linear", which sae-lens knows only
+    once registered: feature_ablation and the other readers of trained SAEs load it all the same."""
+    from common.linear_sae import LinearSAE
+
+    for layer in (0, 1):
+        LinearSAE.from_dict({"architecture": "linear", "d_in": 16, "d_sae": 24, "dtype": "float32", "device": "cpu",
+                             "metadata": {"hook_name": f"blocks.{layer}.hook_resid_post"}}).save_model(tmp_path / f"L{layer}")
+    reader = ("import sys, torch\n"
+              "from common.saes import SaeSpec, load_sae\n"
+              f"sae = load_sae(SaeSpec(path={str(tmp_path / 'L{layer}')!r}), 1, 16, torch.device('cpu'))\n"
+              "features = sae.encode(torch.randn(64, 16))\n"
+              "print(type(sae).__name__, bool((features < 0).any()), 'common.sae_trainer' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["LinearSAE", "True", "False"]
+
+
+def test_a_topk_sae_decoding_with_normed_rows_is_edited_as_it_decodes(tmp_path):
+    """sae-lens's TopK with rescale_acts_by_decoder_norm decodes f_i x W_dec[i] / |W_dec[i]|: an edit
+    must add what the SAE decodes, x + decode(f') - decode(f) (DESIGN), whatever the rows' norms."""
+    from common.edits import set_feature
+
+    saved = SAE.from_dict({"architecture": "topk", "d_in": 16, "d_sae": 24, "k": 4, "dtype": "float32", "device": "cpu",
+                           "rescale_acts_by_decoder_norm": True, "metadata": {"hook_name": "blocks.0.hook_resid_post"}})
+    with torch.no_grad():
+        saved.W_dec.mul_(0.1 + torch.rand(24, 1))  # rows of norms 0.1 to 1.1, as a trainer leaves them
+    saved.save_model(tmp_path / "L0")
+    sae = load_sae(SaeSpec(path=str(tmp_path / "L{layer}")), 0, 16, torch.device("cpu"))
+    hidden = torch.randn(6, 16)
+    features = saved.encode(hidden)
+    torch.testing.assert_close(sae.encode(hidden), features)   # the same SAE
+    torch.testing.assert_close(sae.decode(features), saved.decode(features))
+    feature = int(features[0].argmax())
+    wanted = features.clone()
+    wanted[:, feature] = 5.0
+    edited = set_feature(sae, feature, 5.0)(hidden, torch.arange(6))
+    torch.testing.assert_close(edited, hidden + saved.decode(wanted) - saved.decode(features), atol=1e-5, rtol=1e-5)
 
 
 def test_d_in_mismatch_is_refused_before_loading(tmp_path):

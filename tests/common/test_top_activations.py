@@ -68,6 +68,17 @@ def test_the_top_k_is_the_direct_sort_with_ties_to_the_earlier_token(seed):
     assert np.allclose(top.total.numpy(), values.double().sum(0).numpy())
 
 
+def test_a_signed_features_mean_when_active_is_over_its_positive_activations():
+    """A linear SAE's (or AbsTopK's) features go negative: those tokens are not active, and
+    their values stay out of the total that the mean when active divides by the active count."""
+    values = torch.tensor([[2.0], [-1.5], [-0.5], [1.0]])
+    top = TopActivations.zeros(1, K, 1)
+    context = torch.arange(4)[:, None]
+    top.add(values, torch.arange(4), context, context)
+    assert top.active.tolist() == [2]
+    assert top.total.tolist() == [3.0]   # mean when active: 1.5, not (2 - 1.5 - 0.5 + 1) / 2 = 0.5
+
+
 def test_merging_parts_in_corpus_order_equals_one_pass():
     values, lengths, ids = stream(3)
     whole = TopActivations.zeros(values.shape[1], K, BEFORE + 1 + AFTER)

@@ -227,6 +227,20 @@ def test_a_target_the_graph_does_not_keep_is_refused_with_the_fix(tmp_path):
         plan_of(write(tmp_path, "steering.yaml", STEERING, "steering.yaml"))
 
 
+def test_a_graph_of_pooled_windows_is_refused_since_steering_edits_tokens(tmp_path):
+    """Its means, spreads and slopes are per window: strength 1 would be some 75x too weak."""
+    pooled = {"run": {"shards": 1}, "feature_correlation": {"corpus": {"tokens": 2048}, "tokens_per_unit": 2048,
+                                      "pooling": "sequence_mean_of_features"}}
+    graph = write(tmp_path, "feature_correlation_for_steering.yaml", pooled, "graph.yaml")
+    steering = write(tmp_path, "steering.yaml", STEERING, "steering.yaml")
+    refusal = r"graph_steering\.correlation: .*pooling sequence_mean_of_features.*pooling: token"
+    with estimating(), pytest.raises(UserError, match=refusal):  # planned from the graph's manifest
+        plan_of(steering)
+    run_all(graph)
+    with pytest.raises(UserError, match=refusal):  # and from its merged.h5
+        plan_of(steering)
+
+
 def test_the_plan_is_a_unit_per_strength_and_the_same_every_time(runs):
     folder, _, _, _ = runs
     path = folder / "steering.yaml"
