@@ -22,6 +22,7 @@ from common.manifest import ClusterSettings
 
 VERSIONS_FILE = "/opt/saebatch/versions.json"
 CHECKED = ("python", "cloudpickle", "submitit")
+IMAGE_PYTHON = ("python3", "-s", "-P")  # see python_command
 
 
 def environment_versions() -> dict[str, str]:
@@ -67,8 +68,12 @@ def check_image(image: Path) -> None:
 
 def python_command(cluster: ClusterSettings, run_root: Path) -> str | None:
     """The command that starts Python for a task on the node: the image's through apptainer (the
-    run root and `bind` paths bound in), the manifest's `python`, or None for this Python."""
+    run root and `bind` paths bound in), the manifest's `python`, or None for this Python.
+
+    The image's `python3`, the name containers/install.sh installs with (a Debian base has no
+    `python`); `-s -P` keep the user's ~/.local packages and the submitting directory (apptainer
+    binds $HOME and the working directory) off its path, so tasks run the image's code."""
     if cluster.image is None:
         return cluster.python
     binds = ",".join(dict.fromkeys([str(run_root), *cluster.bind]))
-    return shlex.join(["apptainer", "exec", "--nv", "--bind", binds, str(cluster.image), "python"])
+    return shlex.join(["apptainer", "exec", "--nv", "--bind", binds, str(cluster.image), *IMAGE_PYTHON])

@@ -147,12 +147,12 @@ class ClusterSettings(StrictModel):
     python: str | None = Field(
         None,
         description="command that starts python on the node, e.g. "
-        "'apptainer exec --nv --bind /scratch image.sif python' (None: this python, or `image`'s)",
+        "'apptainer exec --nv --bind /scratch image.sif python3' (None: this python, or `image`'s)",
     )
     image: AbsolutePath | None = Field(
         None,
         description="Apptainer image the tasks run in (a .sif file or sandbox folder built from "
-        "containers/): tasks start `apptainer exec --nv --bind <run root>,<bind> <image> python`",
+        "containers/): tasks start `apptainer exec --nv --bind <run root>,<bind> <image> python3 -s -P`",
     )
     bind: list[str] = Field(
         default_factory=list, description="more paths bound into the image (data, HF cache), e.g. ['/scratch']"

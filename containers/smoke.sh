@@ -93,6 +93,13 @@ for path in manifests:
     assert (run.report_dir / "report.md").stat().st_size > 0, path
     print(f"ok  {path.name}: {run.merged_path}")
 EOF
+image_python=$("$python" -c "from common.containers import IMAGE_PYTHON; print(' '.join(IMAGE_PYTHON))")
+say "the Python a Slurm task starts in the image ($image_python) imports the image's code"
+mkdir -p "$rootfs/work/common" && echo 'raise ImportError("the working directory shadows the image")' \
+  > "$rootfs/work/common/__init__.py"
+chroot "$rootfs" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin /bin/sh -c \
+  "cd /work && $image_python -c 'import common, submitit; print(common.__file__)'"
+rm -r "$rootfs/work/common"
 "$python" -c "import sys; from pathlib import Path; from common.containers import check_image; \
 check_image(Path(sys.argv[1])); print('[smoke] the image recorded the versions of this environment')" "$rootfs"
 

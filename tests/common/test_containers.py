@@ -7,6 +7,7 @@ the launcher does with `cluster.image`.
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from common.errors import UserError
 from common.launcher import make_executor, prepare_run
 from common.manifest import ClusterSettings
 from common.manifest_file import load_manifest
+from tests.helpers import REPO
 
 GOLDEN = Path(__file__).parent.parent / "golden" / "array_in_image.sbatch"
 REGENERATE = "SAEBATCH_REGENERATE_GOLDEN"  # set to 1 to rewrite the golden file from the current code
@@ -53,7 +55,7 @@ def test_an_image_with_other_versions_is_refused_with_the_fix(tmp_path):
 def test_tasks_start_the_images_python_through_apptainer(tmp_path):
     cluster = ClusterSettings(image=tmp_path / "saebatch.sif", bind=["/scratch", "/data/hf"])
     assert python_command(cluster, tmp_path / "runs") == (
-        f"apptainer exec --nv --bind {tmp_path}/runs,/scratch,/data/hf {tmp_path}/saebatch.sif python")
+        f"apptainer exec --nv --bind {tmp_path}/runs,/scratch,/data/hf {tmp_path}/saebatch.sif python3 -s -P")
     assert python_command(ClusterSettings(python="/opt/py/bin/python"), tmp_path) == "/opt/py/bin/python"
     assert python_command(ClusterSettings(), tmp_path) is None
     with pytest.raises(ValueError, match="give `image` .* or `python`, not both"):
@@ -90,5 +92,31 @@ def test_generated_sbatch_runs_the_task_in_the_image(write_manifest, tmp_path):
     if os.environ.get(REGENERATE) == "1":
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), f"sbatch text changed; if intended, regenerate: {REGENERATE}=1 pytest {__file__}"
-    assert "apptainer exec --nv --bind <tmp>/runs,/scratch /images/saebatch.sif python -u -m submitit.core._submit" in text
+    assert "apptainer exec --nv --bind <tmp>/runs,/scratch /images/saebatch.sif python3 -s -P -u -m submitit.core._submit" in text
     assert "export HDF5_USE_FILE_LOCKING=FALSE" in text and "module load apptainer" in text
+
+
+@pytest.mark.parametrize("template", ["array.sbatch", "reduce.sbatch"])
+def test_the_sbatch_templates_create_the_run_root_before_apptainer_binds_it(template, tmp_path):
+    """apptainer refuses to bind a path that does not exist, and a new run root does not until the
+    first task writes it, inside the image: the templates create it first. This machine has no
+    apptainer; the stand-in on PATH fails as apptainer would and records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "apptainer"
+    stand_in.write_text("#!/bin/bash\n"
+                        f"echo \"$@\" > {tmp_path}/called\n"
+                        "while [ \"$1\" != --bind ]; do shift; done\n"
+                        "[ -d \"${2%%,*}\" ] || { echo \"mount source ${2%%,*} doesn't exist\" >&2; exit 255; }\n")
+    stand_in.chmod(0o755)
+    root = tmp_path / "new" / "runs"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "IMAGE": "/images/saebatch.sif",
+           "BIND": f"{root},/scratch", "SLURM_ARRAY_TASK_ID": "0"}
+    done = subprocess.run(["bash", str(REPO / "slurm" / template), "m.yaml"], env=env, capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert root.is_dir()
+    called = (tmp_path / "called").read_text().split()
+    assert called[called.index("--bind") + 1] == f"{root},/scratch"
+    assert called[called.index("--env") + 1] == "PYTHONNOUSERSITE=1"   # ~/.local stays off the image's path
+    assert called[called.index("/images/saebatch.sif") + 1] == "saebatch"
