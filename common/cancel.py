@@ -27,7 +27,14 @@ from common.locks import held_by
 from common.provenance import now
 from common.rundir import RunDir
 from common.shards import lock_path
-from common.status import ACTIVE, active_reduce, shard_states, submissions_by_job
+from common.status import (
+    ACTIVE,
+    active_reduce,
+    local_task_alive,
+    process_alive,
+    shard_states,
+    submissions_by_job,
+)
 from common.tasklog import job_paths
 
 log = logging.getLogger(__name__)
@@ -114,7 +121,7 @@ def _stop_local_jobs(jobs: list[tuple[str, str, str | None]]) -> list[Stopped]:
             stopped.append(Stopped(task, job_id, f"a local task on {host}: run `saebatch cancel` there", ok=False))
             continue
         pid = int(job_id)
-        if not _alive(pid) or "submitit" not in _command(pid):
+        if not local_task_alive(pid):
             stopped.append(Stopped(task, job_id, "its process had already ended"))
             continue
         workers = _children(pid)
@@ -132,7 +139,7 @@ def _stop_writer(task: str, writer: str) -> Stopped:
     pid = _local_pid(writer)
     if pid is None:
         return Stopped(task, None, f"it is written by {writer}: stop that process there", ok=False)
-    if not _alive(pid):
+    if not process_alive(pid):
         return Stopped(task, None, f"its writer {pid} had already ended")
     _interrupt(pid)
     _finish_off([pid])
@@ -165,7 +172,7 @@ def _finish_off(pids: list[int]) -> None:
     if _wait_gone(pids, GRACE_SECONDS):
         return
     for pid in pids:
-        if _alive(pid):
+        if process_alive(pid):
             _kill(pid, signal.SIGKILL)
     _wait_gone(pids, GRACE_SECONDS)
 
@@ -191,28 +198,6 @@ def _settle(run: RunDir, job_ids: list[str], seconds: float) -> None:
     log.warning("some cancelled jobs still look active; `saebatch status %s` will show when they end", run.path)
 
 
-def _alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, ended but not yet reaped by its parent, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "submitit"  # no /proc to check with: trust the recorded id
-
-
 def _children(pid: int) -> list[int]:
     try:
         return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -223,7 +208,7 @@ def _children(pid: int) -> list[int]:
 def _wait_gone(pids: list[int], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not any(_alive(pid) for pid in pids):
+        if not any(process_alive(pid) for pid in pids):
             return True
         time.sleep(0.1)
-    return not any(_alive(pid) for pid in pids)
+    return not any(process_alive(pid) for pid in pids)

@@ -1,6 +1,6 @@
 """The `saebatch` command line: plan, submit, run, status, reduce, demo.
 
-    saebatch demo                                     # every demo manifest, locally, in seconds
+    saebatch demo                                     # every demo manifest, locally (minutes on a laptop)
     saebatch plan manifests/token_tracking_llama31_8b.yaml
     saebatch submit manifests/demo/token_tracking.yaml [--executor local] [--wait]
     saebatch status runs/token_tracking-<id>
@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from common.errors import UserError
 from common.logs import setup_logging
@@ -63,6 +63,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         size_manifest,
     )
 
+    if args.max_units < 0:
+        raise UserError(f"--max-units {args.max_units}: give how many unit ids (and shards) to list, 0 or more")
     if args.chain:
         print(chain_report([size_manifest(path) for path in args.manifests]))
         return 0
@@ -125,7 +127,7 @@ def _submit_run(run, executor: Executor, wait_for_it: bool) -> int:
 
 def _submit_unlocked(run, executor: Executor, wait_for_it: bool) -> int:
     from common.launcher import submit, wait
-    from common.status import ACTIVE, RESUBMIT, active_reduce, shard_states
+    from common.status import ACTIVE, RESUBMIT, active_reduce, reduce_status, shard_states
 
     states = shard_states(run)
     to_submit = [s.index for s in states if s.state in RESUBMIT]
@@ -138,14 +140,14 @@ def _submit_unlocked(run, executor: Executor, wait_for_it: bool) -> int:
         print(f"nothing to submit: {len(active)} shard(s) still active and reduce job {pending_reduce} "
               f"will merge them (saebatch status {run.path})")
         return 0
-    if not to_submit and not active and run.merged_path.exists():
+    if not to_submit and not active and reduce_status(run, states)[0] == "done":
         print(f"every shard is done and merged: {run.merged_path}\n"
               f"(`saebatch reduce {run.path}` redoes the merge)")
         return 0
+    after = _slurm_jobs_of(run, active)  # before anything is queued
     done = sum(s.state == "done" for s in states)
     print(f"run {run.path}: {done} shard(s) done, {len(active)} active, submitting {len(to_submit)}")
-    # An active shard was submitted: it has a job id (None would fail Slurm's dependency, as before).
-    submission = submit(run, executor, to_submit, after=[cast(str, s.job_id) for s in active])
+    submission = submit(run, executor, to_submit, after=after)
     if executor == "slurm":
         assert submission.reduce_job is not None  # submit queues it on Slurm
         ids = sorted({job.job_id.split("_")[0] for job in submission.shard_jobs.values()})
@@ -156,6 +158,22 @@ def _submit_unlocked(run, executor: Executor, wait_for_it: bool) -> int:
             return 1
         print(f"merged: {run.merged_path}\nreport: {run.report_dir / 'report.md'}")
     return 0
+
+
+def _slurm_jobs_of(run, active: list) -> list[str]:
+    """The Slurm jobs writing the active shards, for the reduce to wait for (afterok). A shard
+    written outside any recorded Slurm job (`saebatch run --shard K`, slurm/array.sbatch, a local
+    task) gives the reduce nothing to wait for: refused, before anything is queued."""
+    from common.status import submissions_by_job
+
+    executors = {job: entry["executor"] for job, entry in submissions_by_job(run).items()}
+    for s in active:
+        if s.job_id is None or executors.get(s.job_id) != "slurm" or s.writer is not None:
+            raise UserError(f"shard {s.index} is {s.state}, written by {s.writer or f'local task {s.job_id}'}, "
+                            f"which is no Slurm job of this run, so "
+                            f"the reduce cannot wait for it: wait for it to finish, or stop it (saebatch cancel "
+                            f"{run.path}), then submit again")
+    return [s.job_id for s in active if s.job_id is not None]
 
 
 def _run_for(target: str, resume: bool = False):
@@ -357,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifests", nargs="+", metavar="MANIFEST", help="YAML manifest (several with --chain)")
     p.add_argument("--chain", action="store_true", help="size every manifest given, in order, and sum them: "
                    "shards, runtime, GPU-hours, output")
-    p.add_argument("--max-units", type=int, default=20, help="how many unit ids to list (default 20)")
+    p.add_argument("--max-units", type=int, default=20, help="how many unit ids, and shards, to list (default 20)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("submit", help="submit the shards as an array and the reduce after them",
@@ -390,12 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("logs", help="a task's stdout, stderr and exception; without --shard, every task's last lines",
                        description="Without --shard: each shard's state, job and log, the exception it raised and "
                        "the last lines of its stderr (as a terminal shows them: a tqdm bar's latest state), then "
-                       "the reduce's. With --shard K (or --reduce): that task's stdout and stderr and its "
-                       "exception in full, from logs/submitit/.")
+                       "the reduce's. With --shard K (or --reduce): that task's exception in full and the last "
+                       "lines of its stdout and stderr (40; --tail N for more), from logs/submitit/.")
     p.add_argument("target", help="run directory or manifest")
     task = p.add_mutually_exclusive_group()
-    task.add_argument("--shard", type=int, metavar="K", help="one shard's logs in full")
-    task.add_argument("--reduce", action="store_true", help="the reduce's logs in full")
+    task.add_argument("--shard", type=int, metavar="K", help="one shard's exception and last 40 log lines")
+    task.add_argument("--reduce", action="store_true", help="the reduce's exception and last 40 log lines")
     p.add_argument("--tail", type=int, metavar="N", help="lines of each log (default 3 per task in the summary, "
                    "40 with --shard)")
     p.set_defaults(func=cmd_logs)

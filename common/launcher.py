@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import submitit
+from submitit.core.utils import FailedJobError
 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from common.atomic import write_text_atomic
@@ -41,6 +41,8 @@ from common.rundir import RunDir
 from common.shards import (
     ShardWriter,
     check_shards,
+    lock_path,
+    set_aside,
     shard_problem,
     stop_before_next_unit,
 )
@@ -87,17 +89,24 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
     if not 0 <= shard_index < len(plan.shards):
         raise UserError(f"--shard {shard_index}: this run has shards 0-{len(plan.shards) - 1}")
     path = run.shard_path(shard_index)
-    if path.exists():
-        problem = shard_problem(plan, shard_index, path, verify=True)
-        if problem is None:
-            log.info("shard %d is already complete: %s", shard_index, path)
-            return str(path)
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(path, aside)
-        log.warning("%s\nkept it as %s; writing shard %d again", problem, aside, shard_index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(lock_path(path), f"another writer of shard {shard_index}", wait=False):
+        # Checked under the lock: a writer that finished while this task waited for it is not redone.
+        if path.exists():
+            problem = shard_problem(plan, shard_index, path, verify=True)
+            if problem is None:
+                log.info("shard %d is already complete: %s", shard_index, path)
+                return str(path)
+            aside = set_aside(path, "damaged")
+            log.warning("%s\nkept it as %s; writing shard %d again", problem, aside, shard_index)
+        return _write_shard(manifest, plan, path, shard_index)
+
+
+def _write_shard(manifest: Manifest, plan: Plan, path: Path, shard_index: int) -> str:
+    """Write (or resume) shard `shard_index` at `path`; the caller holds its lock."""
     units = plan.shard_units(shard_index)
     require_gpus(manifest.cluster.gpus_per_task)
-    with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units]) as shard:
+    with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units], locked=True) as shard:
         remaining = shard.pending()
         # The shard's CPU threads: what the task asked for, on Slurm as locally, and on a resume what
         # the shard began with, so that its floating-point sums never mix two thread counts.
@@ -252,19 +261,22 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: Seque
     slots = gpu_slots(visible_gpus(), manifest.cluster.gpus_per_task) \
         if executor_kind == "local" and manifest.cluster.gpus_per_task else None  # before anything runs
     executor = make_executor(executor_kind, run, manifest.cluster, name)
-    shard_jobs: dict[int, Any] = {}
-    array_ids: list[str] = []
     if shards and slots is not None:  # recorded as each task starts: `status` sees the waves as they run
         return _submit_in_gpu_slots(run, executor, shards, slots)
+    submission = Submission(executor_kind, {}, None)
+    array_ids: list[str] = []
+    recorded = False
     if shards:
         limit = manifest.cluster.max_array_size or (slurm_max_array_size() - 1 if executor_kind == "slurm" else len(shards))
         for start in range(0, len(shards), limit):
             chunk = shards[start : start + limit]
-            jobs = executor.map_array(ShardTask(), [str(run.path)] * len(chunk), chunk)
-            shard_jobs.update(zip(chunk, jobs))
+            with _refused_by_slurm(run, submission, f"the array of shards {_ranges(chunk)}", _SHARD_SETTINGS):
+                jobs = executor.map_array(ShardTask(), [str(run.path)] * len(chunk), chunk)
+            submission.shard_jobs.update(zip(chunk, jobs))
+            _record(run, submission, update_last=recorded)  # at once: status, cancel and --resume see it
+            recorded = True
             array_ids.append(jobs[0].job_id.split("_")[0])
             log.info("submitted shards %s as %s", _ranges(chunk), array_ids[-1])
-    submission = Submission(executor_kind, shard_jobs, None)
     if executor_kind == "slurm":
         reduce_executor = make_executor("slurm", run, manifest.cluster, name + "-reduce", for_reduce=True)
         dependencies = [*array_ids, *after]
@@ -274,10 +286,33 @@ def submit(run: RunDir, executor_kind: Executor, shards: list[int], after: Seque
                 "dependency": "afterok:" + ":".join(dependencies),
                 "kill-on-invalid-dep": "yes",
             })
-        submission.reduce_job = reduce_executor.submit(reduce_task, str(run.path))
+        with _refused_by_slurm(run, submission, "the reduce", _REDUCE_SETTINGS):
+            submission.reduce_job = reduce_executor.submit(reduce_task, str(run.path))
         log.info("submitted reduce as %s (afterok:%s)", submission.reduce_job.job_id, ":".join(dependencies) or "-")
-    _record(run, submission)
+    _record(run, submission, update_last=recorded)
     return submission
+
+
+# The cluster settings that decide whether sbatch accepts the shards' arrays, and the reduce.
+_SHARD_SETTINGS = "partition, account, qos, constraint, additional, gpus_per_task, cpus_per_task, mem_gb, " \
+                  "timeout_min, max_array_size, array_parallelism"
+_REDUCE_SETTINGS = "partition, account, qos, constraint, additional, reduce_cpus, reduce_mem_gb, reduce_timeout_min"
+
+
+@contextmanager
+def _refused_by_slurm(run: RunDir, submission: Submission, what: str, settings: str) -> Iterator[None]:
+    """sbatch refusing `what` (a QOS limit, a bad partition) as a UserError quoting it, which says
+    what this submission queued before (already in logs/jobs.json, so status and cancel see it)."""
+    try:
+        yield
+    except FailedJobError as error:
+        queued = sorted({job.job_id.split("_")[0] for job in submission.shard_jobs.values()})
+        before = (f"Shards {_ranges(sorted(submission.shard_jobs))} were queued before it (job(s) "
+                  f"{', '.join(queued)}; `saebatch status {run.path}` shows them, `saebatch cancel` stops them). "
+                  if queued else "Nothing of this submission was queued. ")
+        raise UserError(f"sbatch refused {what}: {str(error).strip() or 'no message'}\n{before}Check the manifest's "
+                        f"cluster settings ({settings}) against what the cluster allows (sinfo, sacctmgr show qos), "
+                        f"then `saebatch submit --resume {run.path}`") from None
 
 
 def _submit_in_gpu_slots(run: RunDir, executor, shards: list[int], slots: list[list[str]]) -> Submission:
@@ -407,7 +442,17 @@ def task_error(error: Exception) -> str:
 
 
 def load_submissions(run: RunDir) -> list[dict]:
-    return json.loads(run.jobs_path.read_text()) if run.jobs_path.exists() else []
+    """logs/jobs.json: every submission of the run, oldest first ([] before the first)."""
+    if not run.jobs_path.exists():
+        return []
+    try:
+        return json.loads(run.jobs_path.read_text())
+    except ValueError as error:  # truncated, or not UTF-8
+        raise UserError(
+            f"{run.jobs_path} is damaged ({type(error).__name__}: {error}): restore it, or remove it to forget "
+            "the run's past submissions: status then judges each shard by its file alone, and cancel stops only "
+            "tasks already writing a shard (scancel any still queued yourself)"
+        ) from None
 
 
 def _record(run: RunDir, submission: Submission, update_last: bool = False) -> None:

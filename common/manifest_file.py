@@ -71,11 +71,14 @@ def _validated(path: Path, run_root: Path | None) -> Manifest:
     job_name = raw["job"]
     job = get_job(job_name)
     allowed = {"job", "run", "cluster", job_name}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - allowed, key=str)  # YAML reads `1:` and `yes:` as keys that are no strings
     if unknown:
+        not_strings = [key for key in unknown if not isinstance(key, str)]
         raise UserError(
-            f"manifest {path}: unknown top-level key(s) {', '.join(unknown)}; valid keys are "
+            f"manifest {path}: unknown top-level key(s) {', '.join(map(str, unknown))}; valid keys are "
             f"job, run, cluster and `{job_name}` (the job's own section)"
+            + (f"; keys must be strings (YAML read {', '.join(map(repr, not_strings))} as "
+               f"{', '.join(sorted({type(key).__name__ for key in not_strings}))}: quote them)" if not_strings else "")
         )
     data = {k: v for k, v in raw.items() if k != job_name}
     data["settings"] = raw.get(job_name) or {}

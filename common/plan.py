@@ -9,6 +9,7 @@ assumption this takes is recorded, so the output can say which figures are estim
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -94,19 +95,27 @@ class Plan:
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        data = json.loads(path.read_text())
-        return cls(
-            run_id=data["run_id"],
-            job=data["job"],
-            units=tuple(WorkUnit(**unit) for unit in data["units"]),
-            shards=tuple(tuple(ids) for ids in data["shards"]),
-        )
+        """The plan saved at `path`; a damaged file is a UserError (saebatch never rewrites it)."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                run_id=data["run_id"],
+                job=data["job"],
+                units=tuple(WorkUnit(**unit) for unit in data["units"]),
+                shards=tuple(tuple(ids) for ids in data["shards"]),
+            )
+        except (ValueError, KeyError, TypeError) as error:  # not JSON, not UTF-8, or not a plan's fields
+            raise UserError(
+                f"{path} is damaged ({type(error).__name__}: {error}), so this run cannot be read, and saebatch "
+                f"does not write a run's plan again: restore the file from a backup, or move {path.parent} aside "
+                "and submit its manifest again to start the run afresh"
+            ) from None
 
 
 def make_plan(run_id: str, job: str, units: list[WorkUnit], n_shards: int) -> Plan:
     """Split units into `n_shards` contiguous, near-equal shards (same input, same split)."""
     ids = [unit.id for unit in units]
-    duplicated = sorted({i for i in ids if ids.count(i) > 1})
+    duplicated = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicated:
         raise UserError(f"work unit ids must be unique; repeated: {', '.join(duplicated)}")
     bad = [i for i in ids if not i or "/" in i]

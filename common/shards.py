@@ -2,11 +2,12 @@
 
 A task writes `shard_K.h5.partial`, one group per work unit under `/units/<id>`, flushing and
 marking each unit complete as it goes. A restarted task reopens the partial file, drops any
-half-written unit and skips the complete ones. When every unit is in, the file gets its
-completeness mark and is renamed to `shard_K.h5`. A lock file keeps a second process (a
-resubmitted task, a manual `saebatch run`) from writing the same shard at once. Reduce merges
-only shards that pass `check_shards`: no missing, duplicate, foreign, truncated or incomplete
-shard goes unnoticed.
+half-written unit and skips the complete ones; a partial file it cannot read (or another run's) is
+kept aside as `shard_K.h5.partial.unreadable-<time>` (`.foreign-<time>`), never deleted. When every
+unit is in, the file gets its completeness mark and is renamed to `shard_K.h5`. A lock file keeps a
+second process (a resubmitted task, a manual `saebatch run`) from writing the same shard at once.
+Reduce merges only shards that pass `check_shards`: no missing, duplicate, foreign, truncated or
+incomplete shard goes unnoticed.
 
 Every dataset of a unit carries a digest of its values (attribute `digest`, BLAKE2b), written
 when the unit completes. Reduce, and a task that finds its shard already written, read every
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -64,8 +66,10 @@ def lock_path(shard_path: Path) -> Path:
 class ShardWriter:
     """Writes the units of one shard; use as a context manager, then call `finish()`."""
 
-    def __init__(self, path: Path, run_id: str, job: str, shard_index: int, unit_ids: list[str]):
+    def __init__(self, path: Path, run_id: str, job: str, shard_index: int, unit_ids: list[str], locked: bool = False):
+        """`locked`: the caller holds the shard's lock already (to check the finished shard under it)."""
         self.path = path
+        self.locked = locked
         self.partial_path = partial_path(path)
         self.run_id, self.job, self.shard_index = run_id, job, shard_index
         self.unit_ids = list(unit_ids)
@@ -74,7 +78,9 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock.enter_context(exclusive(lock_path(self.path), f"another writer of shard {self.shard_index}", wait=False))
+        if not self.locked:
+            self._lock.enter_context(exclusive(lock_path(self.path), f"another writer of shard {self.shard_index}",
+                                               wait=False))
         self.file = self._open_partial()
         return self
 
@@ -85,26 +91,22 @@ class ShardWriter:
         self._lock.close()  # releases the lock
 
     def _open_partial(self) -> h5py.File:
+        """The partial file, resumed when it is this shard's; one that cannot be resumed is kept aside.
+
+        HDF5's own file locks are off: the shard's lock already keeps a second writer out, and with
+        them on a reader (`saebatch status`) holding the file for a moment made this open fail.
+        """
         if self.partial_path.exists():
             try:
-                file = h5py.File(self.partial_path, "a")
-                if file.attrs.get("run_id") == self.run_id and file.attrs.get("shard_index") == self.shard_index:
-                    for unit_id in list(file.get("units", {})):
-                        if not file["units"][unit_id].attrs.get("complete", False):
-                            log.info("shard %d: dropping half-written unit %s", self.shard_index, unit_id)
-                            del file["units"][unit_id]
-                    log.info(
-                        "shard %d: resuming, %d of %d units already written",
-                        self.shard_index, len(self.done_units(file)), len(self.unit_ids),
-                    )
-                    _add_attempt(file)
-                    return file
-                file.close()
-                log.warning("shard %d: partial file belongs to another run; starting over", self.shard_index)
+                resumed = self._resume_partial()
+                if resumed is not None:
+                    return resumed
+                label, why = "foreign", "belongs to another run"
             except OSError as error:  # killed while HDF5 metadata was being written
-                log.warning("shard %d: partial file unreadable (%s); starting over", self.shard_index, error)
-            self.partial_path.unlink()
-        file = h5py.File(self.partial_path, "w")
+                label, why = "unreadable", f"is unreadable ({error})"
+            aside = set_aside(self.partial_path, label)
+            log.warning("shard %d: partial file %s; kept it as %s and starting over", self.shard_index, why, aside)
+        file = h5py.File(self.partial_path, "w", locking=False)
         file.attrs.update(
             format=FORMAT, run_id=self.run_id, job=self.job, shard_index=self.shard_index,
             unit_ids=json.dumps(self.unit_ids), complete=False, started=provenance.now(),
@@ -112,6 +114,25 @@ class ShardWriter:
         _add_attempt(file)
         file.create_group("units")
         file.flush()  # readable from now on: a kill before the first unit loses nothing more
+        return file
+
+    def _resume_partial(self) -> h5py.File | None:
+        """The partial file reopened without its half-written units, or None when it is another run's."""
+        file = h5py.File(self.partial_path, "a", locking=False)
+        try:
+            if file.attrs.get("run_id") != self.run_id or file.attrs.get("shard_index") != self.shard_index:
+                file.close()
+                return None
+            for unit_id in list(file.get("units", {})):
+                if not file["units"][unit_id].attrs.get("complete", False):
+                    log.info("shard %d: dropping half-written unit %s", self.shard_index, unit_id)
+                    del file["units"][unit_id]
+            log.info("shard %d: resuming, %d of %d units already written",
+                     self.shard_index, len(self.done_units(file)), len(self.unit_ids))
+            _add_attempt(file)
+        except BaseException:
+            file.close()
+            raise
         return file
 
     @staticmethod
@@ -187,6 +208,17 @@ class ShardWriter:
         self.file = None
         os.replace(self.partial_path, self.path)
         return self.path
+
+
+def set_aside(path: Path, label: str) -> Path:
+    """Rename `path` to `<name>.<label>-<time>` beside it (never over an earlier one): a file that
+    cannot be used is kept for a person to look at, not deleted."""
+    stem = f"{path.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = path.with_name(stem), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{stem}-{n}"), n + 1
+    os.replace(path, aside)
+    return aside
 
 
 def _add_attempt(file: h5py.File) -> None:

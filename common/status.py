@@ -7,6 +7,7 @@ logs/jobs.json, asked through submitit, which reads `sacct` on Slurm).
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,18 @@ class ShardState:
     state: str  # done | pending | running | failed | partial | corrupt | missing
     job_id: str | None
     detail: str
+    # Who holds the shard's lock when no pending or running job of it is known (`saebatch run
+    # --shard K`, slurm/array.sbatch, a local worker whose controller was killed): no job to wait for.
+    writer: str | None = None
 
 
 def shard_states(run: RunDir) -> list[ShardState]:
     plan = run.load_plan()
     # The job of each shard's latest submission; all are created before any is asked, so that
     # submitit answers them with one `sacct` call.
-    latest_ids = {int(shard): (submission["executor"], job_id)
+    latest_ids = {int(shard): (submission["executor"], job_id, submission.get("host"))
                   for submission in load_submissions(run) for shard, job_id in submission["shards"].items()}
-    latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id) in latest_ids.items()}
+    latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id, _) in latest_ids.items()}
     cancelled = cancelled_jobs(run)
     states = []
     for index in range(len(plan.shards)):
@@ -51,11 +55,12 @@ def shard_states(run: RunDir) -> list[ShardState]:
             problem = shard_problem(plan, index, path)
             states.append(ShardState(index, "corrupt" if problem else "done", job_id, problem or str(path)))
             continue
-        scheduler = _cancelled(_scheduler_state(job), job.job_id, cancelled) if job is not None else None
+        scheduler = _cancelled(_scheduler_state(job, latest_ids[index][2]), job.job_id, cancelled) \
+            if job is not None else None
         progress = _partial_progress(partial_path(path), len(plan.shards[index]))
         writer = held_by(lock_path(path))
         if writer is not None and scheduler not in ("pending", "running"):  # e.g. its local controller was killed
-            states.append(ShardState(index, "running", job_id, f"{progress or ''}; written by {writer}"))
+            states.append(ShardState(index, "running", job_id, f"{progress or ''}; written by {writer}", writer))
         elif scheduler in ("pending", "running"):
             states.append(ShardState(index, scheduler, job_id, progress or ""))
         elif scheduler is not None and scheduler.startswith("failed") and job is not None:  # (only a job has a state)
@@ -126,7 +131,8 @@ def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
     if latest is None:
         return None
     job_id, executor = latest
-    return job_id, _cancelled(_scheduler_state(_job(run, executor, job_id)), job_id, cancelled_jobs(run))
+    host = load_submissions(run)[-1].get("host")
+    return job_id, _cancelled(_scheduler_state(_job(run, executor, job_id), host), job_id, cancelled_jobs(run))
 
 
 def _cancelled(state: str | None, job_id: str, cancelled: dict[str, str]) -> str | None:
@@ -142,10 +148,10 @@ def _partial_progress(partial: Path, n_units: int) -> str | None:
     if not partial.exists():
         return None
     try:
-        with h5py.File(partial, "r") as file:
+        with h5py.File(partial, "r", locking=False) as file:  # HDF5's lock would make its writer's open fail
             written = sum(bool(g.attrs.get("complete", False)) for g in file["units"].values())
-    except (OSError, KeyError):  # being written with HDF5 locks on, or cut off mid-write
-        return "partial file unreadable now (being written, or damaged: a rerun starts it afresh)"
+    except (OSError, KeyError):  # caught mid-write, or cut off mid-write
+        return "partial file unreadable now (being written, or damaged: a rerun keeps it aside and starts afresh)"
     return f"{written}/{n_units} units written"
 
 
@@ -156,8 +162,9 @@ def _job(run: RunDir, executor: str, job_id: str) -> Any:
     return job_cls(folder=run.submitit_dir, job_id=job_id)
 
 
-def _scheduler_state(job: Any) -> str | None:
-    """'pending', 'running', 'failed (<STATE>)', 'completed' or None when nothing is known."""
+def _scheduler_state(job: Any, host: str | None = None) -> str | None:
+    """'pending', 'running', 'failed (<STATE>)', 'completed', 'unknown (...)' or None when nothing
+    is known; `host` is where a local job was started (its id is a process id there)."""
     import submitit
     from submitit.core.utils import pickle_load
 
@@ -173,8 +180,36 @@ def _scheduler_state(job: Any) -> str | None:
     if job.paths.result_pickle.exists():  # a local job: its result file, else its process
         outcome = pickle_load(job.paths.result_pickle)[0]
         return "completed" if outcome == "success" else "failed (raised an error)"
-    try:
-        os.kill(int(job.job_id), 0)
+    if host is not None and host != socket.gethostname():
+        return f"unknown (a local task on {host}: ask there)"
+    if local_task_alive(int(job.job_id)):
         return "running"
-    except (OSError, ValueError):
-        return "failed (process ended without a result)"
+    return "failed (process ended without a result)"
+
+
+def local_task_alive(pid: int) -> bool:
+    """Whether `pid` is still a local job's submitit process: once the job ends, its process id may
+    be given to an unrelated process, which must not keep the job running."""
+    return process_alive(pid) and "submitit" in _command(pid)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "submitit"  # no /proc to check with: trust the recorded id

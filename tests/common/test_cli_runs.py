@@ -17,7 +17,7 @@ import pytest
 
 import common.cancel
 import common.progress
-from common.cancel import _alive, _interrupt, cancel_run
+from common.cancel import _interrupt, cancel_run
 from common.cli import main
 from common.errors import UserError
 from common.launcher import (
@@ -33,7 +33,7 @@ from common.manifest_file import load_manifest
 from common.progress import ProgressBoard, TaskView, eta_seconds
 from common.rundir import RunDir
 from common.shards import ShardWriter, lock_path
-from common.status import ShardState, shard_states
+from common.status import ShardState, process_alive, shard_states
 from common.tasklog import TaskProgress, job_paths, screen_lines
 from tests.helpers import REPO, write_manifest_file
 
@@ -289,7 +289,7 @@ def test_cancel_stops_a_local_run_and_resume_continues_it(tmp_path, capsys):
     _, err = submitter.communicate(timeout=120)
     assert submitter.returncode == 1
     assert "was cancelled (saebatch cancel" in err and "Fix the cause" not in err
-    assert not any(_alive(int(job)) for job in jobs.values())
+    assert not any(process_alive(int(job)) for job in jobs.values())
     states = shard_states(run)
     assert [s.state for s in states] == ["failed", "failed"]
     assert all("cancelled by saebatch cancel" in s.detail for s in states)

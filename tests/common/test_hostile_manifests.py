@@ -128,3 +128,11 @@ def test_plan_piped_into_head_ends_quietly():
     result = subprocess.run(["bash", "-c", shell + "; echo ${PIPESTATUS[0]}"], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
     assert result.stdout.strip() == "0" and result.stderr == ""
+
+
+def test_a_negative_number_of_units_to_list_is_refused(capsys):
+    """Python's slice would list all but the last unit and call the rest "more"."""
+    assert main(["plan", str(DEMO), "--max-units", "-1"]) == 2
+    assert "--max-units -1: give how many unit ids (and shards) to list, 0 or more" in capsys.readouterr().err
+    assert main(["plan", str(DEMO), "--max-units", "0"]) == 0
+    assert "... and 4 more (--max-units to list them)" in capsys.readouterr().out

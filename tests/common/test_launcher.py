@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,13 +16,13 @@ import numpy as np
 import pytest
 
 from common.cli import main
-from common.launcher import prepare_run, submit, wait
+from common.launcher import prepare_run, run_shard_task, submit, wait
 from common.manifest_file import load_manifest
 from common.rundir import RunDir
 from common.shards import ShardWriter
 from common.status import shard_states
 from jobs.token_tracking import SCENARIOS
-from tests.helpers import save_random_sae
+from tests.helpers import REPO, save_random_sae
 
 
 def assert_same_units(path_a, path_b):
@@ -138,6 +139,26 @@ def test_commands_on_a_run_that_does_not_exist(write_manifest, args, capsys):
     assert main([a.format(manifest=write_manifest()) for a in args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and ("has no run yet" in err or "does not exist" in err)
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel"])
+def test_commands_on_a_run_with_a_damaged_plan_or_jobs_file_say_how_to_recover(write_manifest, command, capsys):
+    run = prepare_run(load_manifest(write_manifest()))
+    plan = run.plan_path.read_text()
+    run.plan_path.write_text(plan[:40])  # cut short
+    assert main([command, str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run.plan_path} is damaged (JSONDecodeError") and "Traceback" not in err
+    assert f"restore the file from a backup, or move {run.path} aside and submit its manifest again" in err
+    run.plan_path.write_text(plan)
+    run.jobs_path.write_text('[{"time": ')
+    assert main([command, str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run.jobs_path} is damaged (JSONDecodeError") and "Traceback" not in err
+    assert "restore it, or remove it to forget the run's past submissions" in err
+    run.jobs_path.unlink()  # as the message offers: status then reads the shards alone
+    assert main(["status", str(run.path)]) == 1
+    assert "shards: 2 missing" in capsys.readouterr().out
 
 
 def test_a_task_moves_a_damaged_shard_aside_and_writes_it_again(write_manifest, capsys):
@@ -316,3 +337,42 @@ def test_the_demo_gives_each_task_a_gpu_where_one_is_visible_and_the_cpu_with_cp
     out = capsys.readouterr().out
     assert "demo on 1 x a test GPU: each task gets one GPU" in out and "demo on the CPU (--cpu)" in out
 
+
+
+FINISH_ON_CUE = """
+import sys
+from pathlib import Path
+
+from common.shards import ShardWriter
+
+path, run_id, job, index, ids = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5].split(",")
+with ShardWriter(path, run_id, job, index, ids) as shard:
+    for unit_id in ids:
+        with shard.unit(unit_id) as group:
+            group.create_dataset("first_writer", data=[1])
+    print("written", flush=True)
+    sys.stdin.readline()
+    shard.finish()
+"""
+
+
+def test_a_task_that_gets_the_lock_after_another_finished_the_shard_keeps_that_shard(write_manifest):
+    """Two tasks of one shard (a resubmission while the first still ran): the second, waiting for
+    the lock while the first finishes, must not compute the shard again and replace it."""
+    run = prepare_run(load_manifest(write_manifest()))
+    plan = run.load_plan()
+    first = subprocess.Popen(
+        [sys.executable, "-c", FINISH_ON_CUE, str(run.shard_path(0)), plan.run_id, plan.job, "0",
+         ",".join(plan.shards[0])], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert first.stdout.readline().strip() == "written"
+    second: list[str] = []
+    task = threading.Thread(target=lambda: second.append(run_shard_task(str(run.path), 0)))
+    task.start()  # finds no shard yet, then waits for the first writer's lock
+    time.sleep(0.5)
+    first.communicate("finish\n", timeout=60)
+    task.join(timeout=300)
+    assert second == [str(run.shard_path(0))]
+    with h5py.File(run.shard_path(0)) as shard:
+        assert all("first_writer" in shard["units"][unit_id] for unit_id in plan.shards[0])
+    assert list(run.shards_dir.glob("*.damaged-*")) == [] and not (run.shards_dir / "shard_00000.h5.partial").exists()

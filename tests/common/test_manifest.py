@@ -37,6 +37,15 @@ def test_unknown_top_level_key(write_manifest):
         load_manifest(write_manifest({"clutser": {"partition": "gpu"}}))
 
 
+def test_top_level_keys_that_yaml_reads_as_no_strings_are_named(write_manifest):
+    path = write_manifest()
+    path.write_text(path.read_text() + "2: one\nyes: two\nzz: three\n")
+    with pytest.raises(UserError) as refused:
+        load_manifest(path)
+    assert str(refused.value).startswith(f"manifest {path}: unknown top-level key(s) 2, True, zz; valid keys are")
+    assert str(refused.value).endswith("keys must be strings (YAML read 2, True as bool, int: quote them)")
+
+
 def test_unknown_cluster_key_names_field(write_manifest):
     with pytest.raises(UserError, match=r"cluster\.gpus: unknown key\..*gpus_per_task \(default: 1\)"):
         load_manifest(write_manifest({"cluster": {"gpus": 2}}))

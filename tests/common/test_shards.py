@@ -80,11 +80,79 @@ def test_failed_unit_leaves_no_group(tmp_path, plan):
             shard.finish()
 
 
-def test_unreadable_partial_starts_over(tmp_path, plan):
+def test_unreadable_partial_is_kept_aside_and_the_shard_starts_over(tmp_path, plan, caplog):
     path = tmp_path / "shard_00000.h5"
     (tmp_path / "shard_00000.h5.partial").write_bytes(b"not hdf5 at all")
     write_shard(path, plan, 0)
     assert shard_problem(plan, 0, path) is None
+    (aside,) = tmp_path.glob("shard_00000.h5.partial.unreadable-*")
+    assert aside.read_bytes() == b"not hdf5 at all"
+    assert "shard 0: partial file is unreadable (" in caplog.text and f"kept it as {aside}" in caplog.text
+
+
+def test_another_runs_partial_is_kept_aside(tmp_path, plan):
+    path = tmp_path / "shard_00000.h5"
+    with ShardWriter(path, "other_run", "job", 0, ["u0"]) as shard:
+        with shard.unit("u0") as group:
+            group.create_dataset("x", data=[7])
+    write_shard(path, plan, 0)
+    (aside,) = tmp_path.glob("shard_00000.h5.partial.foreign-*")
+    with h5py.File(aside) as kept:
+        assert kept.attrs["run_id"] == "other_run" and list(kept["units"]) == ["u0"]
+
+
+def test_set_aside_never_replaces_an_earlier_copy(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_text("first")
+    kept = shards.set_aside(first, "damaged")
+    first.write_text("second")
+    kept_again = shards.set_aside(first, "damaged")
+    assert kept != kept_again and (kept.read_text(), kept_again.read_text()) == ("first", "second")
+    assert not second.exists()
+
+
+HOLD_OPEN = """
+import sys, h5py
+with h5py.File(sys.argv[1], sys.argv[2]):  # HDF5's file locking on: the default, as `h5dump` or an old status
+    print("open", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _hold_open(path, mode):
+    """A process that keeps `path` open with HDF5's file locks until it is sent a line."""
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_OPEN, str(path), mode], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def test_a_reader_holding_the_partial_open_does_not_cost_the_resuming_writer_its_units(tmp_path, plan, monkeypatch):
+    """`saebatch status` reads partial files while tasks run; the task resumed meanwhile keeps its units."""
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = tmp_path / "shard_00000.h5"
+    write_shard(path, plan, 0, unit_ids=["u0"], finish=False)
+    reader = _hold_open(shards.partial_path(path), "r")
+    try:
+        with ShardWriter(path, plan.run_id, plan.job, 0, list(plan.shards[0])) as shard:
+            assert shard.pending() == ["u1"]
+    finally:
+        reader.communicate("done\n", timeout=60)
+    assert list(tmp_path.glob("*.unreadable-*")) == []
+
+
+def test_status_reads_a_partial_that_a_writer_holds_with_hdf5_locks(tmp_path, plan, monkeypatch):
+    from common.status import _partial_progress
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    path = tmp_path / "shard_00000.h5"
+    write_shard(path, plan, 0, unit_ids=["u0"], finish=False)
+    writer = _hold_open(shards.partial_path(path), "a")
+    try:
+        assert _partial_progress(shards.partial_path(path), 2) == "1/2 units written"
+    finally:
+        writer.communicate("done\n", timeout=60)
 
 
 def shard_paths(tmp_path, plan):

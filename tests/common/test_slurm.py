@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -211,3 +212,25 @@ def test_cancel_scancels_the_array_and_its_reduce_and_resume_finishes(slurm_clus
     assert run.merged_path.exists()
     report = (run.report_dir / "report.md").read_text()
     assert re.search(r"^\| shard 0 \| \S+ \| [\d-]+ [\d:]+ \| [\d-]+ [\d:]+ \| [^|]+ \| 2 \|$", report, re.MULTILINE)
+
+
+def test_a_reduce_that_sbatch_refuses_leaves_the_queued_array_recorded(slurm_cluster, write_manifest, capsys):
+    """sbatch refuses the reduce (more memory than any node has) after the array is queued: a plain
+    error quoting sbatch, and the array in jobs.json, where status and cancel find it."""
+    path = write_manifest({"cluster": {"reduce_mem_gb": 100_000}})
+    assert main(["submit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch refused the reduce: " in err and "reduce_mem_gb" in err and "Traceback" not in err
+    run = RunDir.for_manifest(load_manifest(path))
+    (submission,) = load_submissions(run)
+    assert sorted(submission["shards"]) == ["0", "1"] and submission["reduce"] is None
+    assert f"Shards 0-1 were queued before it (job(s) {submission['shards']['0'].split('_')[0]};" in err
+    states: list[str] = []
+    for _ in range(30):  # sacct lists a job a moment after sbatch queued it (till then: missing)
+        states = [s.state for s in shard_states(run)]
+        if "missing" not in states:
+            break
+        time.sleep(1)
+    assert all(state in ("pending", "running", "done") for state in states), states
+    assert main(["cancel", str(run.path)]) == 0
+    assert all(s.state in ("failed", "done") for s in shard_states(run))

@@ -28,7 +28,7 @@ from common.status import (
 )
 from tests.helpers import REPO
 
-PARTIAL_UNREADABLE = "partial file unreadable now (being written, or damaged: a rerun starts it afresh)"
+PARTIAL_UNREADABLE = "partial file unreadable now (being written, or damaged: a rerun keeps it aside and starts afresh)"
 
 
 @pytest.fixture
@@ -136,13 +136,24 @@ def test_a_shard_being_written_is_running_and_names_its_writer(run):
     assert states_of(run)[1] == ("partial", "1/3 units written")  # the writer gone, its lock with it
 
 
-@pytest.fixture
-def sleeper():
-    """A process that lives through the test: a local job still running."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+def _sleeping(*argv: str):
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *argv])
     yield process
     process.kill()
     process.wait()
+
+
+@pytest.fixture
+def sleeper():
+    """A process that lives through the test: a local job still running (its command names
+    submitit, as its controller's `python -m submitit.local._local` does)."""
+    yield from _sleeping("submitit.local._local")
+
+
+@pytest.fixture
+def stranger():
+    """A live process that is no submitit task: what a local job's process id may be given to."""
+    yield from _sleeping()
 
 
 def _local_job(run: RunDir, job_id: str) -> submitit.LocalJob:
@@ -181,6 +192,24 @@ def test_the_state_of_a_shards_local_job(run, sleeper):
     mark_cancelled(run, [errored])
     state = shard_states(run)[1]
     assert state.state == "failed" and state.detail.startswith("failed (cancelled by saebatch cancel at ")
+
+
+def test_a_local_jobs_reused_process_id_or_other_host_does_not_keep_it_running(run, stranger, monkeypatch):
+    """A local job's process id, once its process has ended, may belong to an unrelated process; and
+    a job started on another machine cannot be looked up here."""
+    run.submitit_dir.mkdir(parents=True)
+    _record(run, Submission("local", {0: _local_job(run, str(stranger.pid))}, reduce_job=_local_job(run, str(stranger.pid))))
+    states = shard_states(run)
+    assert (states[0].state, states[0].detail) == (
+        "failed", f"failed (process ended without a result); log: {_local_job(run, str(stranger.pid)).paths.stderr}")
+    assert reduce_state(run, states) == f"failed (process ended without a result) (job {stranger.pid})"
+
+    here = socket.gethostname()
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-node")  # status asked from another machine
+    states = shard_states(run)
+    unknown = f"unknown (a local task on {here}: ask there)"
+    assert (states[0].state, states[0].detail) == ("missing", unknown)
+    assert reduce_state(run, states) == f"{unknown} (job {stranger.pid})"
 
 
 def test_the_merge_is_done_until_a_shard_changes_or_goes(run):
