@@ -57,7 +57,7 @@ def one_at_a_time(model, tokenizer, bench, items, saes, ablations, device: torch
                         keep[0, 0] = False  # <bos>, as the job leaves special tokens alone
                         stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen, keep)))
                 output = model.generate(**encoded, max_new_tokens=bench.spec.max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, stop_strings=bench.spec.stop_strings,
+                                        pad_token_id=tokenizer.pad_token_id, stop_strings=bench.stop_strings,
                                         tokenizer=tokenizer)
             texts[condition].append(tokenizer.decode(output[0, encoded.input_ids.shape[1]:], skip_special_tokens=True))
     return texts
@@ -78,7 +78,7 @@ def main() -> None:
     answers = PROBLEMS * 3
 
     started = time.perf_counter()
-    batched = ablate_and_generate(model, tokenizer, bench, items, saes, ablations, BATCH, CPU)
+    batched = ablate_and_generate(model, tokenizer, bench, items, saes, ablations, BATCH * (1 + len(ablations)), CPU)
     ours = time.perf_counter() - started
     started = time.perf_counter()
     alone = one_at_a_time(model, tokenizer, bench, items, saes, ablations)

@@ -80,22 +80,30 @@ def generation_memory(config: Architecture, dtype: str, fixed: int, prompt_token
 
 
 def planned_rows(batch_size: BatchSize, memory: GenerationMemory, rows_per_item: int = 1) -> int:
-    """The batch a plan assumes: the manifest's number, or the items of `rows_per_item` rows that fit an H200."""
+    """The rows a plan assumes run at once: the manifest's items of `rows_per_item` rows each, or
+    the rows that fit an H200 (fewer than an item's where one item's rows do not fit)."""
     if batch_size != "auto":
-        return batch_size
-    return max(1, memory.rows_fitting(H200_BYTES - memory.fixed) // rows_per_item)
+        return batch_size * rows_per_item
+    return memory.rows_fitting(H200_BYTES - memory.fixed)
+
+
+def rows_note(rows: list[int], batch_size: BatchSize) -> str:
+    """What a plan says of the rows its generate calls run at once (a range over its units)."""
+    low, high = min(rows), max(rows)
+    return (f"{low:,}" if low == high else f"{low:,}-{high:,}") + " rows a generate call" \
+        + (" (batch_size auto, on an H200)" if batch_size == "auto" else "")
 
 
 def rows_now(batch_size: BatchSize, memory: GenerationMemory, device: torch.device, rows_per_item: int = 1) -> int:
-    """The batch to run on `device` now (the model and SAEs already on it), in items of `rows_per_item` rows."""
+    """The rows to run at once on `device` now (the model and SAEs already on it): the manifest's
+    items of `rows_per_item` rows each, or the rows that fit the free memory."""
     if batch_size != "auto":
-        return batch_size
+        return batch_size * rows_per_item
     if device.type != "cuda":
         log.info("batch_size auto: %d rows on %s (its memory is not measured)", CPU_ROWS, device)
-        return max(1, CPU_ROWS // rows_per_item)
+        return CPU_ROWS
     free, _ = torch.cuda.mem_get_info(device)
-    items = max(1, memory.rows_fitting(free) // rows_per_item)
+    rows = memory.rows_fitting(free)
     log.info("batch_size auto: %d rows (%.1f GiB free on %s, %.1f MiB per row, planned peak %.1f GiB)",
-             items * rows_per_item, free / 2**30, device, memory.per_row / 2**20,
-             memory.peak(items * rows_per_item) / 2**30)
-    return items
+             rows, free / 2**30, device, memory.per_row / 2**20, memory.peak(rows) / 2**30)
+    return rows

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 from pydantic import Field
 
-from common.batching import AUTO_HELP, BatchSize, planned_rows, rows_now
+from common.batching import AUTO_HELP, BatchSize, planned_rows, rows_note, rows_now
 from common.comoments import SparseSums
 from common.errors import UserError
 from common.layers import capture_residuals
@@ -70,6 +70,7 @@ from jobs._reasoning.ablation import (
     attribution,
     control_sets,
     generation_memory_of,
+    rescore,
     summarise,
     top_features,
 )
@@ -180,6 +181,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     entries = {entry.name: entry for entry in chain.models}
     rows = 1 + s.max_clusters * (1 + s.control_sets)
     work, out, memory = [], 0, 0
+    calls: list[int] = []  # rows a generate call, per unit
     for unit in units:
         entry, spec = entries[unit.payload["model"]], chain.benchmarks[unit.payload["benchmark"]]
         size = benchmark_size(spec, f"{FIELD}: the benchmark {spec.name}")
@@ -187,19 +189,20 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         evaluated = _evaluated(size.items, s)
         needs = generation_memory_of(load_config(entry.model)[0], entry.model.dtype, chain.sae_widths(entry),
                                      int(2 * size.prompt_tokens), spec.max_new_tokens)  # the longest prompt: twice the mean
-        batch_size = planned_rows(s.batch_size, needs, rows)
-        memory = max(memory, needs.peak(batch_size * rows))
+        at_once = planned_rows(s.batch_size, needs, rows)
+        calls.append(at_once)
+        memory = max(memory, needs.peak(at_once))
         tokens = s.attribution_items * (size.prompt_tokens + size.solution_tokens)
         work += [Work("load", model.weight_bytes, label=unit.id),
                  Work("gradient", tokens, model, label=f"{unit.id}: attribution"),
                  Work("forward", tokens, model, label=f"{unit.id}: co-activation"),
                  Work("forward", evaluated * rows * size.prompt_tokens, model, label=f"{unit.id}: prompts"),
-                 Work("decode", evaluated * rows * spec.max_new_tokens, model, rows=min(evaluated, batch_size) * rows,
+                 Work("decode", evaluated * rows * spec.max_new_tokens, model, rows=max(1, min(evaluated * rows, at_once)),
                       label=f"{unit.id}: {evaluated * rows:,} answers of up to {spec.max_new_tokens} tokens")]
-        out += evaluated * rows + 3 * s.important**2 * 8
+        out += evaluated * rows * (spec.max_new_tokens * 4 + 64) + 3 * s.important**2 * 8  # texts, flags, r
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
                     notes=(f"at most {s.max_clusters} clusters ablated per unit, each beside {s.control_sets} control "
-                           f"groups: {rows} rows per evaluated item",))
+                           f"groups: {rows} rows per evaluated item", rows_note(calls, s.batch_size)))
 
 
 def _evaluated(items: int, s: Settings) -> int:
@@ -240,11 +243,11 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
             needs = generation_memory_of(load_config(spec)[0], spec.dtype, [sae.cfg.d_sae for sae in saes.values()],
                                          max((len(tokenizer(bench.prompt(item)).input_ids) for item in evaluated),
                                              default=1), bench.spec.max_new_tokens)
-            batch_size = rows_now(s.batch_size, needs, device, rows_per_item=1 + len(ablations))
-            outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, ablations, batch_size, device,
+            at_once = rows_now(s.batch_size, needs, device, rows_per_item=1 + len(ablations))
+            outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, ablations, at_once, device,
                                            desc=unit.id)
             with shard.unit(unit.id) as group:
-                group.attrs.update(model=entry.name, benchmark=bench.spec.name, batch_size=batch_size)
+                group.attrs.update(model=entry.name, benchmark=bench.spec.name, rows_at_once=at_once)
                 group.create_dataset("item", data=np.asarray([item.index for item in evaluated], dtype=np.int64))
                 for name, values in {"layer": important[:, 0], "feature": important[:, 1], "attribution": attributions,
                                      "cluster": clusters}.items():
@@ -256,12 +259,14 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 
 
 def _write_outcomes(group: h5py.Group, ablations: dict[str, np.ndarray], outcomes: dict) -> None:
-    """Each ablated group's features, and per condition whether each item was answered correctly
-    (and, but for the control groups, the answer read)."""
+    """Each ablated group's features, and per condition the generated texts (reduce reads the
+    answers from them again), whether each item was answered correctly (and, but for the control
+    groups, the answer read)."""
     for name, chosen in ablations.items():
         group.create_dataset(f"{name}/layer", data=chosen[:, 0])
         group.create_dataset(f"{name}/feature", data=chosen[:, 1])
-    for condition, (_, answers, correct) in outcomes.items():
+    for condition, (texts, answers, correct) in outcomes.items():
+        group.create_dataset(f"{condition}/text", data=texts, dtype=h5py.string_dtype(), compression="gzip")
         group.create_dataset(f"{condition}/correct", data=np.asarray(correct, dtype=bool))
         if "control_" not in condition:
             group.create_dataset(f"{condition}/answer", data=[a or "" for a in answers], dtype=h5py.string_dtype())
@@ -332,14 +337,19 @@ class Unit:
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
+    chain = read(s)
     units = []
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(job=FIELD, format="saebatch-circuits/1", ablation=str(s.ablation),
                          alignment=str(s.alignment or ""), cut=s.cut, coactivation_weight=s.coactivation_weight)
+        benchmarks = {spec.name: spec for spec in chain.benchmarks}
         for path in shard_paths:
             with h5py.File(path, "r") as shard:
-                for unit_id, group in shard["units"].items():
-                    shard.copy(group, out, name=f"units/{unit_id}")
+                for unit_id in shard["units"]:
+                    shard.copy(shard["units"][unit_id], out, name=f"units/{unit_id}")
+                    group = out[f"units/{unit_id}"]
+                    spec = benchmarks[str(group.attrs["benchmark"])]
+                    rescore(group, load_benchmark(spec, f"{FIELD}: its benchmark"), f"{FIELD}: its benchmark")
                     units.append(_read_unit(group))
     clusters = cluster_table(units, s)
     clusters = replicate(clusters, units, s.overlap,
@@ -350,7 +360,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             out.create_dataset(f"clusters/{column}", data=values.astype("S") if values.dtype == object else values)
     book = cards.cards_of(s.contexts, f"{FIELD}.contexts", manifest)
     _report(Report(out_dir / "report", "Reasoning circuits: clusters of SAE features and their causal tests"), s,
-            units, clusters, book, read(s))
+            units, clusters, book, chain)
 
 
 def _read_unit(group: h5py.Group) -> Unit:
@@ -486,7 +496,7 @@ def _report(report: Report, s: Settings, units: list[Unit], clusters: pd.DataFra
         f"C1 has the largest total importance. The first {s.max_clusters} clusters of {s.min_size} or more features "
         f"are zero-ablated as groups on the other items while the model answers, each beside {s.control_sets} random "
         "groups matched to it (per feature, one of its layer with a similar activation count, not one of the important features). `drop`: baseline minus "
-        "ablated accuracy (`drop_low`-`drop_high` its paired 95% interval), `control_drop` the groups' mean, "
+        "ablated accuracy (`drop_low`-`drop_high` its paired 95% interval, Agresti and Min's), `control_drop` the groups' mean, "
         "`null_p_drop` where the drop falls among theirs, `p_ablated_vs_control` McNemar's exact test against the "
         "group that cost the most, `q` the same adjusted over the unit's clusters (Benjamini-Hochberg). Causal: "
         f"q < {s.alpha}, and a drop above {100 * s.min_drop:g} percentage points and above every control group's. Data: `merged.h5`.")

@@ -39,6 +39,7 @@ from common.batching import (
     AUTO_HELP,
     BatchSize,
     planned_rows,
+    rows_note,
     rows_now,
 )
 from common.errors import UserError
@@ -52,6 +53,7 @@ from common.models import (
     local_tokenizer,
     text_config,
 )
+from common.paired import mean_difference_interval, proportion_difference_interval
 from common.plan import Estimate, WorkUnit
 from common.report import Report
 from common.runtime import Work, model_size
@@ -70,7 +72,7 @@ from jobs._reasoning.ablation import (
     attribution,
     control_sets,
     generation_memory_of,
-    paired_interval,
+    rescore,
     summarise,
     top_features,
 )
@@ -153,6 +155,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     benchmarks = s.benchmarks or capture.settings.benchmarks
     rows = 2 + s.control_sets  # per item: unchanged, top k ablated, each control set ablated
     out = memory = 0
+    calls: list[int] = []  # rows a generate call, per unit
     work: list[Work] = []
     for name in dict.fromkeys(unit.payload["model"] for unit in units):  # a shard loads each model once
         entry = capture.models[name]
@@ -166,15 +169,17 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
         size = benchmark_size(spec, f"{FIELD}.benchmarks[{unit.payload['benchmark']}]")
         out += size.items * rows * (spec.max_new_tokens * 4 + 64) + sum(widths) * 4
         needs = generation_memory_of(full_config, entry.model.dtype, widths, PROMPT_TOKENS, spec.max_new_tokens)
-        batch_size = planned_rows(s.batch_size, needs, rows)
-        memory = max(memory, needs.peak(batch_size * rows))
-        work += _unit_work(s, unit.id, model_size(entry.model), size, spec.max_new_tokens, batch_size)
+        at_once = planned_rows(s.batch_size, needs, rows)
+        calls.append(at_once)
+        memory = max(memory, needs.peak(at_once))
+        work += _unit_work(s, unit.id, model_size(entry.model), size, spec.max_new_tokens, at_once)
     return Estimate(output_bytes=out, task_memory_bytes=memory, work=tuple(work),
-                    notes=(f"memory: weights, the SAEs, and per row (2 + control_sets per item) its KV cache at "
+                    notes=(rows_note(calls, s.batch_size),
+                           f"memory: weights, the SAEs, and per row (2 + control_sets per item) its KV cache at "
                            f"{PROMPT_TOKENS:,} prompt tokens and one layer's features of its prompt",))
 
 
-def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batch_size: int) -> list:
+def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, at_once: int) -> list:
     """Attribution (a gradient through the prompt and solution of each ranking item), then every
     evaluated item answered as 2 + control_sets rows, each reading its prompt and generating."""
     rows = 2 + s.control_sets
@@ -182,7 +187,7 @@ def _unit_work(s: Settings, unit_id: str, model, size, max_new_tokens: int, batc
     evaluated = size.items - ranked
     return [Work("gradient", ranked * (size.prompt_tokens + size.solution_tokens), model, label=f"{unit_id}: attribution"),
             Work("forward", evaluated * rows * size.prompt_tokens, model, label=f"{unit_id}: prompts"),
-            Work("decode", evaluated * rows * max_new_tokens, model, rows=max(1, min(evaluated, batch_size)) * rows,
+            Work("decode", evaluated * rows * max_new_tokens, model, rows=max(1, min(evaluated * rows, at_once)),
                  label=f"{unit_id}: {evaluated * rows:,} answers of up to {max_new_tokens} tokens")]
 
 
@@ -215,11 +220,11 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                          [sae.cfg.d_sae for sae in saes.values()],
                                          max((len(tokenizer(bench.prompt(item)).input_ids) for item in evaluated), default=1),
                                          spec.max_new_tokens)
-            batch_size = rows_now(s.batch_size, needs, device, rows_per_item=2 + s.control_sets)
+            at_once = rows_now(s.batch_size, needs, device, rows_per_item=2 + s.control_sets)
             outcomes = ablate_and_generate(model, tokenizer, bench, evaluated, saes, {"ablated": top, **controls},
-                                           batch_size, device, desc=unit.id)
+                                           at_once, device, desc=unit.id)
             with shard.unit(unit.id) as group:
-                group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind, batch_size=batch_size)
+                group.attrs.update(model=entry.name, benchmark=spec.name, kind=spec.kind, rows_at_once=at_once)
                 group.create_dataset("item", data=np.asarray([item.index for item in evaluated]))
                 group.create_dataset("target", data=[item.target for item in evaluated])
                 for name, chosen in {"top": top, **controls}.items():
@@ -241,15 +246,18 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
+    specs = {spec.name: spec for spec in s.benchmarks or read_trained(s.saes, f"{FIELD}.saes").capture.settings.benchmarks}
     outcomes, features, attributions = [], [], {}
     with h5py.File(out_dir / "merged.h5", "w", libver=LIBVER) as out:
         out.attrs.update(job="feature_ablation", format="saebatch-ablation/1", saes=str(s.saes), k=s.k,
                          attribution_items=s.attribution_items)
         for path in shard_paths:
             with h5py.File(path, "r") as shard:
-                for unit_id, group in shard["units"].items():
-                    shard.copy(group, out, name=f"units/{unit_id}")
+                for unit_id in shard["units"]:
+                    shard.copy(shard["units"][unit_id], out, name=f"units/{unit_id}")
+                    group = out[f"units/{unit_id}"]
                     model, bench = str(group.attrs["model"]), str(group.attrs["benchmark"])
+                    rescore(group, load_benchmark(specs[bench], f"{FIELD}.benchmarks"), f"{FIELD}.benchmarks")
                     controls = sorted(name for name in group if name.startswith("control_"))
                     outcomes.append(pd.DataFrame({"model": model, "benchmark": bench, "item": group["item"][()],
                                                   **{c: group[f"{c}/correct"][()] for c in ("baseline", "ablated",
@@ -321,7 +329,8 @@ def _report(report: Report, s: Settings, summary: pd.DataFrame, book: cards.Card
         "top feature one of its layer with a similar activation count on the attribution items). `control` and "
         "`control_drop` are the sets' means; `null_p_drop` is where the top set's drop falls among the sets' drops, "
         "(1 + sets that cost at least as much) / (1 + sets). Drops are differences of accuracies (fractions: 0.05 is "
-        "5 percentage points), `drop_low`-`drop_high` the paired 95% t interval of the drop over items; p-values are "
+        "5 percentage points), `drop_low`-`drop_high` the drop's 95% interval for paired proportions (Agresti and "
+        "Min's, which keeps a width when few answers change); p-values are "
         "McNemar's exact test on paired items, against the control set that cost the most. The seed's criterion: a "
         f"drop of more than {100 * s.success_drop:g} percentage points and more than the control sets' mean. "
         "`all` pools a model's benchmarks."
@@ -378,9 +387,11 @@ def _figure(report: Report, items: pd.DataFrame) -> None:
     for x, (_, group) in enumerate(groups):
         base = group["baseline"].to_numpy(float)
         controls = group[sorted(c for c in group if c.startswith("control_"))].to_numpy(float)
-        for offset, name, changed, colour in ((-0.2, "top-k ablated", group["ablated"].to_numpy(float), "crimson"),
-                                              (0.05, "control sets' mean", controls.mean(axis=1), "steelblue")):
-            mean, (low, high) = (changed - base).mean(), paired_interval(changed - base)
+        ablated, control_mean = group["ablated"].to_numpy(float), controls.mean(axis=1)
+        for offset, name, changed, (low, high), colour in (
+                (-0.2, "top-k ablated", ablated, proportion_difference_interval(ablated, base), "crimson"),
+                (0.05, "control sets' mean", control_mean, mean_difference_interval(control_mean - base), "steelblue")):
+            mean = (changed - base).mean()
             ax.errorbar(x + offset, 100 * mean, yerr=[[100 * (mean - low)], [100 * (high - mean)]], fmt="o",
                         color=colour, capsize=3, label=name if x == 0 else None)
         ax.scatter(np.full(controls.shape[1], x + 0.25), 100 * (controls.mean(axis=0) - base.mean()), s=10,
@@ -392,5 +403,6 @@ def _figure(report: Report, items: pd.DataFrame) -> None:
     ax.set_ylabel("accuracy change (percentage points)\nablated minus baseline, same items")
     ax.legend(fontsize=8)
     report.figure(fig, "accuracy", "Paired change in accuracy against the unablated model (per item: ablated minus "
-                  "baseline), mean with its paired 95% t interval, for the top-k features ablated and for the control "
-                  "sets (k matched random features; per item the sets' mean); grey: each control set's change")
+                  "baseline), mean with its paired 95% interval, for the top-k features ablated (Agresti-Min, for paired "
+                  "proportions) and for the control sets (k matched random features; per item the sets' mean, a t "
+                  "interval); grey: each control set's change")

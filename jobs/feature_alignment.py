@@ -51,7 +51,7 @@ from jobs._reasoning import (
     teacher_forced,
     units_per_model,
 )
-from jobs._reasoning.anchors import ANCHOR_KINDS, AnchorKind, anchor_positions
+from jobs._reasoning.anchors import ANCHOR_KINDS, AnchorKind, anchor_order, anchor_positions
 from jobs._reasoning.chain import Chain, importance, read_chain
 from jobs._reasoning.problems import load_benchmark
 
@@ -169,24 +169,34 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
 @no_grad
 def anchor_features(model, tokenizer, saes: dict, chosen: dict[int, np.ndarray], bench, s: Settings,
                     device: torch.device) -> tuple[list[tuple[int, str]], dict[int, np.ndarray]]:
-    """(item, anchor) of every anchor row, in item order, and per layer the chosen features there."""
+    """(item, anchor) of every anchor row, in item order, and per layer the chosen features there.
+    An item may lack an anchor (a final answer the solution does not write as the target); a
+    benchmark with none of the anchors at all is refused, as it has nothing to compare."""
     keys: list[tuple[int, str]] = []
     parts: dict[int, list[np.ndarray]] = {layer: [] for layer in saes}
     columns = {layer: torch.as_tensor(ids, device=device) for layer, ids in chosen.items()}
     for start in range(0, len(bench.items), s.batch_size):
         items = bench.items[start : start + s.batch_size]
-        ids, mask, _, _ = teacher_forced(tokenizer, bench, items, device)
         rows, positions = [], []
         for row, item in enumerate(items):
             for anchor, position in anchor_positions(tokenizer, bench, item, s.anchors).items():
                 keys.append((item.index, anchor))
                 rows.append(row)
                 positions.append(position)
+        if not rows:
+            continue
+        ids, mask, _, _ = teacher_forced(tokenizer, bench, items, device)
         with capture_residuals(model, sorted(saes), stop=True) as residuals:
             model(input_ids=ids, attention_mask=mask)
+        at = torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
         for layer, sae in saes.items():
-            hidden = residuals[layer][torch.tensor(rows), torch.tensor(positions)].to(sae.dtype)
+            hidden = residuals[layer][at].to(sae.dtype)
             parts[layer].append(sae.encode(hidden)[:, columns[layer]].float().cpu().numpy())
+    if not keys:
+        raise UserError(f"{FIELD}.anchors: none of the anchors {list(s.anchors)} was found in any of the "
+                        f"{len(bench.items)} items of the benchmark {bench.spec.name!r} (final_answer needs a "
+                        "'####' line or the target written as the solution writes it; steps need solution lines); "
+                        "add question_end or answer_start, which every item has")
     return keys, {layer: np.concatenate(values) for layer, values in parts.items()}
 
 
@@ -210,7 +220,8 @@ class Block:
 
 @dataclass
 class Aligned:
-    """The anchor rows every model has, in plan order, each model's features side by side."""
+    """The anchor rows every model has, in plan order, each model's features side by side (models
+    in plan order too)."""
 
     keys: list[tuple[str, int, str]]  # (benchmark, item, anchor)
     values: np.ndarray                # (rows, all features) float32
@@ -222,7 +233,9 @@ class Aligned:
 
 def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path) -> None:
     s = manifest.settings
-    aligned = align_rows(shard_paths, s)
+    chain = read(s)
+    aligned = align_rows(shard_paths, s, [entry.name for entry in chain.models],
+                         [spec.name for spec in chain.benchmarks])
     moments = comoments(aligned.values)
     models = list(dict.fromkeys(block.model for block in aligned.blocks))
     null = PermutationNull(aligned, models, s.permutations, s.seed)
@@ -244,14 +257,16 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
             for column in table.columns:
                 values = table[column].to_numpy()
                 out.create_dataset(f"{name}/{column}", data=values.astype("S") if values.dtype == object else values)
-    planted = planted_columns(aligned, read(s))
+    planted = planted_columns(aligned, chain)
     _report(Report(out_dir / "report", "Reasoning features across models"), s, aligned, moments, matches, pairs,
             transfer, planted)
 
 
-def align_rows(shard_paths: list[Path], s: Settings) -> Aligned:
+def align_rows(shard_paths: list[Path], s: Settings, models: list[str], benchmarks: list[str]) -> Aligned:
     """Each model's anchor rows keyed by (benchmark, item, anchor); the keys every model has, in
-    the first model's (plan) order."""
+    plan order (`benchmarks`' order, then item, then anchor in the text), and the models in `models`'
+    order. Never the order the shards list their units in: it decides the null's permutations and
+    which block is `a`, so the results would change with `run.shards`."""
     rows: dict[str, dict[tuple[str, int, str], int]] = {}
     values: dict[str, dict[int, list[np.ndarray]]] = {}
     features: dict[str, dict[int, np.ndarray]] = {}
@@ -267,8 +282,9 @@ def align_rows(shard_paths: list[Path], s: Settings) -> Aligned:
                 for layer in layers:
                     values.setdefault(model, {}).setdefault(layer, []).append(group[f"L{layer}/values"][()])
                     features.setdefault(model, {})[layer] = group[f"L{layer}/features"][()]
-    models = list(rows)
-    shared = [key for key in rows[models[0]] if all(key in rows[m] for m in models[1:])]
+    models = [model for model in models if model in rows]
+    shared = sorted((key for key in rows[models[0]] if all(key in rows[m] for m in models[1:])),
+                    key=lambda key: (benchmarks.index(key[0]), key[1], anchor_order(key[2])))
     blocks, columns, start = [], [], 0
     for model in models:
         scores = importance(s.ablation, model, f"{FIELD}.ablation")
@@ -395,10 +411,11 @@ def _importance_of(aligned: Aligned, column: int) -> float:
 
 
 def pair_table(aligned: Aligned, moments: CoMoments, null: PermutationNull, s: Settings) -> pd.DataFrame:
-    """Per pair of (model, layer) blocks of different models: how well a's features find a match in
-    b, observed and under the null, and the mutual matches."""
+    """Per ordered pair of (model, layer) blocks of different models: how well a's features find a
+    match in b, observed and under the null, and the mutual matches. Both orders, as a's share
+    matched in b is not b's in a (a block of many features that b lacks)."""
     rows = []
-    for a, b in _block_pairs(aligned.blocks):
+    for a, b in ((a, b) for a in aligned.blocks for b in aligned.blocks if a.model != b.model):
         r = moments.pearson(a.columns, b.columns)
         varies_a, varies_b = ~np.isnan(r).all(axis=1), ~np.isnan(r).all(axis=0)  # features that vary on the rows
         r = np.nan_to_num(r[np.ix_(varies_a, varies_b)], nan=-1)
@@ -418,16 +435,18 @@ def pair_table(aligned: Aligned, moments: CoMoments, null: PermutationNull, s: S
 
 def transfer_table(matches: pd.DataFrame, null_spearman: dict[tuple[str, str], np.ndarray]) -> pd.DataFrame:
     """Per ordered pair of models: the Spearman correlation of importance between a model's
-    important features and their matches (all of them, and the matched ones), with the null's."""
+    important features and their matches (all of them, and the matched ones), with the null's. The
+    p-value is NaN where rho is (no null value reaches NaN, which would read as significant)."""
     rows = []
     for (model, other), part in matches.groupby(["model", "other"], sort=False):
         matched = part[part["matched"]]
         rho = _spearman(part["importance"], part["match_importance"])
         null = null_spearman[(model, other)]
         null = null[~np.isnan(null)]
+        testable = len(null) > 0 and not np.isnan(rho)
         rows.append({"model": model, "other": other, "important": len(part), "matched": len(matched),
                      "spearman_all": rho, "null_spearman_mean": float(null.mean()) if len(null) else float("nan"),
-                     "p_spearman_all": float((1 + (null >= rho).sum()) / (1 + len(null))) if len(null) else float("nan"),
+                     "p_spearman_all": float((1 + (null >= rho).sum()) / (1 + len(null))) if testable else float("nan"),
                      "spearman_matched": _spearman(matched["importance"], matched["match_importance"])})
     return pd.DataFrame(rows)
 
@@ -459,7 +478,7 @@ def _report(report: Report, s: Settings, aligned: Aligned, moments: CoMoments, m
         f"rows permuted across items and anchors, {s.permutations} times; `p` is the share of permutations whose "
         f"best r reaches the observed one. Matched: r > {s.threshold} and p < {s.alpha}. Data: `merged.h5`.")
     report.heading("Alignment between layers of different models")
-    report.text("Per pair of (model, layer) SAEs: the mean of a's features' best r in b, and the share above the "
+    report.text("Per ordered pair of (model, layer) SAEs: the mean of a's features' best r in b, and the share above the "
                 f"threshold, beside the same under the null (its first {BLOCK_PERMUTATIONS} permutations); over the "
                 "features that vary on the anchor rows "
                 "(`varying_a`, `varying_b`: a feature never active at an anchor has no match).")
@@ -478,8 +497,9 @@ def _report(report: Report, s: Settings, aligned: Aligned, moments: CoMoments, m
 
 
 def _heatmap(report: Report, aligned: Aligned, pairs: pd.DataFrame) -> None:
-    """Every (model, layer) block against every other: the share of its features with a match above
-    the threshold (observed; the null's beneath in brackets)."""
+    """Every (model, layer) block (row) against every other's (column): the share of the row block's
+    features with a match above the threshold in the column block (observed; the null's beneath in
+    brackets)."""
     import matplotlib.pyplot as plt
 
     names = [block.name for block in aligned.blocks]
@@ -487,8 +507,7 @@ def _heatmap(report: Report, aligned: Aligned, pairs: pd.DataFrame) -> None:
     null = np.full_like(share, np.nan)
     for row in pairs.itertuples():
         i, j = names.index(row.block_a), names.index(row.block_b)
-        share[i, j] = share[j, i] = row.share_matched
-        null[i, j] = null[j, i] = row.null_share_matched
+        share[i, j], null[i, j] = row.share_matched, row.null_share_matched
     fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 1.5))
     image = ax.imshow(share, cmap="viridis", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(share):

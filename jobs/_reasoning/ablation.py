@@ -9,26 +9,26 @@ import zlib
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, cast
 
+import h5py
 import numpy as np
 from tqdm import tqdm
 
 from common.batching import GenerationMemory, generation_memory
 from common.edits import BatchRows, edit_block_output, zero_features
+from common.errors import UserError
 from common.generation import greedy, left_padded
 from common.lazy import lazy_import, no_grad
 from common.models import parameter_bytes, text_config
-from common.paired import mcnemar
+from common.paired import mcnemar, proportion_difference_interval
 from jobs._reasoning import teacher_forced
 from jobs._reasoning.problems import Benchmark
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-    from scipy import stats
 else:
     pd = lazy_import("pandas")
     torch = lazy_import("torch")
-    stats = lazy_import("scipy.stats")
 
 
 def generation_memory_of(config, dtype: str, widths: list[int], prompt_tokens: int,
@@ -116,15 +116,17 @@ def control_sets(active: dict[int, np.ndarray], top: np.ndarray, sets: int, seed
 
 @no_grad
 def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: dict,
-                        ablations: dict[str, np.ndarray], batch_size: int, device: torch.device,
+                        ablations: dict[str, np.ndarray], rows_per_call: int, device: torch.device,
                         desc: str = "") -> dict[str, tuple[list[str], list[str | None], list[bool]]]:
-    """Greedy answers to every item unchanged ("baseline") and under each named ablation, all
-    conditions of a batch of items decoded together (row = item x condition)."""
+    """Greedy answers to every item unchanged ("baseline") and under each named ablation: the rows
+    (item x condition, an item's conditions side by side) decoded `rows_per_call` at a time, so
+    that an item of more conditions than fit at once is split across calls."""
     conditions = ["baseline", *ablations]
     results: dict[str, tuple[list, list, list]] = {c: ([], [], []) for c in conditions}  # texts, answers, correct
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
-        chosen = items[start : start + batch_size]
-        prompts = [bench.prompt(item) for item in chosen for _ in conditions]
+    pairs = [(item, condition) for item in items for condition in conditions]
+    for start in tqdm(range(0, len(pairs), rows_per_call), desc=desc, unit="batch"):
+        chosen = pairs[start : start + rows_per_call]
+        prompts = [bench.prompt(item) for item, _ in chosen]
         encoded = left_padded(tokenizer, prompts, device)
         special = torch.tensor([tokenizer.get_special_tokens_mask(row.tolist(), already_has_special_tokens=True)
                                 for row in encoded["input_ids"].cpu()], device=device).bool()
@@ -133,32 +135,58 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
         with ExitStack() as stack:
             for layer, sae in saes.items():
                 chosen_features = torch.zeros(len(prompts), sae.cfg.d_sae, dtype=torch.bool, device=device)
-                for c, name in enumerate(conditions[1:], start=1):
-                    features = ablations[name][ablations[name][:, 0] == layer, 1]
-                    chosen_features[c :: len(conditions), torch.as_tensor(features, device=device)] = True
+                for row, (_, name) in enumerate(chosen):
+                    if name != "baseline":
+                        features = ablations[name][ablations[name][:, 0] == layer, 1]
+                        chosen_features[row, torch.as_tensor(features, device=device)] = True
                 stack.enter_context(edit_block_output(model, layer, zero_features(sae, chosen_features, positions),
                                                       batch=rows))
             texts = greedy(model, tokenizer, prompts, bench.spec.max_new_tokens, device,
-                           stop_strings=tuple(bench.spec.stop_strings), batch=rows)
-        for row, text in enumerate(texts):
-            condition, item = conditions[row % len(conditions)], chosen[row // len(conditions)]
+                           stop_strings=tuple(bench.stop_strings), batch=rows)
+        for (item, condition), text in zip(chosen, texts, strict=True):
             answer, correct = bench.score(item, text)
             for store, value in zip(results[condition], (text, answer, correct), strict=True):
                 store.append(value)
     return results
 
 
+def rescore(unit: h5py.Group, bench: Benchmark, field: str) -> None:
+    """Read every condition's answers again from its stored texts, replacing its `correct` (and
+    `answer`, where stored): reduce scores, so a fix to reading answers needs no GPU. Conditions
+    stored without texts (shards of older versions) keep the flags scored on the GPU."""
+    by_index = {item.index: item for item in bench.items}
+    missing = sorted(set(unit["item"][()].tolist()) - set(by_index))
+    if missing:
+        raise UserError(f"{field}: the benchmark {bench.spec.name!r} no longer has the items {missing[:5]} that the "
+                        f"run answered; restore the file ({bench.spec.path}) the run read, or rerun the job")
+    items = [by_index[index] for index in unit["item"][()].tolist()]
+    if "target" in unit and unit["target"].asstr()[()].tolist() != [item.target for item in items]:
+        raise UserError(f"{field}: the reference answers of the benchmark {bench.spec.name!r} differ from those the "
+                        f"run stored; restore the file ({bench.spec.path}) the run read, or rerun the job")
+    conditions: list[str] = []
+    unit.visit(lambda name: conditions.append(name.rpartition("/")[0]) if name.rpartition("/")[2] == "text" else None)
+    for condition in conditions:
+        group = unit[condition]
+        scored = [bench.score(item, text) for item, text in zip(items, group["text"].asstr()[()], strict=True)]
+        if "answer" in group:
+            del group["answer"]
+            group.create_dataset("answer", data=[answer or "" for answer, _ in scored], dtype=h5py.string_dtype())
+        del group["correct"]
+        group.create_dataset("correct", data=np.asarray([correct for _, correct in scored], dtype=bool))
+
+
 def summarise(items: pd.DataFrame, by: list[str], alpha: float, success_drop: float) -> pd.DataFrame:
     """Per group of items: accuracies, drops, the top set's drop among the control sets' (the null),
     McNemar p-values and the seed's criterion. `control` and `control_drop` are the sets' means;
     the McNemar test against the control pairs the ablated answers with the control set that cost
-    the most (the most conservative choice)."""
+    the most (the most conservative choice). The drop's interval is Agresti and Min's for paired
+    proportions: a t interval on 0/1 differences shrinks to a point when no answer changes."""
     rows = []
     for keys, group in items.groupby(by, sort=True):
         controls = sorted(column for column in group if column.startswith("control_"))
         base, ablated = group["baseline"].to_numpy(bool), group["ablated"].to_numpy(bool)
         drop = base.mean() - ablated.mean()
-        drop_low, drop_high = paired_interval(base.astype(float) - ablated)
+        drop_low, drop_high = proportion_difference_interval(base, ablated)
         control_drops = np.asarray([base.mean() - group[c].mean() for c in controls])
         strongest = group[controls[int(np.argmax(control_drops))]].to_numpy(bool)
         p_vs_control = mcnemar(strongest, ablated)
@@ -173,12 +201,3 @@ def summarise(items: pd.DataFrame, by: list[str], alpha: float, success_drop: fl
                      "beats_control_significantly": bool(null_p < alpha and p_vs_control < alpha)})
     return pd.DataFrame(rows)
 
-
-def paired_interval(differences: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Student's t interval of the mean of paired differences (one per item, both conditions on the
-    same item); NaN with fewer than two items."""
-    differences = np.asarray(differences, float)
-    if len(differences) < 2:
-        return np.nan, np.nan
-    half = stats.t.ppf(0.5 + level / 2, len(differences) - 1) * differences.std(ddof=1) / np.sqrt(len(differences))
-    return float(differences.mean() - half), float(differences.mean() + half)

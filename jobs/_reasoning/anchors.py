@@ -48,6 +48,14 @@ def anchor_characters(solution: str, target: str, kinds: list[AnchorKind]) -> di
     return found
 
 
+def anchor_order(name: str) -> tuple[int, int]:
+    """A sort key putting an item's anchors in text order: question_end, answer_start, step_1,
+    step_2, ..., step_10, final_answer."""
+    if name.startswith("step_"):
+        return ANCHOR_KINDS.index("steps"), int(name.removeprefix("step_"))
+    return ANCHOR_KINDS.index(name), 0
+
+
 def token_at(offsets: list[tuple[int, int]], character: int) -> int | None:
     """The index of the token whose span holds `character` (or the first after it); None past the end."""
     for index, (start, end) in enumerate(offsets):

@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -101,13 +102,6 @@ class BenchmarkSpec(StrictModel):
     def prompt_template(self) -> str:
         return self.template or TEMPLATES[self.source]
 
-    @property
-    def stop_strings(self) -> list[str]:
-        """Where an answer ends: the template's opening word on a new line (the model starting
-        the next question) or two blank lines."""
-        lead = self.prompt_template.split("{question}")[0].strip()
-        return [f"\n{lead}", "\n\n\n"] if lead else ["\n\n\n"]
-
 
 @dataclass(frozen=True)
 class Item:
@@ -125,6 +119,21 @@ class Benchmark:
     spec: BenchmarkSpec
     examples: list[Item]
     items: list[Item]
+
+    @cached_property
+    def stop_strings(self) -> list[str]:
+        """Where an answer ends: where the model starts the next question, on a new line, or at
+        two blank lines. A question prompt opens with the template's text before {question}
+        ("Question:"); a template with none (FOLIO's, the organism's decisions) opens with the
+        question itself, so the stop is the first line every question prompt shares ("Premises:"),
+        if they share one. Without it, a few-shot model writes a whole invented example after its
+        answer, and that example's answer is read instead."""
+        lead = self.spec.prompt_template.split("{question}")[0].strip()
+        if not lead:
+            first_lines = {self.question_prompt(item).strip().split("\n")[0].strip()
+                           for item in [*self.examples, *self.items]}
+            lead = first_lines.pop() if len(first_lines) == 1 else ""
+        return [f"\n{lead}", "\n\n\n"] if lead else ["\n\n\n"]
 
     def prompt(self, item: Item) -> str:
         shots = "".join(f"{self.question_prompt(e)}{self._gap(e)}{e.solution}\n\n" for e in self.examples)
@@ -147,7 +156,7 @@ class Benchmark:
 
     def score(self, item: Item, generated: str) -> tuple[str | None, bool]:
         """The answer read from `generated` (None: none found) and whether it is correct."""
-        return score(self.spec.kind, generated, item.target, self.spec.valid_labels, self.spec.stop_strings)
+        return score(self.spec.kind, generated, item.target, self.spec.valid_labels, self.stop_strings)
 
 
 # ---------------------------------------------------------------- loading
@@ -266,7 +275,10 @@ def _plain_number(text: str) -> str:
 
 # ---------------------------------------------------------------- reading answers
 
-_NUMBER = r"[-−]?\s?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+# A minus is a sign only directly before the digits (or "$"), and not after a number or a closing
+# bracket (with or without a space), where it subtracts: "12 - 5" and "(3)-5" hold 5, not -5.
+_NUMBER = r"(?:(?<![\d)\]])(?<![\d)\]]\s)[-−](?=\$?\d))?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_SENTENCE_END = re.compile(r"\n|[.!?](?!\d)")
 _GSM8K_CUE = re.compile(rf"####\s*({_NUMBER})")  # the few-shot prompts' answer line: nothing after it counts
 _NUMBER_CUES = (  # other final-answer markers; the last one in the text wins
     re.compile(rf"answer is\s*:?\s*({_NUMBER})", re.IGNORECASE),
@@ -287,17 +299,27 @@ def parse_number(text: str) -> Fraction | None:
 def extract_number(text: str) -> Fraction | None:
     """The answer a model wrote: after GSM8K's "####"; else at its last final-answer marker ("the
     answer is", "A:", \\boxed{}), so that "the answer is 16 - 3 = 13 ... The final answer is:
-    $\\boxed{18}$" reads 18; without a marker, the final number."""
+    $\\boxed{18}$" reads 18, where the result after the sentence's last "=" counts ("the answer is
+    16 - 3 = 13." reads 13); without a marker, the final number."""
     gsm8k = _GSM8K_CUE.findall(text)
     if gsm8k:
         return parse_number(gsm8k[-1])
-    markers = [(found.start(), found.group(1)) for cue in _NUMBER_CUES for found in cue.finditer(text)]
+    markers = [(found.start(), _stated(text, found)) for cue in _NUMBER_CUES for found in cue.finditer(text)]
     markers += [(found.start(), boxed) for found in _BOXED.finditer(text)
                 if (boxed := _braced(text, found.end() - 1)) is not None and parse_number(boxed) is not None]
     if markers:
         return parse_number(max(markers)[1])
     numbers = re.findall(_NUMBER, text)
     return parse_number(numbers[-1]) if numbers else None
+
+
+def _stated(text: str, marker: re.Match) -> str:
+    """The number a final-answer marker states: the one after the last "=" of its sentence when
+    the model writes its working there ("The answer is 16 - 3 = 13." states 13), else the first."""
+    end = _SENTENCE_END.search(text, marker.end(1))
+    sentence = text[marker.start(1) : end.start() if end else len(text)]
+    result = re.search(_NUMBER, sentence.rpartition("=")[2]) if "=" in sentence else None
+    return result[0] if result else marker.group(1)
 
 
 def last_boxed(text: str) -> str | None:

@@ -18,6 +18,7 @@ from common.batching import (
     GenerationMemory,
     forward_bytes,
     generation_memory,
+    planned_rows,
     rows_now,
 )
 from common.cli import main
@@ -40,8 +41,13 @@ def test_rows_fit_the_free_memory_less_the_margin():
     assert memory.rows_fitting(10**15) == MAX_ROWS
     assert memory.peak(7) == 7_010
     assert rows_now("auto", memory, torch.device("cpu")) == CPU_ROWS
-    assert rows_now("auto", memory, torch.device("cpu"), rows_per_item=22) == CPU_ROWS // 22
+    assert rows_now("auto", memory, torch.device("cpu"), rows_per_item=22) == CPU_ROWS  # rows, not whole items
     assert rows_now(5, memory, torch.device("cpu")) == 5
+    assert rows_now(5, memory, torch.device("cpu"), rows_per_item=22) == 110  # the manifest's items, in rows
+    # a plan's rows where one item of 127 conditions does not fit an H200: those that fit, never the whole item
+    large = GenerationMemory(fixed=20 * 2**30, per_row=1496 * 2**20)
+    assert planned_rows("auto", large, rows_per_item=127) == large.rows_fitting(H200_BYTES - large.fixed) < 127
+    assert large.peak(planned_rows("auto", large, rows_per_item=127)) < H200_BYTES
 
 
 def test_the_memory_model_counts_the_cache_a_generation_really_holds():

@@ -13,11 +13,13 @@ from scipy.cluster.hierarchy import fcluster
 from scipy.cluster.hierarchy import linkage as scipy_linkage
 
 from jobs._reasoning import teacher_forced
-from jobs._reasoning.ablation import control_sets
+from jobs._reasoning.ablation import control_sets, rescore
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 from jobs.circuit_discovery import (
     AlignmentMatches,
     Settings,
     Unit,
+    _write_outcomes,
     cluster_edges,
     cluster_labels,
     cluster_table,
@@ -186,6 +188,25 @@ def test_control_groups_never_draw_an_excluded_feature():
     drawn = control_sets(active, cluster, 8, seed=0, unit_id="m.b.C1", excluded=important)
     assert {feature for chosen in drawn.values() for _, feature in chosen.tolist()} <= {3, 4, 5, 6, 7}
     assert {feature for chosen in drawn.values() for _, feature in chosen.tolist()} & {3, 4, 5}  # the nearest counts
+
+
+def test_every_conditions_texts_are_stored_and_read_again_at_reduce(tmp_path):
+    """The shards keep each condition's generated texts, control groups' too, so that reduce scores
+    them (a parser fix needs no GPU): flags stored by a parser with a bug are replaced."""
+    bench = load_benchmark(BenchmarkSpec(name="arithmetic", builtin="organism_arithmetic", n=2))
+    texts = [f" #### {bench.items[0].target}", " #### 999"]
+    ablations = {"C1": np.array([[1, 0]]), "C1/control_00": np.array([[1, 5]])}
+    stale = (texts, [None, None], [False, False])
+    with h5py.File(tmp_path / "shard.h5", "w") as shard:
+        unit = shard.create_group("units/m.arithmetic")
+        unit["item"] = [item.index for item in bench.items]
+        _write_outcomes(unit, ablations, {"baseline": stale, "C1": stale, "C1/control_00": stale})
+        for condition in ("baseline", "C1", "C1/control_00"):
+            assert unit[f"{condition}/text"].asstr()[()].tolist() == texts
+        rescore(unit, bench, "circuit_discovery: its benchmark")
+        for condition in ("baseline", "C1", "C1/control_00"):
+            assert unit[f"{condition}/correct"][()].tolist() == [True, False]
+        assert unit["C1/answer"].asstr()[()].tolist() == [bench.items[0].target, "999"]
 
 
 # ---------------------------------------------------------------- the demo's circuits

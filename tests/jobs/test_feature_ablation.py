@@ -17,9 +17,11 @@ from sae_lens import SAE
 from scipy import stats
 
 from common.edits import edit_block_output, zero_features
+from common.errors import UserError
 from common.organism.files import shipped
-from common.paired import mcnemar
-from jobs._reasoning.ablation import attribution, control_sets, top_features
+from common.paired import mcnemar, proportion_difference_interval
+from jobs._reasoning.ablation import attribution, control_sets, rescore, summarise, top_features
+from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
 from tests.helpers import run_all
 from tests.jobs.reasoning import demo_benchmark, read_csv, refused, write_step
 
@@ -46,8 +48,8 @@ def test_ablating_the_top_features_costs_more_than_random_ones(reasoning_chain):
     assert row["p_ablated"] == pytest.approx(mcnemar(correct["baseline"], correct["ablated"]))
     drops = [correct["baseline"].mean() - correct[f"control_{i:02d}"].mean() for i in range(20)]
     assert row["control_drop"] == pytest.approx(np.mean(drops)) and row["control_drop_max"] == pytest.approx(max(drops))
-    paired = stats.ttest_rel(correct["baseline"].astype(float), correct["ablated"].astype(float)).confidence_interval()
-    assert (row["drop_low"], row["drop_high"]) == pytest.approx((paired.low, paired.high))  # the paired t interval
+    paired = proportion_difference_interval(correct["baseline"], correct["ablated"])
+    assert (row["drop_low"], row["drop_high"]) == pytest.approx(paired)  # Agresti-Min, for paired proportions
     assert row["drop_low"] < row["drop"] < row["drop_high"]
     report = (reasoning_chain.ablation.report_dir / "report.md").read_text()
     assert f"drop {100 * row['drop']:+.1f} pp (95% interval {100 * row['drop_low']:+.1f} pp" in report
@@ -120,7 +122,7 @@ def test_batched_answers_equal_one_item_at_a_time(reasoning_chain, organism_mode
                     hooks.append(edit_block_output(model, layer, zero_features(sae, chosen, keep)))
             with torch.no_grad(), hooks[0] if hooks else _nothing(), hooks[1] if hooks else _nothing():
                 output = model.generate(**ids, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                        stop_strings=bench.spec.stop_strings, tokenizer=tokenizer)
+                                        stop_strings=bench.stop_strings, tokenizer=tokenizer)
             alone = tokenizer.decode(output[0, ids.input_ids.shape[1]:], skip_special_tokens=True)
             assert alone == texts[condition][position], (condition, index)
 
@@ -176,6 +178,47 @@ def test_feature_choice_rules():
     assert all(np.array_equal(sets[name], again[name]) for name in sets)
 
 
+def test_the_drop_interval_keeps_a_width_when_few_answers_change():
+    """A t interval on 0/1 differences is (0, 0) when no answer changes and too narrow with one
+    change; Agresti and Min's interval for paired proportions is not."""
+    base = np.array([True] * 6 + [False] * 4)
+    one_lost = base.copy()
+    one_lost[0] = False
+    items = pd.DataFrame({"model": "m", "benchmark": ["same"] * 10 + ["one lost"] * 10,
+                          "baseline": np.concatenate([base, base]), "ablated": np.concatenate([base, one_lost]),
+                          "control_00": np.concatenate([base, base])})
+    rows = summarise(items, ["model", "benchmark"], alpha=0.05, success_drop=0.05).set_index("benchmark")
+    # (0.5 - 0.5) / 12 +- 1.96 sqrt(1) / 12 and (1.5 - 0.5) / 12 +- 1.96 sqrt(2 - 1 / 12) / 12
+    assert (rows.loc["same", "drop_low"], rows.loc["same", "drop_high"]) == pytest.approx((-0.16333, 0.16333), abs=1e-4)
+    assert (rows.loc["one lost", "drop_low"], rows.loc["one lost", "drop_high"]) == pytest.approx(
+        (1 / 12 - 1.96 * np.sqrt(23 / 12) / 12, 1 / 12 + 1.96 * np.sqrt(23 / 12) / 12))
+    assert rows.loc["one lost", "drop"] == pytest.approx(0.1)
+
+
+def test_reduce_reads_the_answers_again_from_the_stored_texts(tmp_path):
+    """Scoring is redone from each condition's texts (flags from the GPU replaced, answers too where
+    stored); a condition without texts (older shards) keeps its flags; changed references are refused."""
+    bench = load_benchmark(BenchmarkSpec(name="arithmetic", builtin="organism_arithmetic", n=3))
+    targets = [item.target for item in bench.items]
+    texts = [f" 1 + 1 = 2\n#### {targets[0]}", " #### 999", f" {targets[2]}\n\nQuestion: 5 + {targets[2]}"]
+    with h5py.File(tmp_path / "unit.h5", "w") as unit:
+        unit["item"], unit["target"] = [item.index for item in bench.items], targets
+        for condition in ("baseline", "C1/control_00", "old"):
+            unit[f"{condition}/correct"] = [False, True, False]  # as a parser with a bug read them
+        for condition in ("baseline", "C1/control_00"):
+            unit.create_dataset(f"{condition}/text", data=texts, dtype=h5py.string_dtype())
+        unit.create_dataset("baseline/answer", data=["", targets[1], ""], dtype=h5py.string_dtype())
+        rescore(unit, bench, "feature_ablation.benchmarks")
+        assert unit["baseline/correct"][()].tolist() == unit["C1/control_00/correct"][()].tolist() == [True, False, True]
+        assert unit["baseline/answer"].asstr()[()].tolist() == [targets[0], "999", targets[2]]
+        assert "answer" not in unit["C1/control_00"] and unit["old/correct"][()].tolist() == [False, True, False]
+        del unit["target"]
+        unit["target"] = ["-1", *targets[1:]]
+        with pytest.raises(UserError, match="feature_ablation.benchmarks: the reference answers of the benchmark "
+                           "'arithmetic' differ from those the run stored"):
+            rescore(unit, bench, "feature_ablation.benchmarks")
+
+
 def test_ablation_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):
     copy = tmp_path / "training_copy"
     shutil.copytree(reasoning_chain.training.path, copy)
@@ -190,3 +233,18 @@ def test_ablation_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):
     cfg_path.write_text(json.dumps({**cfg, "d_in": 64}))
     refused(capsys, write_step(tmp_path, "reasoning_3_ablation.yaml", "feature_ablation", ablation),
             "has d_in 64 but the model's residual stream has d_model 128")
+
+
+def test_an_items_conditions_may_be_split_across_calls(organism_model):
+    """An item of more conditions than fit at once (circuit_discovery: 1 + clusters x (1 + controls)
+    rows) is split across generate calls, with the answers of one call holding it all."""
+    from common.organism.files import Organism
+    from jobs._reasoning.ablation import ablate_and_generate
+
+    model, tokenizer = organism_model
+    saes = {layer: Organism().sae(layer).requires_grad_(False) for layer in (1, 2)}
+    bench = load_benchmark(BenchmarkSpec(name="arithmetic", builtin="organism_arithmetic", n=4, max_new_tokens=12))
+    ablations = {"first": np.asarray([[1, 0], [1, 5], [2, 3]]), "second": np.asarray([[2, 7], [2, 11]])}
+    together = ablate_and_generate(model, tokenizer, bench, bench.items, saes, ablations, 12, torch.device("cpu"))
+    split = ablate_and_generate(model, tokenizer, bench, bench.items, saes, ablations, 2, torch.device("cpu"))
+    assert split == together and len(together["second"][0]) == 4

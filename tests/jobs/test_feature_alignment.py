@@ -1,6 +1,7 @@
 """feature_alignment (the reasoning chain's step 4): anchors found the same way in any tokenizer,
 the statistics against an independent computation, the null, and refusals."""
 
+import json
 import shutil
 
 import h5py
@@ -11,11 +12,14 @@ import torch
 import yaml
 
 from common.cli import main
+from common.errors import UserError
 from common.organism.files import Organism
+from common.saes import SaeSpec, load_sae
+from jobs import feature_alignment
 from jobs._reasoning import teacher_forced
 from jobs._reasoning.anchors import anchor_characters, anchor_positions, token_at
 from jobs._reasoning.problems import BenchmarkSpec, load_benchmark
-from tests.helpers import REPO
+from tests.helpers import REPO, save_random_sae
 
 GSM8K_SOLUTION = (" Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
                   "altogether in April and May.\n#### 72")
@@ -58,6 +62,34 @@ def test_the_organisms_decisions_are_a_benchmark_whose_prompts_end_at_the_cue():
     ids, _, _, _ = teacher_forced(tokenizer, bench, bench.items[:1], torch.device("cpu"))
     cue = anchor_positions(tokenizer, bench, bench.items[0], ["question_end"])["question_end"]
     assert tokenizer.decode(ids[0, cue - 2 : cue + 1].tolist()) == "Choice: "  # the cue token, as at a decision
+
+
+def test_items_without_anchors_are_skipped_and_a_benchmark_without_any_is_refused(tmp_path, organism_model):
+    """"It is $1,234" does not write the target 1234, so those items have no final_answer: a batch
+    of only such items is skipped, and a benchmark of only such items is a UserError."""
+    model, tokenizer = organism_model
+    sae = load_sae(SaeSpec(path=save_random_sae(tmp_path / "saes", model.config.hidden_size, 32, layers=(1,))), 1,
+                   model.config.hidden_size, torch.device("cpu"))
+    answers = ["It is $1,234", "It is $2,234", "It is 5", "It is 7"]
+    path = tmp_path / "money.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"How much is item {i}?", "answer": answer})
+                              for i, answer in enumerate(answers)))
+    bench = load_benchmark(BenchmarkSpec(name="money", format="jsonl", path=path))
+    chosen = {1: np.arange(8)}
+    settings = feature_alignment.Settings.model_construct(anchors=["final_answer"], batch_size=2)
+    keys, features = feature_alignment.anchor_features(model, tokenizer, {1: sae}, chosen, bench, settings,
+                                                       torch.device("cpu"))
+    assert keys == [(2, "final_answer"), (3, "final_answer")] and features[1].shape == (2, 8)
+    whole = feature_alignment.Settings.model_construct(anchors=["final_answer"], batch_size=4)
+    _, together = feature_alignment.anchor_features(model, tokenizer, {1: sae}, chosen, bench, whole,
+                                                    torch.device("cpu"))
+    np.testing.assert_allclose(features[1], together[1], atol=1e-5)
+    path.write_text("\n".join(json.dumps({"question": f"How much is item {i}?", "answer": answer})
+                              for i, answer in enumerate(answers[:2])))
+    with pytest.raises(UserError, match=r"feature_alignment.anchors: none of the anchors \['final_answer'\] was "
+                       r"found in any of the 2 items of the benchmark 'money'.*add question_end or answer_start"):
+        feature_alignment.anchor_features(model, tokenizer, {1: sae}, chosen, load_benchmark(bench.spec), settings,
+                                          torch.device("cpu"))
 
 
 # ---------------------------------------------------------------- the statistics, independently
@@ -137,6 +169,96 @@ def test_the_organisms_planted_features_are_each_others_match(reasoning_chain):
     assert matches["matched"].mean() > 0.5 and (matches["r"] > matches["null_r95"]).mean() > 0.5
     pairs = pd.read_csv(run.report_dir / "pairs.csv")
     assert (pairs["share_matched"] > pairs["null_share_matched"] + 0.3).all()
+
+
+PLAN_MODELS, PLAN_BENCHMARKS = ["pythia", "gpt2"], ["gsm8k", "folio"]  # neither in alphabetical order
+ANCHORS = ["question_end", "answer_start", "step_1", "step_2", "step_10", "final_answer"]
+
+
+def write_alignment_shard(path, units: list[tuple[str, str]], seed: int = 1):
+    """A shard of `units` (model, benchmark) with 10 items' anchor rows of 6 features on layer 1
+    that share a latent structure across models, so that features align."""
+    rng = np.random.default_rng(seed)
+    latent = {bench: rng.normal(size=(10 * len(ANCHORS), 3)) for bench in PLAN_BENCHMARKS}
+    values = {(m, b): np.maximum(latent[b] @ rng.normal(size=(3, 6)) + 0.5 * rng.normal(size=(len(latent[b]), 6)), 0)
+              for m in PLAN_MODELS for b in PLAN_BENCHMARKS}
+    with h5py.File(path, "w") as shard:
+        for model, bench in units:
+            unit = shard.create_group(f"units/{model}.{bench}")
+            unit.attrs.update(model=model, benchmark=bench)
+            unit.create_dataset("item", data=np.repeat(np.arange(10), len(ANCHORS)))
+            unit.create_dataset("anchor", data=ANCHORS * 10, dtype=h5py.string_dtype())
+            unit.create_dataset("L1/features", data=np.arange(6))
+            unit.create_dataset("L1/values", data=values[model, bench].astype(np.float32))
+    return path
+
+
+def alignment_results(paths, monkeypatch) -> tuple[feature_alignment.Aligned, list[pd.DataFrame]]:
+    monkeypatch.setattr(feature_alignment, "importance", lambda ablation, model, field: {1: np.linspace(1, 0, 6)})
+    s = feature_alignment.Settings.model_construct(ablation=REPO, permutations=50, seed=0, threshold=0.5,
+                                                   important=4, alpha=0.05)
+    aligned = feature_alignment.align_rows(paths, s, PLAN_MODELS, PLAN_BENCHMARKS)
+    moments = feature_alignment.comoments(aligned.values)
+    null = feature_alignment.PermutationNull(aligned, PLAN_MODELS, s.permutations, s.seed)
+    matches, null_spearman = feature_alignment.match_table(aligned, moments, null, PLAN_MODELS, s)
+    pairs = feature_alignment.pair_table(aligned, moments, null, s)
+    return aligned, [matches, pairs, feature_alignment.transfer_table(matches, null_spearman)]
+
+
+def test_alignment_does_not_depend_on_the_sharding(tmp_path, monkeypatch):
+    """Rows and models follow the plan, not the order shards list their units in (alphabetical
+    within a shard), so one shard and two give the same null, p-values and block order."""
+    plan = [(model, bench) for model in PLAN_MODELS for bench in PLAN_BENCHMARKS]
+    one, one_tables = alignment_results([write_alignment_shard(tmp_path / "one.h5", plan)], monkeypatch)
+    two, two_tables = alignment_results([write_alignment_shard(tmp_path / "a.h5", plan[:2]),
+                                         write_alignment_shard(tmp_path / "b.h5", plan[2:])], monkeypatch)
+    assert [block.model for block in one.blocks] == PLAN_MODELS
+    assert one.keys[:7] == [("gsm8k", 0, anchor) for anchor in ANCHORS] + [("gsm8k", 1, "question_end")]
+    assert one.keys[len(one.keys) // 2] == ("folio", 0, "question_end")
+    assert one.keys == two.keys
+    np.testing.assert_array_equal(one.values, two.values)
+    for first, second in zip(one_tables, two_tables, strict=True):
+        pd.testing.assert_frame_equal(first, second)
+    assert list(one_tables[1]["block_a"]) == ["pythia L1", "gpt2 L1"]
+
+
+def test_each_heatmap_cell_is_its_row_blocks_share_matched(tmp_path):
+    """Block a's 6 features all have a match in block b, but only 3 of b's 6 have one in a: the two
+    directions differ, and each cell of the heatmap shows its row block's."""
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(300, 3))
+    a = latent[:, [0, 1, 2, 0, 1, 2]] + 0.1 * rng.normal(size=(300, 6))
+    b = np.concatenate([latent + 0.1 * rng.normal(size=(300, 3)), rng.normal(size=(300, 3))], axis=1)
+    blocks = [feature_alignment.Block("a", 1, np.arange(6), np.linspace(1, 0, 6), slice(0, 6)),
+              feature_alignment.Block("b", 1, np.arange(6), np.linspace(1, 0, 6), slice(6, 12))]
+    aligned = feature_alignment.Aligned([("x", i, "question_end") for i in range(300)],
+                                        np.concatenate([a, b], axis=1).astype(np.float32), blocks)
+    s = feature_alignment.Settings.model_construct(threshold=0.5)
+    null = feature_alignment.PermutationNull(aligned, ["a", "b"], 20, 0)
+    pairs = feature_alignment.pair_table(aligned, feature_alignment.comoments(aligned.values), null, s)
+    assert list(zip(pairs["block_a"], pairs["block_b"], pairs["share_matched"], strict=True)) == [
+        ("a L1", "b L1", 1.0), ("b L1", "a L1", 0.5)]
+    expected = [(pearson(a, b).max(axis=1) > 0.5).mean(), (pearson(b, a).max(axis=1) > 0.5).mean()]
+    assert list(pairs["share_matched"]) == expected
+
+    class Figures:
+        def figure(self, fig, name, caption):
+            self.shown = fig.axes[0].images[0].get_array()
+
+    report = Figures()
+    feature_alignment._heatmap(report, aligned, pairs)
+    np.testing.assert_array_equal(np.ma.filled(report.shown, np.nan), [[np.nan, 1.0], [0.5, np.nan]])
+
+
+def test_transfer_has_no_p_value_without_a_spearman_correlation():
+    """Constant importance gives rho NaN; its p-value is NaN too, not 1 / (1 + permutations)."""
+    matches = pd.DataFrame({"model": "a", "other": "b", "importance": [1.0, 1.0, 1.0, 1.0],
+                            "match_importance": [0.4, 0.3, 0.2, 0.1], "matched": True})
+    null = {("a", "b"): np.array([0.1, -0.2, 0.5])}
+    row = feature_alignment.transfer_table(matches, null).iloc[0]
+    assert np.isnan(row["spearman_all"]) and np.isnan(row["p_spearman_all"])
+    varied = feature_alignment.transfer_table(matches.assign(importance=[4.0, 3.0, 1.0, 2.0]), null).iloc[0]
+    assert varied["spearman_all"] == pytest.approx(0.8) and varied["p_spearman_all"] == pytest.approx(1 / 4)
 
 
 def test_alignment_needs_two_models(tmp_path, capsys):

@@ -39,6 +39,15 @@ FOLIO = REPO / "manifests" / "data" / "folio" / "folio-validation.jsonl"
     ("## Step 3\nThe answer is 7 apples.\n\nThe final answer is: $\\boxed{8}$", 8),
     ("12 + 30 = 42 dollars", 42),
     ("nothing numeric here", None),
+    # a minus between numbers subtracts; a sign sits right before its digits
+    ("She had 12 - 5 left", 5),
+    ("(3)-5 remain", 5),
+    ("It fell by 12 -5", 5),
+    ("It fell to -$5 overall", -5),
+    # after a marker, the result of the working written in its sentence
+    ("The answer is 16 - 3 = 13.", 13),
+    ("Answer: 48 - 26 = 22", 22),
+    ("The answer is 10. Then 2 + 0 = 2", 10),
 ])
 def test_numbers_are_read_as_models_write_them(text, expected):
     assert extract_number(text) == (None if expected is None else Fraction(expected))
@@ -110,6 +119,32 @@ def test_folio_loads_labels():
     assert [item.target for item in bench.items] == [row["label"] for row in rows]
     assert rows[0]["conclusion"] in bench.prompt(bench.items[0])
     assert bench.score(bench.items[0], f" The answer is {rows[0]['label'].lower()}.")[1]
+
+
+def test_an_answer_ends_where_the_next_folio_example_begins():
+    """FOLIO's template has nothing before {question}: the stop is the line every question opens
+    with, so the example a few-shot model invents after its answer is not scored."""
+    bench = load_benchmark(BenchmarkSpec(name="folio", format="folio", path=FOLIO, n=3, few_shot=1))
+    assert bench.stop_strings == ["\nPremises:", "\n\n\n"]
+    item = bench.items[0]
+    wrong = next(label for label in ("True", "False", "Uncertain") if label != item.target)
+    invented = (f"\n\nPremises:\nSome dogs bark.\nConclusion: Rex barks.\nBased on the premises, is the "
+                f"conclusion True, False, or Uncertain?\nAnswer: The answer is {wrong}.\n\n")
+    assert bench.score(item, f" The answer is {item.target}.{invented}") == (item.target, True)
+    assert bench.score(item, f" {item.target}{invented}") == (item.target, True)
+
+
+def test_stop_strings_follow_the_template_and_the_shared_first_line(tmp_path):
+    gsm8k = load_benchmark(BenchmarkSpec(name="gsm8k", format="gsm8k", path=GSM8K, n=2, few_shot=1))
+    assert gsm8k.stop_strings == ["\nQuestion:", "\n\n\n"]
+    decisions = load_benchmark(BenchmarkSpec(name="decisions", builtin="organism_decisions", n=4, few_shot=1))
+    assert decisions.stop_strings == ["\nSlot Machine Game", "\n\n\n"]
+    # questions that share no first line give no stop that could cut the model's own reasoning
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "The cat has 3 legs.\\nHow many?", "answer": "3"}\n'
+                    '{"question": "The dog has 4 legs.\\nHow many?", "answer": "4"}\n')
+    custom = load_benchmark(BenchmarkSpec(name="q", format="jsonl", path=path, template="{question}\nA:"))
+    assert custom.stop_strings == ["\n\n\n"]
 
 
 def test_math_folder_and_jsonl(tmp_path):
