@@ -165,8 +165,10 @@ def _dataset(spec: CorpusSpec, field: str) -> Iterator[str]:
 
     try:
         data = load_from_disk(str(spec.path))
-    except (FileNotFoundError, ValueError) as error:
-        raise UserError(f"{field}.path: {spec.path} is not a folder written by datasets' save_to_disk ({error})") from None
+    except Exception as error:  # an incomplete folder fails anywhere inside datasets (KeyError, JSON errors, ...)
+        raise UserError(f"{field}.path: {spec.path} is not a folder written by datasets' save_to_disk "
+                        f"({type(error).__name__}: {error}); save the dataset again with save_to_disk, or point "
+                        f"{field}.path at a .jsonl file or a folder of .txt files") from None
     if not isinstance(data, Dataset):
         raise UserError(f"{field}.path: {spec.path} holds the splits {sorted(data)}; point it at one split's "
                         f"folder, e.g. {spec.path / sorted(data)[0]}")

@@ -42,11 +42,13 @@ from common.models import (
     text_config,
 )
 from common.plan import Estimate, WorkUnit, assume, only_estimating
+from common.registry import get_job
 from common.report import Report
 from common.runtime import Work, model_size, sae_size
-from common.saes import SaeSpec, check_saes, load_sae
+from common.saes import SaeInfo, SaeSpec, check_saes, load_sae
 from common.shards import LIBVER, ShardWriter
 from common.top_activations import EMPTY, HISTOGRAM_EDGES, TopActivations, context_windows
+from common.upstream import upstream_manifest
 from common.window_encoder import WindowEncoder
 from jobs import _feature_cards as cards
 from jobs._feature_cards import FeatureId
@@ -71,8 +73,8 @@ class Settings(StrictModel):
     model: ModelSpec = Field(description="language model")
     sae: SaeSpec | None = Field(None, description="one SAE per layer (those the features were found with); None: "
                                 "those a feature_ablation or circuit_discovery run in features_from tested")
-    features: list[FeatureId] | None = Field(None, description="the features, as [layer, feature] pairs "
-                                             "(or give features_from)")
+    features: list[FeatureId] | None = Field(None, min_length=1, description="the features, as [layer, feature] "
+                                             "pairs, at least one (or give features_from)")
     features_from: UpstreamRun | None = Field(
         None, description="a run whose features to show: feature_contrast (its selected features), "
         "population_patching (those it patched), feature_ablation (those it ablated), circuit_discovery (its "
@@ -146,6 +148,26 @@ def chosen_features(s: Settings) -> list[FeatureId] | None:
     return found[: s.max_features]
 
 
+def _upstream_layers(s: Settings, n_layers: int) -> list[int]:
+    """Planning ahead of features_from: the layers its features would come from, read from its
+    manifest (the SAEs that the memory estimate counts)."""
+    assert s.features_from is not None  # chosen_features found no run
+    manifest, where = upstream_manifest(s.features_from, UserError(f"{FIELD}.features_from: {s.features_from} has "
+                                                                   "no merged.h5; run it first"))
+    if manifest.job in ("feature_ablation", "circuit_discovery"):
+        layers = tested_model(s.features_from, s.from_model, f"{FIELD}.features_from")[0].layers
+    elif manifest.job == "feature_correlation":
+        layers = manifest.settings.chosen_layers(n_layers)
+    elif manifest.job in ("feature_contrast", "population_patching"):  # a unit per layer, or per feature
+        layers = [unit.payload["layer"] for unit in get_job(manifest.job).plan(manifest) if "layer" in unit.payload]
+    else:
+        raise UserError(f"{FIELD}.features_from: {where} is a {manifest.job} manifest; name a feature_contrast, "
+                        "population_patching, feature_ablation, circuit_discovery or feature_correlation run")
+    layers = sorted(set(layers))
+    assume(f"{FIELD}.features_from: its features taken to lie at layers {layers}, those of {where}")
+    return layers
+
+
 def _check_features(features: list[FeatureId], widths: dict[int, int | None], n_layers: int) -> None:
     for feature in features:
         if not 0 <= feature.layer < n_layers:
@@ -182,9 +204,13 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     config = text_config(load_config(s.model)[0])
     features = chosen_features(s)
     count = len(features) if features is not None else s.max_features
-    layers = sorted({f.layer for f in features}) if features is not None else [config.num_hidden_layers - 1]
-    widths = [info.d_sae for info in check_saes(sae_of(s), layers, config.hidden_size, f"{FIELD}.sae").values()]
-    width = max(w or ASSUMED_WIDTH for w in widths)
+    if features is not None:
+        layers = sorted({f.layer for f in features})
+        infos = check_saes(sae_of(s), layers, config.hidden_size, f"{FIELD}.sae")
+    else:
+        layers = _upstream_layers(s, config.num_hidden_layers)
+        infos = _saes_ahead(s, layers, config.hidden_size)
+    width = max(info.d_sae or ASSUMED_WIDTH for info in infos.values())
     per_feature = s.top_k * (4 + 8 + s.width * 8) + (len(HISTOGRAM_EDGES) - 1) * 8 + 16
     token_units_here = [unit for unit in units if unit.id != LOGITS_UNIT]
     batch_tokens = s.batch_size * s.corpus.window
@@ -199,6 +225,18 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     return Estimate(output_bytes=per_feature * count * len(token_units_here),
                     task_memory_bytes=device_bytes if on_cpu else per_feature * count * 2,
                     notes=notes, work=_work(s, config, token_units_here, layers, width))
+
+
+def _saes_ahead(s: Settings, layers: list[int], d_model: int) -> dict[int, SaeInfo]:
+    """The SAEs of `layers`, planning ahead of features_from; those a chain trains (no `sae`)
+    may not exist yet either, and are then taken to be ASSUMED_WIDTH wide."""
+    spec = sae_of(s)
+    untrained = [layer for layer in layers if s.sae is None and not (Path(spec.describe(layer)) / "cfg.json").is_file()]
+    if untrained:
+        assume(f"{FIELD}.sae: the SAEs of layers {untrained} are not trained yet; taken to have {ASSUMED_WIDTH:,} "
+               "features each")
+    trained = [layer for layer in layers if layer not in untrained]
+    return {**dict.fromkeys(untrained, SaeInfo(None, None)), **check_saes(spec, trained, d_model, f"{FIELD}.sae")}
 
 
 def _work(s: Settings, config, units: list[WorkUnit], layers: list[int], width: int) -> tuple:

@@ -145,9 +145,8 @@ def plan(manifest: Manifest[Settings]) -> list[WorkUnit]:
     if s.corpus.window > config.max_position_embeddings:
         raise UserError(f"{FIELD}.corpus.window: {s.corpus.window} tokens exceed the model's "
                         f"{config.max_position_embeddings} positions; use shorter windows")
-    if None not in widths.values() or s.features.top is not None:
-        _check_widths(s.features.top, widths)
-        _check_memory(manifest, _feature_counts(s.features.top, widths))
+    _check_widths(s.features.top, widths)
+    _check_memory(manifest, s.features.top, widths)
     return token_units(s.corpus, local_tokenizer(s.model), s.tokens_per_unit, f"{FIELD}.corpus")
 
 
@@ -162,8 +161,11 @@ def _feature_counts(top: int | None, widths: dict[int, int | None]) -> dict[int,
     return {layer: top or width or ASSUMED_WIDTH for layer, width in widths.items()}
 
 
-def _check_memory(manifest: Manifest[Settings], counts: dict[int, int]) -> None:
-    """Refuse, before any GPU time, statistics that cannot fit in the memory the manifest asks for."""
+def _check_memory(manifest: Manifest[Settings], top: int | None, widths: dict[int, int | None]) -> None:
+    """Refuse, before any GPU time, statistics that cannot fit in the memory the manifest asks for;
+    an SAE whose width is known only once loaded counts as ASSUMED_WIDTH (the node checks again)."""
+    counts = _feature_counts(top, widths)
+    assumed = f"; SAE widths are known only once loaded: {ASSUMED_WIDTH} assumed" if top is None and None in widths.values() else ""
     features = sum(counts.values())
     cluster = manifest.cluster
     for need, limit, field in ((SHARD_BYTES_PER_PAIR, cluster.mem_gb, "cluster.mem_gb"),
@@ -172,7 +174,8 @@ def _check_memory(manifest: Manifest[Settings], counts: dict[int, int]) -> None:
         if estimate > limit * 1e9:
             fits = int((limit * 1e9 / need) ** 0.5) // len(counts)
             raise UserError(
-                f"{FIELD}: the statistics of {features:,} features ({', '.join(f'{n} of layer {layer}' for layer, n in counts.items())}) "
+                f"{FIELD}: the statistics of {features:,} features ({', '.join(f'{n} of layer {layer}' for layer, n in counts.items())}"
+                f"{assumed}) "
                 f"need about {estimate / 1e9:.1f} GB, more than {field} = {limit:g} GB. Keep fewer features "
                 f"({FIELD}.features.top: {fits} or less per layer), choose fewer layers, or raise {field}"
             )
@@ -281,7 +284,7 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
     saes = {layer: load_sae(s.sae, layer, config.hidden_size, device) for layer in layers}
     widths = {layer: sae.cfg.d_sae for layer, sae in saes.items()}
     _check_widths(s.features.top, widths)
-    _check_memory(manifest, _feature_counts(s.features.top, widths))
+    _check_memory(manifest, s.features.top, widths)
     encoder = Encoder(WindowEncoder(model, saes, device, tokenizer.pad_token_id), s.pooling)
     if s.features.top is None:
         chosen = {layer: np.arange(width) for layer, width in widths.items()}

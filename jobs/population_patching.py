@@ -19,6 +19,7 @@ Bonferroni and Benjamini-Hochberg across features.
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -199,8 +200,7 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
         assert s.feature_table is not None  # _one_table: one of the two
         if not s.feature_table.is_file():
             raise UserError(f"{FIELD}.feature_table: {s.feature_table} does not exist")
-        table = pd.read_csv(s.feature_table)
-        where = str(s.feature_table)
+        table, where = read_feature_table(s.feature_table), str(s.feature_table)
     missing = [column for column in NEEDED_COLUMNS if column not in table]
     if missing:
         raise UserError(f"{FIELD}: the feature table {where} lacks the column(s) {missing}; it needs "
@@ -227,6 +227,71 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
     if table.empty:
         raise UserError(f"{FIELD}: no feature to patch in {where} (none selected?)")
     return table.sort_values(["layer", "feature"]).reset_index(drop=True)
+
+
+def _whole(text: str) -> int:
+    if not text.strip().isdecimal():
+        raise ValueError(f"{text!r} is not a whole number, 0 or more")
+    return int(text)
+
+
+def _finite(text: str) -> float:
+    value = _number(text)
+    if not np.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text) if text.strip() else np.nan  # an empty cell: missing, as pandas reads it
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+
+
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _boolean(text: str) -> bool:
+    if text.strip().lower() not in BOOLEANS:
+        raise ValueError(f"{text!r} is not one of true/false, yes/no, 1/0 (in any case)")
+    return BOOLEANS[text.strip().lower()]
+
+
+# How each column the step reads is parsed; other columns are kept as text.
+COLUMN_TYPES = {"layer": _whole, "feature": _whole, "mean_safe": _finite, "mean_bankrupt": _finite,
+                "selected": _boolean, "active_bankrupt": _number, "active_safe": _number, "cohens_d": _number}
+
+
+def read_feature_table(path: Path) -> pd.DataFrame:
+    """The `feature_table` CSV (UTF-8, a header line, a row per feature), its columns typed by
+    COLUMN_TYPES; any cell that does not parse is a UserError naming its line and column."""
+    where = f"{FIELD}.feature_table: {path}"
+    with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte order mark dropped
+        reader = csv.reader(file, strict=True)
+        try:
+            header = next(reader, [])
+            rows = [(reader.line_num, row) for row in reader if row]  # blank lines skipped
+        except csv.Error as error:
+            raise UserError(f"{where}, line {reader.line_num}: not valid CSV ({error}); close every quote, "
+                            "or save the table again as CSV") from None
+        except UnicodeDecodeError as error:
+            raise UserError(f"{where} is not UTF-8 text ({error}); save it as CSV in UTF-8") from None
+    if not header:
+        raise UserError(f"{where} is empty; give a header line with {list(NEEDED_COLUMNS)}, then a row per feature")
+    if len(set(header)) != len(header):
+        raise UserError(f"{where}: the header {header} repeats a column name; name each column once")
+    columns: dict[str, list] = {name: [] for name in header}
+    for line, row in rows:
+        if len(row) != len(header):
+            raise UserError(f"{where}, line {line}: {len(row)} values under {len(header)} column names; give each "
+                            "row one value per column")
+        for name, text in zip(header, row, strict=True):
+            try:
+                columns[name].append(COLUMN_TYPES.get(name, str)(text))
+            except ValueError as error:
+                raise UserError(f"{where}, line {line}, column {name}: {error}; correct the cell") from None
+    return pd.DataFrame(columns)
 
 
 def _features_of(run: Path, job: str, field: str) -> pd.DataFrame:

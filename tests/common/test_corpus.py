@@ -90,6 +90,10 @@ def test_bad_corpora_say_what_is_wrong_and_what_to_change(tmp_path, tokenizer):
     DatasetDict({"train": Dataset.from_dict({"text": ["a"]}), "test": Dataset.from_dict({"text": ["b"]})}).save_to_disk(
         tmp_path / "splits")
     refused(CorpusSpec(path=tmp_path / "splits", tokens=5), r"holds the splits \['test', 'train'\]; point it at one")
+    Dataset.from_dict({"text": ["a"]}).save_to_disk(tmp_path / "cut")
+    (tmp_path / "cut" / "state.json").write_text("{}")  # dataset_info.json there, the rest of the layout not
+    refused(CorpusSpec(path=tmp_path / "cut", tokens=5), r"corpus\.path: .*cut is not a folder written by datasets' "
+                                                         r"save_to_disk \(KeyError: .*save the dataset again")
     Dataset.from_dict({"body": ["a"]}).save_to_disk(tmp_path / "nocolumn")
     refused(CorpusSpec(path=tmp_path / "nocolumn", tokens=5), r"no column 'text' \(columns: \['body'\]\)")
     refused(CorpusSpec(builtin="organism", window=1, tokens=5), r"corpus\.window: 1 tokens leave no room after "

@@ -181,12 +181,25 @@ def test_features_from_takes_the_contrasts_selection_strongest_first(gambling_ch
     ({"features": [[1, 512]]}, "feature_contexts.features: feature 512 of layer 1 is beyond the 512 features"),
     ({"features": [[4, 3]]}, "feature_contexts.features: layer 4 does not exist; the model has layers 0 to 3"),
     ({"features": [[1, 2]], "features_from": "/nowhere"}, "give exactly one of `features`"),
+    ({"features": []}, "feature_contexts.features: List should have at least 1 item"),
 ])
 def test_bad_features_are_refused_before_any_work(tmp_path, capsys, overrides, message):
     section = {"features_from": None, **overrides}
     path = write(tmp_path, {"feature_contexts": section})
     assert main(["plan", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "assumed"), [
+    ("gambling_3_contexts", "its features taken to lie at layers [1, 2], those of "),
+    ("reasoning_6_contexts", "the SAEs of layers [1, 2] are not trained yet; taken to have 16,384 features each"),
+])
+def test_planning_ahead_of_the_chain_takes_the_upstream_layers(tmp_path, monkeypatch, capsys, name, assumed):
+    """No run exists yet: the features' layers (and SAEs) are those the upstream manifest leads to."""
+    monkeypatch.chdir(tmp_path)  # runs/ is relative: no upstream run exists here
+    assert main(["plan", str(REPO / "manifests" / "demo" / f"{name}.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "24 features at layers [1, 2] (assumed)" in out and assumed in out, out
 
 
 def test_an_upstream_run_of_another_kind_is_refused(gambling_chain, tmp_path):

@@ -334,6 +334,17 @@ def test_statistics_too_big_for_the_memory_asked_for(tmp_path, capsys):
             " 312 or less per layer), choose fewer layers, or raise cluster.mem_gb", capsys)
 
 
+def test_statistics_of_saes_of_unknown_width_are_checked_at_the_assumed_width(tmp_path, capsys):
+    """A pretrained release's widths are known only once loaded: the check counts the assumed width."""
+    paper = write_manifest_file(tmp_path, {"feature_correlation": {"features": {"top": None}}},
+                                base=REPO / "manifests" / "feature_correlation_gemma2_2b.yaml")
+    assert main(["plan", str(paper)]) == 2
+    err = capsys.readouterr().err
+    assert ("the statistics of 65,536 features (16384 of layer 4, 16384 of layer 8, 16384 of layer 12, 16384 of layer "
+            "16; SAE widths are known only once loaded: 16384 assumed) need about 137.4 GB, more than cluster.mem_gb "
+            "= 32 GB") in err, err
+
+
 def test_corpus_missing_empty_or_short(tmp_path, capsys):
     absent = write(tmp_path, {"feature_correlation": {"corpus": {"path": str(tmp_path / "absent.jsonl"), "builtin": None}}})
     with pytest.raises(UserError, match="absent.jsonl does not exist"):  # submitting refuses

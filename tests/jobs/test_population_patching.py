@@ -240,6 +240,44 @@ def test_bad_feature_tables_are_refused(tmp_path, capsys):
     assert "give exactly one of `features` (a feature_contrast run) and `feature_table`" in capsys.readouterr().err
 
 
+HEADER = b"layer,feature,mean_safe,mean_bankrupt,selected\n"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (HEADER + b"1,abc,0.1,1.0,true\n", ", line 2, column feature: 'abc' is not a whole number, 0 or more"),
+    (HEADER + b"1.5,5,0.1,1.0,true\n", ", line 2, column layer: '1.5' is not a whole number, 0 or more"),
+    (HEADER + b"1,5,0.1,1.0,true\n1,9,0.1,abc,true\n", ", line 3, column mean_bankrupt: 'abc' is not a number"),
+    (HEADER + b"1,5,0.1,nan,true\n", ", line 2, column mean_bankrupt: 'nan' is not a finite number"),
+    (HEADER + b"1,5,0.1,,true\n", ", line 2, column mean_bankrupt: '' is not a finite number"),
+    (HEADER + b"1,5,0.1,1.0,maybe\n", ", line 2, column selected: 'maybe' is not one of true/false, yes/no, 1/0 (in "
+     "any case)"),
+    (b"", " is empty; give a header line with ['layer', 'feature', 'mean_safe', 'mean_bankrupt'], then a row per"),
+    (HEADER + b'1,5,"0.1,1.0,true\n1,9,0.2,0.0,true\n', ", line 3: not valid CSV (unexpected end of data); close "
+     "every quote"),
+    (HEADER + b"1,5,0.1,1.0,true,extra\n", ", line 2: 6 values under 5 column names; give each row one value per"),
+    (b"layer,layer,feature,mean_safe,mean_bankrupt\n", ": the header ['layer', 'layer', 'feature', 'mean_safe', "
+     "'mean_bankrupt'] repeats a column name"),
+    (b"\xff\xfelayer\n", " is not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 0"),
+])
+def test_unreadable_feature_tables_are_refused_by_line_and_column(tmp_path, capsys, content, message):
+    path = tmp_path / "features.csv"
+    path.write_bytes(content)
+    assert main(["plan", write(tmp_path, {"features": None, "feature_table": str(path), "controls": 0})]) == 2
+    err = capsys.readouterr().err
+    assert f"error: population_patching.feature_table: {path}{message}" in err and "Traceback" not in err
+
+
+def test_selected_is_read_as_a_boolean_not_as_any_text(tmp_path):
+    """Also: layer and feature are integers, the means floats."""
+    path = tmp_path / "features.csv"
+    rows = [f"1,{i},0.1,1.0,{text}\n" for i, text in enumerate(["no", "No", "0", "FALSE", "yes", "True", " 1 "])]
+    path.write_bytes(b"\xef\xbb\xbf" + HEADER + "".join(rows).encode())  # a spreadsheet's UTF-8 byte order mark first
+    settings = patching.Settings(model="organism", sae="organism", feature_table=str(path))
+    table = patching.read_table(settings)
+    assert table["feature"].tolist() == [4, 5, 6] and table["layer"].dtype == np.int64
+    assert table["mean_bankrupt"].dtype == np.float64
+
+
 @pytest.mark.parametrize(("every_token", "edited_forwards"), [(False, 1), (True, 5)])
 def test_the_edit_reaches_generated_tokens_only_when_asked(every_token, edited_forwards):
     organism = Organism()
