@@ -91,7 +91,7 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
     path = run.shard_path(shard_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(lock_path(path), f"another writer of shard {shard_index}", wait=False):
-        # Checked under the lock: a writer that finished while this task waited for it is not redone.
+        # Checked under the lock: a writer that finished while this task waited (PROBE_GRACE_S at most) is not redone.
         if path.exists():
             problem = shard_problem(plan, shard_index, path, verify=True)
             if problem is None:

@@ -63,6 +63,8 @@ def shard_states(run: RunDir) -> list[ShardState]:
             states.append(ShardState(index, "running", job_id, f"{progress or ''}; written by {writer}", writer))
         elif scheduler in ("pending", "running"):
             states.append(ShardState(index, scheduler, job_id, progress or ""))
+        elif scheduler is not None and scheduler.startswith("unknown"):  # may still run there: never resubmitted
+            states.append(ShardState(index, "running", job_id, f"{scheduler}; {progress or 'no partial file yet'}"))
         elif scheduler is not None and scheduler.startswith("failed") and job is not None:  # (only a job has a state)
             states.append(ShardState(index, "failed", job_id, f"{scheduler}; log: {job.paths.stderr}"))
         elif progress is not None:

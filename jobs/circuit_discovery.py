@@ -36,6 +36,7 @@ between features of different layers).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -349,7 +350,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     shard.copy(shard["units"][unit_id], out, name=f"units/{unit_id}")
                     group = out[f"units/{unit_id}"]
                     spec = benchmarks[str(group.attrs["benchmark"])]
-                    rescore(group, load_benchmark(spec, f"{FIELD}: its benchmark"), f"{FIELD}: its benchmark")
+                    rescore(group, partial(load_benchmark, spec, f"{FIELD}: its benchmark"), f"{FIELD}: its benchmark")
                     units.append(_read_unit(group))
     clusters = cluster_table(units, s)
     clusters = replicate(clusters, units, s.overlap,

@@ -28,6 +28,7 @@ criterion holds (a drop of more than `success_drop` and more than the control se
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,7 +258,7 @@ def reduce(manifest: Manifest[Settings], shard_paths: list[Path], out_dir: Path)
                     shard.copy(shard["units"][unit_id], out, name=f"units/{unit_id}")
                     group = out[f"units/{unit_id}"]
                     model, bench = str(group.attrs["model"]), str(group.attrs["benchmark"])
-                    rescore(group, load_benchmark(specs[bench], f"{FIELD}.benchmarks"), f"{FIELD}.benchmarks")
+                    rescore(group, partial(load_benchmark, specs[bench], f"{FIELD}.benchmarks"), f"{FIELD}.benchmarks")
                     controls = sorted(name for name in group if name.startswith("control_"))
                     outcomes.append(pd.DataFrame({"model": model, "benchmark": bench, "item": group["item"][()],
                                                   **{c: group[f"{c}/correct"][()] for c in ("baseline", "ablated",

@@ -6,6 +6,7 @@ zero-ablation, and the paired accuracy statistics."""
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, cast
 
@@ -150,10 +151,16 @@ def ablate_and_generate(model, tokenizer, bench: Benchmark, items: list, saes: d
     return results
 
 
-def rescore(unit: h5py.Group, bench: Benchmark, field: str) -> None:
+def rescore(unit: h5py.Group, load: Callable[[], Benchmark], field: str) -> None:
     """Read every condition's answers again from its stored texts, replacing its `correct` (and
     `answer`, where stored): reduce scores, so a fix to reading answers needs no GPU. Conditions
-    stored without texts (shards of older versions) keep the flags scored on the GPU."""
+    stored without texts (shards of older versions) keep the flags scored on the GPU, and a unit
+    with none needs no benchmark (`load` is not called)."""
+    conditions: list[str] = []
+    unit.visit(lambda name: conditions.append(name.rpartition("/")[0]) if name.rpartition("/")[2] == "text" else None)
+    if not conditions:
+        return
+    bench = load()
     by_index = {item.index: item for item in bench.items}
     missing = sorted(set(unit["item"][()].tolist()) - set(by_index))
     if missing:
@@ -163,8 +170,6 @@ def rescore(unit: h5py.Group, bench: Benchmark, field: str) -> None:
     if "target" in unit and unit["target"].asstr()[()].tolist() != [item.target for item in items]:
         raise UserError(f"{field}: the reference answers of the benchmark {bench.spec.name!r} differ from those the "
                         f"run stored; restore the file ({bench.spec.path}) the run read, or rerun the job")
-    conditions: list[str] = []
-    unit.visit(lambda name: conditions.append(name.rpartition("/")[0]) if name.rpartition("/")[2] == "text" else None)
     for condition in conditions:
         group = unit[condition]
         scored = [bench.score(item, text) for item, text in zip(items, group["text"].asstr()[()], strict=True)]

@@ -275,9 +275,11 @@ def _plain_number(text: str) -> str:
 
 # ---------------------------------------------------------------- reading answers
 
-# A minus is a sign only directly before the digits (or "$"), and not after a number or a closing
-# bracket (with or without a space), where it subtracts: "12 - 5" and "(3)-5" hold 5, not -5.
-_NUMBER = r"(?:(?<![\d)\]])(?<![\d)\]]\s)[-−](?=\$?\d))?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+# A minus is a sign only before the digits (or "$"), and not after a number or a closing bracket
+# (with or without a space), where it subtracts: "12 - 5" and "(3)-5" hold 5, not -5; "is - 5" is -5.
+_NUMBER = r"(?:(?<![\d)\]])(?<![\d)\]]\s)[-−]\s?(?=\$?\d))?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+# A final answer worked out after its marker: arithmetic, "=", then a lone number ending the sentence.
+_WORKED = re.compile(rf"[\d\s.,$+\-−*/×÷()]+=\s*({_NUMBER})\s*")
 _SENTENCE_END = re.compile(r"\n|[.!?](?!\d)")
 _GSM8K_CUE = re.compile(rf"####\s*({_NUMBER})")  # the few-shot prompts' answer line: nothing after it counts
 _NUMBER_CUES = (  # other final-answer markers; the last one in the text wins
@@ -314,12 +316,13 @@ def extract_number(text: str) -> Fraction | None:
 
 
 def _stated(text: str, marker: re.Match) -> str:
-    """The number a final-answer marker states: the one after the last "=" of its sentence when
-    the model writes its working there ("The answer is 16 - 3 = 13." states 13), else the first."""
+    """The number a final-answer marker states: the result when the model works it out there in
+    arithmetic alone ("The answer is 16 - 3 = 13." states 13), else the number after the marker
+    ("The answer is 70 since the total = 7 * 10." states 70; "0.5 = 50%" states 0.5)."""
     end = _SENTENCE_END.search(text, marker.end(1))
     sentence = text[marker.start(1) : end.start() if end else len(text)]
-    result = re.search(_NUMBER, sentence.rpartition("=")[2]) if "=" in sentence else None
-    return result[0] if result else marker.group(1)
+    worked = _WORKED.fullmatch(sentence)
+    return worked[1] if worked else marker.group(1)
 
 
 def last_boxed(text: str) -> str | None:

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from common import locks
 from common.cli import main
 from common.launcher import prepare_run, run_shard_task, submit, wait
 from common.manifest_file import load_manifest
@@ -356,9 +357,10 @@ with ShardWriter(path, run_id, job, index, ids) as shard:
 """
 
 
-def test_a_task_that_gets_the_lock_after_another_finished_the_shard_keeps_that_shard(write_manifest):
+def test_a_task_that_gets_the_lock_after_another_finished_the_shard_keeps_that_shard(write_manifest, monkeypatch):
     """Two tasks of one shard (a resubmission while the first still ran): the second, waiting for
     the lock while the first finishes, must not compute the shard again and replace it."""
+    monkeypatch.setattr(locks, "PROBE_GRACE_S", 300.0)  # the second waits as long as the first takes here
     run = prepare_run(load_manifest(write_manifest()))
     plan = run.load_plan()
     first = subprocess.Popen(

@@ -2,7 +2,6 @@
 
 import fcntl
 import threading
-import time
 
 import pytest
 
@@ -24,9 +23,7 @@ def test_a_writer_starting_while_held_by_looks_goes_ahead(tmp_path):
 def test_a_lock_still_held_after_the_grace_is_refused_naming_its_holder(tmp_path):
     path = tmp_path / "shard_00000.h5.lock"
     with exclusive(path, "another writer of shard 0", wait=False):
-        started = time.monotonic()
         with pytest.raises(Held, match=r"another writer of shard 0 is running right now .*wait for it, or cancel it"):
             with exclusive(path, "another writer of shard 0", wait=False):
                 pass
-        assert time.monotonic() - started >= 1.5
     assert held_by(path) is None

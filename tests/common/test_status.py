@@ -194,9 +194,10 @@ def test_the_state_of_a_shards_local_job(run, sleeper):
     assert state.state == "failed" and state.detail.startswith("failed (cancelled by saebatch cancel at ")
 
 
-def test_a_local_jobs_reused_process_id_or_other_host_does_not_keep_it_running(run, stranger, monkeypatch):
-    """A local job's process id, once its process has ended, may belong to an unrelated process; and
-    a job started on another machine cannot be looked up here."""
+def test_a_local_jobs_reused_process_id_ends_it_and_another_hosts_job_stays_running(run, stranger, monkeypatch):
+    """A local job's process id, once its process has ended, may belong to an unrelated process; a
+    job started on another machine cannot be looked up here, so it counts as running (no resubmit
+    starts a second writer of its shard)."""
     run.submitit_dir.mkdir(parents=True)
     _record(run, Submission("local", {0: _local_job(run, str(stranger.pid))}, reduce_job=_local_job(run, str(stranger.pid))))
     states = shard_states(run)
@@ -208,7 +209,7 @@ def test_a_local_jobs_reused_process_id_or_other_host_does_not_keep_it_running(r
     monkeypatch.setattr(socket, "gethostname", lambda: "another-node")  # status asked from another machine
     states = shard_states(run)
     unknown = f"unknown (a local task on {here}: ask there)"
-    assert (states[0].state, states[0].detail) == ("missing", unknown)
+    assert (states[0].state, states[0].detail) == ("running", f"{unknown}; no partial file yet")  # not resubmitted
     assert reduce_state(run, states) == f"{unknown} (job {stranger.pid})"
 
 

@@ -203,7 +203,7 @@ def test_every_conditions_texts_are_stored_and_read_again_at_reduce(tmp_path):
         _write_outcomes(unit, ablations, {"baseline": stale, "C1": stale, "C1/control_00": stale})
         for condition in ("baseline", "C1", "C1/control_00"):
             assert unit[f"{condition}/text"].asstr()[()].tolist() == texts
-        rescore(unit, bench, "circuit_discovery: its benchmark")
+        rescore(unit, lambda: bench, "circuit_discovery: its benchmark")
         for condition in ("baseline", "C1", "C1/control_00"):
             assert unit[f"{condition}/correct"][()].tolist() == [True, False]
         assert unit["C1/answer"].asstr()[()].tolist() == [bench.items[0].target, "999"]

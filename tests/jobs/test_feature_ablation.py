@@ -208,7 +208,7 @@ def test_reduce_reads_the_answers_again_from_the_stored_texts(tmp_path):
         for condition in ("baseline", "C1/control_00"):
             unit.create_dataset(f"{condition}/text", data=texts, dtype=h5py.string_dtype())
         unit.create_dataset("baseline/answer", data=["", targets[1], ""], dtype=h5py.string_dtype())
-        rescore(unit, bench, "feature_ablation.benchmarks")
+        rescore(unit, lambda: bench, "feature_ablation.benchmarks")
         assert unit["baseline/correct"][()].tolist() == unit["C1/control_00/correct"][()].tolist() == [True, False, True]
         assert unit["baseline/answer"].asstr()[()].tolist() == [targets[0], "999", targets[2]]
         assert "answer" not in unit["C1/control_00"] and unit["old/correct"][()].tolist() == [False, True, False]
@@ -216,7 +216,11 @@ def test_reduce_reads_the_answers_again_from_the_stored_texts(tmp_path):
         unit["target"] = ["-1", *targets[1:]]
         with pytest.raises(UserError, match="feature_ablation.benchmarks: the reference answers of the benchmark "
                            "'arithmetic' differ from those the run stored"):
-            rescore(unit, bench, "feature_ablation.benchmarks")
+            rescore(unit, lambda: bench, "feature_ablation.benchmarks")
+    with h5py.File(tmp_path / "older.h5", "w") as older:  # no texts at all: its benchmark is never read
+        older["item"], older["baseline/correct"] = [0], [True]
+        rescore(older, lambda: pytest.fail("a unit without texts needs no benchmark"), "feature_ablation.benchmarks")
+        assert older["baseline/correct"][()].tolist() == [True]
 
 
 def test_ablation_refuses_what_does_not_fit(reasoning_chain, tmp_path, capsys):

@@ -48,6 +48,13 @@ FOLIO = REPO / "manifests" / "data" / "folio" / "folio-validation.jsonl"
     ("The answer is 16 - 3 = 13.", 13),
     ("Answer: 48 - 26 = 22", 22),
     ("The answer is 10. Then 2 + 0 = 2", 10),
+    # but not a justification, a unit, or a restatement after "="
+    ("The answer is 70 since the total = 7 * 10.", 70),
+    ("The answer is 5 because x = 2.", 5),
+    ("The answer is 24 hours = 1 day.", 24),
+    ("The answer is 0.5 = 50%.", Fraction(1, 2)),
+    ("The answer is 1,000 = 10 x 100", 1000),
+    ("The answer is - 5.", -5),
 ])
 def test_numbers_are_read_as_models_write_them(text, expected):
     assert extract_number(text) == (None if expected is None else Fraction(expected))
