@@ -52,7 +52,7 @@ from common.upstream import upstream_manifest
 from common.window_encoder import WindowEncoder
 from jobs import _feature_cards as cards
 from jobs._feature_cards import FeatureId
-from jobs._reasoning.chain import tested_model
+from jobs._reasoning.chain import tested_chain, tested_model
 
 if TYPE_CHECKING:
     import torch
@@ -229,14 +229,17 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
 
 def _saes_ahead(s: Settings, layers: list[int], d_model: int) -> dict[int, SaeInfo]:
     """The SAEs of `layers`, planning ahead of features_from; those a chain trains (no `sae`)
-    may not exist yet either, and are then taken to be ASSUMED_WIDTH wide."""
+    may not exist yet either, and are then as wide as its training makes them."""
     spec = sae_of(s)
     untrained = [layer for layer in layers if s.sae is None and not (Path(spec.describe(layer)) / "cfg.json").is_file()]
-    if untrained:
-        assume(f"{FIELD}.sae: the SAEs of layers {untrained} are not trained yet; taken to have {ASSUMED_WIDTH:,} "
-               "features each")
     trained = [layer for layer in layers if layer not in untrained]
-    return {**dict.fromkeys(untrained, SaeInfo(None, None)), **check_saes(spec, trained, d_model, f"{FIELD}.sae")}
+    infos = check_saes(spec, trained, d_model, f"{FIELD}.sae")
+    if untrained:
+        assert s.features_from is not None  # no `sae`: the chain's
+        chain, entry = tested_chain(s.features_from, s.from_model, f"{FIELD}.features_from")
+        widths = dict(zip(entry.layers, chain.sae_widths(entry), strict=True))  # states its assumption
+        infos |= {layer: SaeInfo(widths.get(layer), None) for layer in untrained}
+    return infos
 
 
 def _work(s: Settings, config, units: list[WorkUnit], layers: list[int], width: int) -> tuple:

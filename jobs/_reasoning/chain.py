@@ -123,6 +123,12 @@ def tested_model(run: Path, model: str | None, field: str) -> tuple[ModelEntry, 
     """The model named `model` that a feature_ablation or circuit_discovery run (or its manifest,
     while planning ahead of it) studied, and its SAEs; `model` may be left out when the run
     studied one model."""
+    chain, entry = tested_chain(run, model, field)
+    return entry, chain.sae_spec(entry)
+
+
+def tested_chain(run: Path, model: str | None, field: str) -> tuple[Chain, ModelEntry]:
+    """The chain behind a feature_ablation or circuit_discovery run, and its model named `model`."""
     manifest, where = upstream_manifest(run, UserError(f"{field}: {run} is not a run directory and no manifest names "
                                                        "it; name the run's manifest"))
     if manifest.job == "feature_ablation":
@@ -134,8 +140,7 @@ def tested_model(run: Path, model: str | None, field: str) -> tuple[ModelEntry, 
     else:
         raise UserError(f"{field}: {where} is a {manifest.job} run, whose SAEs are not known here; give `sae` "
                         "(the SAEs its features come from)")
-    entry = chain.capture.models[one_model(names, model, field)]
-    return entry, chain.sae_spec(entry)
+    return chain, chain.capture.models[one_model(names, model, field)]
 
 
 def one_model(models: list[str], model: str | None, field: str) -> str:

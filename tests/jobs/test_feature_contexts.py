@@ -192,7 +192,7 @@ def test_bad_features_are_refused_before_any_work(tmp_path, capsys, overrides, m
 
 @pytest.mark.parametrize(("name", "assumed"), [
     ("gambling_3_contexts", "its features taken to lie at layers [1, 2], those of "),
-    ("reasoning_6_contexts", "the SAEs of layers [1, 2] are not trained yet; taken to have 16,384 features each"),
+    ("reasoning_6_contexts", "(its SAEs): an SAE of 4 x d_model features at each captured layer"),  # as trained
 ])
 def test_planning_ahead_of_the_chain_takes_the_upstream_layers(tmp_path, monkeypatch, capsys, name, assumed):
     """No run exists yet: the features' layers (and SAEs) are those the upstream manifest leads to."""
