@@ -89,6 +89,8 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
     if not 0 <= shard_index < len(plan.shards):
         raise UserError(f"--shard {shard_index}: this run has shards 0-{len(plan.shards) - 1}")
     path = run.shard_path(shard_index)
+    if not path.exists():
+        require_gpus(manifest.cluster.gpus_per_task)  # without its GPUs a task writes nothing, not even a lock
     path.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(lock_path(path), f"another writer of shard {shard_index}", wait=False):
         # Checked under the lock: a writer that finished while this task waited (PROBE_GRACE_S at most) is not redone.
@@ -105,7 +107,7 @@ def run_shard_task(run_path: str, shard_index: int) -> str:
 def _write_shard(manifest: Manifest, plan: Plan, path: Path, shard_index: int) -> str:
     """Write (or resume) shard `shard_index` at `path`; the caller holds its lock."""
     units = plan.shard_units(shard_index)
-    require_gpus(manifest.cluster.gpus_per_task)
+    require_gpus(manifest.cluster.gpus_per_task)  # (a damaged shard set aside: checked here)
     with ShardWriter(path, plan.run_id, plan.job, shard_index, [u.id for u in units], locked=True) as shard:
         remaining = shard.pending()
         # The shard's CPU threads: what the task asked for, on Slurm as locally, and on a resume what
