@@ -23,8 +23,9 @@ QOS_REFUSAL = ("sbatch: error: QOSMaxSubmitJobPerUserLimit\n"
 
 
 def fake_sbatch(folder, accepted: int):
-    """An sbatch that queues its first `accepted` jobs and then refuses, as a QOS submit limit does
-    (the test cluster has no QOS limits to reach: this is the one thing real Slurm cannot show here)."""
+    """A stand-in sbatch that queues its first `accepted` jobs and then refuses, as a QOS submit limit
+    does: the test cluster has no QOS limits to reach, the one thing its real sbatch cannot show
+    (test_slurm.py has sbatch refuse a reduce for real)."""
     script = folder / "sbatch"
     script.write_text(f"""#!/bin/bash
 n=$(cat "{folder}/calls" 2>/dev/null || echo 0); echo $((n + 1)) > "{folder}/calls"
@@ -66,11 +67,7 @@ with exclusive(Path(sys.argv[1]), "a writer of the shard", wait=False):  # as `s
 
 
 def test_a_shard_written_outside_any_slurm_job_is_refused_before_anything_is_queued(
-        write_manifest, tmp_path, monkeypatch, capsys):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_sbatch(bin_dir, accepted=99)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        slurm_cluster, write_manifest, capsys):
     run = prepare_run(load_manifest(write_manifest()))
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock_path(run.shard_path(0)))],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -84,14 +81,10 @@ def test_a_shard_written_outside_any_slurm_job_is_refused_before_anything_is_que
     assert (f"shard 0 is running, written by process {holder.pid} on {socket.gethostname()}, which is no Slurm "
             f"job of this run, so the reduce cannot wait for it: wait for it to finish, or stop it (saebatch "
             f"cancel {run.path}), then submit again") in err
-    assert not (bin_dir / "calls").exists() and load_submissions(run) == []  # shard 1 was not queued either
+    assert load_submissions(run) == []  # shard 1 was not queued either (each queued array is recorded at once)
 
 
-def test_a_local_task_is_never_made_a_slurm_dependency(write_manifest, tmp_path, monkeypatch, capsys):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_sbatch(bin_dir, accepted=99)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+def test_a_local_task_is_never_made_a_slurm_dependency(slurm_cluster, write_manifest, capsys):
     run = prepare_run(load_manifest(write_manifest()))
     # A live local controller of shard 0 (its command names submitit, as `python -m submitit.local._local` does).
     controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "submitit.local._local"])
@@ -102,7 +95,7 @@ def test_a_local_task_is_never_made_a_slurm_dependency(write_manifest, tmp_path,
         controller.kill()
         controller.wait()
     assert f"shard 0 is running, written by local task {controller.pid}, which is no Slurm job" in capsys.readouterr().err
-    assert not (bin_dir / "calls").exists()
+    assert [entry["executor"] for entry in load_submissions(run)] == ["local"]  # nothing queued on Slurm
 
 
 def test_submit_merges_again_when_the_merge_is_out_of_date(write_manifest, capsys):
