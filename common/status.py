@@ -1,13 +1,17 @@
 """Where a run stands: each shard done, running, pending, failed, partial or missing.
 
 Read from the run directory (shard files) and the scheduler (the jobs recorded in
-logs/jobs.json, asked through submitit, which reads `sacct` on Slurm).
+logs/jobs.json, asked through submitit, which reads `sacct` on Slurm, and `squeue` for the jobs
+`sacct` does not list yet).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ def shard_states(run: RunDir) -> list[ShardState]:
     latest_ids = {int(shard): (submission["executor"], job_id, submission.get("host"))
                   for submission in load_submissions(run) for shard, job_id in submission["shards"].items()}
     latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id, _) in latest_ids.items()}
+    queued = _queued_in_slurm(latest.values())
     cancelled = cancelled_jobs(run)
     states = []
     for index in range(len(plan.shards)):
@@ -55,7 +60,7 @@ def shard_states(run: RunDir) -> list[ShardState]:
             problem = shard_problem(plan, index, path)
             states.append(ShardState(index, "corrupt" if problem else "done", job_id, problem or str(path)))
             continue
-        scheduler = _cancelled(_scheduler_state(job, latest_ids[index][2]), job.job_id, cancelled) \
+        scheduler = _cancelled(_scheduler_state(job, latest_ids[index][2], queued), job.job_id, cancelled) \
             if job is not None else None
         progress = _partial_progress(partial_path(path), len(plan.shards[index]))
         writer = held_by(lock_path(path))
@@ -134,7 +139,8 @@ def _latest_reduce(run: RunDir) -> tuple[str, str | None] | None:
         return None
     job_id, executor = latest
     host = load_submissions(run)[-1].get("host")
-    return job_id, _cancelled(_scheduler_state(_job(run, executor, job_id), host), job_id, cancelled_jobs(run))
+    job = _job(run, executor, job_id)
+    return job_id, _cancelled(_scheduler_state(job, host, _queued_in_slurm([job])), job_id, cancelled_jobs(run))
 
 
 def _cancelled(state: str | None, job_id: str, cancelled: dict[str, str]) -> str | None:
@@ -164,14 +170,36 @@ def _job(run: RunDir, executor: str, job_id: str) -> Any:
     return job_cls(folder=run.submitit_dir, job_id=job_id)
 
 
-def _scheduler_state(job: Any, host: str | None = None) -> str | None:
+def _queued_in_slurm(jobs: Iterable[Any]) -> dict[str, str]:
+    """Job id -> state, from `squeue`, of the Slurm jobs `sacct` does not list. Slurm's accounting
+    database learns of a job a moment after sbatch (minutes on a busy cluster, never while slurmdbd
+    is down); meanwhile its shard must not read as missing, for `submit` to queue it twice or
+    `cancel` to leave it running. A job neither knows (long gone) is not in the answer."""
+    import submitit
+
+    unknown = [job.job_id for job in jobs if isinstance(job, submitit.SlurmJob) and job.state.split()[0] == "UNKNOWN"]
+    if not unknown or shutil.which("squeue") is None:
+        return {}
+    try:  # --array: a line per array task; --states=all: ended ones too; exit status 1 when it knows none
+        listing = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i %T",
+                                  f"--jobs={','.join(unknown)}"],
+                                 capture_output=True, text=True, timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(line.split(maxsplit=1) for line in listing.splitlines() if len(line.split()) == 2)
+
+
+def _scheduler_state(job: Any, host: str | None = None, queued: dict[str, str] | None = None) -> str | None:
     """'pending', 'running', 'failed (<STATE>)', 'completed', 'unknown (...)' or None when nothing
-    is known; `host` is where a local job was started (its id is a process id there)."""
+    is known; `host` is where a local job was started (its id is a process id there), `queued`
+    what squeue says of Slurm jobs sacct does not list."""
     import submitit
     from submitit.core.utils import pickle_load
 
     if isinstance(job, submitit.SlurmJob):
         state = job.state.split()[0]
+        if state == "UNKNOWN":
+            state = (queued or {}).get(job.job_id, state)
         if state in _PENDING:
             return "pending"
         if state in _RUNNING:

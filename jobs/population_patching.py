@@ -226,6 +226,11 @@ def read_table(s: Settings, chosen_only: bool = True) -> pd.DataFrame:
                  .groupby("layer").head(s.max_features_per_layer).drop(columns="strength"))
     if table.empty:
         raise UserError(f"{FIELD}: no feature to patch in {where} (none selected?)")
+    repeated = table[table.duplicated(["layer", "feature"], keep="first")]
+    if not repeated.empty:
+        pairs = sorted({(int(layer), int(feature)) for layer, feature in zip(repeated["layer"], repeated["feature"])})
+        raise UserError(f"{FIELD}: the feature table {where} has more than one row to patch for (layer, feature) "
+                        f"{pairs}; keep one row of each")
     return table.sort_values(["layer", "feature"]).reset_index(drop=True)
 
 

@@ -15,6 +15,7 @@ import pytest
 import submitit
 from submitit.core.utils import cloudpickle_dump
 
+from common.cancel import cancel_run
 from common.launcher import Submission, _record, mark_cancelled, prepare_run
 from common.manifest_file import load_manifest
 from common.rundir import RunDir
@@ -211,6 +212,53 @@ def test_a_local_jobs_reused_process_id_ends_it_and_another_hosts_job_stays_runn
     unknown = f"unknown (a local task on {here}: ask there)"
     assert (states[0].state, states[0].detail) == ("running", f"{unknown}; no partial file yet")  # not resubmitted
     assert reduce_state(run, states) == f"{unknown} (job {stranger.pid})"
+
+
+@pytest.fixture
+def sacct_lagging(tmp_path, monkeypatch) -> None:
+    """An `sacct` that lists no job yet, as Slurm's accounting database does for a moment after
+    sbatch (minutes on a busy cluster): the lag cannot be timed in a test, so it is stood in for;
+    sbatch, squeue and scancel are the test cluster's own."""
+    bin_dir = tmp_path / "lagging-sacct"
+    bin_dir.mkdir()
+    (bin_dir / "sacct").write_text("#!/bin/bash\necho 'JobID|State|NodeList'\n")
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def _sbatch_held(*options: str) -> str:
+    """Queue a held job on the test cluster (it stays pending) and return its id."""
+    queued = subprocess.run(["sbatch", "--parsable", "--hold", "--output=/dev/null", *options, "--wrap", "sleep 600"],
+                            capture_output=True, text=True, check=True)
+    return queued.stdout.strip().split(";")[0]
+
+
+def test_a_slurm_job_sacct_does_not_list_yet_is_asked_of_squeue_and_cancel_stops_it(slurm_cluster, run, sacct_lagging):
+    """Right after submitting, a shard whose job sacct does not list yet is pending (read from
+    squeue), not missing: `submit` would queue it a second time and `cancel` would leave it queued.
+    A job neither knows is missing."""
+    array, single = _sbatch_held("--array=0-1"), _sbatch_held()
+    try:
+        def slurm_job(job_id: str) -> submitit.SlurmJob:
+            return submitit.SlurmJob(folder=run.submitit_dir, job_id=job_id)
+
+        gone = "99999999"  # no job of the test cluster's has this id
+        _record(run, Submission("slurm", {0: slurm_job(f"{array}_0"), 1: slurm_job(f"{array}_1"), 2: slurm_job(gone)},
+                                reduce_job=slurm_job(single)))
+        states = shard_states(run)
+        assert [(s.state, s.job_id) for s in states] == [
+            ("pending", f"{array}_0"), ("pending", f"{array}_1"), ("missing", gone)]
+        assert reduce_state(run, states) == f"pending (job {single})"
+
+        stopped = cancel_run(run, settle_seconds=30)
+        assert sorted((s.task, s.job_id, s.how) for s in stopped) == [
+            ("reduce", single, "scancel"), ("shard 0", f"{array}_0", "scancel"), ("shard 1", f"{array}_1", "scancel")]
+        listing = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %T", f"--jobs={array},{single}"],
+                                 capture_output=True, text=True).stdout.split()
+        assert sorted(zip(listing[::2], listing[1::2])) == [(array, "CANCELLED"), (single, "CANCELLED")]
+        assert all(s.detail.startswith("failed (cancelled by saebatch cancel at ") for s in shard_states(run)[:2])
+    finally:
+        subprocess.run(["scancel", array, single], capture_output=True)
 
 
 def test_the_merge_is_done_until_a_shard_changes_or_goes(run):

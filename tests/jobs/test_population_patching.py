@@ -234,6 +234,11 @@ def test_bad_feature_tables_are_refused(tmp_path, capsys):
     saes = save_random_sae(tmp_path / "saes", d_in=128, d_sae=64, layers=(0,))
     refused(table(tmp_path), "no SAE for layer 1", sae={"path": saes})
     refused(table(tmp_path, selected=[False, False]), "no feature to patch")
+    twice = tmp_path / "twice.csv"
+    pd.DataFrame({"layer": [1, 1, 1], "feature": [402, 9, 402], "mean_safe": [0.1, 0.2, 0.3], "mean_bankrupt": [1.0] * 3,
+                  "selected": [True] * 3}).to_csv(twice, index=False)
+    refused(str(twice), f"the feature table {twice} has more than one row to patch for (layer, feature) [(1, 402)]; "
+            "keep one row of each")
     refused(table(tmp_path), "lacks ['active_bankrupt', 'active_safe'], the activation frequencies controls are "
             "matched on (feature_contrast writes them); add them or set controls: 0", controls=4)
     assert main(["plan", write(tmp_path, {"feature_table": table(tmp_path)})]) == 2
