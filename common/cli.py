@@ -201,15 +201,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from common.rundir import open_run
+    from common.shards import kept_aside
     from common.status import needs_attention, reduce_state, shard_states
 
     run = open_run(args.target)
     states = shard_states(run)
     reduce = reduce_state(run, states)
     attention = needs_attention(states, reduce)
+    aside = [str(path) for path in kept_aside(run.shards_dir)]
     if args.json:
         print(json.dumps({"run": str(run.path), "shards": [vars(s) for s in states], "reduce": reduce,
-                          "needs_attention": attention}, indent=1))
+                          "needs_attention": attention, "kept_aside": aside}, indent=1))
         return int(attention)
     print(f"run {run.path}")
     for s in states:
@@ -219,6 +221,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts[s.state] = counts.get(s.state, 0) + 1
     print("shards: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
     print(f"reduce: {reduce}")
+    if aside:
+        print(f"kept aside, unusable (a task wrote its shard again; look, then delete): {', '.join(aside)}")
     if any(s.state in ("failed", "missing", "partial", "corrupt") for s in states):
         print(f"resubmit what is missing or failed with: saebatch submit --resume {run.path}")
     elif reduce.startswith("out of date"):

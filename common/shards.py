@@ -210,15 +210,25 @@ class ShardWriter:
         return self.path
 
 
+ASIDE_LABELS = ("damaged", "unreadable", "foreign")
+
+
 def set_aside(path: Path, label: str) -> Path:
     """Rename `path` to `<name>.<label>-<time>` beside it (never over an earlier one): a file that
     cannot be used is kept for a person to look at, not deleted."""
+    assert label in ASIDE_LABELS, label
     stem = f"{path.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     aside, n = path.with_name(stem), 1
     while aside.exists():
         aside, n = path.with_name(f"{stem}-{n}"), n + 1
     os.replace(path, aside)
     return aside
+
+
+def kept_aside(shards_dir: Path) -> list[Path]:
+    """The shard files `set_aside` kept in `shards_dir`, oldest name first: `status` lists them, as
+    nothing else will remove them."""
+    return sorted(path for label in ASIDE_LABELS for path in shards_dir.glob(f"shard_*.h5*.{label}-*"))
 
 
 def _add_attempt(file: h5py.File) -> None:

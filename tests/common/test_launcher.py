@@ -175,6 +175,10 @@ def test_a_task_moves_a_damaged_shard_aside_and_writes_it_again(write_manifest, 
     assert aside.read_bytes() == sound[:5000]
     log = capsys.readouterr().err
     assert "truncated or corrupt" in log and "writing shard 0 again" in log
+    assert main(["status", str(path)]) == 0  # all done; not merged yet
+    assert f"kept aside, unusable (a task wrote its shard again; look, then delete): {aside}\n" in capsys.readouterr().out
+    assert main(["status", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept_aside"] == [str(aside)]
     assert main(["reduce", str(path)]) == 0
     with h5py.File(run.merged_path) as merged:
         assert len(merged["units"]) == 10
