@@ -102,8 +102,16 @@ def rows_now(batch_size: BatchSize, memory: GenerationMemory, device: torch.devi
     if device.type != "cuda":
         log.info("batch_size auto: %d rows on %s (its memory is not measured)", CPU_ROWS, device)
         return CPU_ROWS
-    free, _ = torch.cuda.mem_get_info(device)
+    free = free_gpu_bytes(device)
     rows = memory.rows_fitting(free)
     log.info("batch_size auto: %d rows (%.1f GiB free on %s, %.1f MiB per row, planned peak %.1f GiB)",
              rows, free / 2**30, device, memory.per_row / 2**20, memory.peak(rows) / 2**30)
     return rows
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """The bytes `device` can still give this process: the driver's free memory plus what PyTorch's
+    allocator holds cached but unused (memory freed by an earlier unit's work, which the driver
+    counts as taken; without it a job's second unit would size its batch from a fraction)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

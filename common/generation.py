@@ -234,8 +234,9 @@ def decode(model, tokenizer, prompts: list[str], choose: Chooser, max_new_tokens
 class Decoding:
     """The books of one decode loop: what each row wrote, and which rows are still writing.
 
-    A row ends at one of `end_tokens` or at a stop string, found from token ids on the device
-    (transformers' StopStringCriteria), never by decoding text. Rows that ended drop out of the
+    A row ends at one of `end_tokens` or at a stop string in what it wrote (not across the prompt's
+    end: an answer is read without its prompt), found from token ids on the device (transformers'
+    StopStringCriteria), never by decoding text. Rows that ended drop out of the
     batch once they are an eighth of it (each drop copies the cache, so not at every step)."""
 
     DROP_SHARE = 8
@@ -246,7 +247,7 @@ class Decoding:
         self.pad = tokenizer.pad_token_id
         self.ends = torch.tensor(end_tokens, dtype=torch.long, device=device)
         self.stops = stop_criteria(tokenizer, tuple(stop_strings)) if stop_strings else None
-        self.ids, self.mask, self.batch = prompt_ids, mask, batch
+        self.ids, self.mask, self.batch = prompt_ids[:, :0], mask, batch  # ids: what each row wrote
         self.rows = torch.arange(rows, device=device)  # each row's index in the batch as it started
         self.ended = torch.zeros(rows, dtype=torch.bool, device=device)
         self.written = torch.full((rows, max_new_tokens), self.pad, dtype=torch.long, device=device)

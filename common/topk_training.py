@@ -49,9 +49,12 @@ class TopKEncode(torch.autograd.Function):
         grad_z = torch.sparse_coo_tensor(torch.stack([rows, indices.flatten()]), grads, (batch, W_enc.shape[1]),
                                          check_invariants=False)  # repeated entries (aux and main) add up
         grad_centred = torch.sparse.mm(grad_z, W_enc.T)
-        grad_W_enc = torch.sparse.mm(grad_z.t().coalesce(), centred.to(W_enc.dtype)).T
-        grad_b_enc = torch.zeros_like(W_enc[0]).index_add_(0, indices.flatten(), grads)
-        return grad_centred, grad_W_enc, grad_b_enc, None, None, None
+        # The bias's gradient is one more column of the encoder's product (a column of ones), not an
+        # index_add: a GPU's atomic adds sum in another order each run, and a resumed training
+        # would not end with the weights of an uninterrupted one.
+        ones = centred.new_ones(batch, 1, dtype=W_enc.dtype)
+        both = torch.sparse.mm(grad_z.t().coalesce(), torch.cat([centred.to(W_enc.dtype), ones], dim=1))
+        return grad_centred, both[:, :-1].T, both[:, -1], None, None, None
 
 
 def _largest_dead(z: torch.Tensor, dead: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,6 +85,20 @@ def test_sampling_noise_is_the_same_on_cuda():
     assert torch.equal(uniform_noise(keys.cuda(), 7, 128_256).cpu(), on_cpu)
 
 
+def test_memory_freed_by_earlier_work_counts_as_free_for_batch_size_auto():
+    """A unit's work frees its tensors into PyTorch's cache, which the driver counts as taken: the
+    next unit's batch is sized from the same free bytes as before that work."""
+    from common.batching import free_gpu_bytes
+
+    device = torch.device("cuda:0")
+    torch.cuda.synchronize()
+    before = free_gpu_bytes(device)
+    work = torch.empty(2**30, dtype=torch.uint8, device=device)  # 1 GiB, then freed into the cache
+    del work
+    assert torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) >= 2**30
+    assert abs(free_gpu_bytes(device) - before) < 64 * 2**20
+
+
 @pytest.mark.parametrize("prompt_cached", [True, False])
 def test_the_memory_model_of_batch_size_auto_predicts_a_generations_peak(prompt_cached):
     """A random bf16 Llama generating 50 tokens for 1,024 rows (prompts in the batch, or a shared
@@ -232,6 +246,32 @@ def test_sae_training_reaches_the_same_sae(tmp_path, reasoning_chain, precision)
         decoder = [saes[unit]["weights/W_dec"][()] for saes in (cpu_saes, gpu_saes)]
         cosines = (decoder[0] * decoder[1]).sum(1) / (np.linalg.norm(decoder[0], axis=1) * np.linalg.norm(decoder[1], axis=1))
         assert np.median(cosines) > 0.9, f"{unit}: decoder rows trained on CUDA point elsewhere"
+
+
+def test_topk_training_on_cuda_repeats_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    """TopK with AuxK, decorrelation and resampling on the GPU, 4,096-token batches of 32 features
+    per token over 1,024: two runs from one seed, and a run stopped at step 13 and resumed from its
+    checkpoint of step 10, end with the same weights (a sum by atomic adds would differ)."""
+    from common import sae_trainer
+    from common.sae_trainer import train_sae
+    from tests.common.test_sae_trainer import assert_same_weights, config, sparse_data
+    from tests.helpers import failing_on_call
+
+    device = torch.device("cuda:0")
+    data = sparse_data(tokens=65_536, d_in=128, true_features=512, active=8)
+    settings = config(activation="topk", k=32, aux_k=64, expansion_factor=8, epochs=1, batch_size=4096,
+                      checkpoint_every=10, checkpoint_minutes=0, decorrelation=0.01, dead_after_tokens=20_000,
+                      resample_every=7)
+    whole = train_sae(data, settings, "h", "m", device)
+    assert_same_weights(whole.sae, train_sae(data, settings, "h", "m", device).sae)
+    checkpoint = tmp_path / "unit.pt"
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", failing_on_call(clip, 13))
+    with pytest.raises(RuntimeError, match="preempted"):
+        train_sae(data, settings, "h", "m", device, checkpoint=checkpoint)
+    monkeypatch.setattr(sae_trainer.torch.nn.utils, "clip_grad_norm_", clip)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 10
+    assert_same_weights(whole.sae, train_sae(data, settings, "h", "m", device, checkpoint=checkpoint).sae)
 
 
 def test_feature_ablation(tmp_path, reasoning_chain):

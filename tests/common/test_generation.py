@@ -19,6 +19,7 @@ from common.edits import (
 )
 from common.generation import (
     SeededNoise,
+    decode,
     end_tokens,
     greedy,
     left_padded,
@@ -82,6 +83,19 @@ def test_a_stop_string_ends_each_row_where_it_writes_it(organism):
     assert cut == [text[: text.index("####") + 4] for text in whole]
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample(model, tokenizer, ["a", "b"], [0], 1.0, 5, CPU)
+
+
+def test_a_stop_string_is_looked_for_in_the_answer_not_across_the_prompts_end(organism):
+    """The prompt's last line break and the answer's first make a blank line, but the answer, read
+    without its prompt, has none there: it runs on to its own."""
+    model, tokenizer = organism
+    newline, seven = (tokenizer(text, add_special_tokens=False).input_ids for text in ("\n", "7"))
+    script = torch.tensor(newline + seven + newline + newline + seven + seven)
+
+    def written(scores: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        return script[step].repeat(len(rows))
+
+    assert decode(model, tokenizer, ["Question: 3 + 4?\nAnswer:\n"], written, 6, CPU, ("\n\n",), None, None) == ["\n7\n\n"]
 
 
 def test_a_shared_prompt_prefix_draws_what_a_full_prompt_draws(organism):
