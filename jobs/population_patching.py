@@ -607,7 +607,10 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
         rows = batch[start : start + per_call]
         repeated = [row for row in rows for _ in range(candidates)]
         prefix = prompt_prefix(model, tokenizer, prompt, len(repeated), device, new_tokens=inputs.shape[1])
-        with row_edits(model, saes, repeated, every_token=False, offset=0):  # position 0: the prompt's last token
+        # Position 0 is the prompt's last token; with patch_generated the answer's tokens are edited
+        # too, as they are when sampled (the right-padding after an answer is never read).
+        offsets = tuple(range(inputs.shape[1])) if s.patch_generated else (0,)
+        with row_edits(model, saes, repeated, every_token=False, offsets=offsets):
             logits = model(input_ids=inputs.repeat(len(rows), 1).to(device), cache=prefix,
                            use_cache=True).logits
         found = amounts(logits, s.temperature)
@@ -617,16 +620,18 @@ def expected_bets(model, tokenizer, saes: dict, batch: list[Row], prompt: str, a
 
 
 @contextmanager
-def row_edits(model, saes: dict, batch: list[Row], every_token: bool, offset: int = -1) -> Iterator[BatchRows]:
-    """Set each row's feature to its value at the last prompt token (position `offset` of the
-    first forward; and, if asked, at every generated token), error term kept: x + (v - f(x)) W_dec[f].
-    Yields the batch's rows, for a decode loop to tell the edits which rows remain."""
+def row_edits(model, saes: dict, batch: list[Row], every_token: bool,
+              offsets: tuple[int, ...] = (-1,)) -> Iterator[BatchRows]:
+    """Set each row's feature to its value at the last prompt token (positions `offsets` of the
+    first forward: a teacher-forced answer names its own too; and, if asked, at every generated
+    token), error term kept: x + (v - f(x)) W_dec[f]. Yields the batch's rows, for a decode loop
+    to tell the edits which rows remain."""
     rows = BatchRows(len(batch))
     features, values = torch.tensor([row.feature for row in batch]), torch.tensor([row.value for row in batch])
     with ExitStack() as stack:
         for layer, sae in saes.items():
             of_layer = [i for i, row in enumerate(batch) if row.layer == layer]
-            if of_layer:
+            for offset in offsets if of_layer else ():
                 stack.enter_context(edit_prompt_position(model, layer, set_feature(sae, features, values), offset=offset,
                                                          rows=torch.tensor(of_layer), every_token=every_token,
                                                          batch=rows))

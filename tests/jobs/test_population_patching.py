@@ -12,6 +12,7 @@ import torch
 import yaml
 from scipy import stats
 
+from common.choices import NumberReader
 from common.cli import main
 from common.edits import edit_prompt_position
 from common.errors import UserError
@@ -23,12 +24,15 @@ from common.report import Report
 from common.shards import partial_path
 from jobs import _patching_results as patching_results
 from jobs import population_patching as patching
+from jobs._gambling import planted_cause
 from jobs._gambling_parser import parse
 from jobs._patching_results import Effects, feature_effects
 from jobs.population_patching import PROMPTS, Row, row_edits
 from tests.helpers import REPO, failing_on_call, run_all, save_random_sae, write_manifest_file
 
 DEMO = REPO / "manifests" / "demo" / "gambling_4_patching.yaml"
+
+CPU = torch.device("cpu")
 
 
 def test_the_chain_names_the_planted_feature_as_causal(gambling_chain):
@@ -106,6 +110,34 @@ def test_a_no_op_edit_answers_like_the_unpatched_trials():
         edited = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"))
     plain = sample(model, tokenizer, [text] * 12, seeds, 0.7, 12, torch.device("cpu"))
     assert edited == plain and len(set(plain)) > 1
+
+
+def test_the_exact_expected_bet_edits_the_answers_tokens_as_sampling_does_with_patch_generated():
+    """With patch_generated, sampled answers have the planted feature set at every token they
+    write; the teacher-forced expected bet sets it on the answer's tokens too, and predicts the
+    mean of 400 sampled bets (without that edit it is some $6 off here)."""
+    organism = Organism()
+    model, tokenizer = organism.model(attn_implementation=None), organism.tokenizer()
+    layer, feature = planted_cause("builtin:organism")
+    sae, prompt, amounts = organism.sae(layer), PROMPTS[0].text, list(range(5, 101, 5))
+    settings = patching.Settings(model="organism", sae="organism", feature_table="features.csv", bet_amounts=amounts,
+                                 batch_size=len(amounts), patch_generated=True)
+    rows = [Row(f"L{layer}_F{feature}", "bankrupt", 0, trial, layer=layer, feature=feature, value=6.0)
+            for trial in range(400)]
+
+    def expected(s: patching.Settings) -> float:
+        reader = NumberReader(tokenizer, s.bet_answer, amounts)
+        return float(patching.expected_bets(model, tokenizer, {layer: sae}, rows[:1], prompt, reader, s, CPU)
+                     ["bet_given_bet"][0])
+
+    with row_edits(model, {layer: sae}, rows, every_token=True) as batch:
+        answers = sample(model, tokenizer, [prompt] * len(rows), list(range(len(rows))), settings.temperature, 8, CPU,
+                         batch=batch)
+    bets = np.array([parse(answer, "variable").bet for answer in answers if parse(answer, "variable").action == "bet"],
+                    dtype=float)
+    error = 3 * bets.std() / np.sqrt(len(bets))
+    assert len(bets) > 100 and abs(bets.mean() - expected(settings)) < error
+    assert abs(expected(settings.model_copy(update={"patch_generated": False})) - expected(settings)) > error
 
 
 def trials_of(answers: dict[str, list[str]]) -> pd.DataFrame:
