@@ -49,7 +49,7 @@ class TrainingConfig(StrictModel):
                                       "multiple. Keep it under half of cluster.timeout_min")
     precision: Precision = Field("auto", description="the matmuls' precision: float32; tf32 (a GPU's tensor cores on "
                                  "float32); bf16 (autocast: bfloat16 matmuls, the decorrelation's too, with float32 "
-                                 "weights, Adam state and reductions); auto: bf16 on a GPU, float32 on a CPU")
+                                 "weights, Adam state and reductions); auto: bf16 on a GPU (Ampere or later), else float32")
 
     def d_sae(self, d_in: int) -> int:
         return self.expansion_factor * d_in

@@ -166,10 +166,13 @@ def train_sae(activations: Source, config: TrainingConfig, hook_name: str, model
 
 
 def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: str, device: torch.device,
-               desc: str = "SAE", groups: torch.Tensor | None = None) -> list[TrainedSae]:
+               desc: str = "SAE", groups: torch.Tensor | None = None, save_at_end: bool = False) -> list[TrainedSae]:
     """Train one SAE per layer in one pass over their activations, which share tokens (the layers
     of one model): one split, one batch order, each buffer of rows read once. Each SAE starts from
-    the weights it would draw alone, so it ends as if trained alone."""
+    the weights it would draw alone, so it ends as if trained alone.
+
+    `save_at_end`: save the final state to the checkpoints too, for a caller with long work left
+    before the SAEs are stored (the CE loss): a warning during it then resumes without training."""
     split = split_tokens(len(layers[0].activations), config, groups)
     order = DataOrder(split.train_rows, config.batch_size, config.epochs, config.shuffle_buffer_tokens)
     drawn_from = split.generator.get_state()
@@ -206,6 +209,8 @@ def train_saes(layers: list[LayerToTrain], config: TrainingConfig, model_name: s
             torch.cuda.synchronize(device)
         steps_run = order.steps - first_step  # none when resumed from the last step's state: no speed measured
         seconds = time.perf_counter() - started
+        if save_at_end and steps_run:
+            _save_all(states, config)
         tokens_per_second = steps_run * config.batch_size * len(layers) / seconds if steps_run else math.nan
         trained = []
         for layer, state, scale in zip(layers, states, scales, strict=True):
@@ -359,9 +364,10 @@ class TrainingState:
 
 
 def resolved_precision(precision: Precision, device: torch.device) -> Precision:
-    """`auto` made concrete: bf16 on a GPU, float32 elsewhere; tf32 exists on GPUs only."""
+    """`auto` made concrete: bf16 on a GPU with bf16 tensor cores (Ampere, compute capability 8, and
+    later; an older one emulates bf16, slower than float32), float32 elsewhere; tf32 exists on GPUs only."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "float32"
+        return "bf16" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
     if precision == "tf32" and device.type != "cuda":
         log.warning("precision tf32 is a GPU's: training in float32 on %s", device)
         return "float32"

@@ -222,7 +222,8 @@ def run_shard(manifest: Manifest[Settings], units: list[WorkUnit], shard: ShardW
                                      + captured["item"][()].astype(np.int64))
             trained = train_saes([LayerToTrain(captured[f"L{layer}"], hook_name(layer), checkpoint)
                                   for layer, checkpoint in zip(layers, checkpoints, strict=True)],
-                                 s.sae, entry.model.name, device, desc=unit.id, groups=items)  # held out: whole items
+                                 s.sae, entry.model.name, device, desc=unit.id, groups=items,  # held out: whole items
+                                 save_at_end=bool(s.ce_items))  # a warning while the CE loss is measured: no retraining
         with shard.unit(unit.id) as group:
             for layer, sae in zip(layers, trained, strict=True):
                 metrics = {**sae.metrics, "tokens_per_second": sae.tokens_per_second}

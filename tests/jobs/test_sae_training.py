@@ -131,6 +131,31 @@ def test_a_preempted_one_pass_training_resumes_to_the_saes_trained_layer_by_laye
     assert sorted(unit.id for unit in units) == ["organism.arithmetic"]  # not organism_b, captured but not trained
 
 
+def test_a_task_stopped_while_it_measures_the_ce_loss_resumes_with_its_training_done(reasoning_chain, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """The CE loss is measured after the training, past its last safe point, with no periodic
+    checkpoint due for 25 minutes: the final state is saved first, so a task stopped there (the batch
+    system's warning requeues it at once) resumes at the last step and trains no more."""
+    from common.launcher import prepare_run, run_shard_task
+    from jobs import sae_training
+
+    section = {"activations": str(reasoning_chain.capture.path), "models": ["organism"], "ce_items": 4,
+               "one_pass": True, "sae": {"activation": "topk", "k": 8, "expansion_factor": 2, "epochs": 2,
+                                         "batch_size": 256, "checkpoint_minutes": 25}}
+    run = prepare_run(load_manifest(write_step(tmp_path, "reasoning_2_training.yaml", "sae_training", section)))
+    monkeypatch.setattr(sae_training, "_ce_metrics", failing_on_call(sae_training._ce_metrics, 0))
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_shard_task(str(run.path), 0)
+    monkeypatch.undo()
+    assert sorted(path.stem for path in run.checkpoints_dir.glob("*.pt")) == ["organism.L1", "organism.L2"]
+    capsys.readouterr()
+    run_shard_task(str(run.path), 0)  # its log to stderr
+    resumed = re.findall(r"organism blocks\.(\d)\.hook_resid_post: resuming from step (\d+) of (\d+)",
+                         capsys.readouterr().err)
+    assert [layer for layer, _, _ in resumed] == ["1", "2"] and all(step == last for _, step, last in resumed)
+    assert not list(run.checkpoints_dir.glob("*.pt"))
+
+
 def test_a_task_warned_by_the_batch_system_saves_mid_training_and_its_requeued_run_resumes_there(reasoning_chain,
                                                                                                   tmp_path):
     """`submit --executor local`, then USR2 to the task mid-training, as Slurm sends before a time
