@@ -11,11 +11,12 @@
 #   bash benchmarks/gpu_checks.sh [OUT] [STEP ...]      (default: gpu-checks/, every step)
 #
 # OUT gets each step's log, the tests' JUnit XML, a copy of benchmarks/RESULTS.md (the benchmarks'
-# rows), the demo's summary and summary.txt (each step's exit status); the demo's runs go to a
-# temporary folder. PYTHON runs the steps (default: the README's .venv, else python3). It first
-# checks that the packages import (transformers >= 5.24), then runs the steps in the order given,
-# each stopped at its limit (9 minutes for chains, paper and demo, 5 for tests, 4 for the others,
-# every one below a 10-minute command limit): name the steps that fit the time at hand.
+# rows) and summary.txt (each step's exit status): few files; the demo's runs go to a temporary
+# folder, removed at the end (its log has the table of them). PYTHON runs the steps (default: the
+# README's .venv, else python3). It first checks that the packages import (transformers >= 5.24),
+# then runs the steps in the order given, each stopped at its limit (9 minutes for chains, paper
+# and demo, 5 for tests, 4 for the others, every one below a 10-minute command limit): name the
+# steps that fit the time at hand.
 set -uo pipefail
 out=$(realpath -m "${1:-gpu-checks}")
 shift $(( $# > 0 ? 1 : 0 ))
@@ -76,7 +77,8 @@ run_step() {  # run_step NAME SECONDS COMMAND...: the command's output to OUT/NA
 chains="population_patching or sae_training or feature_ablation or feature_alignment or circuit_discovery"
 # A line per test as it ends (-v): a run stopped at its limit still says which passed.
 pytest_gpu=("$python" -m pytest -m gpu -v -rs -p no:cacheprovider -o faulthandler_timeout=240)
-demo_root=$(mktemp -d)
+demo_root=$(mktemp -d)  # the demo's runs: hundreds of files (its log has the table of them)
+trap 'rm -rf "$demo_root"' EXIT
 for step in "${steps[@]}"; do
   case $step in
     tests) run_step tests 300 "${pytest_gpu[@]}" --junitxml="$out/gpu-tests.xml" -k "not ($chains)" ;;
@@ -85,10 +87,8 @@ for step in "${steps[@]}"; do
     paper) run_step paper 540 "$python" benchmarks/gpu_paper_scale.py --budget-s 360 ;;
     paper:*) run_step paper 540 "$python" benchmarks/gpu_paper_scale.py --budget-s 360 --only "${step#paper:}" ;;
     contexts) run_step contexts 240 "$python" benchmarks/feature_contexts_throughput.py --device cuda --tokens 262144 ;;
-    demo) run_step demo 540 "$python" -m common.cli demo --root "$demo_root"
-          find "$demo_root" -name report.md -path "*/report/*" | sort > "$out/demo-reports.txt" ;;
+    demo) run_step demo 540 "$python" -m common.cli demo --root "$demo_root" ;;
   esac
 done
-rm -rf "$demo_root"
 echo "logs, JUnit XML, RESULTS.md and summary.txt in $out"
 ! grep -qv ": exit 0," "$out/summary.txt"

@@ -110,8 +110,10 @@ def rows_now(batch_size: BatchSize, memory: GenerationMemory, device: torch.devi
 
 
 def free_gpu_bytes(device: torch.device) -> int:
-    """The bytes `device` can still give this process: the driver's free memory plus what PyTorch's
-    allocator holds cached but unused (memory freed by an earlier unit's work, which the driver
-    counts as taken; without it a job's second unit would size its batch from a fraction)."""
+    """The bytes `device` can still give this process. PyTorch's allocator keeps what an earlier
+    unit's work freed, which the driver counts as taken (a job's second unit would size its batch
+    from a fraction); it gives it back first, as cached blocks with gaps in use could not hold a
+    batch's large tensors anyway."""
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free

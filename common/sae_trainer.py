@@ -26,8 +26,8 @@ tokens (0 for a feature constant over the batch), computed from the batch's B x 
 `precision` sets the matmuls': bf16 runs the loss under autocast (bfloat16 products, float32
 weights, gradients and Adam state; the decorrelation term's two B x d_sae x B products in bfloat16,
 its means and sums in float32), tf32 lets a GPU's tensor cores take float32 products, float32 is
-exact. `auto` is bf16 on a GPU and float32 on a CPU; the held-out metrics are always measured in
-float32, on the training device.
+exact. `auto` is bf16 on a GPU (Ampere or later) and float32 elsewhere; the held-out metrics are
+always measured in float32, on the training device.
 
 Initialisation and steps follow sae-lens: decoder rows of norm 0.1 in random directions, W_enc =
 W_dec^T, b_enc = 0, Adam, and the gradient's norm clipped to 1. From unit-norm rows instead, the

@@ -49,7 +49,7 @@ def shard_states(run: RunDir) -> list[ShardState]:
     latest_ids = {int(shard): (submission["executor"], job_id, submission.get("host"))
                   for submission in load_submissions(run) for shard, job_id in submission["shards"].items()}
     latest = {shard: _job(run, executor, job_id) for shard, (executor, job_id, _) in latest_ids.items()}
-    queued = _queued_in_slurm(latest.values())
+    queued = _queued_in_slurm(job for index, job in latest.items() if not run.shard_path(index).exists())
     cancelled = cancelled_jobs(run)
     states = []
     for index in range(len(plan.shards)):

@@ -626,6 +626,7 @@ def row_edits(model, saes: dict, batch: list[Row], every_token: bool,
     first forward: a teacher-forced answer names its own too; and, if asked, at every generated
     token), error term kept: x + (v - f(x)) W_dec[f]. Yields the batch's rows, for a decode loop
     to tell the edits which rows remain."""
+    assert not (every_token and len(offsets) > 1), "a decode step's forward has one position to edit"
     rows = BatchRows(len(batch))
     features, values = torch.tensor([row.feature for row in batch]), torch.tensor([row.value for row in batch])
     with ExitStack() as stack:
