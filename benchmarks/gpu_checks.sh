@@ -2,7 +2,7 @@
 # Every check that needs a CUDA GPU, each step under its own time limit, so that a step that fails
 # or runs long leaves the others' results:
 #   tests     pytest -m gpu, all but the chain tests: jobs' shards on CUDA against the CPU, submit --executor local
-#   chains    pytest -m gpu, the tests that first run a demo chain on the CPU (patching, training, ablation, ...)
+#   chains    pytest -m gpu, the tests that first run a demo chain (on the GPU) for their inputs: patching, training, ...
 #   trainer   benchmarks/sae_trainer_gpu.py: SAE training in bf16 against float32
 #   paper     benchmarks/gpu_paper_scale.py: each job at the seeds' shapes (paper:<job,job> for some)
 #   contexts  benchmarks/feature_contexts_throughput.py on the GPU

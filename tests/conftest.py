@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from common.rundir import RunDir
 from tests.helpers import REPO, run_all, write_manifest_file
@@ -88,11 +89,24 @@ class GamblingChain:
         return _run_in(self.folder, "gambling_4_patching.yaml")
 
 
+def _copy_chain(pattern: str, folder: Path, config: pytest.Config) -> None:
+    """The demo's steps matching `pattern`, copied into `folder`. For the GPU tests (`-m gpu` on a
+    machine with one) their tasks ask for the GPU, as `saebatch demo` does there: on the CPU, one
+    task at a time, the chains would take most of a GPU session's minutes."""
+    on_gpu = torch.cuda.is_available() and "gpu" in (config.getoption("markexpr") or "")
+    for step in sorted((REPO / "manifests" / "demo").glob(pattern)):
+        if on_gpu:
+            data = yaml.safe_load(step.read_text())
+            data["cluster"]["gpus_per_task"] = 1  # `device: auto` then takes it; not part of the run id
+            (folder / step.name).write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            shutil.copy(step, folder / step.name)
+
+
 @pytest.fixture(scope="session")
-def gambling_chain(tmp_path_factory) -> GamblingChain:
+def gambling_chain(tmp_path_factory, pytestconfig) -> GamblingChain:
     folder = tmp_path_factory.mktemp("gambling_chain")
-    for step in sorted((REPO / "manifests" / "demo").glob("gambling_*.yaml")):
-        shutil.copy(step, folder / step.name)
+    _copy_chain("gambling_*.yaml", folder, pytestconfig)
     return GamblingChain(folder, _run_in(folder, "gambling_1_games.yaml"), _run_in(folder, "gambling_2_contrast.yaml"))
 
 
@@ -122,9 +136,8 @@ class ReasoningChain:
 
 
 @pytest.fixture(scope="session")
-def reasoning_chain(tmp_path_factory) -> ReasoningChain:
+def reasoning_chain(tmp_path_factory, pytestconfig) -> ReasoningChain:
     folder = tmp_path_factory.mktemp("reasoning_chain")
-    for step in sorted((REPO / "manifests" / "demo").glob("reasoning_*.yaml")):
-        shutil.copy(step, folder / step.name)
+    _copy_chain("reasoning_*.yaml", folder, pytestconfig)
     return ReasoningChain(folder, *(_run_in(folder, f"reasoning_{name}.yaml")
                                     for name in ("1_capture", "2_training", "3_ablation")))
