@@ -93,7 +93,7 @@ def _copy_chain(pattern: str, folder: Path, config: pytest.Config) -> None:
     """The demo's steps matching `pattern`, copied into `folder`. For the GPU tests (`-m gpu` on a
     machine with one) their tasks ask for the GPU, as `saebatch demo` does there: on the CPU, one
     task at a time, the chains would take most of a GPU session's minutes."""
-    on_gpu = torch.cuda.is_available() and "gpu" in (config.getoption("markexpr") or "")
+    on_gpu = torch.cuda.is_available() and config.getoption("markexpr") == "gpu"
     for step in sorted((REPO / "manifests" / "demo").glob(pattern)):
         if on_gpu:
             data = yaml.safe_load(step.read_text())
