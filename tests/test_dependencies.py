@@ -30,7 +30,7 @@ def test_the_cached_forwards_use_no_deprecated_argument():
     prompt = slot_machine.prompt(corpus.random_state(random.Random(5)))
     prefix = prompt_prefix(model, tokenizer, prompt, 2, CPU)  # a forward filling a cache
     assert len(sample(model, tokenizer, [prompt] * 2, [0, 1], 1.0, 3, CPU, prefix=prefix)) == 2  # generate from it
-    settings = SimpleNamespace(bet_amounts=[5, 10], batch_size=4, temperature=0.7)
+    settings = SimpleNamespace(bet_amounts=[5, 10], batch_size=4, temperature=0.7, patch_generated=False)
     read = expected_bets(model, tokenizer, {}, [Row("baseline", "none", 0, 0)], prompt,  # a forward reading one
                          NumberReader(tokenizer, "1) Bet ${number}", settings.bet_amounts), settings, CPU)
     assert read["bet_mass"].shape == (1,)
