@@ -216,18 +216,20 @@ def feature_contexts(bench: Bench) -> list[Row]:
 
 
 def gambling_games(bench: Bench) -> list[Row]:
-    """64 games advancing together, Llama-3.1-8B, SAE features of layers 25-31 at every decision."""
+    """A shard of the paper manifest's size (256 games; 64 in --smoke) at `batch_size: auto`,
+    Llama-3.1-8B, SAE features of layers 25-31 at every decision."""
     settings = {"model": bench.model(LLAMA31), "sae": bench.sae(32_768, 64), "layers": list(range(25, 32)),
-                "components": "GMRWP", "repetitions": 2, "max_new_tokens": 50, "retries": 3, "batch_size": 64}
-    measured = run_shard(bench, bench.manifest("gambling_games", "gambling_games", settings, shards=4))
+                "components": "GMRWP", "repetitions": 2, "max_new_tokens": 50, "retries": 3, "batch_size": "auto"}
+    measured = run_shard(bench, bench.manifest("gambling_games", "gambling_games", settings,
+                                               shards=4 if bench.smoke else 1))
     with h5py.File(measured.run.shard_path(0)) as shard:
-        games = len(shard["units"])
+        games, at_once = len(shard["units"]), int(shard.attrs["batch_size"])
         answers = sum(len(shard["units"][game]["decisions/response"]) for game in shard["units"])
     rate = answers / measured.seconds
     full_games = 2**5 * 2 * 2 * 50
     return [Row(f"GPU paper scale, gambling_games: Llama-3.1-8B shapes (random weights, bf16), {games} games x "
                 f"{answers // games} answers of 50 tokens (random answers are unreadable: asked again 3 times), "
-                "random TopK SAEs 32,768 wide at layers 25-31",
+                f"batch_size auto ({min(at_once, games)} games at once), random TopK SAEs 32,768 wide at layers 25-31",
                 ours=f"{rate:.1f} answers/s ({measured.seconds:.1f} s, model built in it); peak {measured.peak()}; "
                      f"seed's full run ({full_games:,} games): {gpu_hours(1 / rate, full_games * 10)} at 10 answers "
                      f"a game, {gpu_hours(1 / rate, full_games * 100)} if every game played 100 rounds",
@@ -423,8 +425,10 @@ def feature_ablation(bench: Bench) -> list[Row]:
     if REASONING.training is None:
         raise RuntimeError("feature_ablation reads sae_training's run: list that job before it in --only")
     settings = {"saes": str(REASONING.training.path), "device": bench.device, "k": 10, "attribution_items": 32,
-                "control_sets": 20, "batch_size": 4, "benchmarks": [gsm8k(bench, ITEMS)]}
+                "control_sets": 20, "batch_size": "auto", "benchmarks": [gsm8k(bench, ITEMS)]}
     measured = run_shard(bench, bench.manifest("feature_ablation", "feature_ablation", settings))
+    with h5py.File(measured.run.shard_path(0)) as shard:
+        at_once = int(shard["units"][next(iter(shard["units"]))].attrs["rows_at_once"])
     answers = (ITEMS - 32) * 22  # unchanged, top 10, 20 control sets
     rate = answers / measured.seconds
     full = 5 * (532 + 132 + 204 - 3 * 32) * 22
@@ -447,7 +451,8 @@ def feature_ablation(bench: Bench) -> list[Row]:
     del model, saes
     return [Row(f"GPU paper scale, feature_ablation: Meta-Llama-3-8B shapes (random weights, bf16) with its 8x SAEs at "
                 f"layers 8/16/24, {ITEMS - 32} GSM8K problems 4-shot x 22 conditions (unchanged, top 10, 20 matched "
-                "random sets of 10), 256 greedy tokens, 4 problems (88 rows) a call, attribution on 32 problems",
+                f"random sets of 10), 256 greedy tokens, batch_size auto ({at_once} rows a call), attribution on 32 "
+                "problems",
                 ours=f"{rate:.2f} answers/s ({measured.seconds:.1f} s, attribution and model build in it); peak "
                      f"{measured.peak()}; the seed's 5 models x 3 benchmarks at this rate: {gpu_hours(1 / rate, full)}",
                 baseline=f"{seed_rate:.2f} answers/s (one generate call per problem and condition, 1 problem x 3)",

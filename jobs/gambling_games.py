@@ -185,7 +185,7 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
             Work("forward", decisions * prompt_tokens, model, label=f"{decisions:,} decision prompts"),
             Work("decode", decisions * s.max_new_tokens, model, rows=min(batch_size, len(units)),
                  label=f"{decisions:,} answers of up to {s.max_new_tokens} tokens"))
-    notes.append(rows_note([min(batch_size, len(units))], s.batch_size))
+    notes.append(rows_note([min(batch_size, len(units))], s.batch_size) + ", at most a shard's games")
     return Estimate(output_bytes=out, task_memory_bytes=memory.peak(min(batch_size, len(units))), notes=tuple(notes),
                     work=work)
 

@@ -45,8 +45,8 @@ def test_transformers_too_old_to_run_the_jobs_stops_it_before_any_step(tmp_path)
     sees_a_gpu = tmp_path / "python"  # the script's GPU check passes; everything else is this Python
     sees_a_gpu.write_text(f'#!/bin/bash\n[[ "$1 $2" == "-c "*cuda.is_available* ]] && exit 0\nexec {sys.executable} "$@"\n')
     sees_a_gpu.chmod(0o755)
-    result = gpu_checks(tmp_path / "out", "tests", python=str(sees_a_gpu),
-                        env={"PYTHONPATH": f"{metadata.parent}:{REPO}"})
+    path = os.pathsep.join([str(metadata.parent), str(REPO), os.environ.get("PYTHONPATH", "")])  # keeps an install there
+    result = gpu_checks(tmp_path / "out", "tests", python=str(sees_a_gpu), env={"PYTHONPATH": path})
     assert result.returncode == 2
     assert "transformers 5.17.0 is too old: saebatch needs >= 5.24 (pip install -c containers/constraints.txt -e .)" \
         in result.stderr

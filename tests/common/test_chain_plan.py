@@ -142,8 +142,9 @@ def test_gpu_hours_of_a_known_manifest(fresh_checkout, tmp_path):
     table.write_text("layer,feature,mean_safe,mean_bankrupt,selected\n"
                      + "".join(f"25,{feature},0.1,0.9,true\n" for feature in range(99)))
     manifest = tmp_path / "patching.yaml"
-    manifest.write_text(re.sub(r"  features: .*\n", f"  feature_table: {table}\n", SEED_000[2].read_text())
-                        .replace("controls: 20", "controls: 0").replace("batch_size: 512", "batch_size: 1024")
+    paper = re.sub(r"  batch_size: .*\n", "  batch_size: 1024\n", SEED_000[2].read_text())
+    manifest.write_text(re.sub(r"  features: .*\n", f"  feature_table: {table}\n", paper)
+                        .replace("controls: 20", "controls: 0")
                         .replace("shards: 16", "shards: 4")
                         + "  decisions: sampled\n")
     size = size_manifest(str(manifest))
