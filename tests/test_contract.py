@@ -494,12 +494,13 @@ PAPER_MANIFESTS = {
     "graph_steering_gemma2_2b.yaml": Paper(("pile_corpus", "no_local_tokenizer"), ("6 work units in 3 shard(s)",)),
     "gambling_games_llama31_8b.yaml": Paper((), (
         "6400 work units in 25 shard(s)",
+        "rows a generate call (batch_size auto, on an H200), at most a shard's games",
         "saebatch's copy of meta-llama/Llama-3.1-8B's architecture")),
     "feature_contrast_llama31_8b.yaml": Paper(("games_run",), (
         "7 work units in 7 shard(s)",)),
     # 1,340 features, the unpatched unit, and 20 controls from layer 31, the one layer with unchosen features
     "population_patching_llama31_8b.yaml": Paper(("contrast_run",), (
-        "1361 work units", "272,100 answers")),
+        "1361 work units", "272,100 answers", "a call (batch_size auto, on an H200)")),
     # per model: GSM8K 532 items in 6 units, MATH 132 in 2, FOLIO 200 in 2
     # a unit per model and benchmark
     "reasoning_alignment_5models.yaml": Paper(("ablation_run",), (
@@ -511,7 +512,7 @@ PAPER_MANIFESTS = {
     "reasoning_training_5models.yaml": Paper(("capture_run",), (
         "15 work units in 15 shard(s)",)),
     "reasoning_ablation_5models.yaml": Paper(("training_run",), (
-        "15 work units in 15 shard(s)",)),
+        "15 work units in 15 shard(s)", "rows a generate call (batch_size auto, on an H200)")),
     "token_tracking_llama31_8b.yaml": Paper((), (
         "10 work units in 2 shard(s)",
         "saebatch's copy of meta-llama/Llama-3.1-8B"), _token_tracking_on_llama),
