@@ -179,15 +179,14 @@ def estimate(manifest: Manifest[Settings], units: list[WorkUnit]) -> Estimate:
     out = decisions * (1200 + s.max_new_tokens * 4 + len(s.layers) * 100 * 6)
     saes = len(s.layers) * 2 * config.hidden_size * width * DTYPE_BYTES[s.sae.dtype if s.sae else "float32"]
     memory = generation_memory_of(s, config, saes, width, prompt_tokens)  # every layer's SAE stays loaded
-    batch_size = planned_rows(s.batch_size, memory)
+    at_once = min(planned_rows(s.batch_size, memory), len(units))
     model = model_size(s.model)
     work = (Work("load", model.weight_bytes + saes, label=f"{model.name} and {len(s.layers)} SAE(s)"),
             Work("forward", decisions * prompt_tokens, model, label=f"{decisions:,} decision prompts"),
-            Work("decode", decisions * s.max_new_tokens, model, rows=min(batch_size, len(units)),
+            Work("decode", decisions * s.max_new_tokens, model, rows=at_once,
                  label=f"{decisions:,} answers of up to {s.max_new_tokens} tokens"))
-    notes.append(rows_note([min(batch_size, len(units))], s.batch_size) + ", at most a shard's games")
-    return Estimate(output_bytes=out, task_memory_bytes=memory.peak(min(batch_size, len(units))), notes=tuple(notes),
-                    work=work)
+    notes.append(rows_note([at_once], s.batch_size) + ", at most a shard's games")
+    return Estimate(output_bytes=out, task_memory_bytes=memory.peak(at_once), notes=tuple(notes), work=work)
 
 
 def generation_memory_of(s: Settings, config, sae_bytes: int, width: int, prompt_tokens: int) -> GenerationMemory:
